@@ -1,0 +1,241 @@
+"""One TOML file describes a deployment; a wrong or missing setting stops the program at start.
+
+Errors name the setting (as a dotted path) and the file, so an operator can fix them without
+reading code. Secrets never live in the file: tokens are stored as SHA-256 hashes and API keys
+are read from the environment variables the file names.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Role = Literal["agent", "viewer", "operator"]
+
+
+class ConfigError(Exception):
+    """A deployment file that cannot be used; the message names the setting and the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timings(_Strict):
+    heartbeat_interval_ms: int = Field(1000, ge=50, le=60_000)
+    # a host whose agent has been silent this long is shown as lost
+    heartbeat_timeout_ms: int = Field(3000, ge=100, le=600_000)
+    health_interval_ms: int = Field(500, ge=50, le=60_000)
+    health_timeout_ms: int = Field(400, ge=20, le=60_000)
+    fall: int = Field(2, ge=1, le=100)
+    rise: int = Field(2, ge=1, le=100)
+    # data-plane timeouts
+    client_header_timeout_ms: int = Field(10_000, ge=100)
+    client_idle_timeout_ms: int = Field(60_000, ge=100)
+    upstream_connect_timeout_ms: int = Field(1_000, ge=20)
+    upstream_read_timeout_ms: int = Field(60_000, ge=100)
+    # leadership lease
+    lease_ttl_ms: int = Field(1000, ge=200, le=60_000)
+    lease_renew_ms: int = Field(250, ge=50, le=30_000)
+
+
+class Limits(_Strict):
+    ops_body_max_bytes: int = Field(256 * 1024, ge=1024)
+    proxy_header_max_bytes: int = Field(64 * 1024, ge=1024)
+    # per-connection buffer above which the proxy pauses the sending side
+    proxy_high_water_bytes: int = Field(256 * 1024, ge=4096)
+    upstream_pool_size: int = Field(64, ge=1, le=10_000)
+
+
+class Sandbox(_Strict):
+    cpu_seconds: int = Field(2, ge=1, le=600)
+    memory_mb: int = Field(256, ge=16, le=65_536)
+    max_processes: int = Field(32, ge=1, le=4096)
+    wall_seconds: float = Field(5.0, gt=0, le=600)
+    output_max_bytes: int = Field(64 * 1024, ge=1024)
+
+
+class RedisSettings(_Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "ctops"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
+        return v
+
+
+class DispatcherSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    data: str = Field(description="host:port of the data port (reverse proxy)")
+    ops: str = Field(description="host:port of the ops API")
+
+    @field_validator("data", "ops")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        split_hostport(v)
+        return v
+
+    @property
+    def data_url(self) -> str:
+        return f"http://{self.data}"
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://{self.ops}"
+
+
+class ServerSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    url: str
+    host: str = Field("", description="the agent (host) that runs this server")
+    weight: int = Field(1, ge=0, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith("http://"):
+            raise ValueError("must be an http:// URL")
+        split_hostport(v.removeprefix("http://").rstrip("/"))
+        return v.rstrip("/")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return split_hostport(self.url.removeprefix("http://"))
+
+
+class ProcessSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    restart: Literal["always", "on-failure", "never"] = "always"
+
+
+class AgentSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    processes: list[ProcessSpec] = Field(default_factory=list)
+    # dispatchers' ops URLs in the order the agent tries them; empty means all dispatchers
+    dispatchers: list[str] = Field(default_factory=list)
+    token_env: str = "CTOPS_AGENT_TOKEN"
+    disk_path: str = "/"
+
+
+class LLMProviderSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    base_url: str
+    model: str = "gpt-4"
+    api_key_env: str | None = None
+    priority: int = Field(1, ge=0)
+    timeout_ms: int = Field(10_000, ge=50)
+
+    @property
+    def api_key(self) -> str:
+        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+
+
+class TokenSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64, description="who holds the token, for the audit log")
+    role: Role
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Deployment(_Strict):
+    cluster: str = Field("ctops", min_length=1, max_length=64)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    timings: Timings = Field(default_factory=Timings)
+    limits: Limits = Field(default_factory=Limits)
+    sandbox: Sandbox = Field(default_factory=Sandbox)
+    dispatchers: list[DispatcherSpec] = Field(min_length=1)
+    servers: list[ServerSpec] = Field(default_factory=list)
+    agents: list[AgentSpec] = Field(default_factory=list)
+    llm_providers: list[LLMProviderSpec] = Field(default_factory=list)
+    tokens: list[TokenSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Deployment:
+        for field in ("dispatchers", "servers", "agents", "llm_providers", "tokens"):
+            seen: set[str] = set()
+            for item in getattr(self, field):
+                if item.name in seen:
+                    raise ValueError(f"{field}: name {item.name!r} is used twice")
+                seen.add(item.name)
+        return self
+
+    def dispatcher(self, name: str) -> DispatcherSpec:
+        for d in self.dispatchers:
+            if d.name == name:
+                return d
+        raise ConfigError(f"no dispatcher named {name!r}; known: {[d.name for d in self.dispatchers]}")
+
+    def server(self, name: str) -> ServerSpec:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no server named {name!r}; known: {[s.name for s in self.servers]}")
+
+    def agent(self, name: str) -> AgentSpec:
+        for a in self.agents:
+            if a.name == name:
+                return a
+        raise ConfigError(f"no agent named {name!r}; known: {[a.name for a in self.agents]}")
+
+    def providers_by_priority(self) -> list[LLMProviderSpec]:
+        return sorted(self.llm_providers, key=lambda p: p.priority)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _location(loc: tuple[int | str, ...], data: dict) -> str:
+    """Turn pydantic's location into the dotted name an operator sees, e.g. servers[1].url."""
+    out = ""
+    node: object = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            label = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) else None  # noqa: E501
+            if label:
+                out += f"({label})"
+        else:
+            out += f".{part}" if out else str(part)
+        try:
+            node = node[part]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return out or "(top level)"
+
+
+def parse(data: dict, source: str = "<config>") -> Deployment:
+    try:
+        return Deployment.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid configuration"]
+        for err in exc.errors():
+            lines.append(f"  setting {_location(err['loc'], data)}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load(path: str | os.PathLike[str]) -> Deployment:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read configuration file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse(data, str(p))

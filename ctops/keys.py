@@ -1,0 +1,56 @@
+"""Redis key names, in one place so every process agrees on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "ctops"
+
+    # servers: hash per server with health fields written by dispatchers and admin state by staff
+    def server(self, name: str) -> str:
+        return f"{self.prefix}:server:{name}"
+
+    # hosts: the last heartbeat of each agent (JSON) and when it arrived
+    def host(self, name: str) -> str:
+        return f"{self.prefix}:host:{name}"
+
+    @property
+    def hosts(self) -> str:
+        return f"{self.prefix}:hosts"
+
+    # dispatchers: presence of each dispatcher (hash, with a TTL)
+    def dispatcher(self, name: str) -> str:
+        return f"{self.prefix}:dispatcher:{name}"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}:leader"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:leader:epoch"
+
+    # staff actions
+    @property
+    def audit(self) -> str:
+        return f"{self.prefix}:audit"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    # trainer: sessions, submissions, per-server activity
+    def session(self, sid: str) -> str:
+        return f"{self.prefix}:session:{sid}"
+
+    def submission(self, sub_id: str) -> str:
+        return f"{self.prefix}:submission:{sub_id}"
+
+    def session_submissions(self, sid: str) -> str:
+        return f"{self.prefix}:session:{sid}:submissions"
+
+    def server_sessions(self, server: str) -> str:
+        return f"{self.prefix}:server:{server}:sessions"
