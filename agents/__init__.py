@@ -1,0 +1,1 @@
+"""Host agents: heartbeats with metrics to the dispatcher, and supervision of the host's processes."""

@@ -1,0 +1,46 @@
+"""`?`: every binding, from the same command table as the footer and the palette."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from console.commands import COMMANDS, display_key
+from console.format import STATE_STYLE
+
+
+def help_table(keymap: Mapping[str, str]) -> Table:
+    t = Table(box=None, show_header=True, header_style="bold", expand=True, padding=(0, 2, 0, 0))
+    t.add_column("Key", no_wrap=True)
+    t.add_column("Action", no_wrap=True)
+    t.add_column("What it does")
+    for c in COMMANDS:
+        t.add_row(display_key(c.key_in(keymap)), c.title, c.help)
+    t.add_row("↑ ↓ PgUp PgDn", "Move", "Select a server (actions apply to the selected row).")
+    t.add_row("ctrl+p", "Palette", "Search and run any command.")
+    return t
+
+
+def legend() -> str:
+    return "States: " + "  ".join(f"[{style}]{glyph} {name}[/]" for name, (glyph, style) in STATE_STYLE.items())
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close", id="help.close")]
+
+    def __init__(self, keymap: Mapping[str, str]) -> None:
+        super().__init__()
+        self.keymap = keymap
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-box"):
+            yield Static("[b]ctops console — keys[/b]", id="help-title")
+            yield Static(help_table(self.keymap), id="help-keys")
+            yield Static(legend(), id="help-legend")
+            yield Static("[dim]Esc or ? closes this help.[/dim]")

@@ -1,0 +1,198 @@
+"""`ctops demo`: the whole cluster on one machine (embedded Redis, 3 hosts, 2 dispatchers, 2 fake
+LLM providers) and the console in the foreground. Ctrl+C or SIGTERM stops everything it started."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ctops import statefile
+from ctops.auth import hash_token, new_token
+from ctops.procs import Child, ctops_argv, spawn, stop_all
+from ctops.redis_embed import EmbeddedRedis, free_port
+
+HOSTS = 3
+DISPATCHERS = ("A", "B")
+PROVIDERS = ("primary", "secondary")
+
+
+class Ports:
+    """Either consecutive ports from --base-port or free ones, so two demos can run side by side."""
+
+    def __init__(self, base: int) -> None:
+        self.next = base
+
+    def take(self) -> int:
+        if self.next:
+            self.next += 1
+            return self.next - 1
+        return free_port()
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+def write_deployment(path: Path, redis_url: str, ports: Ports, tokens: dict[str, str]) -> dict[str, Any]:
+    """The deployment file the demo's processes read, and the addresses it chose."""
+    disp = [{"name": n, "data": f"127.0.0.1:{ports.take()}", "ops": f"127.0.0.1:{ports.take()}"} for n in DISPATCHERS]
+    trainers = [{"name": f"trainer-{i}", "port": ports.take(), "host": f"host-{i}"} for i in range(1, HOSTS + 1)]
+    llm = [{"name": n, "port": ports.take()} for n in PROVIDERS]
+    out = [
+        "# written by `ctops demo`; see README for a deployment file of your own",
+        'cluster = "demo"',
+        "",
+        "[redis]",
+        f'url = "{redis_url}"',
+        'prefix = "ctops:demo"',
+        "",
+        "[timings]",
+        "heartbeat_interval_ms = 1000",
+        "health_interval_ms = 500",
+        "fall = 2",
+        "rise = 2",
+    ]
+    for d in disp:
+        out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"']
+    for t in trainers:
+        out += ["", "[[servers]]", f'name = "{t["name"]}"', f'url = "http://127.0.0.1:{t["port"]}"',
+                f'host = "{t["host"]}"']
+    for t in trainers:
+        cmd = ctops_argv("trainer", "--config", str(path.resolve()), "--name", t["name"])
+        out += ["", "[[agents]]", f'name = "{t["host"]}"', "", "[[agents.processes]]", f'name = "{t["name"]}"',
+                f"command = {_toml_list(cmd)}"]
+    for prio, p in enumerate(llm, start=1):
+        out += ["", "[[llm_providers]]", f'name = "{p["name"]}"', f'base_url = "http://127.0.0.1:{p["port"]}/v1"',
+                'model = "gpt-4"', 'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 5000"]
+    for role, tok in tokens.items():
+        out += ["", "[[tokens]]", f'name = "demo-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tok)}"']
+    path.write_text("\n".join(out) + "\n")
+    return {"dispatchers": disp, "trainers": trainers, "llm": llm}
+
+
+async def _wait_ready(urls: list[str], token: str, servers: int, hosts: int, timeout: float) -> dict[str, Any]:
+    """Until a dispatcher reports every server up and every host heartbeating."""
+    import httpx  # noqa: PLC0415 - keeps `ctops --help` fast
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=2) as client:
+        while time.monotonic() < deadline:
+            for url in urls:
+                try:
+                    r = await client.get(f"{url}/api/v1/state")
+                except httpx.HTTPError as exc:
+                    last = exc
+                    continue
+                if r.status_code != 200:
+                    last = r.text
+                    continue
+                st = r.json()
+                up = [s for s in st["servers"] if s["state"] == "up"]
+                alive = [h for h in st["hosts"] if h["state"] == "alive" and h["processes"]
+                         and all(p.get("pid") for p in h["processes"])]
+                if len(up) == servers and len(alive) == hosts:
+                    return st
+                last = {"up": [s["name"] for s in up], "alive": [h["name"] for h in alive]}
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"cluster not ready after {timeout:.0f}s: {last}")
+
+
+def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedRedis, dict[str, Any]]:
+    work = Path(args.workdir).resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    ports = Ports(args.base_port)
+    redis = EmbeddedRedis(port=ports.take(), data_dir=str(work / "redis")).start()
+    children: list[Child] = []
+    try:
+        tokens = {"operator": new_token(), "viewer": new_token(), "agent": new_token()}
+        cfg = work / "demo.toml"
+        layout = write_deployment(cfg, redis.url, ports, tokens)
+        env = {"CTOPS_DEMO_LLM_KEY": "demo-key", "CTOPS_AGENT_TOKEN": tokens["agent"],
+               "CTOPS_LOG_DIR": str(logs), "PYTHONUNBUFFERED": "1"}
+        for p in layout["llm"]:
+            children.append(spawn(p["name"], ctops_argv("fake-llm", "--port", str(p["port"]), "--name", p["name"]),
+                                  str(logs / f"llm-{p['name']}.log"), env))
+        for d in layout["dispatchers"]:
+            children.append(spawn(d["name"], ctops_argv("dispatcher", "--config", str(cfg), "--name", d["name"]),
+                                  str(logs / f"dispatcher-{d['name']}.log"), env))
+        for t in layout["trainers"]:
+            children.append(spawn(t["host"], ctops_argv("agent", "--config", str(cfg), "--name", t["host"]),
+                                  str(logs / f"agent-{t['host']}.log"), env))
+        ops = [f"http://{d['ops']}" for d in layout["dispatchers"]]
+        st = asyncio.run(_wait_ready(ops, tokens["viewer"], HOSTS, HOSTS, timeout=60))
+    except BaseException:
+        stop_all(children)
+        redis.stop()
+        raise
+    pids = {c.name: c.pid for c in children}
+    proc_pids = {p["name"]: p["pid"] for h in st["hosts"] for p in h["processes"]}
+    doc = {
+        "cluster": "demo",
+        "config": str(cfg),
+        "workdir": str(work),
+        "started_at_ms": int(time.time() * 1000),
+        "demo_pid": os.getpid(),
+        "dispatchers": [{"name": d["name"], "data_url": f"http://{d['data']}", "ops_url": f"http://{d['ops']}",
+                         "pid": pids[d["name"]]} for d in layout["dispatchers"]],
+        "trainers": [{"name": t["name"], "url": f"http://127.0.0.1:{t['port']}", "pid": proc_pids.get(t["name"]),
+                      "host": t["host"]} for t in layout["trainers"]],
+        "agents": [{"name": t["host"], "pid": pids[t["host"]]} for t in layout["trainers"]],
+        "redis": {"url": redis.url, "pid": redis.pid},
+        "llm_providers": [{"name": p["name"], "url": f"http://127.0.0.1:{p['port']}/v1", "pid": pids[p["name"]]}
+                          for p in layout["llm"]],
+        "tokens": tokens,
+        "logs": str(logs),
+    }
+    return children, redis, doc
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    # SIGTERM must run the same clean-up as Ctrl+C
+    signal.signal(signal.SIGTERM, _interrupt)
+    print("ctops demo: starting Redis, 2 fake LLM providers, dispatchers A and B, 3 hosts…", file=sys.stderr)
+    try:
+        children, redis, doc = start(args)
+    except KeyboardInterrupt:
+        return 130
+    except (TimeoutError, OSError, RuntimeError) as exc:
+        print(f"ctops demo: could not start the cluster: {exc}\nlogs: {Path(args.workdir) / 'logs'}",
+              file=sys.stderr)
+        return 1
+    statefile.write(args.state_file, doc)
+    print(f"ctops demo: up. state file {args.state_file}; logs in {doc['logs']}", file=sys.stderr)
+    code = 0
+    try:
+        if args.headless:
+            print("ctops demo: headless; Ctrl+C or SIGTERM stops it", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+        else:
+            from console.main import run as console_run  # noqa: PLC0415 - only the foreground demo needs Textual
+
+            code = console_run(argparse.Namespace(state_file=args.state_file, url=[], token=None))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not cut the clean-up short
+        print("ctops demo: stopping…", file=sys.stderr)
+        # agents first: they stop the trainers they supervise
+        stop_all([c for c in children if c.name.startswith("host-")])
+        stop_all([c for c in children if not c.name.startswith("host-")])
+        redis.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.state_file)
+        print("ctops demo: stopped", file=sys.stderr)
+    return code

@@ -1,0 +1,29 @@
+"""Run an ASGI app with uvicorn inside an event loop we own, stopping when we say so.
+
+uvicorn's own `serve()` takes over SIGINT/SIGTERM; our processes run several servers and loops
+in one event loop and stop them together, so the signal handling stays with the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+async def serve_asgi(app: ASGIApp, host: str, port: int, stop: asyncio.Event) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            http="httptools", lifespan="off", timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server._serve())  # noqa: SLF001 - serve() would install signal handlers
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        stopper.cancel()
+        task.result()  # a failed start (port in use) surfaces here
+        return
+    server.should_exit = True
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)

@@ -1,0 +1,106 @@
+"""Active health checks: GET /healthz on every server at a fixed interval, with fall/rise counts.
+
+A check opens a fresh connection each time on purpose: a server that stopped accepting, or that
+the kernel still accepts for while the process is frozen, must fail the check, and a pooled
+connection would hide the first case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dispatcher.pool import Backend, ServerPool, now_ms
+
+log = logging.getLogger("ctops.dispatcher.health")
+
+
+@dataclass(slots=True)
+class CheckResult:
+    ok: bool
+    error: str | None = None
+    active_sessions: int | None = None
+
+
+async def check_once(b: Backend, timeout: float) -> CheckResult:
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(b.host, b.port)
+            writer.write(f"GET /healthz HTTP/1.1\r\nHost: {b.host}:{b.port}\r\nConnection: close\r\n"
+                         "User-Agent: ctops-health\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            status_line, _, header_blob = head.partition(b"\r\n")
+            parts = status_line.split(b" ", 2)
+            status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            length = 0
+            for line in header_blob.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                    length = int(value.strip())
+            body = await reader.readexactly(length) if 0 < length <= 65536 else b""
+    except TimeoutError:
+        return CheckResult(False, f"health check timed out after {int(timeout * 1000)} ms")
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        return CheckResult(False, f"health check failed: {type(exc).__name__}: {exc}".strip())
+    finally:
+        if writer is not None:
+            writer.close()
+    if status != 200:
+        return CheckResult(False, f"health check answered HTTP {status}")
+    sessions = None
+    try:
+        doc = json.loads(body) if body else {}
+        if isinstance(doc, dict) and isinstance(doc.get("active_sessions"), int):
+            sessions = doc["active_sessions"]
+    except ValueError:
+        pass
+    return CheckResult(True, None, sessions)
+
+
+def apply_result(pool: ServerPool, b: Backend, r: CheckResult, fall: int, rise: int) -> None:
+    """Fall/rise state machine: up -> suspect -> down after `fall` failures; down -> up after `rise`."""
+    first = b.last_check_ms is None
+    b.last_check_ms = now_ms()
+    if r.active_sessions is not None:
+        b.active_sessions = r.active_sessions
+    if r.ok:
+        b.consecutive_fail = 0
+        b.consecutive_ok += 1
+        # the first check after start decides at once: a fresh dispatcher should not wait `rise`
+        if b.health == "suspect" or (b.health == "down" and (first or b.consecutive_ok >= rise)):
+            pool.set_health(b, "up", "health check passed")
+        return
+    b.consecutive_ok = 0
+    b.consecutive_fail += 1
+    b.last_error = r.error
+    if b.health != "down":
+        down = first or b.consecutive_fail >= fall
+        pool.set_health(b, "down" if down else "suspect", r.error or "")
+
+
+class HealthChecker:
+    def __init__(self, pool: ServerPool, interval: float, timeout: float, fall: int, rise: int,
+                 on_round: Callable[[], None] | None = None) -> None:
+        self.pool, self.interval, self.timeout = pool, interval, timeout
+        self.fall, self.rise = fall, rise
+        self.on_round = on_round
+        self.rounds = 0
+
+    async def _check(self, b: Backend) -> None:
+        r = await check_once(b, self.timeout)
+        apply_result(self.pool, b, r, self.fall, self.rise)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            # every server is checked concurrently so one hung server does not delay the others
+            await asyncio.gather(*(self._check(b) for b in self.pool), return_exceptions=True)
+            self.rounds += 1
+            if self.on_round:
+                self.on_round()
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))

@@ -1,0 +1,66 @@
+"""`ctops dispatcher`: data port (reverse proxy), ops API, health checks and the leadership lease."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+import uvloop
+from redis.asyncio import Redis
+
+from ctops import config, logs
+from ctops.config import Deployment, DispatcherSpec, split_hostport
+from ctops.serving import serve_asgi
+from dispatcher.ops_api import create_ops_app, wrap
+from dispatcher.proxy import ProxySettings, start_data_plane
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger("ctops.dispatcher")
+
+
+def redis_client(dep: Deployment) -> Redis:
+    # short timeouts: a Redis stall must not stall the loops that decide health and leadership
+    return Redis.from_url(dep.redis.url, socket_timeout=1.0, socket_connect_timeout=1.0,
+                          health_check_interval=5)
+
+
+async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    redis = redis_client(dep)
+    rt = Runtime(dep, spec, redis)
+    await rt.restore_from_redis()
+
+    data_host, data_port = split_hostport(spec.data)
+    ops_host, ops_port = split_hostport(spec.ops)
+    data_server = await start_data_plane(rt.pool, data_host, data_port, ProxySettings.from_deployment(dep))
+    loops = [asyncio.create_task(c, name=n) for n, c in (
+        ("health", rt.health.run()), ("lease", rt.lease.run()), ("sync", rt.sync_loop()))]
+    ops = asyncio.create_task(serve_asgi(wrap(create_ops_app(rt), dep.limits.ops_body_max_bytes),
+                                         ops_host, ops_port, stop))
+    log.info("dispatcher %s: data on %s, ops on %s", spec.name, spec.data, spec.ops)
+    await asyncio.wait({ops, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    for t in loops:
+        t.cancel()
+    data_server.close()
+    with contextlib.suppress(Exception):
+        await rt.lease.release()
+    with contextlib.suppress(Exception):
+        await ops
+    await redis.aclose()
+    log.info("dispatcher %s stopped", spec.name)
+
+
+def run(args: argparse.Namespace) -> int:
+    dep = config.load(args.config)
+    spec = dep.dispatcher(args.name)
+    logs.setup(f"dispatcher[{spec.name}]")
+    uvloop.run(serve(dep, spec))
+    return 0

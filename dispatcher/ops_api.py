@@ -1,0 +1,179 @@
+"""The ops API (control plane), versioned under /api/v1, with bearer tokens and roles.
+
+Errors always have the same JSON shape, {"error": ..., "detail": ...}, so the console and scripts
+can show them without guessing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ctops.auth import Principal
+from ctops.wire import ActionResult, ClusterState, ErrorBody, Heartbeat, HeartbeatAck
+from dispatcher.pool import now_ms
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger("ctops.dispatcher.ops")
+
+ACTIONS: dict[str, Literal["enabled", "draining", "disabled"]] = {
+    "drain": "draining", "disable": "disabled", "enable": "enabled",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: object | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413 before the app sees them, whether or not a
+    Content-Length was sent (a chunked body is counted as it arrives)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _error(send, 400, "invalid Content-Length")
+                    return
+                if int(value) > self.max_bytes:
+                    await _error(send, 413, f"request body over {self.max_bytes} bytes")
+                    return
+        seen = 0
+        sent_response = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal sent_response
+            if msg["type"] == "http.response.start":
+                sent_response = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not sent_response:
+                await _error(send, 413, f"request body over {self.max_bytes} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _error(send: Send, status: int, error: str) -> None:
+    body = ErrorBody(error=error).model_dump_json().encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_ops_app(rt: Runtime) -> FastAPI:
+    app = FastAPI(title="ctops ops API", version="1", openapi_url="/api/v1/openapi.json",
+                  docs_url="/api/v1/docs", redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(ErrorBody(error=exc.error, detail=exc.detail).model_dump(), exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse(ErrorBody(error="request body is not valid JSON").model_dump(), 400)
+        detail = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in errors]
+        fields = ", ".join(d["field"] for d in detail)
+        return JSONResponse(ErrorBody(error=f"invalid request: {fields}", detail=detail).model_dump(), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ErrorBody(error=str(exc.detail)).model_dump(), exc.status_code)
+
+    @app.exception_handler(RedisError)
+    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
+        log.warning("Redis error while serving the ops API: %s", exc)
+        return JSONResponse(ErrorBody(error="shared state (Redis) unavailable").model_dump(), 503,
+                            headers={"Retry-After": "1"})
+
+    def principal(request: Request) -> Principal:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        who = rt.tokens.lookup(token.strip())
+        if who is None:
+            raise ApiError(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        return who
+
+    def require(grant: str):
+        def dep(who: Annotated[Principal, Depends(principal)]) -> Principal:
+            if not who.may(grant):
+                raise ApiError(403, f"role {who.role!r} may not do this", detail={"needs": grant})
+            return who
+        return dep
+
+    responses = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+
+    @app.get("/api/v1/whoami", responses=responses)
+    async def whoami(who: Annotated[Principal, Depends(principal)]) -> dict[str, str]:
+        return {"name": who.name, "role": who.role}
+
+    @app.post("/api/v1/heartbeat", response_model=HeartbeatAck, responses={**responses, 404: {"model": ErrorBody}})
+    async def heartbeat(hb: Heartbeat, _: Annotated[Principal, Depends(require("agent"))]) -> HeartbeatAck:
+        if hb.host not in rt.known_hosts:
+            raise ApiError(404, f"unknown host {hb.host!r}", detail={"known": sorted(rt.known_hosts)})
+        await rt.store.save_heartbeat(hb, now_ms())
+        return HeartbeatAck(ok=True, leader=rt.lease.leader_name)
+
+    @app.get("/api/v1/state", response_model=ClusterState, responses=responses)
+    async def state(_: Annotated[Principal, Depends(require("read"))]) -> ClusterState:
+        return await rt.cluster_state()
+
+    @app.get("/api/v1/audit", responses=responses)
+    async def audit(_: Annotated[Principal, Depends(require("read"))], limit: int = 100) -> list[dict[str, str]]:
+        if not 1 <= limit <= 1000:
+            raise ApiError(422, "invalid request: limit", detail=[{"field": "query.limit",
+                                                                    "message": "must be 1..1000"}])
+        return await rt.store.read_audit(limit)
+
+    @app.post("/api/v1/servers/{name}/{action}", response_model=ActionResult,
+              responses={**responses, 404: {"model": ErrorBody}})
+    async def server_action(name: str, action: Literal["drain", "disable", "enable"],
+                            who: Annotated[Principal, Depends(require("act"))]) -> ActionResult:
+        b = rt.pool.get(name)
+        if b is None:
+            await rt.store.audit(who.name, who.role, action, name, "unknown server", rt.spec.name)
+            raise ApiError(404, f"unknown server {name!r}", detail={"known": sorted(rt.pool.backends)})
+        admin = ACTIONS[action]
+        await rt.store.set_admin(name, admin)
+        rt.pool.set_admin(b, admin, f"{action} by {who.name}")
+        await rt.store.audit(who.name, who.role, action, name, f"ok: now {b.state}", rt.spec.name)
+        return ActionResult(ok=True, server=name, admin=admin, state=b.state, by=who.name)
+
+    return app
+
+
+def wrap(app: FastAPI, max_body: int) -> ASGIApp:
+    return BodyLimit(app, max_body)

@@ -1,0 +1,112 @@
+"""What the dispatcher keeps in Redis: server states, host heartbeats, dispatcher presence, audit.
+
+Every dispatcher reads the same keys, so a restarted dispatcher or a standby picks up the
+cluster's state with no manual step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from ctops.keys import Keys
+from ctops.wire import AdminState, Heartbeat
+from dispatcher.pool import Backend
+
+AUDIT_MAXLEN = 100_000
+
+
+def _s(v: Any) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class Store:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.r = redis
+        self.k = keys
+
+    # --- servers -------------------------------------------------------------------------------
+    async def publish_servers(self, backends: list[Backend], by: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for b in backends:
+            pipe.hset(self.k.server(b.name), mapping={
+                "health": b.health,
+                "since_ms": b.since_ms,
+                "last_check_ms": b.last_check_ms or 0,
+                "last_error": b.last_error or "",
+                "active_sessions": b.active_sessions,
+                "checked_by": by,
+            })
+        await pipe.execute()
+
+    async def read_admin(self, names: list[str]) -> dict[str, AdminState]:
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.hget(self.k.server(n), "admin")
+        values = await pipe.execute()
+        return {n: (_s(v) or "enabled") for n, v in zip(names, values, strict=True)}  # type: ignore[misc]
+
+    async def read_health(self, names: list[str]) -> dict[str, dict[str, str]]:
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.hgetall(self.k.server(n))
+        values = await pipe.execute()
+        return {n: {_s(k): _s(v) for k, v in h.items()} for n, h in zip(names, values, strict=True)}  # type: ignore[misc]
+
+    async def set_admin(self, name: str, admin: AdminState) -> None:
+        await self.r.hset(self.k.server(name), mapping={"admin": admin, "admin_since_ms": int(time.time() * 1000)})
+
+    # --- hosts ---------------------------------------------------------------------------------
+    async def save_heartbeat(self, hb: Heartbeat, received_ms: int) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.k.host(hb.host), mapping={"hb": hb.model_dump_json(), "received_ms": received_ms})
+        pipe.sadd(self.k.hosts, hb.host)
+        await pipe.execute()
+
+    async def read_hosts(self, names: list[str]) -> dict[str, tuple[Heartbeat | None, int | None]]:
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.hmget(self.k.host(n), ["hb", "received_ms"])
+        out: dict[str, tuple[Heartbeat | None, int | None]] = {}
+        for n, (raw, received) in zip(names, await pipe.execute(), strict=True):
+            hb = None
+            if raw:
+                try:
+                    hb = Heartbeat.model_validate_json(raw)
+                except ValueError:
+                    hb = None  # written by an older version; the next heartbeat replaces it
+            out[n] = (hb, int(received) if received else None)
+        return out
+
+    # --- dispatchers ---------------------------------------------------------------------------
+    async def announce(self, name: str, fields: dict[str, Any], ttl_ms: int) -> None:
+        key = self.k.dispatcher(name)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, ttl_ms)
+        await pipe.execute()
+
+    async def read_dispatchers(self, names: list[str]) -> dict[str, dict[str, str]]:
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.hgetall(self.k.dispatcher(n))
+        values = await pipe.execute()
+        return {n: {_s(k): _s(v) for k, v in h.items()} for n, h in zip(names, values, strict=True)}  # type: ignore[misc]
+
+    # --- audit ---------------------------------------------------------------------------------
+    async def audit(self, who: str, role: str, action: str, target: str, result: str, via: str) -> None:
+        await self.r.xadd(self.k.audit, {
+            "ts_ms": int(time.time() * 1000), "who": who, "role": role, "action": action,
+            "target": target, "result": result, "via": via,
+        }, maxlen=AUDIT_MAXLEN, approximate=True)
+
+    async def read_audit(self, count: int) -> list[dict[str, str]]:
+        entries = await self.r.xrevrange(self.k.audit, count=count)
+        return [{"id": _s(i), **{_s(k): _s(v) for k, v in f.items()}} for i, f in entries]  # type: ignore[misc]
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
