@@ -1,0 +1,65 @@
+"""Agents: heartbeats with psutil metrics reach the dispatcher; supervised processes that exit are
+started again; a dead dispatcher in the agent's list is skipped for the next that answers."""
+
+from __future__ import annotations
+
+import signal
+
+from ctops.procs import pid_alive
+from tests.cluster import Cluster, wait_for
+
+
+def host(c: Cluster, name: str) -> dict:
+    return next(h for h in c.state()["hosts"] if h["name"] == name)
+
+
+def test_heartbeats_carry_metrics_and_process_status(make_cluster) -> None:
+    c: Cluster = make_cluster(hosts_with_agents=True)
+    c.start_all()
+    h = wait_for("host-1 heartbeat with a running trainer",
+                 lambda: (h := host(c, "host-1"))["state"] == "alive" and h["processes"]
+                 and h["processes"][0]["pid"] and h)
+    assert h["metrics"]["memory_percent"] > 0 and h["metrics"]["memory_used_bytes"] > 0
+    assert 0 <= h["metrics"]["disk_percent"] <= 100
+    proc = h["processes"][0]
+    assert proc["name"] == "trainer-1" and proc["state"] == "running" and proc["rss_bytes"] > 0
+    seq = h["seq"]
+    wait_for("heartbeats keep coming", lambda: host(c, "host-1")["seq"] > seq + 2)
+    server = c.server("trainer-1")
+    assert server["heartbeat_age_ms"] is not None and server["cpu_percent"] is not None
+
+
+def test_killed_process_is_started_again(make_cluster) -> None:
+    c: Cluster = make_cluster(hosts_with_agents=True)
+    c.start_all()
+    old = wait_for("trainer-2 pid", lambda: host(c, "host-2")["processes"][0]["pid"])
+    import os
+    os.kill(old, signal.SIGKILL)
+    p = wait_for("trainer-2 restarted", lambda: (p := host(c, "host-2")["processes"][0])["pid"] not in (None, old)
+                 and p["restarts"] >= 1 and p)
+    assert "SIGKILL" in p["last_exit"]
+    assert not pid_alive(old)
+    c.wait_state("trainer-2", "up")
+
+
+def test_agent_skips_a_dead_dispatcher(make_cluster) -> None:
+    c: Cluster = make_cluster(dispatchers=("A", "B"), trainers=1, hosts_with_agents=True)
+    # only B runs: the agent's list starts with A, which refuses connections
+    c.start("primary")
+    c.start("host-1")
+    c.start("B")
+    wait_for("heartbeat through B", lambda: host_b(c)["state"] == "alive")
+    c.wait_state("trainer-1", "up", "B")
+
+
+def host_b(c: Cluster) -> dict:
+    return next(h for h in c.state("B")["hosts"] if h["name"] == "host-1")
+
+
+def test_agent_stop_stops_its_processes(make_cluster) -> None:
+    c: Cluster = make_cluster(trainers=1, hosts_with_agents=True)
+    c.start_all()
+    pid = wait_for("trainer pid", lambda: host(c, "host-1")["processes"][0]["pid"])
+    c.children["host-1"].proc.send_signal(signal.SIGTERM)
+    c.children["host-1"].proc.wait(15)
+    wait_for("trainer stopped with its agent", lambda: not pid_alive(pid), timeout=15)

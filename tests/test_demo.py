@@ -1,0 +1,67 @@
+"""`ctops demo --headless` as a new user runs it: state file, `ctops status --json`, `ctops chaos`,
+and SIGTERM leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ctops.procs import pid_alive
+from tests.cluster import wait_for
+
+
+def ctops(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ctops.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_headless_demo_status_chaos_and_clean_stop(tmp_path: Path) -> None:
+    state_file = tmp_path / "demo.json"
+    log = open(tmp_path / "demo.log", "wb")
+    demo = subprocess.Popen([sys.executable, "-m", "ctops.cli", "demo", "--headless", "--state-file", str(state_file),
+                             "--workdir", str(tmp_path / "work")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for("state file", lambda: state_file.exists(), timeout=120, every=0.3)
+        doc = json.loads(state_file.read_text())
+        assert [d["name"] for d in doc["dispatchers"]] == ["A", "B"]
+        assert all(d["data_url"].startswith("http://") and d["ops_url"] and d["pid"] for d in doc["dispatchers"])
+        assert [t["name"] for t in doc["trainers"]] == ["trainer-1", "trainer-2", "trainer-3"]
+        assert all(t["url"] and t["pid"] for t in doc["trainers"])
+        assert len(doc["agents"]) == 3 and len(doc["llm_providers"]) == 2
+        assert doc["redis"]["url"].startswith("redis://") and doc["redis"]["pid"]
+        assert set(doc["tokens"]) == {"operator", "viewer", "agent"}
+
+        out = ctops("status", "--json", "--state-file", str(state_file))
+        assert out.returncode == 0, out.stderr
+        st = json.loads(out.stdout)
+        assert st["leader"] in ("A", "B")
+        assert {s["name"]: s["state"] for s in st["servers"]} == {f"trainer-{i}": "up" for i in (1, 2, 3)}
+        assert all(s["active_sessions"] >= 0 for s in st["servers"])
+        assert {d["name"] for d in st["dispatchers"]} == {"A", "B"}
+        assert all(h["state"] == "alive" and h["heartbeat_age_ms"] is not None for h in st["hosts"])
+
+        out = ctops("chaos", "freeze", "trainer-2", "--state-file", str(state_file))
+        assert out.returncode == 0, out.stderr
+        frozen = doc["trainers"][1]["pid"]
+
+        def trainer2() -> str:
+            st = json.loads(ctops("status", "--json", "--state-file", str(state_file)).stdout)
+            return next(s["state"] for s in st["servers"] if s["name"] == "trainer-2")
+
+        wait_for("frozen trainer-2 down", lambda: trainer2() == "down")
+        assert ctops("chaos", "thaw", "trainer-2", "--state-file", str(state_file)).returncode == 0
+        wait_for("thawed trainer-2 up", lambda: trainer2() == "up")
+        assert ctops("chaos", "kill", "nobody", "--state-file", str(state_file)).returncode == 2
+
+        pids = [d["pid"] for d in doc["dispatchers"]] + [a["pid"] for a in doc["agents"]]
+        pids += [p["pid"] for p in doc["llm_providers"]] + [doc["redis"]["pid"], frozen]
+        pids += [t["pid"] for t in doc["trainers"]]
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "demo.log").read_text()
+    assert [p for p in pids if pid_alive(p)] == []
+    assert not state_file.exists()

@@ -1,0 +1,58 @@
+"""Health: a SIGKILLed trainer is marked down and new requests go to the others; a SIGSTOPped one
+is marked down by the checks; after SIGCONT it is up again after the rise count."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+
+import httpx
+
+from tests.cluster import Cluster, wait_for
+
+
+def served_by(c: Cluster, n: int = 12) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    with httpx.Client(base_url=c.data_url(), timeout=10) as client:
+        for _ in range(n):
+            r = client.get("/healthz")
+            assert r.status_code == 200, r.text
+            seen[r.json()["server"]] += 1
+    return seen
+
+
+def test_sigkill_marks_down_and_traffic_moves(make_cluster) -> None:
+    c: Cluster = make_cluster()
+    c.start_all()
+    assert set(served_by(c)) == {"trainer-1", "trainer-2", "trainer-3"}
+    c.signal("trainer-2", signal.SIGKILL)
+    s = c.wait_state("trainer-2", "down")
+    assert s["last_error"]
+    # every request after the kill is served, by the two others only
+    assert set(served_by(c, 20)) == {"trainer-1", "trainer-3"}
+
+
+def test_sigstop_marked_down_then_sigcont_up_after_rise(make_cluster) -> None:
+    c: Cluster = make_cluster()
+    c.start_all()
+    c.signal("trainer-1", signal.SIGSTOP)
+    try:
+        s = c.wait_state("trainer-1", "down")
+        assert "timed out" in (s["last_error"] or "")
+        assert "trainer-1" not in served_by(c, 12)
+    finally:
+        c.signal("trainer-1", signal.SIGCONT)
+    # the rise count means several passing checks; the state is up only after them
+    c.wait_state("trainer-1", "up")
+    wait_for("trainer-1 serving again", lambda: "trainer-1" in served_by(c, 9))
+
+
+def test_states_are_published_to_redis_for_other_dispatchers(make_cluster) -> None:
+    c: Cluster = make_cluster(dispatchers=("A", "B"))
+    c.start_all()
+    c.signal("trainer-3", signal.SIGKILL)
+    c.wait_state("trainer-3", "down", "A")
+    c.wait_state("trainer-3", "down", "B")
+    st = c.state("B")
+    assert st["leader"] in ("A", "B")
+    assert {d["name"]: d["healthy"] for d in st["dispatchers"]} == {"A": True, "B": True}

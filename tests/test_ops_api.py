@@ -1,0 +1,148 @@
+"""Ops API: every endpoint refuses a missing token (401) and a wrong role (403); bad bodies get a
+clear 4xx naming the field, and nothing is stored; staff actions are audited."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import redis
+
+from ctops.keys import Keys
+from tests.cluster import Cluster, wait_for
+
+ENDPOINTS = [
+    ("GET", "/api/v1/state", "read"),
+    ("GET", "/api/v1/audit", "read"),
+    ("GET", "/api/v1/whoami", None),
+    ("POST", "/api/v1/heartbeat", "agent"),
+    ("POST", "/api/v1/servers/trainer-1/drain", "act"),
+    ("POST", "/api/v1/servers/trainer-1/disable", "act"),
+    ("POST", "/api/v1/servers/trainer-1/enable", "act"),
+]
+ROLES = {"read": {"viewer", "operator"}, "act": {"operator"}, "agent": {"agent"}, None: {"viewer", "operator", "agent"}}
+
+
+def heartbeat(host: str = "host-1", **over: object) -> dict:
+    hb = {"host": host, "seq": 1, "sent_at_ms": 1, "processes": [],
+          "metrics": {"cpu_percent": 1.0, "memory_percent": 2.0, "memory_used_bytes": 3, "disk_percent": 4.0,
+                      "load1": 0.1, "load5": 0.1, "load15": 0.1}}
+    hb.update(over)
+    return hb
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, redis_server) -> Cluster:
+    c = Cluster(tmp_path_factory.mktemp("ops"), redis_server, "ops-api-test", trainers=2)
+    for n in c.server_names:
+        c.start(n)
+    c.start("A")
+    c.wait_all_up()
+    yield c
+    c.stop()
+
+
+def snapshot(c: Cluster) -> dict:
+    """Everything the ops API may write, to show a refused request changed nothing."""
+    r = redis.Redis.from_url(c.redis.url)
+    k = Keys(c.prefix)
+    out = {
+        "admin": [r.hget(k.server(n), "admin") for n in c.server_names],
+        "hosts": sorted(r.smembers(k.hosts)),
+        "host1": r.hget(k.host("host-1"), "hb"),
+        "audit": r.xlen(k.audit),
+    }
+    r.close()
+    return out
+
+
+@pytest.mark.parametrize(("method", "path", "grant"), ENDPOINTS)
+def test_every_endpoint_needs_a_token_and_the_right_role(cluster: Cluster, method: str, path: str, grant) -> None:
+    before = snapshot(cluster)
+    body = heartbeat() if path.endswith("heartbeat") else None
+    url = cluster.ops_url() + path
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic abc"}):
+        r = httpx.request(method, url, json=body, headers=headers)
+        assert r.status_code == 401, (path, headers, r.text)
+        assert r.json()["error"] in ("missing bearer token", "invalid token")
+    for role in ("viewer", "operator", "agent"):
+        if role in ROLES[grant]:
+            continue
+        r = httpx.request(method, url, json=body, headers=cluster.auth(role))
+        assert r.status_code == 403, (path, role, r.text)
+        assert "may not" in r.json()["error"]
+    assert snapshot(cluster) == before
+
+
+@pytest.mark.parametrize(("content", "status", "field"), [
+    (b"{not json", 400, None),
+    (b"[]", 422, None),
+    (b'{"host": "host-1"}', 422, "body.seq"),
+    (b'{"host": 5, "seq": "x", "sent_at_ms": 1, "metrics": {}}', 422, "body.host"),
+    (b'{"host": "host-1", "seq": 1, "sent_at_ms": 1, "metrics": {"cpu_percent": "lots"}}', 422,
+     "body.metrics.cpu_percent"),
+    (b"x" * (300 * 1024), 413, None),
+])
+def test_malformed_heartbeats_are_refused_and_nothing_is_stored(cluster: Cluster, content: bytes, status: int,
+                                                                field: str | None) -> None:
+    before = snapshot(cluster)
+    r = httpx.post(cluster.ops_url() + "/api/v1/heartbeat", content=content,
+                   headers={**cluster.auth("agent"), "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]
+    if field:
+        assert field in r.json()["error"]
+    assert snapshot(cluster) == before
+
+
+def test_oversized_chunked_body_is_refused(cluster: Cluster) -> None:
+    before = snapshot(cluster)
+
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    r = httpx.post(cluster.ops_url() + "/api/v1/heartbeat", content=chunks(),
+                   headers={**cluster.auth("agent"), "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert snapshot(cluster) == before
+
+
+def test_unknown_host_heartbeat_is_refused(cluster: Cluster) -> None:
+    before = snapshot(cluster)
+    r = httpx.post(cluster.ops_url() + "/api/v1/heartbeat", json=heartbeat("intruder"), headers=cluster.auth("agent"))
+    assert r.status_code == 404 and "unknown host" in r.json()["error"]
+    assert snapshot(cluster) == before
+
+
+def test_heartbeat_is_stored_and_shown(cluster: Cluster) -> None:
+    r = httpx.post(cluster.ops_url() + "/api/v1/heartbeat", json=heartbeat("host-2", seq=7),
+                   headers=cluster.auth("agent"))
+    assert r.status_code == 200, r.text
+    host = next(h for h in cluster.state()["hosts"] if h["name"] == "host-2")
+    assert host["seq"] == 7 and host["state"] == "alive" and host["metrics"]["disk_percent"] == 4.0
+
+
+def test_actions_change_state_and_are_audited(cluster: Cluster) -> None:
+    op = cluster.auth("operator")
+    r = httpx.post(cluster.ops_url() + "/api/v1/servers/trainer-2/drain", headers=op)
+    assert r.status_code == 200 and r.json()["state"] == "draining" and r.json()["by"] == "test-operator"
+    assert cluster.server("trainer-2")["state"] == "draining"
+    r = httpx.post(cluster.ops_url() + "/api/v1/servers/trainer-2/disable", headers=op)
+    assert cluster.server("trainer-2")["state"] == "disabled"
+    r = httpx.post(cluster.ops_url() + "/api/v1/servers/trainer-2/enable", headers=op)
+    assert r.json()["state"] == "up"
+    wait_for("trainer-2 up", lambda: cluster.server("trainer-2")["state"] == "up")
+    r = httpx.post(cluster.ops_url() + "/api/v1/servers/nope/drain", headers=op)
+    assert r.status_code == 404 and "unknown server" in r.json()["error"]
+    r = httpx.post(cluster.ops_url() + "/api/v1/servers/trainer-2/reboot", headers=op)
+    assert r.status_code == 422
+    audit = httpx.get(cluster.ops_url() + "/api/v1/audit", headers=cluster.auth("viewer")).json()
+    mine = [(a["action"], a["target"], a["who"]) for a in audit][:4][::-1]
+    assert mine == [("drain", "trainer-2", "test-operator"), ("disable", "trainer-2", "test-operator"),
+                    ("enable", "trainer-2", "test-operator"), ("drain", "nope", "test-operator")]
+    assert all(a["ts_ms"].isdigit() and a["result"] for a in audit[:4])
+
+
+def test_openapi_document_is_served(cluster: Cluster) -> None:
+    doc = httpx.get(cluster.ops_url() + "/api/v1/openapi.json").json()
+    assert {"/api/v1/heartbeat", "/api/v1/state", "/api/v1/servers/{name}/{action}"} <= set(doc["paths"])
