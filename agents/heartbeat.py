@@ -1,42 +1,60 @@
-"""Sends the host's heartbeat to the first dispatcher in the agent's list that answers."""
+"""Sends the host's heartbeat to the first dispatcher in the agent's list that answers.
+
+Events (restarts, crash loops) ride on heartbeats and stay queued until a dispatcher acknowledges
+the heartbeat that carried them; the dispatcher deduplicates them by id.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import deque
 
 import httpx
 
 from agents.metrics import ProcessSampler, host_metrics
 from agents.supervisor import Supervisor
-from ctops.wire import Heartbeat, ProcessMetrics
+from ctops.wire import AgentEvent, Heartbeat, ProcessMetrics
 
 log = logging.getLogger("ctops.agent.heartbeat")
+OUTBOX_MAX = 1000
+EVENTS_PER_HEARTBEAT = 100
 
 
 class HeartbeatSender:
-    def __init__(self, host: str, urls: list[str], token: str, supervisor: Supervisor,
-                 interval: float, disk_path: str = "/") -> None:
-        self.host, self.urls, self.supervisor = host, urls, supervisor
+    def __init__(self, host: str, urls: list[str], token: str, interval: float, disk_path: str = "/") -> None:
+        self.host, self.urls = host, urls
         self.interval, self.disk_path = interval, disk_path
+        self.supervisor: Supervisor | None = None
         self.seq = 0
         self.current = 0  # index of the dispatcher that answered last
         self.sampler = ProcessSampler()
+        self.outbox: deque[AgentEvent] = deque()
+        self.dropped_events = 0
         self.client = httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"},
                                         timeout=httpx.Timeout(max(0.2, min(interval, 2.0))))
 
+    def add_event(self, event: AgentEvent) -> None:
+        """Called from the watchdog's threads; deque appends are thread-safe."""
+        if len(self.outbox) >= OUTBOX_MAX:
+            self.outbox.popleft()
+            self.dropped_events += 1
+        self.outbox.append(event)
+
     def build(self) -> Heartbeat:
-        procs = []
-        for item in self.supervisor.items:
-            cpu, rss = self.sampler.sample(item.pid)
-            procs.append(ProcessMetrics(name=item.spec.name, state=item.state, pid=item.pid,
-                                        restarts=item.restarts, cpu_percent=cpu, rss_bytes=rss,
-                                        last_exit=item.last_exit))
-        self.sampler.forget_others({i.pid for i in self.supervisor.items if i.pid})
+        procs: list[ProcessMetrics] = []
+        watchdog = None
+        if self.supervisor is not None:
+            raw, watchdog = self.supervisor.snapshot()
+            for p in raw:
+                cpu, rss = self.sampler.sample(p["pid"])
+                procs.append(ProcessMetrics(cpu_percent=cpu, rss_bytes=rss, **p))
+            self.sampler.forget_others({p["pid"] for p in raw if p["pid"]})
         self.seq += 1
         return Heartbeat(host=self.host, seq=self.seq, sent_at_ms=int(time.time() * 1000),
-                         metrics=host_metrics(self.disk_path), processes=procs)
+                         metrics=host_metrics(self.disk_path), processes=procs, watchdog=watchdog,
+                         events=list(self.outbox)[:EVENTS_PER_HEARTBEAT])
 
     async def send(self, hb: Heartbeat) -> bool:
         body = hb.model_dump_json()
@@ -54,6 +72,9 @@ class HeartbeatSender:
                 if idx != self.current:
                     log.info("heartbeats now go to %s", url)
                 self.current = idx
+                sent = {e.id for e in hb.events}
+                while self.outbox and self.outbox[0].id in sent:
+                    self.outbox.popleft()
                 return True
             log.warning("heartbeat to %s refused: %s %s", url, r.status_code, r.text[:200])
         return False
@@ -62,8 +83,9 @@ class HeartbeatSender:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            ok = await self.send(self.build())
-            if not ok:
+            if self.supervisor is not None:
+                self.supervisor.loop_beat = time.monotonic()
+            if not await self.send(self.build()):
                 log.warning("no dispatcher took heartbeat %d", self.seq)
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 

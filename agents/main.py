@@ -1,4 +1,4 @@
-"""`ctops agent`: supervises the host's processes and sends heartbeats with metrics."""
+"""`ctops agent`: supervises the host's processes (the watchdog) and sends heartbeats with metrics."""
 
 from __future__ import annotations
 
@@ -7,13 +7,31 @@ import asyncio
 import logging
 import os
 import signal
+import time
 
 from agents.heartbeat import HeartbeatSender
+from agents.sdnotify import notify, watchdog_interval
 from agents.supervisor import Supervisor
 from ctops import config, logs
 from ctops.config import ConfigError, Deployment
 
 log = logging.getLogger("ctops.agent")
+
+
+def _systemd_pinger() -> object | None:
+    interval = watchdog_interval()
+    if interval is None:
+        return None
+    last = 0.0
+
+    def ping() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= interval:
+            notify("WATCHDOG=1")
+            last = now
+
+    return ping
 
 
 async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> None:
@@ -23,14 +41,32 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sup = Supervisor(spec.processes, log_dir=log_dir)
+
+    sender = HeartbeatSender(name, urls, token, dep.timings.heartbeat_interval_ms / 1000, spec.disk_path)
+    sup = Supervisor(spec.processes, log_dir=log_dir, on_event=sender.add_event)
+    sender.supervisor = sup
+    sup.loop_stall_after = max(5.0, 5 * dep.timings.heartbeat_interval_ms / 1000)
+    sup.systemd_ping = _systemd_pinger()  # type: ignore[assignment]
+    if os.environ.get("CTOPS_TEST_HOOKS") == "1":
+        loop.add_signal_handler(signal.SIGUSR1, sup.freeze_checker_for_test)
+
+    tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start_heartbeats() -> None:
+        old = tasks.get("hb")
+        if old:
+            old.cancel()
+        tasks["hb"] = loop.create_task(sender.run(), name="heartbeat")
+
+    sup.restart_loop = lambda: loop.call_soon_threadsafe(start_heartbeats)
     sup.start()
-    sender = HeartbeatSender(name, urls, token, sup, dep.timings.heartbeat_interval_ms / 1000, spec.disk_path)
-    hb = asyncio.create_task(sender.run(), name="heartbeat")
+    start_heartbeats()
+    notify("READY=1")
     log.info("agent %s: supervising %d processes, heartbeats to %s", name, len(sup.items), urls)
     await stop.wait()
-    hb.cancel()
-    await sup.stop()
+    notify("STOPPING=1")
+    tasks["hb"].cancel()
+    await loop.run_in_executor(None, sup.stop)
     await sender.aclose()
     log.info("agent %s stopped", name)
 

@@ -1,22 +1,46 @@
-"""Starts the host's processes and starts them again when they exit.
+"""The agent's watchdog: supervises the host's processes with two threads that watch each other.
 
-Each child gets its own process group so a stop reaches everything it spawned.
+The checker thread reaps exits (pidfds, so a crash is seen at once), runs liveness probes,
+restarts with backoff and declares crash loops. The guard thread only watches the checker (and
+the agent's heartbeat loop): when the checker stops beating it starts a new one with the next
+generation number. Every action is taken under the lock and only by the checker of the current
+generation, so a stale checker that wakes up again can never act.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
+import selectors
 import signal
+import subprocess
+import tempfile
+import threading
 import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
+from agents.probes import ProbeResult, probe
+from agents.sdnotify import NotifyListener
 from ctops.config import ProcessSpec
-from ctops.wire import ProcessState
+from ctops.wire import AgentEvent, ProcessState, WatchdogStatus
 
-log = logging.getLogger("ctops.agent.supervisor")
+log = logging.getLogger("ctops.agent.watchdog")
+
+Command = Literal["restart", "stop", "start"]
+# a process that stayed up this long is restarted at once when it exits; a quicker exit backs off
+STABLE_AFTER = 10.0
+TICK = 0.2  # the checker beats at least this often
+STALL_AFTER = 1.0  # a thread silent this long is replaced
+
+
+class StaleGeneration(Exception):
+    pass
 
 
 def describe_exit(code: int) -> str:
@@ -32,91 +56,432 @@ def describe_exit(code: int) -> str:
 class Supervised:
     spec: ProcessSpec
     state: ProcessState = "stopped"
-    proc: asyncio.subprocess.Process | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    pidfd: int | None = None
     restarts: int = 0
     last_exit: str | None = None
     started_at: float = 0.0
     wanted: bool = True
-    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+    next_start: float = 0.0  # when a process in backoff may start again
+    quick_exits: int = 0
+    restart_times: deque[float] = field(default_factory=deque)
+    check_due: float = 0.0
+    check: Future[ProbeResult] | None = None
+    check_failures: int = 0
+    check_latency_ms: float | None = None
+    ever_alive: bool = False
+    kill_reason: str | None = None  # why the watchdog is taking it down
+    staff_restart: bool = False  # restarted on request: at once, and not counted as a crash
+    stop_deadline: float | None = None  # SIGKILL after this, when stopping gracefully
+    notify: NotifyListener | None = None
+    waiters: list[tuple[Command, Future[str]]] = field(default_factory=list)
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc and self.proc.returncode is None else None
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
 
 
 class Supervisor:
-    def __init__(self, specs: list[ProcessSpec], grace: float = 5.0, log_dir: str | None = None) -> None:
-        self.items = [Supervised(s) for s in specs]
-        self.grace = grace
+    def __init__(self, specs: list[ProcessSpec], log_dir: str | None = None,
+                 on_event: Callable[[AgentEvent], None] | None = None) -> None:
+        self.items = {s.name: Supervised(s) for s in specs}
         self.log_dir = log_dir
+        self.on_event = on_event or (lambda e: None)
+        self.lock = threading.RLock()
+        self.generation = 0
+        self.guard_generation = 0
+        self.thread_restarts = 0
+        self.loop_restarts = 0
+        self.checker_beat = time.monotonic()
+        self.guard_beat = time.monotonic()
+        self.running = False
+        self.probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._commands: deque[tuple[str, Command, Future[str]]] = deque()
+        self._freeze_generation: int | None = None  # test hook
+        self._notify_dir: str | None = None
+        # the asyncio heartbeat loop is watched too: (last beat, restart callback)
+        self.loop_beat: float | None = None
+        self.restart_loop: Callable[[], None] | None = None
+        self.loop_stall_after = 5.0
+        self.systemd_ping: Callable[[], None] | None = None
 
-    async def _spawn(self, item: Supervised) -> None:
-        env = {**os.environ, **item.spec.env}
-        out: int | None = None
+    # --- public, thread-safe -------------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        if any(i.spec.liveness.kind == "notify" for i in self.items.values()):
+            self._notify_dir = tempfile.mkdtemp(prefix="ctops-notify-")
+            for item in self.items.values():
+                if item.spec.liveness.kind == "notify":
+                    item.notify = NotifyListener(os.path.join(self._notify_dir, f"{item.spec.name}.sock"))
+        self._start_checker()
+        self._start_guard()
+
+    def command(self, name: str, action: Command) -> Future[str]:
+        fut: Future[str] = Future()
+        if name not in self.items:
+            fut.set_exception(KeyError(f"no supervised process named {name!r}"))
+            return fut
+        self._commands.append((name, action, fut))
+        self._wake()
+        return fut
+
+    def snapshot(self) -> tuple[list[dict], WatchdogStatus]:
+        now = time.monotonic()
+        with self.lock:
+            procs = [{"name": i.spec.name, "state": i.state, "pid": i.pid, "restarts": i.restarts,
+                      "last_exit": i.last_exit, "check_latency_ms": i.check_latency_ms}
+                     for i in self.items.values()]
+            wd = WatchdogStatus(checker_alive=now - self.checker_beat < STALL_AFTER,
+                                guard_alive=now - self.guard_beat < STALL_AFTER,
+                                generation=self.generation, thread_restarts=self.thread_restarts,
+                                loop_restarts=self.loop_restarts)
+        return procs, wd
+
+    def freeze_checker_for_test(self) -> None:
+        """Test hook: the current checker stops beating, as if stuck in a call that never returns."""
+        self._freeze_generation = self.generation
+        self._wake()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        with self.lock:
+            self.running = False
+            for item in self.items.values():
+                item.wanted = False
+        self._wake()
+        deadline = time.monotonic() + timeout
+        for item in self.items.values():
+            self._terminate_blocking(item, deadline)
+            if item.notify:
+                item.notify.close()
+        self.probes.shutdown(wait=False, cancel_futures=True)
+        if self._notify_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._notify_dir)
+
+    # --- threads -------------------------------------------------------------------------------
+    def _start_checker(self) -> None:
+        with self.lock:
+            self.generation += 1
+            gen = self.generation
+            self.checker_beat = time.monotonic()
+        threading.Thread(target=self._checker, args=(gen,), name=f"watchdog-checker-{gen}", daemon=True).start()
+
+    def _start_guard(self) -> None:
+        with self.lock:
+            self.guard_generation += 1
+            gen = self.guard_generation
+            self.guard_beat = time.monotonic()
+        threading.Thread(target=self._guard, args=(gen,), name=f"watchdog-guard-{gen}", daemon=True).start()
+
+    def _guard(self, gen: int) -> None:
+        """Second thread: watches only the checker (and the heartbeat loop); replaces what stalls."""
+        while self.running and self.guard_generation == gen:
+            now = time.monotonic()
+            self.guard_beat = now
+            if now - self.checker_beat > STALL_AFTER:
+                log.error("watchdog checker (generation %d) silent for %.1fs; starting a new one",
+                          self.generation, now - self.checker_beat)
+                with self.lock:
+                    self.thread_restarts += 1
+                self._start_checker()
+                self._event("watchdog_restarted", None, "warning",
+                            f"watchdog checker thread stalled; generation {self.generation} took over")
+            if self.loop_beat is not None and self.restart_loop and now - self.loop_beat > self.loop_stall_after:
+                log.error("heartbeat loop silent for %.1fs; restarting it", now - self.loop_beat)
+                with self.lock:
+                    self.loop_restarts += 1
+                self.loop_beat = now
+                self.restart_loop()
+                self._event("loop_restarted", None, "warning", "agent heartbeat loop stalled and was restarted")
+            fresh = now - self.checker_beat < STALL_AFTER and (
+                self.loop_beat is None or now - self.loop_beat < self.loop_stall_after)
+            if fresh and self.systemd_ping:
+                self.systemd_ping()
+            time.sleep(TICK)
+
+    def _checker(self, gen: int) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        registered: dict[int, Supervised] = {}
+        try:
+            while self.running and self.generation == gen:
+                now = time.monotonic()
+                self.checker_beat = now
+                if self._freeze_generation == gen:
+                    while self.generation == gen and self.running:
+                        time.sleep(0.05)  # stuck, as far as the guard can tell
+                    return
+                if now - self.guard_beat > STALL_AFTER:
+                    log.error("watchdog guard silent for %.1fs; starting a new one", now - self.guard_beat)
+                    self._start_guard()
+                self._sync_selector(sel, registered)
+                for key, _ in sel.select(self._timeout(now)):
+                    if key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 4096)
+                    elif isinstance(key.data, NotifyListener):
+                        key.data.drain(time.monotonic())
+                try:
+                    with self.lock:
+                        if self.generation != gen:
+                            raise StaleGeneration
+                        self._step(time.monotonic())
+                except StaleGeneration:
+                    return
+        finally:
+            sel.close()
+
+    def _sync_selector(self, sel: selectors.BaseSelector, registered: dict[int, Supervised]) -> None:
+        wanted: dict[int, Supervised] = {}
+        for item in self.items.values():
+            if item.pidfd is not None:
+                wanted[item.pidfd] = item
+            if item.notify is not None:
+                wanted[item.notify.fileno()] = item
+        for fd in list(registered):
+            if fd not in wanted:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    sel.unregister(fd)
+                del registered[fd]
+        for fd, item in wanted.items():
+            if fd not in registered:
+                data: object = item.notify if item.notify and fd == item.notify.fileno() else "exit"
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    sel.register(fd, selectors.EVENT_READ, data)
+                registered[fd] = item
+
+    def _timeout(self, now: float) -> float:
+        due = [i.next_start for i in self.items.values() if i.state == "backoff"]
+        due += [i.check_due for i in self.items.values() if i.pid and i.check is None]
+        due += [i.stop_deadline for i in self.items.values() if i.stop_deadline is not None]
+        soonest = min(due, default=now + TICK)
+        return max(0.0, min(TICK, soonest - now))
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    # --- the checker's work (under the lock) ---------------------------------------------------
+    def _step(self, now: float) -> None:
+        while self._commands:
+            name, action, fut = self._commands.popleft()
+            self._apply_command(self.items[name], action, fut, now)
+        for item in self.items.values():
+            self._reap(item, now)
+            if item.state == "backoff" and item.wanted and now >= item.next_start:
+                self._spawn(item, now)
+            elif item.state == "stopped" and item.wanted and item.proc is None and self.running:
+                self._spawn(item, now)
+            if item.pid:
+                self._liveness(item, now)
+            if item.stop_deadline is not None and item.pid and now >= item.stop_deadline:
+                self._killpg(item, signal.SIGKILL)
+                item.stop_deadline = None
+
+    def _apply_command(self, item: Supervised, action: Command, fut: Future[str], now: float) -> None:
+        if action == "start":
+            item.wanted = True
+            item.restart_times.clear()
+            if item.pid:
+                fut.set_result(f"already running (pid {item.pid})")
+                return
+            item.state = "stopped"
+            item.proc = None
+            self._spawn(item, now)
+            fut.set_result(f"started (pid {item.pid})" if item.pid else f"not started: {item.last_exit}")
+            return
+        if action == "stop":
+            item.wanted = False
+            if not item.pid:
+                item.state = "stopped"
+                fut.set_result("already stopped")
+                return
+            self._graceful_stop(item, now, "stopped by staff")
+            item.waiters.append((action, fut))
+            return
+        # restart: a graceful stop, then the reaper starts it again at once
+        item.wanted = True
+        item.restart_times.clear()
+        if not item.pid:
+            item.state, item.proc = "stopped", None
+            self._spawn(item, now)
+            fut.set_result(f"started (pid {item.pid})")
+            return
+        self._graceful_stop(item, now, "restarted by staff")
+        item.staff_restart = True
+        item.waiters.append((action, fut))
+
+    def _graceful_stop(self, item: Supervised, now: float, reason: str) -> None:
+        item.kill_reason = reason
+        self._killpg(item, signal.SIGTERM)
+        self._killpg(item, signal.SIGCONT)  # a frozen process would never see the SIGTERM
+        item.stop_deadline = now + item.spec.stop_grace_ms / 1000
+
+    def _spawn(self, item: Supervised, now: float) -> None:
+        spec = item.spec
+        env = {**os.environ, **spec.env}
+        if item.notify:
+            env["NOTIFY_SOCKET"] = item.notify.path
+            item.notify.last_ping = None
+        out = subprocess.DEVNULL
+        fh = None
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
-            out = os.open(os.path.join(self.log_dir, f"{item.spec.name}.log"),
-                          os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fh = open(os.path.join(self.log_dir, f"{spec.name}.log"), "ab")  # noqa: SIM115
+            out = fh  # type: ignore[assignment]
         try:
-            item.proc = await asyncio.create_subprocess_exec(
-                *item.spec.command, env=env, cwd=item.spec.cwd, stdin=asyncio.subprocess.DEVNULL,
-                stdout=out, stderr=out, start_new_session=True)
-        finally:
-            if out is not None:
-                os.close(out)
-        item.started_at = time.monotonic()
-        item.state = "running"
-        log.info("started %s (pid %d)", item.spec.name, item.proc.pid)
-
-    async def _keep(self, item: Supervised) -> None:
-        delay = 0.0
-        while item.wanted:
-            try:
-                await self._spawn(item)
-            except OSError as exc:
-                item.state, item.last_exit = "backoff", f"cannot start: {exc}"
-                log.error("cannot start %s: %s", item.spec.name, exc)
-            else:
-                assert item.proc is not None
-                code = await item.proc.wait()
-                item.last_exit = describe_exit(code)
-                if not item.wanted:
-                    break
-                log.warning("%s %s", item.spec.name, item.last_exit)
-                if item.spec.restart == "never" or (item.spec.restart == "on-failure" and code == 0):
-                    item.state = "stopped"
-                    return
-                # a process that ran for a while restarts at once; one that dies at start backs off
-                delay = 0.0 if time.monotonic() - item.started_at > 5 else min(max(delay * 2, 0.1), 5.0)
-            item.restarts += 1
-            item.state = "backoff" if delay else "starting"
-            await asyncio.sleep(delay)
-        item.state = "stopped"
-
-    def start(self) -> None:
-        for item in self.items:
-            item.wanted = True
-            item._task = asyncio.create_task(self._keep(item), name=f"supervise-{item.spec.name}")
-
-    async def stop(self) -> None:
-        for item in self.items:
-            item.wanted = False
-        await asyncio.gather(*(self._terminate(i) for i in self.items), return_exceptions=True)
-        for item in self.items:
-            if item._task:
-                item._task.cancel()
-
-    async def _terminate(self, item: Supervised) -> None:
-        proc = item.proc
-        if proc is None or proc.returncode is not None:
+            item.proc = subprocess.Popen(spec.command, env=env, cwd=spec.cwd, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=out, start_new_session=True)
+        except OSError as exc:
+            item.proc = None
+            item.last_exit = f"cannot start: {exc.strerror or exc}"
+            log.error("cannot start %s: %s", spec.name, exc)
+            self._schedule_restart(item, now, quick=True)
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-            os.killpg(proc.pid, signal.SIGCONT)  # a frozen process would never see the SIGTERM
+        finally:
+            if fh:
+                fh.close()
+        item.pidfd = os.pidfd_open(item.proc.pid)
+        item.started_at = now
+        item.ever_alive = False
+        item.check_failures = 0
+        item.kill_reason = None
+        item.stop_deadline = None
+        kind = spec.liveness.kind
+        item.state = "running" if kind == "none" else "starting"
+        # probe soon after start so a restarted server is back in service quickly
+        item.check_due = now + min(0.05, spec.liveness.interval_ms / 1000)
+        log.info("started %s (pid %d)", spec.name, item.proc.pid)
+
+    def _reap(self, item: Supervised, now: float) -> None:
+        if item.proc is None or item.proc.poll() is None:
+            return
+        code = item.proc.returncode
+        pgid = item.proc.pid
+        reason = describe_exit(code)
+        if item.kill_reason:
+            reason = f"{item.kill_reason} ({describe_exit(code)})"
+        item.last_exit = reason
+        if item.pidfd is not None:
+            os.close(item.pidfd)
+            item.pidfd = None
+        if item.check is not None:
+            item.check.cancel()
+            item.check = None
+        item.stop_deadline = None
+        item.proc = None
+        # the group may have children left after the leader died
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        log.warning("%s %s", item.spec.name, reason)
+        for action, fut in item.waiters:
+            if action == "stop":
+                fut.set_result(f"stopped ({describe_exit(code)})")
+        waiters, item.waiters = item.waiters, []
+        if not item.wanted or not self.running:
+            item.state = "stopped"
+            return
+        restart = item.spec.restart
+        if restart == "never" or (restart == "on-failure" and code == 0 and not item.kill_reason):
+            item.state = "stopped"
+            item.wanted = False
+            return
+        if item.staff_restart:
+            item.staff_restart = False
+            item.restarts += 1
+            item.state, item.next_start = "backoff", now
+            self._event("process_restarted", item.spec.name, "info", f"{item.spec.name} {reason}")
+        else:
+            ran_stable = now - item.started_at >= STABLE_AFTER and item.ever_alive
+            self._schedule_restart(item, now, quick=not ran_stable, reason=reason)
+        if item.state == "backoff" and item.next_start <= now:
+            self._spawn(item, now)
+        for action, fut in waiters:
+            if action == "restart":
+                fut.set_result(f"restarted (pid {item.pid})" if item.pid else f"restart pending: {item.state}")
+
+    def _schedule_restart(self, item: Supervised, now: float, quick: bool, reason: str = "") -> None:
+        spec = item.spec
+        window = spec.crashloop_window_ms / 1000
+        while item.restart_times and now - item.restart_times[0] > window:
+            item.restart_times.popleft()
+        if len(item.restart_times) >= spec.crashloop_restarts:
+            item.state = "fatal"
+            item.wanted = False
+            msg = (f"{spec.name} restarted {len(item.restart_times)} times in {window:.0f}s; "
+                   f"giving up (last: {item.last_exit})")
+            log.error(msg)
+            self._event("crash_loop", spec.name, "critical", msg)
+            return
+        item.restart_times.append(now)
+        item.quick_exits = item.quick_exits + 1 if quick else 0
+        delay = 0.0
+        if item.quick_exits:
+            delay = min(spec.backoff_initial_ms * 2 ** (item.quick_exits - 1), spec.backoff_max_ms) / 1000
+        item.restarts += 1
+        item.state = "backoff"
+        item.next_start = now + delay
+        self._event("process_restarted", spec.name, "warning",
+                    f"{spec.name} {reason or item.last_exit}; restart #{item.restarts}"
+                    + (f" in {delay * 1000:.0f} ms" if delay else ""))
+
+    def _liveness(self, item: Supervised, now: float) -> None:
+        spec = item.spec.liveness
+        if spec.kind == "none":
+            return
+        if item.check is not None:
+            if not item.check.done():
+                return
+            result = item.check.result()
+            item.check = None
+            item.check_latency_ms = round(result.latency_ms, 2)
+            if result.ok:
+                item.check_failures = 0
+                item.ever_alive = True
+                if item.state == "starting":
+                    item.state = "running"
+            else:
+                in_grace = not item.ever_alive and now - item.started_at < spec.start_grace_ms / 1000
+                if not in_grace:
+                    item.check_failures += 1
+                if item.check_failures >= spec.failures and item.kill_reason is None:
+                    # a hung process ignores SIGTERM: it is killed outright
+                    item.kill_reason = f"hung: liveness failed {item.check_failures}x ({result.error})"
+                    log.error("%s %s; killing it", item.spec.name, item.kill_reason)
+                    self._killpg(item, signal.SIGKILL)
+                    return
+            item.check_due = now + spec.interval_ms / 1000
+            return
+        if now >= item.check_due and item.kill_reason is None:
+            age = None
+            if item.notify and item.notify.last_ping is not None:
+                age = now - item.notify.last_ping
+            item.check = self.probes.submit(probe, spec, age)
+            item.check.add_done_callback(lambda _f: self._wake())
+
+    def _killpg(self, item: Supervised, sig: signal.Signals) -> None:
+        if item.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(item.proc.pid, sig)
+
+    def _terminate_blocking(self, item: Supervised, deadline: float) -> None:
+        proc = item.proc
+        if proc is None or proc.poll() is not None:
+            item.state = "stopped"
+            return
+        self._killpg(item, signal.SIGTERM)
+        self._killpg(item, signal.SIGCONT)
         try:
-            await asyncio.wait_for(proc.wait(), self.grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            proc.wait(max(0.1, min(item.spec.stop_grace_ms / 1000, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            self._killpg(item, signal.SIGKILL)
+            proc.wait()
         item.state = "stopped"
+
+    def _event(self, kind: str, process: str | None, severity: str, message: str) -> None:
+        self.on_event(AgentEvent(id=uuid.uuid4().hex, kind=kind, process=process, severity=severity,
+                                 message=message, ts_ms=int(time.time() * 1000)))

@@ -110,12 +110,40 @@ class ServerSpec(_Strict):
         return split_hostport(self.url.removeprefix("http://"))
 
 
+class LivenessSpec(_Strict):
+    """How the watchdog tells a supervised process is alive, beyond it not having exited."""
+
+    kind: Literal["none", "http", "tcp", "file", "notify"] = "none"
+    url: str | None = None  # http: a 2xx answer is alive
+    port: int | None = Field(None, ge=1, le=65535)  # tcp: a completed connect is alive
+    path: str | None = None  # file: the process touches it; older than timeout_ms is dead
+    interval_ms: int = Field(500, ge=20, le=600_000)
+    timeout_ms: int = Field(400, ge=10, le=600_000)
+    failures: int = Field(2, ge=1, le=100)
+    # a starting process is not judged until it first answers or this much time has passed
+    start_grace_ms: int = Field(10_000, ge=0, le=600_000)
+
+    @model_validator(mode="after")
+    def _target(self) -> LivenessSpec:
+        need = {"http": "url", "tcp": "port", "file": "path"}.get(self.kind)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"kind {self.kind!r} needs {need}")
+        return self
+
+
 class ProcessSpec(_Strict):
     name: str = Field(min_length=1, max_length=64)
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     restart: Literal["always", "on-failure", "never"] = "always"
+    liveness: LivenessSpec = Field(default_factory=LivenessSpec)
+    stop_grace_ms: int = Field(3000, ge=0, le=600_000)
+    backoff_initial_ms: int = Field(100, ge=0, le=600_000)
+    backoff_max_ms: int = Field(5000, ge=0, le=3_600_000)
+    # this many restarts within the window and the process is `fatal`: no more restarts
+    crashloop_restarts: int = Field(5, ge=1, le=1000)
+    crashloop_window_ms: int = Field(30_000, ge=100, le=86_400_000)
 
 
 class AgentSpec(_Strict):
@@ -140,6 +168,23 @@ class LLMProviderSpec(_Strict):
         return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
 
 
+class WebhookSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    url: str
+    min_severity: Literal["info", "warning", "critical"] = "info"
+    # events of one kind about one target within this window go out as one message
+    group_window_ms: int = Field(1000, ge=0, le=600_000)
+    timeout_ms: int = Field(3000, ge=50, le=60_000)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
 class TokenSpec(_Strict):
     name: str = Field(min_length=1, max_length=64, description="who holds the token, for the audit log")
     role: Role
@@ -157,10 +202,11 @@ class Deployment(_Strict):
     agents: list[AgentSpec] = Field(default_factory=list)
     llm_providers: list[LLMProviderSpec] = Field(default_factory=list)
     tokens: list[TokenSpec] = Field(default_factory=list)
+    webhooks: list[WebhookSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Deployment:
-        for field in ("dispatchers", "servers", "agents", "llm_providers", "tokens"):
+        for field in ("dispatchers", "servers", "agents", "llm_providers", "tokens", "webhooks"):
             seen: set[str] = set()
             for item in getattr(self, field):
                 if item.name in seen:

@@ -42,6 +42,19 @@ class Keys:
     def events(self) -> str:
         return f"{self.prefix}:events"
 
+    def event_seen(self, event_id: str) -> str:
+        return f"{self.prefix}:events:seen:{event_id}"
+
+    def webhook_cursor(self, name: str) -> str:
+        return f"{self.prefix}:webhook:{name}:cursor"
+
+    # staff commands to agents: a queue per host, and a reply list per command
+    def commands(self, host: str) -> str:
+        return f"{self.prefix}:commands:{host}"
+
+    def command_reply(self, cmd_id: str) -> str:
+        return f"{self.prefix}:command:{cmd_id}:reply"
+
     # trainer: sessions, submissions, per-server activity
     def session(self, sid: str) -> str:
         return f"{self.prefix}:session:{sid}"

@@ -24,6 +24,7 @@ class ProcessMetrics(_Wire):
     cpu_percent: float = Field(0.0, ge=0)
     rss_bytes: int = Field(0, ge=0)
     last_exit: str | None = Field(None, max_length=500)
+    check_latency_ms: float | None = Field(None, ge=0)
 
 
 class HostMetrics(_Wire):
@@ -36,12 +37,36 @@ class HostMetrics(_Wire):
     load15: float = Field(ge=0)
 
 
+Severity = Literal["info", "warning", "critical"]
+
+
+class AgentEvent(_Wire):
+    """Something the agent saw happen (a restart, a crash loop); sent until a heartbeat is acknowledged."""
+
+    id: str = Field(min_length=1, max_length=64)
+    kind: str = Field(min_length=1, max_length=64)
+    process: str | None = Field(None, max_length=64)
+    severity: Severity = "info"
+    message: str = Field(max_length=2000)
+    ts_ms: int = Field(ge=0)
+
+
+class WatchdogStatus(_Wire):
+    checker_alive: bool
+    guard_alive: bool
+    generation: int = Field(ge=0)
+    thread_restarts: int = Field(0, ge=0)
+    loop_restarts: int = Field(0, ge=0)
+
+
 class Heartbeat(_Wire):
     host: str = Field(min_length=1, max_length=64)
     seq: int = Field(ge=0)
     sent_at_ms: int = Field(ge=0)
     metrics: HostMetrics
     processes: list[ProcessMetrics] = Field(default_factory=list, max_length=256)
+    watchdog: WatchdogStatus | None = None
+    events: list[AgentEvent] = Field(default_factory=list, max_length=200)
 
 
 class HeartbeatAck(_Wire):
@@ -83,6 +108,7 @@ class HostView(_Wire):
     seq: int | None = None
     metrics: HostMetrics | None = None
     processes: list[ProcessMetrics] = Field(default_factory=list)
+    watchdog: WatchdogStatus | None = None
 
 
 class ClusterState(_Wire):
@@ -106,3 +132,38 @@ class ActionResult(_Wire):
 class ErrorBody(_Wire):
     error: str
     detail: object | None = None
+
+
+class Event(_Wire):
+    """One entry of the cluster's event stream, as the console and webhooks receive it."""
+
+    id: str  # the stream id: ordered, usable as a cursor
+    event_id: str
+    ts_ms: int
+    kind: str
+    severity: Severity
+    source: str
+    target: str | None = None
+    message: str
+
+
+class CommandRequest(_Wire):
+    id: str
+    action: Literal["restart", "stop", "start"]
+    process: str
+    by: str
+    ts_ms: int
+
+
+class CommandReply(_Wire):
+    ok: bool
+    message: str = Field(max_length=2000)
+
+
+class CommandResult(_Wire):
+    ok: bool
+    host: str
+    process: str
+    action: str
+    message: str
+    by: str

@@ -17,13 +17,14 @@ from ctops.serving import serve_asgi
 from dispatcher.ops_api import create_ops_app, wrap
 from dispatcher.proxy import ProxySettings, start_data_plane
 from dispatcher.runtime import Runtime
+from dispatcher.webhooks import WebhookDeliverer
 
 log = logging.getLogger("ctops.dispatcher")
 
 
-def redis_client(dep: Deployment) -> Redis:
+def redis_client(dep: Deployment, socket_timeout: float = 1.0) -> Redis:
     # short timeouts: a Redis stall must not stall the loops that decide health and leadership
-    return Redis.from_url(dep.redis.url, socket_timeout=1.0, socket_connect_timeout=1.0,
+    return Redis.from_url(dep.redis.url, socket_timeout=socket_timeout, socket_connect_timeout=1.0,
                           health_check_interval=5)
 
 
@@ -34,14 +35,18 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     redis = redis_client(dep)
-    rt = Runtime(dep, spec, redis)
+    # long polls (agents' command queues, staff waiting on a reply) block for up to 30 s
+    redis_blocking = redis_client(dep, socket_timeout=40.0)
+    rt = Runtime(dep, spec, redis, redis_blocking)
     await rt.restore_from_redis()
 
     data_host, data_port = split_hostport(spec.data)
     ops_host, ops_port = split_hostport(spec.ops)
     data_server = await start_data_plane(rt.pool, data_host, data_port, ProxySettings.from_deployment(dep))
+    hooks = [WebhookDeliverer(redis, rt.keys, w, dep.cluster, rt.lease.still_valid) for w in dep.webhooks]
     loops = [asyncio.create_task(c, name=n) for n, c in (
-        ("health", rt.health.run()), ("lease", rt.lease.run()), ("sync", rt.sync_loop()))]
+        ("health", rt.health.run()), ("lease", rt.lease.run()), ("sync", rt.sync_loop()),
+        *((f"webhook-{h.spec.name}", h.run()) for h in hooks))]
     ops = asyncio.create_task(serve_asgi(wrap(create_ops_app(rt), dep.limits.ops_body_max_bytes),
                                          ops_host, ops_port, stop))
     log.info("dispatcher %s: data on %s, ops on %s", spec.name, spec.data, spec.ops)
@@ -54,7 +59,10 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
         await rt.lease.release()
     with contextlib.suppress(Exception):
         await ops
+    for h in hooks:
+        await h.aclose()
     await redis.aclose()
+    await redis_blocking.aclose()
     log.info("dispatcher %s stopped", spec.name)
 
 

@@ -4,9 +4,10 @@ Errors always have the same JSON shape, {"error": ..., "detail": ...}, so the co
 can show them without guessing.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
 import logging
+import re
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -17,11 +18,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctops.auth import Principal
-from ctops.wire import ActionResult, ClusterState, ErrorBody, Heartbeat, HeartbeatAck
+from ctops.wire import (
+    ActionResult,
+    ClusterState,
+    CommandReply,
+    CommandRequest,
+    CommandResult,
+    ErrorBody,
+    Event,
+    Heartbeat,
+    HeartbeatAck,
+)
 from dispatcher.pool import now_ms
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger("ctops.dispatcher.ops")
+
+COMMAND_WAIT_S = 15.0
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_CMD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 ACTIONS: dict[str, Literal["enabled", "draining", "disabled"]] = {
     "drain": "draining", "disable": "disabled", "enable": "enabled",
@@ -53,33 +68,32 @@ class BodyLimit:
                 if int(value) > self.max_bytes:
                     await _error(send, 413, f"request body over {self.max_bytes} bytes")
                     return
+        # read the whole body here (ops bodies are small) so an oversized one never reaches the app,
+        # whose body parsing would turn any error into a generic 400
+        chunks: list[bytes] = []
         seen = 0
-        sent_response = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return msg
-
-        async def tracking_send(msg: Message) -> None:
-            nonlocal sent_response
-            if msg["type"] == "http.response.start":
-                sent_response = True
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not sent_response:
+            if msg["type"] == "http.disconnect":
+                return
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
                 await _error(send, 413, f"request body over {self.max_bytes} bytes")
+                return
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _error(send: Send, status: int, error: str) -> None:
@@ -145,6 +159,8 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         if hb.host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {hb.host!r}", detail={"known": sorted(rt.known_hosts)})
         await rt.store.save_heartbeat(hb, now_ms())
+        if hb.events:
+            await rt.events.ingest_agent_events(hb.host, hb.events)
         return HeartbeatAck(ok=True, leader=rt.lease.leader_name)
 
     @app.get("/api/v1/state", response_model=ClusterState, responses=responses)
@@ -171,6 +187,52 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         rt.pool.set_admin(b, admin, f"{action} by {who.name}")
         await rt.store.audit(who.name, who.role, action, name, f"ok: now {b.state}", rt.spec.name)
         return ActionResult(ok=True, server=name, admin=admin, state=b.state, by=who.name)
+
+    @app.get("/api/v1/events", response_model=list[Event], responses=responses)
+    async def events(_: Annotated[Principal, Depends(require("read"))], after: str | None = None,
+                     limit: int = 100) -> list[Event]:
+        if not 1 <= limit <= 1000:
+            raise ApiError(422, "invalid request: limit", detail=[{"field": "query.limit", "message": "1..1000"}])
+        if after is not None and not _STREAM_ID.match(after):
+            raise ApiError(422, "invalid request: after", detail=[{"field": "query.after",
+                                                                   "message": "a stream id such as 1700000000000-0"}])
+        return await rt.events.read(after, limit)
+
+    @app.post("/api/v1/hosts/{host}/processes/{process}/{action}", response_model=CommandResult,
+              responses={**responses, 404: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def process_action(host: str, process: str, action: Literal["restart", "stop", "start"],
+                             who: Annotated[Principal, Depends(require("act"))]) -> CommandResult:
+        target = f"{host}/{process}"
+        agent = next((a for a in rt.dep.agents if a.name == host), None)
+        if agent is None or process not in {p.name for p in agent.processes}:
+            await rt.store.audit(who.name, who.role, action, target, "unknown host or process", rt.spec.name)
+            raise ApiError(404, f"unknown host or process {target!r}")
+        reply = await rt.commands.send(host, process, action, who.name, COMMAND_WAIT_S)
+        if reply is None:
+            await rt.store.audit(who.name, who.role, action, target, "timeout: agent did not answer", rt.spec.name)
+            raise ApiError(504, f"agent {host} did not answer within {COMMAND_WAIT_S:.0f}s; the command was withdrawn")
+        await rt.store.audit(who.name, who.role, action, target,
+                             ("ok: " if reply.ok else "failed: ") + reply.message, rt.spec.name)
+        return CommandResult(ok=reply.ok, host=host, process=process, action=action, message=reply.message,
+                             by=who.name)
+
+    @app.get("/api/v1/agents/{host}/commands", response_model=list[CommandRequest], responses=responses)
+    async def agent_commands(host: str, _: Annotated[Principal, Depends(require("agent"))],
+                             wait_ms: int = 20_000) -> list[CommandRequest]:
+        if host not in rt.known_hosts:
+            raise ApiError(404, f"unknown host {host!r}")
+        cmd = await rt.commands.next_for(host, max(0.0, min(wait_ms, 30_000)) / 1000)
+        return [cmd] if cmd else []
+
+    @app.post("/api/v1/agents/{host}/commands/{cmd_id}/result", responses=responses)
+    async def agent_command_result(host: str, cmd_id: str, reply: CommandReply,
+                                   _: Annotated[Principal, Depends(require("agent"))]) -> dict[str, bool]:
+        if host not in rt.known_hosts:
+            raise ApiError(404, f"unknown host {host!r}")
+        if not _CMD_ID.match(cmd_id):
+            raise ApiError(422, "invalid request: cmd_id")
+        await rt.commands.reply(cmd_id, reply)
+        return {"ok": True}
 
     return app
 

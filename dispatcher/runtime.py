@@ -13,6 +13,8 @@ from ctops.auth import TokenBook
 from ctops.config import Deployment, DispatcherSpec
 from ctops.keys import Keys
 from ctops.wire import ClusterState, DispatcherView, HostView, ServerView
+from dispatcher.commands import CommandRelay
+from dispatcher.events import EventLog
 from dispatcher.health import HealthChecker
 from dispatcher.lease import Lease
 from dispatcher.pool import Backend, ServerPool, now_ms
@@ -22,7 +24,7 @@ log = logging.getLogger("ctops.dispatcher")
 
 
 class Runtime:
-    def __init__(self, dep: Deployment, spec: DispatcherSpec, redis: Redis) -> None:
+    def __init__(self, dep: Deployment, spec: DispatcherSpec, redis: Redis, redis_blocking: Redis) -> None:
         self.dep, self.spec, self.redis = dep, spec, redis
         self.keys = Keys(dep.redis.prefix)
         self.store = Store(redis, self.keys)
@@ -30,7 +32,11 @@ class Runtime:
         self.pool = ServerPool(dep.servers, initial_health="down")
         self.known_hosts = frozenset(a.name for a in dep.agents)
         t = dep.timings
-        self.lease = Lease(redis, self.keys, spec.name, t.lease_ttl_ms, t.lease_renew_ms)
+        self.lease = Lease(redis, self.keys, spec.name, t.lease_ttl_ms, t.lease_renew_ms,
+                           on_change=self._on_leadership)
+        self.events = EventLog(redis, self.keys)
+        self.commands = CommandRelay(redis_blocking, self.keys)
+        self._host_states: dict[str, str] = {}
         self.health = HealthChecker(self.pool, t.health_interval_ms / 1000, t.health_timeout_ms / 1000,
                                     t.fall, t.rise, on_round=self._health_round_done)
         self._publish_pending = False
@@ -41,6 +47,37 @@ class Runtime:
     def _on_state_change(self, b: Backend, old: str, new: str, reason: str) -> None:
         log.warning("server %s: %s -> %s (%s)", b.name, old, new, reason)
         self._publish_pending = True
+        severity = "critical" if new == "down" else ("warning" if new == "suspect" else "info")
+        self.emit_as_leader(f"server_{new}", severity, f"{b.name}: {old} -> {new} ({reason})", b.name)
+
+    def _on_leadership(self, leader: bool, epoch: int) -> None:
+        if leader:
+            self.emit_as_leader("leader_changed", "warning", f"dispatcher {self.spec.name} now leads (epoch {epoch})",
+                                self.spec.name)
+
+    def emit_as_leader(self, kind: str, severity: str, message: str, target: str | None) -> None:
+        """Derived events come from the leader only, so two dispatchers never report one change twice."""
+        if not self.lease.still_valid():
+            return
+        asyncio.get_running_loop().create_task(self._emit(kind, severity, message, target))
+
+    async def _emit(self, kind: str, severity: str, message: str, target: str | None) -> None:
+        try:
+            await self.events.emit(kind, severity, message, f"dispatcher:{self.spec.name}", target)  # type: ignore[arg-type]
+        except (RedisError, OSError) as exc:
+            log.warning("cannot record event %s: %s", kind, exc)
+
+    def _track_hosts(self, hosts: list[HostView]) -> None:
+        for h in hosts:
+            before = self._host_states.get(h.name)
+            self._host_states[h.name] = h.state
+            if before is None:
+                continue
+            if h.state == "lost" and before != "lost":
+                self.emit_as_leader("host_lost", "critical", f"{h.name}: no heartbeat for "
+                                    f"{(h.heartbeat_age_ms or 0) / 1000:.1f}s", h.name)
+            elif before == "lost" and h.state != "lost":
+                self.emit_as_leader("host_back", "info", f"{h.name}: heartbeats again", h.name)
 
     def _health_round_done(self) -> None:
         # only the leader publishes health to Redis; standbys keep their own view for routing
@@ -66,6 +103,8 @@ class Runtime:
         while True:
             try:
                 await self.sync_admin_once()
+                if self.lease.still_valid():
+                    self._track_hosts(await self.host_views())
                 await self.store.announce(self.spec.name, {
                     "ops_url": self.spec.ops_url, "data_url": self.spec.data_url, "pid": os.getpid(),
                     "role": "leader" if self.lease.still_valid() else "standby",
@@ -83,24 +122,27 @@ class Runtime:
             log.warning("cannot read state from Redis at start: %s", exc)
 
     # --- views ---------------------------------------------------------------------------------
-    async def cluster_state(self) -> ClusterState:
+    async def host_views(self) -> list[HostView]:
         dep, now = self.dep, now_ms()
         hb_timeout = dep.timings.heartbeat_timeout_ms
         late_after = dep.timings.heartbeat_interval_ms * 2
         host_names = [a.name for a in dep.agents]
         hosts_raw = await self.store.read_hosts(host_names)
-        disp_raw = await self.store.read_dispatchers([d.name for d in dep.dispatchers])
-
         hosts: list[HostView] = []
-        by_host: dict[str, HostView] = {}
         for name in host_names:
             hb, received = hosts_raw[name]
             age = now - received if received else None
             state = "lost" if age is None or age > hb_timeout else ("late" if age > late_after else "alive")
-            hv = HostView(name=name, state=state, heartbeat_age_ms=age, seq=hb.seq if hb else None,
-                          metrics=hb.metrics if hb else None, processes=hb.processes if hb else [])
-            hosts.append(hv)
-            by_host[name] = hv
+            hosts.append(HostView(name=name, state=state, heartbeat_age_ms=age, seq=hb.seq if hb else None,
+                                  metrics=hb.metrics if hb else None, processes=hb.processes if hb else [],
+                                  watchdog=hb.watchdog if hb else None))
+        return hosts
+
+    async def cluster_state(self) -> ClusterState:
+        dep, now = self.dep, now_ms()
+        hosts = await self.host_views()
+        by_host = {h.name: h for h in hosts}
+        disp_raw = await self.store.read_dispatchers([d.name for d in dep.dispatchers])
 
         servers = []
         for b in self.pool:

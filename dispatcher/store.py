@@ -62,7 +62,9 @@ class Store:
     # --- hosts ---------------------------------------------------------------------------------
     async def save_heartbeat(self, hb: Heartbeat, received_ms: int) -> None:
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self.k.host(hb.host), mapping={"hb": hb.model_dump_json(), "received_ms": received_ms})
+        # events are stored in the event stream, not with the host's last state
+        pipe.hset(self.k.host(hb.host), mapping={"hb": hb.model_dump_json(exclude={"events"}),
+                                                 "received_ms": received_ms})
         pipe.sadd(self.k.hosts, hb.host)
         await pipe.execute()
 

@@ -30,11 +30,13 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, ev
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = probe()
-        except (httpx.HTTPError, OSError, KeyError, ValueError) as exc:
+            value = probe()
+        except (httpx.HTTPError, OSError, KeyError, ValueError, StopIteration) as exc:
             last = exc
-        if last:
-            return last
+        else:
+            if value:
+                return value
+            last = value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 

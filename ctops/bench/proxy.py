@@ -1,0 +1,331 @@
+"""`ctops bench proxy`: the dispatcher's data plane against HAProxy 2.6, side by side in one run.
+
+Both proxies front the same two "hello" backends (ctops.bench.hello, separate processes), both
+run one thread, and the same wrk load hits each in turn, alternating rounds so that drift in the
+machine affects both alike. With two or more CPUs, the proxy under test gets a CPU of its own
+and wrk and the backends share the others: the same for both proxies.
+
+    python -m ctops.bench.proxy --serve PORT --backends 127.0.0.1:P1,127.0.0.1:P2
+
+runs the data plane standalone, as the benchmark starts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HAPROXY = "/usr/sbin/haproxy"
+WRK = "/usr/bin/wrk"
+ROUNDS = 2  # measured runs per proxy, alternating
+WARMUP_S = 2.0
+TARGET_THROUGHPUT = 0.9  # dispatcher req/s >= 0.9 x HAProxy's
+TARGET_P99 = 1.2  # dispatcher p99 <= 1.2 x HAProxy's
+
+HAPROXY_CFG = """\
+global
+    nbthread 1
+    maxconn 20000
+    log stderr format raw local0 emerg
+
+defaults
+    mode http
+    option http-keep-alive
+    option forwardfor
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 60s
+
+frontend fe
+    bind 127.0.0.1:{port}
+    http-request set-header X-Forwarded-Proto http
+    default_backend trainers
+
+backend trainers
+    balance roundrobin
+{servers}
+"""
+
+
+@dataclass
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int  # socket errors plus non-2xx/3xx answers
+
+
+# ---------------------------------------------------------------------------------------------
+# the data plane, standalone
+
+
+def serve(port: int, backends: list[str]) -> None:
+
+    import uvloop
+
+    from ctops.config import parse
+    from dispatcher.pool import ServerPool
+    from dispatcher.proxy import ProxySettings, start_data_plane
+
+    dep = parse({"dispatchers": [{"name": "bench", "data": f"127.0.0.1:{port}", "ops": "127.0.0.1:1"}],
+                 "servers": [{"name": f"s{i + 1}", "url": f"http://{b}"} for i, b in enumerate(backends)]})
+
+    async def main() -> None:
+        pool = ServerPool(dep.servers, initial_health="up")
+        server = await start_data_plane(pool, "127.0.0.1", port, ProxySettings.from_deployment(dep))
+        async with server:
+            await server.serve_forever()
+
+    try:
+        uvloop.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, limit: float = 15.0) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {limit:.0f} s")
+
+
+def _ensure_tool(path: str, package: str) -> str:
+    if os.path.exists(path):
+        return path
+    found = shutil.which(os.path.basename(path))
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"installing {package} ...", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-q", package], check=True,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which(os.path.basename(path))
+        if found:
+            return found
+    raise RuntimeError(f"{path} not found; install the `{package}` package")
+
+
+def _cpu_layout() -> tuple[list[str], list[str]]:
+    """taskset prefixes (proxy under test, load and backends): a CPU of its own for the proxy."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or not shutil.which("taskset"):
+        return [], []
+    rest = ",".join(str(c) for c in cpus[:-1])
+    return ["taskset", "-c", str(cpus[-1])], ["taskset", "-c", rest]
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _latency_ms(text: str, pct: str) -> float:
+    m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if not m:
+        raise RuntimeError(f"wrk output has no {pct}% latency:\n{text}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    total = re.search(r"^\s*(\d+) requests in", text, re.M)
+    if not rps or not total:
+        raise RuntimeError(f"cannot read wrk output:\n{text}")
+    errors = 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if sock:
+        errors += sum(int(x) for x in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return WrkResult(float(rps.group(1)), _latency_ms(text, "50"), _latency_ms(text, "99"),
+                     int(total.group(1)), errors)
+
+
+class Bench:
+    def __init__(self, duration: float, connections: int) -> None:
+        self.duration = duration
+        self.connections = connections
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="ctops-bench-"))
+        self.pin_proxy, self.pin_load = _cpu_layout()
+        self.wrk = _ensure_tool(WRK, "wrk")
+        self.haproxy = _ensure_tool(HAPROXY, "haproxy")
+
+    def spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        # own session: a Ctrl+C reaches only us, and we stop the children in order
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> dict[str, int]:
+        py = [sys.executable]
+        ports = {}
+        backends = []
+        for i in (1, 2):
+            port = _free_port()
+            proc = self.spawn(self.pin_load + py + ["-m", "ctops.bench.hello", "--port", str(port)], f"backend{i}")
+            _wait_port(port, proc, f"backend {i}")
+            backends.append(f"127.0.0.1:{port}")
+
+        ports["haproxy"] = _free_port()
+        servers = "\n".join(f"    server s{i + 1} {b}" for i, b in enumerate(backends))
+        cfg = self.tmp / "haproxy.cfg"
+        cfg.write_text(HAPROXY_CFG.format(port=ports["haproxy"], servers=servers))
+        proc = self.spawn(self.pin_proxy + [self.haproxy, "-db", "-f", str(cfg)], "haproxy")
+        _wait_port(ports["haproxy"], proc, "haproxy")
+
+        ports["dispatcher"] = _free_port()
+        proc = self.spawn(self.pin_proxy + py + ["-m", "ctops.bench.proxy", "--serve", str(ports["dispatcher"]),
+                                                 "--backends", ",".join(backends)], "dispatcher")
+        _wait_port(ports["dispatcher"], proc, "dispatcher")
+        return ports
+
+    def load(self, port: int, duration: float) -> WrkResult:
+        cmd = self.pin_load + [self.wrk, "-t1", f"-c{self.connections}", f"-d{max(duration, 1):.0f}s",
+                               "--latency", f"http://127.0.0.1:{port}/"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        self.procs.append(proc)
+        out, _ = proc.communicate()
+        self.procs.remove(proc)
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk failed ({proc.returncode}):\n{out}")
+        return parse_wrk(out)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _mean(results: list[WrkResult]) -> WrkResult:
+    n = len(results)
+    return WrkResult(round(sum(r.requests_per_s for r in results) / n, 1),
+                     round(sum(r.p50_ms for r in results) / n, 3),
+                     round(sum(r.p99_ms for r in results) / n, 3),
+                     sum(r.requests for r in results), sum(r.errors for r in results))
+
+
+def measure(duration: float, connections: int) -> dict:
+    bench = Bench(duration, connections)
+    try:
+        ports = bench.start()
+        for name in ("haproxy", "dispatcher"):
+            bench.load(ports[name], WARMUP_S)
+        runs: dict[str, list[WrkResult]] = {"haproxy": [], "dispatcher": []}
+        for _ in range(ROUNDS):
+            for name in ("haproxy", "dispatcher"):
+                runs[name].append(bench.load(ports[name], duration))
+    finally:
+        bench.stop()
+    hap, disp = _mean(runs["haproxy"]), _mean(runs["dispatcher"])
+    throughput = disp.requests_per_s / hap.requests_per_s if hap.requests_per_s else 0.0
+    p99 = disp.p99_ms / hap.p99_ms if hap.p99_ms else float("inf")
+    return {
+        "setup": {"duration_s": duration, "connections": connections, "rounds": ROUNDS, "wrk_threads": 1,
+                  "pinning": {"proxy": " ".join(bench.pin_proxy) or "none", "load": " ".join(bench.pin_load) or "none"},
+                  "haproxy": _haproxy_version(bench.haproxy)},
+        "haproxy": asdict(hap),
+        "dispatcher": asdict(disp),
+        "runs": {k: [asdict(r) for r in v] for k, v in runs.items()},
+        "ratios": {"throughput": round(throughput, 3), "p99": round(p99, 3)},
+        "targets": {"throughput_min": TARGET_THROUGHPUT, "p99_max": TARGET_P99},
+        "met": throughput >= TARGET_THROUGHPUT and p99 <= TARGET_P99 and disp.errors == 0,
+    }
+
+
+def _haproxy_version(path: str) -> str:
+    out = subprocess.run([path, "-v"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def render(result: dict) -> str:
+    hap, disp, ratios = result["haproxy"], result["dispatcher"], result["ratios"]
+    s = result["setup"]
+    lines = [
+        f"proxy benchmark: wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s x {s['rounds']} rounds, "
+        f"2 hello backends, HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}",
+        "",
+        f"{'':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}",
+        f"{'haproxy':<12}{hap['requests_per_s']:>12,.0f}{hap['p50_ms']:>10.3f}{hap['p99_ms']:>10.3f}{hap['errors']:>9}",
+        f"{'dispatcher':<12}{disp['requests_per_s']:>12,.0f}{disp['p50_ms']:>10.3f}{disp['p99_ms']:>10.3f}"
+        f"{disp['errors']:>9}",
+        "",
+        f"throughput ratio (dispatcher/haproxy) {ratios['throughput']:.2f}   target >= {TARGET_THROUGHPUT}",
+        f"p99 ratio        (dispatcher/haproxy) {ratios['p99']:.2f}   target <= {TARGET_P99}",
+        f"targets met: {'yes' if result['met'] else 'NO'}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    # SIGTERM stops the run like Ctrl+C does, so the children are always cleaned up
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        result = measure(float(args.duration), int(args.connections))
+    except RuntimeError as exc:
+        print(f"ctops bench proxy: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m ctops.bench.proxy")
+    ap.add_argument("--serve", type=int, metavar="PORT", help="run the data plane standalone on PORT")
+    ap.add_argument("--backends", default="", help="host:port,host:port (with --serve)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--connections", type=int, default=32)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, [b for b in args.backends.split(",") if b])
+        return
+    args.which = "proxy"
+    sys.exit(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Staff commands to agents (restart / stop / start a supervised process).
+
+Hosts need no inbound port: each agent long-polls its queue in Redis through whichever dispatcher
+it talks to, runs the command and posts the reply, which the staff request is waiting for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from redis.asyncio import Redis
+
+from ctops.keys import Keys
+from ctops.wire import CommandReply, CommandRequest
+
+REPLY_TTL_S = 300
+QUEUE_TTL_S = 3600
+
+
+class CommandRelay:
+    def __init__(self, redis_blocking: Redis, keys: Keys) -> None:
+        # blocking pops need a client whose socket timeout outlasts the wait
+        self.r, self.k = redis_blocking, keys
+
+    async def send(self, host: str, process: str, action: str, by: str, wait_s: float) -> CommandReply | None:
+        cmd = CommandRequest(id=uuid.uuid4().hex, action=action, process=process, by=by,  # type: ignore[arg-type]
+                             ts_ms=int(time.time() * 1000))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(self.k.commands(host), cmd.model_dump_json())
+        pipe.expire(self.k.commands(host), QUEUE_TTL_S)
+        await pipe.execute()
+        got = await self.r.blpop([self.k.command_reply(cmd.id)], timeout=wait_s)
+        if got is None:
+            # withdraw it if the agent has not taken it yet, so it does not run late and surprise anyone
+            await self.r.lrem(self.k.commands(host), 1, cmd.model_dump_json())
+            return None
+        return CommandReply.model_validate_json(got[1])
+
+    async def next_for(self, host: str, wait_s: float) -> CommandRequest | None:
+        got = await self.r.blpop([self.k.commands(host)], timeout=wait_s)
+        if got is None:
+            return None
+        return CommandRequest.model_validate(json.loads(got[1]))
+
+    async def reply(self, cmd_id: str, reply: CommandReply) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(self.k.command_reply(cmd_id), reply.model_dump_json())
+        pipe.expire(self.k.command_reply(cmd_id), REPLY_TTL_S)
+        await pipe.execute()

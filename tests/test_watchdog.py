@@ -1,0 +1,127 @@
+"""The agent's watchdog with real processes and real signals: crashes are restarted, hung processes
+are replaced, crash loops end in `fatal` with one notification, and the two watchdog threads
+replace each other when one stalls."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from agents.supervisor import Supervisor
+from ctops.config import LivenessSpec, ProcessSpec
+from ctops.procs import pid_alive
+from ctops.redis_embed import free_port
+from ctops.wire import AgentEvent
+from tests.cluster import wait_for
+
+
+def http_program(port: int, **kw) -> ProcessSpec:
+    return ProcessSpec(name="web", command=[sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                       liveness=LivenessSpec(kind="http", url=f"http://127.0.0.1:{port}/", interval_ms=200,
+                                             timeout_ms=300, failures=2), **kw)
+
+
+@pytest.fixture
+def events() -> list[AgentEvent]:
+    return []
+
+
+@pytest.fixture
+def make_sup(events: list[AgentEvent]) -> Iterator:
+    made: list[Supervisor] = []
+
+    def make(*specs: ProcessSpec) -> Supervisor:
+        s = Supervisor(list(specs), on_event=events.append)
+        s.start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def proc(sup: Supervisor, name: str = "web") -> dict:
+    return next(p for p in sup.snapshot()[0] if p["name"] == name)
+
+
+def answering(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/", timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_crash_is_restarted_counted_and_reported(make_sup, events) -> None:
+    port = free_port()
+    sup = make_sup(http_program(port))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    os.kill(p["pid"], signal.SIGKILL)
+    q = wait_for("restarted", lambda: (q := proc(sup))["pid"] not in (None, p["pid"]) and q["state"] == "running" and q)
+    assert q["restarts"] == 1 and "SIGKILL" in q["last_exit"]
+    wait_for("answering again", lambda: answering(port))
+    assert [e.kind for e in events] == ["process_restarted"] and events[0].process == "web"
+
+
+def test_hung_process_is_killed_and_replaced(make_sup, events) -> None:
+    port = free_port()
+    sup = make_sup(http_program(port))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    os.kill(p["pid"], signal.SIGSTOP)
+    q = wait_for("replaced", lambda: (q := proc(sup))["pid"] not in (None, p["pid"]) and q)
+    assert "hung" in q["last_exit"]
+    wait_for("old one gone", lambda: not pid_alive(p["pid"]))
+    wait_for("answering again", lambda: answering(port))
+
+
+def test_crash_loop_backs_off_then_fatal_with_one_notification(make_sup, events) -> None:
+    spec = ProcessSpec(name="bad", command=[sys.executable, "-c", "import sys; sys.exit(3)"],
+                       backoff_initial_ms=50, backoff_max_ms=400, crashloop_restarts=4, crashloop_window_ms=60_000)
+    sup = make_sup(spec)
+    wait_for("fatal", lambda: proc(sup, "bad")["state"] == "fatal")
+    p = proc(sup, "bad")
+    assert p["restarts"] == 4 and "status 3" in p["last_exit"]
+    restarts = [e for e in events if e.kind == "process_restarted"]
+    delays = [int(e.message.rsplit(" in ", 1)[1].split()[0]) for e in restarts]
+    assert delays == sorted(delays) and delays[-1] > delays[0]  # backoff grows
+    time.sleep(1.0)
+    assert [e.kind for e in events].count("crash_loop") == 1
+    assert proc(sup, "bad")["state"] == "fatal" and proc(sup, "bad")["restarts"] == 4  # no more restarts
+
+
+def test_frozen_checker_is_replaced_and_supervision_goes_on(make_sup, events) -> None:
+    port = free_port()
+    sup = make_sup(http_program(port))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    assert sup.snapshot()[1].generation == 1
+    sup.freeze_checker_for_test()
+    wd = wait_for("new checker", lambda: (wd := sup.snapshot()[1]).generation == 2 and wd.checker_alive and wd)
+    assert wd.thread_restarts == 1 and wd.guard_alive
+    assert any(e.kind == "watchdog_restarted" for e in events)
+    os.kill(p["pid"], signal.SIGKILL)
+    wait_for("restarted by the new checker", lambda: (q := proc(sup))["pid"] not in (None, p["pid"])
+             and q["state"] == "running")
+    assert sup.snapshot()[1].generation == 2  # the stale checker never came back
+
+
+def test_staff_commands_stop_start_restart(make_sup) -> None:
+    port = free_port()
+    sup = make_sup(http_program(port))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    assert "stopped" in sup.command("web", "stop").result(10)
+    assert proc(sup)["state"] == "stopped" and not pid_alive(p["pid"])
+    time.sleep(0.5)
+    assert proc(sup)["state"] == "stopped"  # a stopped process stays stopped
+    assert "started" in sup.command("web", "start").result(10)
+    q = wait_for("running", lambda: (q := proc(sup))["state"] == "running" and q)
+    assert "restarted" in sup.command("web", "restart").result(10)
+    r = wait_for("running", lambda: (r := proc(sup))["state"] == "running" and r["pid"] != q["pid"] and r)
+    assert r["pid"] != q["pid"]
+    with pytest.raises(KeyError):
+        sup.command("nope", "restart").result(1)
