@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+from agents.commands import CommandPoller
 from agents.heartbeat import HeartbeatSender
 from agents.sdnotify import notify, watchdog_interval
 from agents.supervisor import Supervisor
@@ -61,13 +62,17 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     sup.restart_loop = lambda: loop.call_soon_threadsafe(start_heartbeats)
     sup.start()
     start_heartbeats()
+    poller = CommandPoller(name, urls, token, sup, lambda: sender.current)
+    tasks["commands"] = loop.create_task(poller.run(), name="commands")
     notify("READY=1")
     log.info("agent %s: supervising %d processes, heartbeats to %s", name, len(sup.items), urls)
     await stop.wait()
     notify("STOPPING=1")
-    tasks["hb"].cancel()
+    for t in tasks.values():
+        t.cancel()
     await loop.run_in_executor(None, sup.stop)
     await sender.aclose()
+    await poller.aclose()
     log.info("agent %s stopped", name)
 
 

@@ -1,0 +1,58 @@
+"""Fetches staff commands for this host by long-polling the ops API (hosts need no inbound port),
+runs them through the watchdog and posts each result back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import httpx
+
+from agents.supervisor import Supervisor
+from ctops.wire import CommandReply, CommandRequest
+
+log = logging.getLogger("ctops.agent.commands")
+WAIT_MS = 20_000
+
+
+class CommandPoller:
+    def __init__(self, host: str, urls: list[str], token: str, supervisor: Supervisor,
+                 current: Callable[[], int]) -> None:
+        self.host, self.urls, self.supervisor = host, urls, supervisor
+        self.current = current  # the index of the dispatcher heartbeats reach, shared with the sender
+        self.client = httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"},
+                                        timeout=httpx.Timeout(WAIT_MS / 1000 + 10, connect=2.0))
+
+    async def _execute(self, cmd: CommandRequest) -> CommandReply:
+        fut = self.supervisor.command(cmd.process, cmd.action)
+        try:
+            message = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=12)
+        except KeyError as exc:
+            return CommandReply(ok=False, message=str(exc))
+        except TimeoutError:
+            return CommandReply(ok=False, message="the watchdog did not finish the command in time")
+        log.info("%s %s by %s: %s", cmd.action, cmd.process, cmd.by, message)
+        return CommandReply(ok=True, message=message)
+
+    async def run(self) -> None:
+        while True:
+            url = self.urls[self.current() % len(self.urls)]
+            try:
+                r = await self.client.get(f"{url}/api/v1/agents/{self.host}/commands", params={"wait_ms": WAIT_MS})
+                if r.status_code != 200:
+                    log.warning("command poll at %s: %s %s", url, r.status_code, r.text[:200])
+                    await asyncio.sleep(1)
+                    continue
+                for raw in r.json():
+                    cmd = CommandRequest.model_validate(raw)
+                    reply = await self._execute(cmd)
+                    await self.client.post(f"{url}/api/v1/agents/{self.host}/commands/{cmd.id}/result",
+                                           content=reply.model_dump_json(),
+                                           headers={"Content-Type": "application/json"})
+            except (httpx.HTTPError, ValueError) as exc:
+                log.debug("command poll at %s failed: %s", url, exc)
+                await asyncio.sleep(0.5)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,147 @@
+"""Staff commands reach the agent on its host; events land in the stream once; webhooks get every
+event once, even when the receiver was down for a while, with bursts grouped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+from ctops.redis_embed import free_port
+from tests.cluster import Cluster, wait_for
+
+
+def host(c: Cluster, name: str) -> dict:
+    return next(h for h in c.state()["hosts"] if h["name"] == name)
+
+
+def events(c: Cluster, **params) -> list[dict]:
+    r = httpx.get(c.ops_url() + "/api/v1/events", params={"limit": 1000, **params}, headers=c.auth("viewer"))
+    r.raise_for_status()
+    return r.json()
+
+
+def test_restart_from_staff_runs_on_the_host_and_is_audited(make_cluster) -> None:
+    c: Cluster = make_cluster(trainers=2, hosts_with_agents=True)
+    c.start_all()
+    old = wait_for("trainer-1 pid", lambda: host(c, "host-1")["processes"][0]["pid"])
+    url = c.ops_url() + "/api/v1/hosts/host-1/processes/trainer-1/restart"
+    assert httpx.post(url, headers=c.auth("viewer")).status_code == 403
+    r = httpx.post(url, headers=c.auth("operator"), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["ok"] and "restarted" in r.json()["message"] and r.json()["by"] == "test-operator"
+    wait_for("new pid in heartbeat", lambda: host(c, "host-1")["processes"][0]["pid"] not in (None, old))
+    c.wait_state("trainer-1", "up")
+    bad = httpx.post(c.ops_url() + "/api/v1/hosts/host-1/processes/nope/restart", headers=c.auth("operator"))
+    assert bad.status_code == 404
+    audit = httpx.get(c.ops_url() + "/api/v1/audit", headers=c.auth("viewer")).json()
+    assert [(a["action"], a["target"]) for a in audit[:2]] == [
+        ("restart", "host-1/nope"), ("restart", "host-1/trainer-1")]
+    assert audit[1]["result"].startswith("ok:") and audit[1]["who"] == "test-operator"
+    kinds = [(e["kind"], e["target"]) for e in events(c)]
+    assert ("process_restarted", "trainer-1") in kinds
+
+
+def test_killed_process_gives_one_restart_event(make_cluster) -> None:
+    c: Cluster = make_cluster(trainers=1, hosts_with_agents=True)
+    c.start_all()
+    pid = wait_for("pid", lambda: host(c, "host-1")["processes"][0]["pid"])
+    import os
+    os.kill(pid, signal.SIGKILL)
+    wait_for("restart event", lambda: [e for e in events(c) if e["kind"] == "process_restarted"])
+    wait_for("restarts in heartbeat", lambda: host(c, "host-1")["processes"][0]["restarts"] == 1)
+    restarts = [e for e in events(c) if e["kind"] == "process_restarted"]
+    assert len(restarts) == 1 and "SIGKILL" in restarts[0]["message"] and restarts[0]["source"] == "agent:host-1"
+
+
+class Receiver:
+    """A webhook receiver that can be taken down and brought back on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.messages: list[dict] = []
+        self.server: ThreadingHTTPServer | None = None
+
+    def up(self) -> None:
+        messages = self.messages
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                messages.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def events(self) -> list[dict]:
+        return [e for m in self.messages for e in m["events"]]
+
+
+def post_events(c: Cluster, evs: list[dict], seq: int) -> None:
+    hb = {"host": "host-1", "seq": seq, "sent_at_ms": 1, "processes": [], "events": evs,
+          "metrics": {"cpu_percent": 1, "memory_percent": 1, "memory_used_bytes": 1, "disk_percent": 1,
+                      "load1": 0, "load5": 0, "load15": 0}}
+    r = httpx.post(c.ops_url() + "/api/v1/heartbeat", json=hb, headers=c.auth("agent"))
+    assert r.status_code == 200, r.text
+
+
+def ev(kind: str, target: str, n: int) -> dict:
+    return {"id": uuid.uuid4().hex, "kind": kind, "process": target, "severity": "warning",
+            "message": f"{kind} {target} #{n}", "ts_ms": 1}
+
+
+def test_webhook_receiver_down_then_back_gets_every_event_once(make_cluster, tmp_path) -> None:
+    rx = Receiver()
+    c: Cluster = make_cluster(trainers=1)
+    with open(c.config, "a") as f:
+        f.write(f'[[webhooks]]\nname = "ops-chat"\nurl = "http://127.0.0.1:{rx.port}/hook"\ngroup_window_ms = 300\n')
+    c.start_all()
+    rx.up()
+    sent = [ev(f"kind{i}", f"p{i}", i) for i in range(3)]
+    post_events(c, sent, 1)
+    wait_for("first events delivered", lambda: len(rx.events()) >= 3)
+    rx.down()
+    later = [ev(f"late{i}", f"q{i}", i) for i in range(4)]
+    post_events(c, later[:2], 2)
+    post_events(c, later[:2], 3)  # a repeated heartbeat: the same events must not be stored twice
+    post_events(c, later[2:], 4)
+    rx.up()
+    ours = {e["kind"] for e in sent + later}
+
+    def mine() -> list[dict]:
+        return [e for e in rx.events() if e["kind"] in ours]
+
+    wait_for("every event delivered", lambda: sum(e["count"] for e in mine()) >= 7, timeout=60)
+    assert sorted(e["kind"] for e in mine()) == sorted(ours)  # each once
+    assert all(e["count"] == 1 for e in mine())
+    ids = [i for e in rx.events() for i in e["ids"]]
+    assert len(ids) == len(set(ids))
+    rx.down()
+
+
+def test_webhook_groups_a_burst(make_cluster) -> None:
+    rx = Receiver()
+    rx.up()
+    c: Cluster = make_cluster(trainers=1)
+    with open(c.config, "a") as f:
+        f.write(f'[[webhooks]]\nname = "burst"\nurl = "http://127.0.0.1:{rx.port}/hook"\ngroup_window_ms = 500\n')
+    c.start_all()
+    post_events(c, [ev("process_restarted", "trainer-9", i) for i in range(10)], 1)
+    got = wait_for("grouped message", lambda: [e for e in rx.events() if e["target"] == "trainer-9"])
+    assert len(got) == 1 and got[0]["count"] == 10 and len(got[0]["ids"]) == 10
+    rx.down()
