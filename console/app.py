@@ -109,7 +109,7 @@ class ConsoleApp(App[int]):
         except Exception as exc:  # noqa: BLE001 - a bad answer must not kill the console
             self.post_message(FetchFailed(f"{type(exc).__name__}: {exc}", unreachable=False))
         else:
-            self.post_message(StateFetched(state, getattr(self.source, "current_url", None)))
+            self.post_message(StateFetched(state))
 
     @work(exclusive=True, group="whoami")
     async def fetch_whoami(self) -> None:
@@ -124,7 +124,7 @@ class ConsoleApp(App[int]):
         try:
             result = await self.source.act(server, action)
         except OpsError as exc:
-            self.post_message(ActionFailed(server, action, exc.status, _describe(exc)))
+            self.post_message(ActionFailed(server, action, exc.status, str(exc)))
         except Unreachable as exc:
             self.post_message(ActionFailed(server, action, None, str(exc)))
         except Exception as exc:  # noqa: BLE001
@@ -254,10 +254,12 @@ class ConsoleApp(App[int]):
         self.notify(message, title=title, severity=severity, timeout=10 if severity == "error" else 4)
 
 
-def _describe(exc: OpsError) -> str:
-    return f"{exc.status} {exc.error}" + (f": {exc.detail}" if exc.detail else "")
-
-
-def create_app(source: Source, **kwargs: object) -> ConsoleApp:
-    """The app factory: production passes an OpsClient, tests a FixedSource."""
-    return ConsoleApp(source, **kwargs)  # type: ignore[arg-type]
+def create_app(
+    source: Source,
+    *,
+    interval: float = 1.0,
+    keymap: Mapping[str, str] | None = None,
+    handle_sighup: bool = False,
+) -> ConsoleApp:
+    """The app factory: production passes a ConsoleClient, tests a FixedSource (no network)."""
+    return ConsoleApp(source, interval=interval, keymap=keymap, handle_sighup=handle_sighup)

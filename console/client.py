@@ -1,120 +1,17 @@
-"""httpx client for the ops API. No Textual here: the console's workers call it, tests may too."""
+"""The console's ops-API client: the shared httpx client (ctops.opsclient), reading from the leader.
+
+No Textual here; the app's workers call it.
+"""
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from ctops.opsclient import Action, OpsClient, OpsError, Unreachable, Whoami
+from ctops.wire import ClusterState
 
-import httpx
-from pydantic import BaseModel, ValidationError
-
-from ctops.wire import ActionResult, ClusterState
-
-Action = Literal["drain", "disable", "enable"]
-API = "/api/v1"
-M = TypeVar("M", bound=BaseModel)
+__all__ = ["Action", "ConsoleClient", "OpsError", "Unreachable", "Whoami"]
 
 
-class Whoami(BaseModel):
-    name: str
-    role: str
-
-
-class OpsError(Exception):
-    """The ops API answered, but with an error (401, 403, 404, 422, 5xx)."""
-
-    def __init__(self, status: int, error: str, detail: object | None = None) -> None:
-        super().__init__(f"{status} {error}" + (f": {detail}" if detail else ""))
-        self.status = status
-        self.error = error
-        self.detail = detail
-
-
-class Unreachable(Exception):
-    """No ops URL answered. `tried` keeps each URL's reason for the banner."""
-
-    def __init__(self, tried: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{url}: {why}" for url, why in tried) or "no ops URL configured")
-        self.tried = tried
-
-
-class OpsClient:
-    def __init__(
-        self,
-        urls: tuple[str, ...] | list[str],
-        token: str | None,
-        *,
-        timeout: float = 2.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.urls = tuple(urls)
-        # connect fails fast so a dead dispatcher costs little before the next URL is tried;
-        # the read timeout bounds a frozen (SIGSTOPped) one that accepts but never answers
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)), transport=transport
-        )
-        self._current = 0
-
-    @property
-    def current_url(self) -> str | None:
-        return self.urls[self._current] if self.urls else None
-
-    def describe(self) -> str:
-        return ", ".join(self.urls)
-
-    async def whoami(self) -> Whoami:
-        return self._parse(Whoami, await self._request("GET", "/whoami"))
-
-    async def state(self) -> ClusterState:
-        return self._parse(ClusterState, await self._request("GET", "/state"))
-
-    async def act(self, server: str, action: Action) -> ActionResult:
-        return self._parse(ActionResult, await self._request("POST", f"/servers/{server}/{action}"))
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def _request(self, method: str, path: str) -> httpx.Response:
-        """Try the URL that last answered first, then the others in order; stick with whichever answers.
-
-        Only transport failures move on: an HTTP error is the cluster's answer, not an outage.
-        (When dispatchers report leadership, the choice of URL belongs here too.)
-        """
-        tried: list[tuple[str, str]] = []
-        n = len(self.urls)
-        for step in range(n):
-            i = (self._current + step) % n
-            url = self.urls[i]
-            try:
-                resp = await self._http.request(method, f"{url}{API}{path}")
-            except httpx.TransportError as exc:
-                tried.append((url, _reason(exc)))
-                continue
-            self._current = i
-            if resp.status_code >= 400:
-                raise _ops_error(resp)
-            return resp
-        raise Unreachable(tried)
-
-    @staticmethod
-    def _parse(model: type[M], resp: httpx.Response) -> M:
-        try:
-            return model.model_validate_json(resp.content)
-        except ValidationError as exc:
-            raise OpsError(resp.status_code, "unexpected response", str(exc).splitlines()[0]) from exc
-
-
-def _ops_error(resp: httpx.Response) -> OpsError:
-    try:
-        body = resp.json()
-        return OpsError(resp.status_code, str(body.get("error") or resp.reason_phrase), body.get("detail"))
-    except (ValueError, AttributeError):
-        return OpsError(resp.status_code, resp.reason_phrase or "error", resp.text[:200] or None)
-
-
-def _reason(exc: httpx.TransportError) -> str:
-    if isinstance(exc, httpx.ConnectError):
-        return "connection refused" if "refused" in str(exc).lower() else f"cannot connect ({exc})"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+class ConsoleClient(OpsClient):
+    async def state(self, prefer_leader: bool = True) -> ClusterState:
+        # a standby's health view may lag the leader's, and staff should act on what the leader sees
+        return await super().state(prefer_leader=prefer_leader)

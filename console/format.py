@@ -18,16 +18,17 @@ STATE_STYLE: dict[str, tuple[str, str]] = {
     "disabled": ("○", "dim"),
 }
 
-COLUMNS: tuple[tuple[str, str, int], ...] = (
-    # key, label, width (fixed: cells never trigger a width recomputation over all rows)
-    ("name", "Server", 16),
-    ("state", "State", 11),
-    ("heartbeat", "Heartbeat", 9),
-    ("cpu", "CPU", 6),
-    ("memory", "Mem", 6),
-    ("sessions", "Sessions", 8),
-    ("host", "Host", 12),
-    ("error", "Last error", 40),
+COLUMNS: tuple[tuple[str, Text, int], ...] = (
+    # key, label, width (fixed: cells never trigger a width recomputation over all rows).
+    # name..host fit 80 columns; the last error shows on wider terminals or by scrolling right
+    ("name", Text("Server"), 14),
+    ("state", Text("State"), 11),
+    ("heartbeat", Text("Heartbeat", justify="right"), 9),
+    ("cpu", Text("CPU", justify="right"), 6),
+    ("memory", Text("Mem", justify="right"), 6),
+    ("sessions", Text("Sessions", justify="right"), 8),
+    ("host", Text("Host"), 12),
+    ("error", Text("Last error"), 30),
 )
 
 Raw = tuple[object, ...]
@@ -44,7 +45,8 @@ def raw(s: ServerView) -> Raw:
         None if s.memory_percent is None else round(s.memory_percent),
         s.active_sessions,
         s.host,
-        s.last_error,
+        # an old error on a server that is up again is history, not an alarm
+        (s.last_error, s.state == "up") if s.last_error else None,
     )
 
 
@@ -99,7 +101,10 @@ def _plain(v: object) -> Text:
 
 
 def _error(v: object) -> Text:
-    return Text("" if v is None else str(v), style="red", no_wrap=True, overflow="ellipsis")
+    if v is None:
+        return Text("")
+    message, historical = v  # type: ignore[misc]
+    return Text(str(message), style="dim" if historical else "red", no_wrap=True, overflow="ellipsis")
 
 
 _RENDER = (_name, _state, _age, _percent, _percent, _int, _plain, _error)

@@ -1,18 +1,35 @@
-"""`ctops console`: resolve where the ops API is, then run the app in the foreground."""
+"""`ctops console`: find the ops API, then run the app in the foreground until quit or SIGHUP."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-from console.addresses import resolve
-from console.client import OpsClient
+from console.client import ConsoleClient
+from ctops import statefile
+
+
+def target(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """Explicit --url wins (token from --token or CTOPS_TOKEN); else the demo state file's operator token."""
+    token = args.token or os.environ.get("CTOPS_TOKEN")
+    if args.url:
+        return [u.rstrip("/") for u in args.url], token
+    doc = statefile.read(args.state_file)
+    return statefile.ops_urls(doc), token or statefile.token(doc, "operator")
 
 
 def run(args: argparse.Namespace) -> int:
-    target = resolve(args.url, args.token, args.state_file)
-    # imported here so `ctops console --help` and address errors stay fast
+    try:
+        urls, token = target(args)
+    except statefile.StateFileError as exc:
+        print(f"ctops console: {exc}", file=sys.stderr)
+        return 2
+    if not urls:
+        print("ctops console: no ops URL (pass --url or start `ctops demo`)", file=sys.stderr)
+        return 2
+    # imported only now, so a bad address fails fast without loading Textual
     from console.app import create_app
 
-    app = create_app(OpsClient(target.urls, target.token), handle_sighup=True)
-    code = app.run()
-    return int(code or 0)
+    app = create_app(ConsoleClient(urls, token), handle_sighup=True)
+    return int(app.run() or 0)

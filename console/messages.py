@@ -13,7 +13,6 @@ from ctops.wire import ActionResult, ClusterState
 @dataclass
 class StateFetched(Message):
     state: ClusterState
-    url: str | None
 
 
 @dataclass

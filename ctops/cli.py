@@ -22,6 +22,7 @@ HANDLERS = {
     "status": "ctops.status:run",
     "chaos": "ctops.chaos:run",
     "bench": "ctops.bench:run",
+    "load": "ctops.load:run",
 }
 
 
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("action", choices=["kill", "freeze", "thaw"])
     ch.add_argument("target", help="a name from the state file, e.g. trainer-1, A, host-2, redis")
     ch.add_argument("--state-file", default=DEFAULT_STATE_FILE)
+
+    lo = sub.add_parser("load", help="simulated learners against the dispatchers")
+    lo.add_argument("--state-file", default=DEFAULT_STATE_FILE)
+    lo.add_argument("--url", action="append", default=[], help="dispatcher data URL (repeatable)")
+    lo.add_argument("--concurrency", type=int, default=10)
+    lo.add_argument("--duration", type=float, default=10.0, help="seconds")
+    lo.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
+    lo.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks, side by side with a peer")
     b.add_argument("which", choices=["proxy"])

@@ -59,6 +59,28 @@ class Sandbox(_Strict):
     output_max_bytes: int = Field(64 * 1024, ge=1024)
 
 
+class TrainerSettings(_Strict):
+    """How trainer servers share work: leases on in-progress submissions, idempotency, reviews."""
+
+    # where reviews come from: the [[llm_providers]] directly, or the dispatchers' LLM pool
+    llm: Literal["direct", "dispatcher"] = "direct"
+    llm_model: str = Field("gpt-4", min_length=1, description="model asked of the dispatchers' pool")
+    llm_timeout_ms: int = Field(10_000, ge=50, description="per try, with llm = dispatcher")
+    # past this, a submission is completed with its review pending (degraded mode)
+    review_budget_ms: int = Field(8_000, ge=100, le=600_000)
+    # a provider that failed is skipped for this long by live reviews (the retry loop still probes)
+    provider_cooldown_ms: int = Field(5_000, ge=0, le=600_000)
+    review_retry_initial_ms: int = Field(1_000, ge=50, le=600_000)
+    review_retry_max_ms: int = Field(10_000, ge=50, le=3_600_000)
+    # in-progress work holds a lease this long, renewed every third of it; a dead server's work
+    # is taken over once its lease has expired
+    lease_ttl_ms: int = Field(2_500, ge=300, le=600_000)
+    scan_interval_ms: int = Field(500, ge=50, le=60_000)
+    idempotency_ttl_s: int = Field(86_400, ge=60, le=30 * 86_400)
+    # how long a repeat of a request still in progress waits for its outcome before a 409
+    idempotency_wait_ms: int = Field(10_000, ge=0, le=600_000)
+
+
 class RedisSettings(_Strict):
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "ctops"
@@ -197,6 +219,7 @@ class Deployment(_Strict):
     timings: Timings = Field(default_factory=Timings)
     limits: Limits = Field(default_factory=Limits)
     sandbox: Sandbox = Field(default_factory=Sandbox)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     dispatchers: list[DispatcherSpec] = Field(min_length=1)
     servers: list[ServerSpec] = Field(default_factory=list)
     agents: list[AgentSpec] = Field(default_factory=list)

@@ -67,3 +67,25 @@ class Keys:
 
     def server_sessions(self, server: str) -> str:
         return f"{self.prefix}:server:{server}:sessions"
+
+    # trainer: work shared between servers (leases, open work, pending reviews, idempotency)
+    def submission_lease(self, sub_id: str) -> str:
+        return f"{self.prefix}:submission:{sub_id}:lease"
+
+    @property
+    def submissions_open(self) -> str:
+        return f"{self.prefix}:submissions:open"
+
+    def review_lease(self, sub_id: str) -> str:
+        return f"{self.prefix}:submission:{sub_id}:review-lease"
+
+    @property
+    def reviews_pending(self) -> str:
+        return f"{self.prefix}:reviews:pending"
+
+    def idempotency(self, digest: str) -> str:
+        return f"{self.prefix}:idempotency:{digest}"
+
+    @property
+    def sandbox_runs(self) -> str:
+        return f"{self.prefix}:trainer:sandbox-runs"

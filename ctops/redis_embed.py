@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ctops.procs import die_with_parent
+
 
 class RedisLaunchError(RuntimeError):
     pass
@@ -82,8 +84,10 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--logfile", os.path.join(self.data_dir, "redis.log"),
         ]
+        # its own session: a Ctrl+C in the terminal must not take Redis away before the processes
+        # that use it have stopped; and it dies with its parent, so none is left behind
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

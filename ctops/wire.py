@@ -82,6 +82,14 @@ class DispatcherView(_Wire):
     data_url: str
     epoch: int | None = None
     last_seen_ms: int | None = None
+    # how long ago the leader last renewed its lease (leader only)
+    lease_age_ms: int | None = None
+    # how long ago this dispatcher last heard from its peer(s) directly (mutual heartbeat)
+    peer_heartbeat_age_ms: int | None = None
+
+
+# what the agent's heartbeat and the dispatcher's checks say together about a server
+Diagnosis = Literal["ok", "software fault", "host or network down", "agent fault", "starting", "admin"]
 
 
 class ServerView(_Wire):
@@ -99,6 +107,8 @@ class ServerView(_Wire):
     heartbeat_age_ms: int | None = None
     cpu_percent: float | None = None
     memory_percent: float | None = None
+    diagnosis: Diagnosis = "ok"
+    diagnosis_detail: str | None = None
 
 
 class HostView(_Wire):
@@ -166,4 +176,13 @@ class CommandResult(_Wire):
     process: str
     action: str
     message: str
+    by: str
+
+
+class LeadershipResult(_Wire):
+    ok: bool
+    action: Literal["promote", "step-down"]
+    leader_before: str | None
+    leader_after: str | None
+    epoch: int
     by: str

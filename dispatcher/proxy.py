@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -81,6 +82,7 @@ class ProxySettings:
 class _BadResponse(Exception):
     """Raised from a response parser callback: the server's answer cannot be relayed."""
 
+
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 
 
@@ -116,45 +118,71 @@ def error_response(status: int, message: str, *, keep_alive: bool, http11: bool 
     return b"".join(head)
 
 
-def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], drop: frozenset[bytes] | None,
-                  request: bool) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None]:
-    """Append the end-to-end headers to `out`; return (connection, transfer-encoding, upgrade,
-    x-forwarded-for, content-length), which the caller rewrites itself."""
+# how a header (by its name as sent) is handled; cached per spelling, so the common headers cost
+# one dict lookup instead of lower() and several comparisons
+_COPY, _CONNECTION, _TE, _UPGRADE, _HOP, _CLEN, _XFF, _XFP = range(8)
+_KINDS: dict[bytes, int] = {}
+
+
+def _kind(name: bytes) -> int:
+    lname = name.lower()
+    if lname == b"connection":
+        kind = _CONNECTION
+    elif lname == b"transfer-encoding":
+        kind = _TE
+    elif lname == b"upgrade":
+        kind = _UPGRADE
+    elif lname in HOP_BY_HOP or lname.startswith(b"proxy-"):
+        kind = _HOP
+    elif lname == b"content-length":
+        kind = _CLEN
+    elif lname == b"x-forwarded-for":
+        kind = _XFF
+    elif lname == b"x-forwarded-proto":
+        kind = _XFP
+    else:
+        kind = _COPY
+    if len(_KINDS) < 4096:  # names are client-chosen: bound the cache
+        _KINDS[name] = kind
+    return kind
+
+
+def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bool,
+                  drop: frozenset[bytes] | None = None,
+                  ) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
+    """Append the end-to-end headers to `out`. Returns (transfer-encoding, upgrade, x-forwarded-for,
+    content-length), which the caller rewrites itself. On requests X-Forwarded-* are the caller's."""
+    mark = len(out)
+    kinds = _KINDS
     conn = te = upgrade = xff = clen = None
     for name, value in hdrs:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname.startswith(b"proxy-"):
-            if lname == b"connection":
-                conn = value if conn is None else conn + b", " + value
-            elif lname == b"transfer-encoding":
-                te = value if te is None else te + b", " + value
-            elif lname == b"upgrade":
-                upgrade = value
-            continue
-        if lname == b"content-length":
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name)
+        if kind == _COPY:
+            if drop is None or name.lower() not in drop:
+                out += (name, b": ", value, b"\r\n")
+        elif kind == _CLEN:
             clen = value
-        elif request and lname.startswith(b"x-forwarded-"):
-            if lname == b"x-forwarded-for":
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _CONNECTION:
+            conn = value if conn is None else conn + b", " + value
+        elif kind == _TE:
+            te = value if te is None else te + b", " + value
+        elif kind == _UPGRADE:
+            upgrade = value
+        elif kind >= _XFF:
+            if not request:
+                out += (name, b": ", value, b"\r\n")
+            elif kind == _XFF:
                 xff = value if xff is None else xff + b", " + value
-                continue
-            if lname == b"x-forwarded-proto":  # ours replaces whatever the client claims
-                continue
-        if drop is not None and lname in drop:
-            continue
-        out += (name, b": ", value, b"\r\n")
-    return conn, te, upgrade, xff, clen
-
-
-def _copy_end_to_end(hdrs: list[tuple[bytes, bytes]], out: list[bytes],
-                     request: bool) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
-    """_copy_headers, also dropping the headers that Connection names (the rare slow path)."""
-    mark = len(out)
-    conn, te, upgrade, xff, clen = _copy_headers(hdrs, out, None, request)
-    if conn is not None and conn not in PLAIN_CONNECTION:
+            # a client's X-Forwarded-Proto is replaced by ours
+    if drop is None and conn is not None and conn not in PLAIN_CONNECTION:
+        # the rare slow path: Connection names end-to-end-looking headers that are hop-by-hop here
         named = frozenset(t.strip().lower() for t in conn.split(b",")) - HOP_BY_HOP
         if named:
             del out[mark:]
-            _copy_headers(hdrs, out, named, request)
+            return _copy_headers(hdrs, out, request, named)
     return te, upgrade, xff, clen
 
 
@@ -235,7 +263,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=self.plane.settings.high_water)
         self.plane.conns.add(self)
         self.dkind = _HEADER
-        self.deadline = self.plane.loop.time() + self.plane.settings.client_header_timeout
+        self.deadline = self.plane.time() + self.plane.t_header
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -289,7 +317,7 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.dkind == _UPSTREAM:  # the client is reading: progress
-            self.deadline = self.plane.loop.time() + self.plane.settings.upstream_read_timeout
+            self.deadline = self.plane.time() + self.plane.t_read
         up = self._bound_upstream()
         if up is not None:
             up.resume_reading()
@@ -305,7 +333,7 @@ class ClientConnection(asyncio.Protocol):
         if self.cur is None:
             self.cur = r
             self.dkind = _HEADER
-            self.deadline = self.plane.loop.time() + self.plane.settings.client_header_timeout
+            self.deadline = self.plane.time() + self.plane.t_header
         else:
             self.queue.append(r)
             self._pause(_PIPELINE)
@@ -331,7 +359,7 @@ class ClientConnection(asyncio.Protocol):
         r.http11 = p.get_http_version() == "1.1"
         r.keep_alive = p.should_keep_alive()
         out = [method, b" ", self.url, b" HTTP/1.1\r\n"]
-        te, upgrade, xff, clen = _copy_end_to_end(hdrs, out, True)
+        te, upgrade, xff, clen = _copy_headers(hdrs, out, True)
         if te is not None:  # the body is re-chunked as it is forwarded
             r.chunked = r.has_body = True
             out += (b"Transfer-Encoding: ", te, b"\r\n")
@@ -354,7 +382,7 @@ class ClientConnection(asyncio.Protocol):
         r.ready = True
         if r is self.cur:
             self.dkind = _UPSTREAM
-            self.deadline = self.plane.loop.time() + self.plane.settings.upstream_read_timeout
+            self.deadline = self.plane.time() + self.plane.t_read
             self.plane.dispatch(r)
 
     def _head_too_big(self, hdrs: list[tuple[bytes, bytes]]) -> bool:
@@ -370,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.send(r, body)
         if self.dkind == _UPSTREAM and r is self.cur:  # the client is sending: progress
-            self.deadline = self.plane.loop.time() + self.plane.settings.upstream_read_timeout
+            self.deadline = self.plane.time() + self.plane.t_read
 
     def on_message_complete(self) -> None:
         r = self.parsing
@@ -433,8 +461,13 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.cur = None
-        self._resume(_BACKPRESSURE)
-        self._advance()
+        if self.block & _BACKPRESSURE:
+            self._resume(_BACKPRESSURE)
+        if self.queue or self.error_after is not None:
+            self._advance()
+        else:
+            self.dkind = _IDLE
+            self.deadline = self.plane.time() + self.plane.t_idle
 
     def _advance(self) -> None:
         """Start the next pipelined request, or wait for one."""
@@ -446,11 +479,11 @@ class ClientConnection(asyncio.Protocol):
                 r = self.cur = self.queue.popleft()
                 if r.ready:
                     self.dkind = _UPSTREAM
-                    self.deadline = self.plane.loop.time() + self.plane.settings.upstream_read_timeout
+                    self.deadline = self.plane.time() + self.plane.t_read
                     self.plane.dispatch(r)
                 else:  # its head is still arriving
                     self.dkind = _HEADER
-                    self.deadline = self.plane.loop.time() + self.plane.settings.client_header_timeout
+                    self.deadline = self.plane.time() + self.plane.t_header
             if self.closed:
                 return
             if self.cur is None:
@@ -459,7 +492,7 @@ class ClientConnection(asyncio.Protocol):
                     self.close()
                     return
                 self.dkind = _IDLE
-                self.deadline = self.plane.loop.time() + self.plane.settings.client_idle_timeout
+                self.deadline = self.plane.time() + self.plane.t_idle
             if not self.queue and self.error_after is None:
                 self._resume(_PIPELINE)
         finally:
@@ -652,7 +685,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         r = self.req
         assert r is not None
-        client.deadline = self.plane.loop.time() + self.plane.settings.upstream_read_timeout
+        client.deadline = self.plane.time() + self.plane.t_read
         if not self.got_bytes:
             self.got_bytes = True
             r.replay = None  # the server has answered: never re-sent
@@ -712,12 +745,12 @@ class UpstreamConnection(asyncio.Protocol):
         if status < 200 and status != 101:  # interim (100 Continue, 103): pass on, the real one follows
             self.interim = True
             out = [_status_line(status, self.reason)]
-            _copy_end_to_end(hdrs, out, False)
+            _copy_headers(hdrs, out, False)
             out.append(b"\r\n")
             self.out.append(b"".join(out))
             return
         out = [_status_line(status, self.reason)]
-        te, upgrade, _, clen = _copy_end_to_end(hdrs, out, False)
+        te, upgrade, _, clen = _copy_headers(hdrs, out, False)
         if status == 101:
             if r.upgrade is None or upgrade is None:
                 raise _BadResponse("101 without an upgrade")
@@ -779,12 +812,20 @@ class UpstreamConnection(asyncio.Protocol):
     def _complete(self, r: Request, reusable: bool) -> None:
         """The response is whole: hand it over, keep the connection if it can serve another request."""
         client = r.conn
-        self._flush(client)
+        if self.out:
+            self._flush(client)
         r.upstream = None
-        self.unbind()
-        self.plane.release_backend(r)
+        self.req = self.client = None
+        if self.read_paused:
+            self.resume_reading()
+        b = r.backend
+        if b is not None:
+            b.outstanding -= 1
+            r.backend = None
         if reusable and r.complete and not self.until_close:
-            self.plane.upstream_idle(self)
+            self.reused = True
+            if not self.plane.upstreams.release(self):
+                self.transport.close()  # type: ignore[union-attr]
         else:
             self.transport.close()  # type: ignore[union-attr]
         client.response_done(r)
@@ -823,9 +864,15 @@ class DataPlane:
         self._connecting: set[asyncio.Task] = set()
         self.responses = 0
         self.errors: dict[int, int] = {}  # status -> count of answers the proxy gave itself
+        # flattened for the per-request path
+        self.time = time.monotonic
+        self.t_header = settings.client_header_timeout
+        self.t_idle = settings.client_idle_timeout
+        self.t_read = settings.upstream_read_timeout
 
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
         self.loop = asyncio.get_running_loop()
+        self.time = self.loop.time
         self.server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
                                                     backlog=2048, reuse_address=True)
         self._sweeper = self.loop.create_task(self._sweep())
@@ -887,10 +934,11 @@ class DataPlane:
     def _forward(self, r: Request, b: Backend, fresh: bool = False) -> None:
         r.backend = b
         b.outstanding += 1
-        up = None if fresh else self.upstreams.acquire(b)
-        if up is not None:
-            self._attach(r, up)  # type: ignore[arg-type]
-            return
+        if not fresh:
+            up = self.upstreams.acquire(b)
+            if up is not None:
+                self._attach(r, up)  # type: ignore[arg-type]
+                return
         task = self.loop.create_task(self._open(b))
         self._connecting.add(task)
         task.add_done_callback(partial(self._opened, r, b))
@@ -925,7 +973,8 @@ class DataPlane:
         r.unsent = None
         r.unsent_size = 0
         # before writing: the write may report a full buffer at once, which must stay reported
-        r.conn._resume(_BACKPRESSURE)
+        if r.conn.block & _BACKPRESSURE:
+            r.conn._resume(_BACKPRESSURE)
         if unsent:
             if len(unsent) == 1:
                 up.transport.write(unsent[0])  # type: ignore[union-attr]

@@ -49,7 +49,8 @@ def _emit(out, event: dict) -> None:
 def _classify(exc: BaseException, limits: dict) -> tuple[str | None, str]:
     """(limit hit or None, message for the learner)."""
     if isinstance(exc, CpuLimit):
-        return "cpu", f"stopped: used more than the CPU time limit ({limits['cpu_seconds']} s); is there an endless loop?"
+        return "cpu", (f"stopped: used more than the CPU time limit ({limits['cpu_seconds']} s); "
+                       "is there an endless loop?")
     if isinstance(exc, MemoryError):
         return "memory", f"stopped: ran out of memory (limit {limits['memory_mb']} MB)"
     if isinstance(exc, RecursionError):

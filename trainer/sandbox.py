@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import functools
+import itertools
 import json
 import os
 import resource
@@ -21,7 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,7 @@ STDERR_MAX = 8192
 # after the harness exits, how long to wait for the pipes to drain
 DRAIN_SECONDS = 1.0
 FILE_SIZE_MAX = 16 * 1024 * 1024
+PR_SET_CHILD_SUBREAPER = 36
 
 VERDICTS = ("passed", "failed", "timeout", "memory", "error", "killed")
 
@@ -94,28 +97,40 @@ def interpreter(drops_privileges: bool) -> str:
                        "; set CTOPS_SANDBOX_PYTHON")
 
 
-@contextlib.contextmanager
-def _uid_slot() -> Iterator[int | None]:
-    """An unused uid for this run while the server is root; None when it is not."""
-    if os.geteuid() != 0:
-        yield None
-        return
+_next_slot = itertools.count(os.getpid())
+
+
+def _acquire_uid() -> tuple[int, int]:
+    """(uid, lock fd) of a slot no other run holds and no process of which is left, zombies included
+    (they still count against RLIMIT_NPROC)."""
     LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
-    start = os.getpid() % UID_SLOTS
+    busy = {u for _, u, _, _ in _sandbox_procs()}
+    start = next(_next_slot)
     for i in range(UID_SLOTS):
         uid = UID_BASE + (start + i) % UID_SLOTS
+        if uid in busy:
+            continue
         fd = os.open(LOCK_DIR / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             continue
-        try:
-            yield uid
-        finally:
-            os.close(fd)
+        return uid, fd
+    raise RuntimeError("no free sandbox uid: all are in use or hold leftover processes")
+
+
+@contextlib.asynccontextmanager
+async def _uid_slot() -> AsyncIterator[int | None]:
+    """An unused uid for this run while the server is root; None when it is not."""
+    if os.geteuid() != 0:
+        yield None
         return
-    raise RuntimeError("no free sandbox uid")
+    uid, fd = await asyncio.to_thread(_acquire_uid)
+    try:
+        yield uid
+    finally:
+        os.close(fd)
 
 
 def _limiter(limits: Limits, uid: int | None):  # noqa: ANN202 - runs in the child between fork and exec
@@ -138,31 +153,80 @@ def _limiter(limits: Limits, uid: int | None):  # noqa: ANN202 - runs in the chi
     return apply
 
 
-async def _kill_uid(uid: int) -> None:
-    """Kill every process of the sandbox uid: kill(-1) from a process running as that uid."""
-
-    def as_uid() -> None:
-        os.setgid(uid)
-        os.setuid(uid)
-        os.kill(-1, signal.SIGKILL)
-
-    true = shutil.which("true") or sys.executable
-    proc = await asyncio.create_subprocess_exec(
-        true, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL, preexec_fn=as_uid, env=ENV,
-    )
-    await proc.wait()
+_harness_pids: set[int] = set()
 
 
-async def _read_capped(stream: asyncio.StreamReader, cap: int, sink: bytearray) -> bool:
+def become_subreaper() -> None:
+    """Orphans of learners' code then come to this server (which reaps them in reap_orphans) rather
+    than to PID 1, which in a container may never reap them; zombies would count against RLIMIT_NPROC."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def _sandbox_procs() -> list[tuple[int, int, bool, int]]:
+    """(pid, uid, zombie, ppid) of every process running as a sandbox uid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        st = _proc_status(int(entry.name))
+        if not st.get("Uid"):
+            continue
+        uid = int(st["Uid"].split()[0])
+        if UID_BASE <= uid < UID_BASE + UID_SLOTS:
+            found.append((int(entry.name), uid, st.get("State", "").startswith("Z"), int(st.get("PPid", "0"))))
+    return found
+
+
+def sweep_uid(uid: int) -> None:
+    """Kill every live process of a sandbox uid (repeating, as a fork bomb may fork meanwhile), then
+    reap the zombies that were reparented to this server."""
+    for _ in range(100):
+        live = [pid for pid, u, zombie, _ in _sandbox_procs() if u == uid and not zombie]
+        if not live:
+            break
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    reap_orphans()
+
+
+def reap_orphans() -> None:
+    """Reap zombie children that ran as a sandbox uid, except harnesses asyncio itself waits for."""
+    me = os.getpid()
+    for pid, _, zombie, ppid in _sandbox_procs():
+        if zombie and ppid == me and pid not in _harness_pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+async def _read_capped(stream: asyncio.StreamReader, cap: int, sink: bytearray,
+                       on_overflow: Callable[[], None] | None = None) -> bool:
     """Read to EOF keeping at most cap bytes; True when some were dropped."""
     dropped = False
     while chunk := await stream.read(65536):
         room = cap - len(sink)
         if room > 0:
             sink += chunk[:room]
-        dropped = dropped or len(chunk) > room
+        if len(chunk) > room and not dropped:
+            dropped = True
+            if on_overflow:
+                on_overflow()
     return dropped
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    # Process.wait() on 3.11 also waits for the pipes to close, which a grandchild can hold open
+    while proc.returncode is None:  # noqa: ASYNC110 - asyncio gives no other exit-only signal
+        await asyncio.sleep(0.01)
 
 
 def _prepare(exercise: Exercise, code: str, limits: Limits, uid: int | None) -> Path:
@@ -187,7 +251,7 @@ def _prepare(exercise: Exercise, code: str, limits: Limits, uid: int | None) -> 
 async def run(exercise: Exercise, code: str, limits: Limits) -> RunResult:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with _uid_slot() as uid:
+    async with _uid_slot() as uid:
         scratch = await asyncio.to_thread(_prepare, exercise, code, limits, uid)
         try:
             result = await _run_in(scratch, limits, uid)
@@ -203,30 +267,37 @@ async def _run_in(scratch: Path, limits: Limits, uid: int | None) -> RunResult:
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         cwd=scratch, env=ENV, start_new_session=True, preexec_fn=_limiter(limits, uid),
     )
+    _harness_pids.add(proc.pid)
     out, err = bytearray(), bytearray()
     assert proc.stdout and proc.stderr
+
+    def kill_group() -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
     readers = asyncio.gather(
-        _read_capped(proc.stdout, limits.output_max_bytes, out),
+        _read_capped(proc.stdout, limits.output_max_bytes, out, kill_group),
         _read_capped(proc.stderr, STDERR_MAX, err),
     )
     wall_hit = False
     try:
-        await asyncio.wait_for(proc.wait(), limits.wall_seconds)
+        await asyncio.wait_for(_exited(proc), limits.wall_seconds)
     except TimeoutError:
         wall_hit = True
     finally:
         # children of the learner's code may outlive the harness: kill the group, then the uid
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group()
         if uid is not None:
-            await _kill_uid(uid)
-        if proc.returncode is None:
-            await proc.wait()
+            await asyncio.to_thread(sweep_uid, uid)
+        while proc.returncode is None:  # noqa: ASYNC110 - as in _exited
+            await asyncio.sleep(0.01)
+        _harness_pids.discard(proc.pid)
     try:
         overflow, _ = await asyncio.wait_for(readers, DRAIN_SECONDS)
     except TimeoutError:
         # a grandchild in another session still holds the pipe (only possible when not root)
         overflow = True
+        readers.cancel()
     return interpret(bytes(out), bytes(err), proc.returncode, wall_hit, overflow, limits)
 
 
@@ -259,6 +330,8 @@ def interpret(out: bytes, err: bytes, returncode: int | None, wall_hit: bool, ov
         return result("error", f"your code tried to start too many processes (limit {limits.max_processes})")
     if "file_size" in limits_hit or returncode == -signal.SIGXFSZ:
         return result("error", f"your code tried to write a file larger than {FILE_SIZE_MAX // (1024 * 1024)} MB")
+    if overflow and not done:
+        return result("error", f"your program printed more than {limits.output_max_bytes} bytes and was stopped")
     if load is not None and not load.get("ok"):
         return result("error", load.get("message", "your code could not be loaded"))
     if returncode is not None and returncode < 0:
@@ -266,8 +339,7 @@ def interpret(out: bytes, err: bytes, returncode: int | None, wall_hit: bool, ov
         return result("killed", f"your program was killed by {name} before it finished")
     if not done:
         tail = stderr.strip().splitlines()[-1:] or ["no output"]
-        extra = " (it printed too much output)" if overflow else ""
-        return result("error", f"the test run ended early{extra}: {tail[0][:300]}")
+        return result("error", f"the test run ended early: {tail[0][:300]}")
     failed = [t.name for t in tests if not t.passed]
     if failed:
         return result("failed", f"{len(tests) - len(failed)} of {len(tests)} tests passed; failing: "

@@ -10,7 +10,7 @@ class OutageBanner(Static):
         if last_ok_age_s is None:
             tail = "No data yet."
         else:
-            tail = f"Showing the last data, from {last_ok_age_s:.0f} s ago (stale)."
+            tail = f"Showing the last data, from {int(last_ok_age_s)} s ago (stale)."
         self.update(f"⚠  ops API unreachable: {reason}\n   {tail} Retrying…")
         self.display = True
 

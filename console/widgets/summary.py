@@ -1,10 +1,14 @@
-"""The two header lines: who serves and leads, and counts of dispatchers, hosts and servers by state."""
+"""The header: who serves and leads, then counts of dispatchers, hosts and servers by state.
+
+Built from short parts that wrap between parts, never inside one, so 80 columns stay readable.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 
 from rich.text import Text
+from textual.events import Resize
 from textual.widgets import Static
 
 from console.client import Whoami
@@ -12,46 +16,76 @@ from console.format import STATE_STYLE
 from ctops.wire import ClusterState
 
 _HOST_STYLE = {"alive": "green", "late": "bold yellow", "lost": "bold red"}
+_SEP = " · "
 
 
-def summary_text(state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False) -> Text:
-    t = Text(no_wrap=True, overflow="ellipsis")
-    if state is None:
-        t.append(" ctops", style="bold")
-        t.append("  connecting…", style="dim")
-        return t
-    t.append(f" {state.cluster}", style="bold")
-    t.append("  served by ")
-    t.append(state.served_by, style="bold")
-    t.append("  leader ")
-    t.append(state.leader or "NONE", style="bold" if state.leader else "bold red")
-    if who is not None:
-        t.append("  you ")
-        t.append(f"{who.name} ({who.role})", style="bold" if who.role == "operator" else "bold yellow")
+def summary_parts(
+    state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False
+) -> list[list[Text]]:
+    """Lines of parts; the widget fits each line's parts into its width."""
+    flags: list[Text] = []
     if stale:
-        t.append("  STALE", style="bold reverse red")
+        flags.append(Text(" STALE ", style="bold reverse red"))
     if paused:
-        t.append("  PAUSED", style="bold reverse yellow")
-    t.append("\n")
+        flags.append(Text(" PAUSED ", style="bold reverse yellow"))
+    if state is None:
+        return [[*flags, Text("ctops", style="bold"), Text("connecting…", style="dim")]]
 
+    first = [*flags, Text(state.cluster, style="bold")]
+    first.append(Text.assemble("served by ", (state.served_by, "bold")))
+    first.append(Text.assemble("leader ", (state.leader or "NONE", "bold" if state.leader else "bold reverse red")))
     healthy = sum(1 for d in state.dispatchers if d.healthy)
-    t.append(" dispatchers ")
-    t.append(f"{healthy}/{len(state.dispatchers)}", style="" if healthy == len(state.dispatchers) else "yellow")
-    t.append(" healthy · hosts")
-    hosts = Counter(h.state for h in state.hosts)
-    for name in ("alive", "late", "lost"):
-        if hosts[name]:
-            t.append(f" {hosts[name]} {name}", style=_HOST_STYLE[name])
-    if not state.hosts:
-        t.append(" 0")
-    t.append(f" · servers {len(state.servers)}:")
+    first.append(Text.assemble("dispatchers ", (f"{healthy}/{len(state.dispatchers)}",
+                                                "" if healthy == len(state.dispatchers) else "bold yellow"),
+                               " healthy"))
+    if who is not None:
+        first.append(Text.assemble("you ", (f"{who.name} ({who.role})",
+                                            "bold" if who.role == "operator" else "bold yellow")))
+
     servers = Counter(s.state for s in state.servers)
-    for name, (glyph, style) in STATE_STYLE.items():
-        if servers[name]:
-            t.append(f" {servers[name]} {glyph} {name}", style=style)
-    return t
+    by_state = [(f"{servers[n]} {g} {n}", style) for n, (g, style) in STATE_STYLE.items() if servers[n]]
+    second = [Text.assemble(f"servers {len(state.servers)}: ", *_spaced(by_state))]
+    hosts = Counter(h.state for h in state.hosts)
+    by_host = [(f"{hosts[n]} {n}", _HOST_STYLE[n]) for n in ("alive", "late", "lost") if hosts[n]]
+    second.append(Text.assemble(f"hosts {len(state.hosts)}: ", *_spaced(by_host)))
+    return [first, second]
+
+
+def _spaced(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        if i:
+            out.append((" ", ""))
+        out.append(item)
+    return out or [("none", "dim")]
+
+
+def fit(lines: list[list[Text]], width: int) -> Text:
+    """Greedy: a part that would overflow starts a new line; a part wider than the line is cut."""
+    out = Text(no_wrap=True, overflow="ellipsis")
+    rows: list[Text] = []
+    for parts in lines:
+        row = Text(" ")
+        for part in parts:
+            joiner = "" if len(row) == 1 else _SEP
+            if len(row) > 1 and len(row) + len(joiner) + len(part) > width > 0:
+                rows.append(row)
+                row, joiner = Text(" "), ""
+            row.append(joiner)
+            row.append_text(part)
+        rows.append(row)
+    out.append_text(Text("\n").join(rows))
+    return out
 
 
 class ClusterSummary(Static):
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._lines: list[list[Text]] = summary_parts(None, None, False)
+
     def show(self, state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False) -> None:
-        self.update(summary_text(state, who, stale, paused))
+        self._lines = summary_parts(state, who, stale, paused)
+        self.update(fit(self._lines, self.size.width))
+
+    def on_resize(self, event: Resize) -> None:
+        self.update(fit(self._lines, event.size.width))

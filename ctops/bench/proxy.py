@@ -36,7 +36,7 @@ TARGET_P99 = 1.2  # dispatcher p99 <= 1.2 x HAProxy's
 HAPROXY_CFG = """\
 global
     nbthread 1
-    maxconn 20000
+    maxconn 4096
     log stderr format raw local0 emerg
 
 defaults
@@ -67,6 +67,7 @@ class WrkResult:
     p99_ms: float
     requests: int
     errors: int  # socket errors plus non-2xx/3xx answers
+    cpu_us_per_request: float = 0.0  # the proxy's own CPU time (user + system) per request
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +189,9 @@ class Bench:
         self.procs.append(proc)
         return proc
 
-    def start(self) -> dict[str, int]:
+    def start(self) -> dict[str, tuple[int, subprocess.Popen]]:
         py = [sys.executable]
-        ports = {}
+        ports: dict[str, tuple[int, subprocess.Popen]] = {}
         backends = []
         for i in (1, 2):
             port = _free_port()
@@ -198,22 +199,25 @@ class Bench:
             _wait_port(port, proc, f"backend {i}")
             backends.append(f"127.0.0.1:{port}")
 
-        ports["haproxy"] = _free_port()
+        port = _free_port()
         servers = "\n".join(f"    server s{i + 1} {b}" for i, b in enumerate(backends))
         cfg = self.tmp / "haproxy.cfg"
-        cfg.write_text(HAPROXY_CFG.format(port=ports["haproxy"], servers=servers))
+        cfg.write_text(HAPROXY_CFG.format(port=port, servers=servers))
         proc = self.spawn(self.pin_proxy + [self.haproxy, "-db", "-f", str(cfg)], "haproxy")
-        _wait_port(ports["haproxy"], proc, "haproxy")
+        _wait_port(port, proc, "haproxy")
+        ports["haproxy"] = (port, proc)
 
-        ports["dispatcher"] = _free_port()
-        proc = self.spawn(self.pin_proxy + py + ["-m", "ctops.bench.proxy", "--serve", str(ports["dispatcher"]),
+        port = _free_port()
+        proc = self.spawn(self.pin_proxy + py + ["-m", "ctops.bench.proxy", "--serve", str(port),
                                                  "--backends", ",".join(backends)], "dispatcher")
-        _wait_port(ports["dispatcher"], proc, "dispatcher")
+        _wait_port(port, proc, "dispatcher")
+        ports["dispatcher"] = (port, proc)
         return ports
 
-    def load(self, port: int, duration: float) -> WrkResult:
+    def load(self, port: int, proxy: subprocess.Popen | None = None, *, duration: float) -> WrkResult:
         cmd = self.pin_load + [self.wrk, "-t1", f"-c{self.connections}", f"-d{max(duration, 1):.0f}s",
                                "--latency", f"http://127.0.0.1:{port}/"]
+        cpu_before = _cpu_seconds(proxy.pid) if proxy else 0.0
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         self.procs.append(proc)
@@ -221,7 +225,10 @@ class Bench:
         self.procs.remove(proc)
         if proc.returncode != 0:
             raise RuntimeError(f"wrk failed ({proc.returncode}):\n{out}")
-        return parse_wrk(out)
+        result = parse_wrk(out)
+        if proxy and result.requests:
+            result.cpu_us_per_request = round((_cpu_seconds(proxy.pid) - cpu_before) * 1e6 / result.requests, 1)
+        return result
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -237,12 +244,22 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _mean(results: list[WrkResult]) -> WrkResult:
     n = len(results)
     return WrkResult(round(sum(r.requests_per_s for r in results) / n, 1),
                      round(sum(r.p50_ms for r in results) / n, 3),
                      round(sum(r.p99_ms for r in results) / n, 3),
-                     sum(r.requests for r in results), sum(r.errors for r in results))
+                     sum(r.requests for r in results), sum(r.errors for r in results),
+                     round(sum(r.cpu_us_per_request for r in results) / n, 1))
 
 
 def measure(duration: float, connections: int) -> dict:
@@ -250,11 +267,11 @@ def measure(duration: float, connections: int) -> dict:
     try:
         ports = bench.start()
         for name in ("haproxy", "dispatcher"):
-            bench.load(ports[name], WARMUP_S)
+            bench.load(ports[name][0], duration=WARMUP_S)
         runs: dict[str, list[WrkResult]] = {"haproxy": [], "dispatcher": []}
         for _ in range(ROUNDS):
             for name in ("haproxy", "dispatcher"):
-                runs[name].append(bench.load(ports[name], duration))
+                runs[name].append(bench.load(*ports[name], duration=duration))
     finally:
         bench.stop()
     hap, disp = _mean(runs["haproxy"]), _mean(runs["dispatcher"])
@@ -286,10 +303,9 @@ def render(result: dict) -> str:
         f"proxy benchmark: wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s x {s['rounds']} rounds, "
         f"2 hello backends, HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}",
         "",
-        f"{'':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}",
-        f"{'haproxy':<12}{hap['requests_per_s']:>12,.0f}{hap['p50_ms']:>10.3f}{hap['p99_ms']:>10.3f}{hap['errors']:>9}",
-        f"{'dispatcher':<12}{disp['requests_per_s']:>12,.0f}{disp['p50_ms']:>10.3f}{disp['p99_ms']:>10.3f}"
-        f"{disp['errors']:>9}",
+        f"{'':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}{'CPU us/req':>12}",
+        *(f"{name:<12}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['errors']:>9}"
+          f"{r['cpu_us_per_request']:>12.1f}" for name, r in (("haproxy", hap), ("dispatcher", disp))),
         "",
         f"throughput ratio (dispatcher/haproxy) {ratios['throughput']:.2f}   target >= {TARGET_THROUGHPUT}",
         f"p99 ratio        (dispatcher/haproxy) {ratios['p99']:.2f}   target <= {TARGET_P99}",

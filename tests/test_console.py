@@ -1,0 +1,400 @@
+"""The staff console: Pilot tests against a real dispatcher, unit tests of the diff-updated table,
+and snapshots of the screens from a fixed, network-free cluster state."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from rich.console import Console
+from textual.pilot import Pilot
+from textual.widgets import Static
+
+from console.app import ConsoleApp, create_app
+from console.client import ConsoleClient
+from console.commands import COMMANDS, display_key
+from console.screens.confirm import ConfirmAction
+from console.screens.help import HelpScreen
+from console.source import FixedSource
+from console.widgets.banner import OutageBanner
+from console.widgets.servers_table import ServersTable
+from ctops.redis_embed import free_port
+from ctops.wire import ClusterState, DispatcherView, HostMetrics, HostView, ServerView
+from tests.cluster import Cluster
+
+SIZE = (120, 35)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+async def until(pilot: Pilot[int], what: str, cond: Callable[[], object], timeout: float = 30.0) -> None:
+    """Let the app run until `cond` holds; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def live_app(cluster: Cluster, token: str, urls: list[str] | None = None) -> ConsoleApp:
+    return create_app(ConsoleClient(urls or [cluster.ops_url()], token), interval=0.3)
+
+
+def table(app: ConsoleApp) -> ServersTable:
+    return app.query_one(ServersTable)
+
+
+def shown_state(app: ConsoleApp, name: str) -> object:
+    row = table(app).shown(name)
+    return row[1] if row else None
+
+
+async def select_row(pilot: Pilot[int], app: ConsoleApp, name: str) -> None:
+    t = table(app)
+    t.move_cursor(row=t.get_row_index(name))
+    await pilot.pause()
+    assert t.selected == name
+
+
+def static_text(widget: Static) -> str:
+    out = Console(width=200, record=True, file=io.StringIO())
+    out.print(widget.content)
+    return out.export_text()
+
+
+def act(cluster: Cluster, name: str, action: str) -> None:
+    r = httpx.post(f"{cluster.ops_url()}/api/v1/servers/{name}/{action}", headers=cluster.auth("operator"), timeout=5)
+    r.raise_for_status()
+
+
+# --- against a real dispatcher -----------------------------------------------------------------
+
+@pytest.fixture
+def cluster(running_dispatcher: Cluster) -> Cluster:
+    """The running cluster, once its ops API answers with every server up."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if all(s["state"] == "up" for s in running_dispatcher.state()["servers"]):
+                return running_dispatcher
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("the cluster's ops API never answered with every server up")
+        time.sleep(0.1)
+
+
+async def test_table_shows_servers_with_states(cluster: Cluster) -> None:
+    app = live_app(cluster, cluster.operator_token)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        for name in cluster.server_names:
+            assert shown_state(app, name) == "up"
+            assert table(app).get_cell(name, "state").plain == "● up"
+        assert table(app).row_count == len(cluster.server_names)
+        await until(pilot, "whoami", lambda: app.who is not None)
+        assert app.who is not None and app.who.role == "operator"
+        header = static_text(app.query_one("#summary", Static))
+        assert cluster.state()["cluster"] in header and "leader A" in header and "served by A" in header
+        assert not app.query_one(OutageBanner).display
+
+
+async def test_drain_after_confirm_changes_state(cluster: Cluster) -> None:
+    app = live_app(cluster, cluster.operator_token)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await select_row(pilot, app, "trainer-2")
+        await pilot.press("d")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        await pilot.press("y")
+        await until(pilot, "trainer-2 draining in the table", lambda: shown_state(app, "trainer-2") == "draining")
+        assert cluster.server("trainer-2")["admin"] == "draining"
+        assert cluster.server("trainer-1")["state"] == "up"
+        assert any(n.severity == "information" and "trainer-2" in n.title for n in app.notices)
+        assert table(app).selected == "trainer-2"
+
+
+async def test_cancel_changes_nothing(cluster: Cluster) -> None:
+    app = live_app(cluster, cluster.operator_token)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await select_row(pilot, app, "trainer-1")
+        for key, cancel in (("d", "n"), ("x", "escape"), ("d", "enter")):  # Enter hits the focused Cancel
+            await pilot.press(key)
+            await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+            await pilot.press(cancel)
+            await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+        seen = app.applied
+        await until(pilot, "two more refreshes", lambda: app.applied >= seen + 2)
+        assert shown_state(app, "trainer-1") == "up"
+        assert {s["admin"] for s in cluster.state()["servers"]} == {"enabled"}
+        assert not app.notices
+
+
+async def test_cursor_stays_on_its_row_when_states_change(cluster: Cluster) -> None:
+    app = live_app(cluster, cluster.operator_token)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await select_row(pilot, app, "trainer-2")
+        act(cluster, "trainer-1", "disable")
+        act(cluster, "trainer-3", "drain")
+        await until(pilot, "other rows changed", lambda: (shown_state(app, "trainer-1"), shown_state(app, "trainer-3"))
+                    == ("disabled", "draining"))
+        seen = app.applied
+        await until(pilot, "two more refreshes", lambda: app.applied >= seen + 2)
+        assert table(app).selected == "trainer-2"
+        assert table(app).cursor_row == 1
+
+
+async def test_viewer_token_drain_is_refused_clearly(cluster: Cluster) -> None:
+    app = live_app(cluster, cluster.viewer_token)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state and whoami", lambda: app.applied >= 1 and app.who is not None)
+        assert app.who is not None and app.who.role == "viewer"
+        await select_row(pilot, app, "trainer-2")
+        await pilot.press("d")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        await pilot.press("y")
+        await until(pilot, "an error notice", lambda: any(n.severity == "error" for n in app.notices))
+        notice = next(n for n in app.notices if n.severity == "error")
+        assert notice.title == "Permission denied"
+        assert "viewer" in notice.message and "drain" in notice.message and "nothing changed" in notice.message
+        assert cluster.server("trainer-2")["admin"] == "enabled"
+        seen = app.applied
+        await until(pilot, "a refresh", lambda: app.applied > seen)
+        assert shown_state(app, "trainer-2") == "up"
+
+
+async def test_unreachable_api_shows_banner_and_keeps_stale_data(cluster: Cluster) -> None:
+    app = live_app(cluster, cluster.operator_token)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        cluster.signal("A", signal.SIGKILL)
+        banner = app.query_one(OutageBanner)
+        await until(pilot, "outage banner", lambda: banner.display)
+        text = static_text(banner)
+        assert "unreachable" in text and "stale" in text
+        assert table(app).row_count == len(cluster.server_names)  # last data kept
+        assert table(app).has_class("-stale")
+        assert "STALE" in static_text(app.query_one("#summary", Static))
+
+
+async def test_moves_on_to_the_next_url_when_one_is_down(cluster: Cluster) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = ConsoleClient([dead, cluster.ops_url()], cluster.operator_token)
+    app = create_app(client, interval=0.3)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        assert client.current_url == cluster.ops_url()
+        assert not app.query_one(OutageBanner).display
+
+
+def test_sighup_exits_cleanly(tmp_path: Path) -> None:
+    """Terminal gone: the console leaves by its normal exit path and exits 0."""
+    master, slave = pty.openpty()
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+    proc = subprocess.Popen([sys.executable, "-m", "ctops.cli", "console", "--url", dead, "--token", "t"],
+                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"Drain" not in seen and time.monotonic() < deadline:  # the footer has been drawn
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        assert b"Drain" in seen, seen[-500:]
+        os.close(master)  # the SSH session drops ...
+        proc.send_signal(signal.SIGHUP)  # ... and the kernel hangs up
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- without network: fixed state ----------------------------------------------------------------
+
+def _server(i: int, state: str = "up", **kw: object) -> ServerView:
+    admin = state if state in ("draining", "disabled") else "enabled"
+    health = "up" if admin != "enabled" else state
+    base: dict[str, object] = dict(
+        name=f"trainer-{i}", url=f"http://10.0.0.{i}:8080", host=f"host-{i}", state=state, admin=admin,
+        health=health, active_sessions=(i * 7) % 23, heartbeat_age_ms=200 + i * 37, cpu_percent=(i * 13) % 97,
+        memory_percent=20 + (i * 11) % 70, since_ms=1_700_000_000_000,
+    )
+    return ServerView.model_validate(base | kw)
+
+
+def fixed_state(n: int = 12) -> ClusterState:
+    specials = {
+        3: dict(state="suspect", last_error="health check timed out after 300 ms", heartbeat_age_ms=2400),
+        5: dict(state="down", last_error="connection refused", heartbeat_age_ms=None, cpu_percent=None,
+                memory_percent=None, active_sessions=0),
+        7: dict(state="draining"),
+        8: dict(state="disabled", active_sessions=0),
+        10: dict(cpu_percent=93.0, memory_percent=81.0),
+    }
+    servers = [_server(i, **specials.get(i, {})) for i in range(1, n + 1)]  # type: ignore[arg-type]
+    metrics = HostMetrics(cpu_percent=20, memory_percent=40, memory_used_bytes=1 << 30, disk_percent=50,
+                          load1=0.5, load5=0.4, load15=0.3)
+    hosts = [HostView(name=f"host-{i}", state="lost" if i == 5 else "late" if i == 3 else "alive",
+                      heartbeat_age_ms=250, metrics=metrics) for i in range(1, n + 1)]
+    return ClusterState(
+        cluster="training-eu", leader="A", served_by="A", now_ms=1_700_000_000_000,
+        dispatchers=[
+            DispatcherView(name="A", role="leader", healthy=True, ops_url="http://a:9001", data_url="http://a:80"),
+            DispatcherView(name="B", role="standby", healthy=False, ops_url="http://b:9001", data_url="http://b:80"),
+        ],
+        servers=servers, hosts=hosts,
+    )
+
+
+def fixed_app(state: ClusterState | None = None, keymap: dict[str, str] | None = None) -> ConsoleApp:
+    # a long interval: snapshots must not race a refresh
+    return create_app(FixedSource(fixed_state() if state is None else state), interval=3600, keymap=keymap)
+
+
+async def test_help_lists_every_binding() -> None:
+    app = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await pilot.press("question_mark")
+        await until(pilot, "help screen", lambda: isinstance(app.screen, HelpScreen))
+        text = static_text(app.screen.query_one("#help-keys", Static))
+        for c in COMMANDS:
+            assert c.title in text
+            assert display_key(c.key) in text
+        await pilot.press("escape")
+        await until(pilot, "help closed", lambda: not isinstance(app.screen, HelpScreen))
+
+
+async def test_keymap_remaps_by_binding_id() -> None:
+    app = fixed_app(keymap={"console.drain": "D"})
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await pilot.press("d")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmAction)
+        await pilot.press("D")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+
+
+async def test_palette_offers_the_commands() -> None:
+    app = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Drain selected server", "Disable selected server", "Enable selected server", "Refresh"} <= titles
+
+
+async def test_diff_update_keeps_cursor_when_rows_come_and_go() -> None:
+    state = fixed_state(10)
+    source = FixedSource(state)
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await select_row(pilot, app, "trainer-6")
+        # rows above the cursor go away, a new one sorts in above it, others change state
+        keep = [s for s in state.servers if s.name not in ("trainer-1", "trainer-2")]
+        source.current = state.model_copy(update={"servers": [_server(0), *keep, _server(11, "down")]})
+        seen = app.applied
+        app.action_refresh_now()
+        await until(pilot, "refresh", lambda: app.applied > seen)
+        t = table(app)
+        assert t.selected == "trainer-6"
+        assert [t.get_row_at(i)[0].plain for i in range(t.row_count)][:3] == ["trainer-0", "trainer-3", "trainer-4"]
+        assert t.row_count == 10
+
+
+async def test_diff_update_touches_only_changed_cells_at_2000_servers() -> None:
+    state = fixed_state(2000)
+    source = FixedSource(state)
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1, timeout=60)
+        t = table(app)
+        await select_row(pilot, app, "trainer-1500")
+        updates: list[tuple[str, str]] = []
+        original = t.update_cell
+
+        def counting(row: object, col: object, value: object, **kw: object) -> None:
+            updates.append((str(getattr(row, "value", row)), str(getattr(col, "value", col))))
+            original(row, col, value, **kw)  # type: ignore[arg-type]
+
+        t.update_cell = counting  # type: ignore[method-assign]
+        servers = list(state.servers)
+        servers[41] = servers[41].model_copy(update={"state": "suspect", "health": "suspect"})
+        servers[42] = servers[42].model_copy(update={"active_sessions": 999})
+        source.current = state.model_copy(update={"servers": servers})
+        seen = app.applied
+        app.action_refresh_now()
+        await until(pilot, "refresh", lambda: app.applied > seen)
+        assert sorted(updates) == [("trainer-42", "state"), ("trainer-43", "sessions")]
+        assert t.row_count == 2000 and t.selected == "trainer-1500"
+
+
+async def test_no_server_selected_warns() -> None:
+    app = fixed_app(fixed_state(0))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await pilot.press("d")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmAction)
+        assert app.notices[-1].title == "No server selected"
+
+
+# --- snapshots (fixed state, no network) ---------------------------------------------------------
+
+async def _loaded(pilot: Pilot[int]) -> None:
+    app = pilot.app
+    assert isinstance(app, ConsoleApp)
+    await until(pilot, "first state", lambda: app.applied >= 1 and app.who is not None)
+    await pilot.pause()
+
+
+def test_snapshot_main_80x24(snap_compare: Callable[..., bool]) -> None:
+    assert snap_compare(fixed_app(), terminal_size=(80, 24), run_before=_loaded)
+
+
+def test_snapshot_main_200x50(snap_compare: Callable[..., bool]) -> None:
+    assert snap_compare(fixed_app(), terminal_size=(200, 50), run_before=_loaded)
+
+
+def test_snapshot_confirm_dialog(snap_compare: Callable[..., bool]) -> None:
+    async def open_dialog(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.press("down", "down", "d")
+        await until(pilot, "confirm dialog", lambda: isinstance(pilot.app.screen, ConfirmAction))
+        await pilot.pause()
+
+    assert snap_compare(fixed_app(), terminal_size=(80, 24), run_before=open_dialog)
+
+
+def test_snapshot_outage_banner(snap_compare: Callable[..., bool]) -> None:
+    source = FixedSource(fixed_state())
+    app = create_app(source, interval=3600)
+
+    async def go_dark(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        source.reachable = False
+        seen = app.failures
+        app.action_refresh_now()
+        await until(pilot, "failure", lambda: app.failures > seen)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=go_dark)

@@ -1,0 +1,608 @@
+"""The data plane against real backends (tests/backends.py, a separate process) over real sockets.
+
+Each test runs the proxy in its own uvloop event loop in this process, so it can look at the
+server pool and at the proxy's transports. Nothing is timed: waits poll for a state, with
+generous limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from ctops.config import ServerSpec
+from dispatcher.pool import ServerPool
+from dispatcher.proxy import ClientConnection, DataPlane, ProxySettings
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("proxy_test_backends", HERE / "backends.py")
+backends_mod = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(backends_mod)  # type: ignore[union-attr]
+pattern = backends_mod.pattern
+
+SETTINGS = ProxySettings(client_header_timeout=10, client_idle_timeout=10, upstream_connect_timeout=3,
+                         upstream_read_timeout=10, header_max_bytes=16 * 1024, high_water=64 * 1024, pool_size=8)
+MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@dataclass
+class Backends:
+    http: dict[str, int]
+    ws: int
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[Backends]:
+    proc = subprocess.Popen([sys.executable, str(HERE / "backends.py"), "--names", "a,b,c"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        info = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+        yield Backends(info["http"], info["ws"])
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(scenario: Callable[[], Awaitable[Any]]) -> Any:
+    async def guarded() -> Any:
+        return await asyncio.wait_for(scenario(), 30)
+
+    return uvloop.run(guarded())
+
+
+def make_pool(ports: dict[str, int], health: str = "up") -> ServerPool:
+    specs = [ServerSpec(name=n, url=f"http://127.0.0.1:{p}") for n, p in ports.items()]
+    return ServerPool(specs, initial_health=health)
+
+
+@asynccontextmanager
+async def proxy(pool: ServerPool, **settings: Any) -> AsyncIterator[DataPlane]:
+    plane = DataPlane(pool, replace(SETTINGS, **settings))
+    await plane.start("127.0.0.1", 0)
+    try:
+        yield plane
+    finally:
+        await plane.close()
+
+
+def free_port() -> int:
+    """A port nobody listens on: connections to it are refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def eventually(check: Callable[[], Any], what: str, limit: float = 10.0) -> Any:
+    """Poll until check() is truthy (a state, not a time, is what the test asserts)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while True:
+        value = check()
+        if value:
+            return value
+        assert loop.time() < end, f"never happened: {what}"
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    raw_headers: list[tuple[str, str]]
+    body: bytes
+
+
+class Client:
+    """A raw HTTP/1.1 client, so tests control exactly what goes on the wire."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, **kw: Any) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=4 * MB, **kw)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def request(self, method: str, path: str, body: bytes | None = None, headers: tuple = (),
+                      chunked: bool = False, version: str = "1.1") -> Response:
+        head = [f"{method} {path} HTTP/{version}", "Host: test"] + [f"{k}: {v}" for k, v in headers]
+        if chunked:
+            head.append("Transfer-Encoding: chunked")
+        elif body is not None:
+            head.append(f"Content-Length: {len(body)}")
+        await self.send(("\r\n".join(head) + "\r\n\r\n").encode())
+        if body is not None:
+            if chunked:
+                for i in range(0, len(body), 100_000):
+                    part = body[i:i + 100_000]
+                    await self.send(b"%x\r\n%b\r\n" % (len(part), part))
+                await self.send(b"0\r\n\r\n")
+            else:
+                await self.send(body)
+        return await self.response(method)
+
+    async def response(self, method: str = "GET") -> Response:
+        while True:
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            if not (100 <= status < 200):
+                break
+        pairs = [(k.strip(), v.strip()) for k, v in (x.split(":", 1) for x in lines[1:] if x)]
+        headers = {k.lower(): v for k, v in pairs}
+        if method == "HEAD" or status in (204, 304):
+            body = b""
+        elif "chunked" in headers.get("transfer-encoding", ""):
+            parts = []
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readline()
+                    break
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            body = b"".join(parts)
+        elif "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        else:
+            body = await self.reader.read()
+        return Response(status, headers, pairs, body)
+
+    async def closed_by_peer(self) -> bool:
+        """True once the proxy has closed the connection (EOF), after any bytes still in flight."""
+        try:
+            while await self.reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# requests and bodies
+
+
+def test_get_and_post_with_length_and_chunks(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/hello")
+            assert (r.status, r.body, r.headers["x-backend"]) == (200, b"hello from a", "a")
+
+            r = await c.request("POST", "/echo", b"payload with a length")
+            assert r.body == b"payload with a length" and r.headers["x-body-len"] == "21"
+
+            # chunked both ways: the request is re-chunked upstream, the response re-chunked to us
+            r = await c.request("POST", "/echo?mode=chunked", b"x" * 250_000, chunked=True)
+            assert r.headers["transfer-encoding"] == "chunked"
+            assert r.body == b"x" * 250_000 and r.headers["x-body-len"] == "250000"
+
+            # a body that ends when the server closes reaches an HTTP/1.1 client chunked, and the
+            # client's connection stays usable
+            r = await c.request("POST", "/echo?mode=close", b"until close")
+            assert r.headers["transfer-encoding"] == "chunked" and r.body == b"until close"
+
+            r = await c.request("HEAD", "/hello")
+            assert r.status == 200 and r.headers["content-length"] == "12"
+            r = await c.request("GET", "/hello")  # the HEAD response left no stray body behind
+            assert r.body == b"hello from a"
+            c.close()
+            assert plane.pool.get("a").outstanding == 0  # type: ignore[union-attr]
+
+    run(scenario)
+
+
+def test_ten_megabytes_each_way(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            c = await Client.open(plane.port)
+            up = pattern(10 * MB)
+            r = await c.request("POST", "/echo?mode=cl", up)
+            assert r.headers["x-body-sha256"] == sha(up) and sha(r.body) == sha(up)
+
+            r = await c.request("POST", "/echo?mode=chunked", up, chunked=True)
+            assert r.headers["x-body-sha256"] == sha(up) and sha(r.body) == sha(up)
+
+            r = await c.request("GET", f"/big?n={10 * MB}&mode=chunked")
+            assert len(r.body) == 10 * MB and sha(r.body) == sha(up)
+            c.close()
+
+    run(scenario)
+
+
+def test_keep_alive_reuses_client_and_upstream_connections(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            c = await Client.open(plane.port)
+            seen = [await c.request("GET", "/hello") for _ in range(5)]
+            assert len({r.headers["x-conn-id"] for r in seen}) == 1  # one upstream connection...
+            assert [r.headers["x-conn-requests"] for r in seen] == ["1", "2", "3", "4", "5"]  # ...reused
+            c.close()
+
+            # another client gets the pooled upstream connection
+            c2 = await Client.open(plane.port)
+            r = await c2.request("GET", "/hello")
+            assert r.headers["x-conn-id"] == seen[0].headers["x-conn-id"]
+            assert r.headers["x-conn-requests"] == "6"
+            c2.close()
+
+            # HTTP/1.0 keeps the connection only when asked to
+            c3 = await Client.open(plane.port)
+            for _ in range(2):
+                r = await c3.request("GET", "/hello", version="1.0", headers=(("Connection", "keep-alive"),))
+                assert r.status == 200 and r.headers["connection"].lower() == "keep-alive"
+            r = await c3.request("GET", "/hello", version="1.0")
+            assert r.status == 200 and r.headers["connection"].lower() == "close"
+            assert await c3.closed_by_peer()
+
+    run(scenario)
+
+
+def test_pipelined_requests_are_answered_in_order(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"], "b": backends.http["b"]})) as plane:
+            c = await Client.open(plane.port)
+            await c.send(b"GET /slow?ms=300 HTTP/1.1\r\nHost: t\r\n\r\n"
+                         b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\nsecond"
+                         b"POST /echo?mode=chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"5\r\nthird\r\n0\r\n\r\n"
+                         b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n")
+            first = await c.response()
+            second = await c.response()
+            third = await c.response()
+            fourth = await c.response()
+            assert first.status == 200 and first.body.startswith(b"hello from")
+            assert second.body == b"second" and third.body == b"third"
+            assert fourth.body.startswith(b"hello from")
+            r = await c.request("GET", "/hello")  # still in step afterwards
+            assert r.status == 200
+            c.close()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------------------
+# faults on either side
+
+
+async def backend_stats(port: int) -> dict:
+    c = await Client.open(port)
+    r = await c.request("GET", "/stats")
+    c.close()
+    return json.loads(r.body)
+
+
+def test_client_disconnecting_mid_request_releases_the_upstream(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool({"a": backends.http["a"]})
+        async with proxy(pool) as plane:
+            before = (await backend_stats(backends.http["a"]))["truncated_bodies"]
+            c = await Client.open(plane.port)
+            await c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n" + b"y" * 100_000)
+            await eventually(lambda: pool.get("a").outstanding == 1, "request forwarded")  # type: ignore[union-attr]
+            c.writer.transport.abort()
+
+            # the proxy closed its upstream connection: the server saw the body cut short
+            async def truncated() -> bool:
+                return (await backend_stats(backends.http["a"]))["truncated_bodies"] > before
+
+            for _ in range(250):
+                if await truncated():
+                    break
+                await asyncio.sleep(0.02)
+            assert await truncated()
+            await eventually(lambda: pool.get("a").outstanding == 0, "outstanding released")  # type: ignore[union-attr]
+            await eventually(lambda: not plane.conns, "client connection forgotten")
+
+            c2 = await Client.open(plane.port)  # and others are still served
+            assert (await c2.request("GET", "/hello")).status == 200
+            c2.close()
+
+    run(scenario)
+
+
+def test_malformed_requests_get_400_and_close(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            bad = [
+                b"NOT A REQUEST\r\n\r\n",
+                b"GET /hello HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n",
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                # a bad chunk after a good head, which was already on its way upstream
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            ]
+            for raw in bad:
+                c = await Client.open(plane.port)
+                await c.send(raw)
+                r = await c.response()
+                assert r.status == 400, raw
+                assert json.loads(r.body) == {"error": "malformed request"}
+                assert await c.closed_by_peer()
+
+            c = await Client.open(plane.port)
+            await c.send(b"GET /hello HTTP/1.1\r\nHost: t\r\nX-Big: " + b"z" * 20_000 + b"\r\n\r\n")
+            r = await c.response()
+            assert r.status == 431 and await c.closed_by_peer()
+
+            # a good request, then garbage: the good one is answered first
+            c = await Client.open(plane.port)
+            await c.send(b"GET /slow?ms=200 HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE GARBAGE\r\n\r\n")
+            assert (await c.response()).status == 200
+            assert (await c.response()).status == 400
+
+            c = await Client.open(plane.port)
+            assert (await c.request("GET", "/hello")).status == 200
+            c.close()
+            await eventually(lambda: plane.pool.get("a").outstanding == 0, "no request left in flight")  # type: ignore[union-attr]
+
+    run(scenario)
+
+
+def test_upstream_closing_mid_response_cuts_the_client(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            c = await Client.open(plane.port)
+            await c.send(b"GET /close-mid HTTP/1.1\r\nHost: t\r\n\r\n")
+            raw = await c.reader.readuntil(b"\r\n\r\n")
+            assert b" 200 " in raw and b"Content-Length: 1000000" in raw
+            got = await c.reader.read()  # until the proxy closes
+            assert 0 < len(got) < 1_000_000
+
+    run(scenario)
+
+
+def test_upstream_closing_before_responding_gives_502(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/close-before")
+            assert r.status == 502 and "error" in json.loads(r.body)
+            assert r.headers["content-type"] == "application/json"
+
+    run(scenario)
+
+
+def test_dead_pooled_connection_is_retried_for_idempotent_requests(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool({"a": backends.http["a"]})
+        async with proxy(pool) as plane:
+            c = await Client.open(plane.port)
+            first = await c.request("GET", "/once")  # the server will drop this connection on reuse
+            r = await c.request("GET", "/hello")
+            assert r.status == 200
+            assert r.headers["x-conn-id"] != first.headers["x-conn-id"] and r.headers["x-conn-requests"] == "1"
+            assert pool.get("a").state == "up"  # type: ignore[union-attr]
+
+            # a POST may have been acted on: it is not sent twice
+            await c.request("GET", "/once")
+            r = await c.request("POST", "/echo", b"once only")
+            assert r.status == 502
+            c.close()
+
+    run(scenario)
+
+
+def test_refused_backend_is_marked_down_and_another_serves(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool({"dead": free_port(), "a": backends.http["a"]})
+        async with proxy(pool) as plane:
+            c = await Client.open(plane.port)
+            served = [(await c.request("GET", "/hello")).headers["x-backend"] for _ in range(4)]
+            assert served == ["a"] * 4
+            dead = pool.get("dead")
+            assert dead is not None and dead.state == "down" and "passive" in (dead.last_error or "")
+            assert dead.outstanding == 0 and pool.get("a").outstanding == 0  # type: ignore[union-attr]
+            c.close()
+
+    run(scenario)
+
+
+def test_no_healthy_server_gives_503_with_retry_after(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]}, health="down")) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/hello")
+            assert r.status == 503 and r.headers["retry-after"] == "1"
+            assert json.loads(r.body)["error"] == "no healthy trainer server"
+            c.close()
+
+        pool = make_pool({"x": free_port(), "y": free_port()})  # "up" but refusing
+        async with proxy(pool) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/hello")
+            assert r.status == 503 and r.headers["retry-after"] == "1"
+            assert [b.state for b in pool] == ["down", "down"]
+            r = await c.request("GET", "/hello")  # the connection survives a 503
+            assert r.status == 503
+            c.close()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------------------
+# headers, upgrades, flow control, timeouts
+
+
+def test_hop_by_hop_headers_removed_and_forwarded_headers_added(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/headers", headers=(
+                ("Connection", "keep-alive, X-Private"), ("Keep-Alive", "timeout=5"), ("X-Private", "1"),
+                ("Proxy-Authorization", "Basic eA=="), ("TE", "trailers"), ("X-Forwarded-For", "10.1.2.3"),
+                ("X-Forwarded-Proto", "https"), ("X-Kept", "yes")))
+            seen = {k.lower(): v for k, v in json.loads(r.body)["headers"]}
+            for hop in ("connection", "keep-alive", "x-private", "proxy-authorization", "te"):
+                assert hop not in seen, hop
+            assert seen["x-kept"] == "yes" and seen["host"] == "test"
+            assert seen["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
+            assert seen["x-forwarded-proto"] == "http"
+
+            r = await c.request("GET", "/hop")  # and on the way back
+            for hop in ("keep-alive", "x-hop-private", "proxy-authenticate", "connection"):
+                assert hop not in r.headers, hop
+            assert r.headers["x-end-to-end"] == "kept"
+            c.close()
+
+    run(scenario)
+
+
+def test_websocket_is_tunnelled(backends: Backends) -> None:
+    from websockets.asyncio.client import connect
+
+    async def scenario() -> None:
+        pool = make_pool({"ws": backends.ws})
+        async with proxy(pool) as plane:
+            async with connect(f"ws://127.0.0.1:{plane.port}/echo", max_size=None) as ws:
+                await ws.send("hello")
+                assert await ws.recv() == "hello"
+                blob = pattern(3 * MB)
+                await ws.send(blob)
+                assert sha(await ws.recv()) == sha(blob)
+            assert pool.get("ws").outstanding == 0  # type: ignore[union-attr]
+
+    run(scenario)
+
+
+def test_slow_reader_does_not_make_the_proxy_buffer_without_bound(backends: Backends) -> None:
+    size = 48 * MB
+    high_water = 64 * 1024
+
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]}), high_water=high_water) as plane:
+            c = await Client.open(plane.port)
+            c.writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            await c.send(f"GET /big?n={size}&mode=cl HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            c.writer.transport.pause_reading()  # a client that stops reading
+
+            def proxy_side() -> ClientConnection | None:
+                conns = [x for x in plane.conns if x.cur is not None and x.cur.upstream is not None]
+                return conns[0] if conns else None
+
+            # the proxy stops reading from the server...
+            conn = await eventually(lambda: (x := proxy_side()) and x.cur.upstream.read_paused and x,  # type: ignore[union-attr]
+                                    "upstream reading paused")
+            # ...and what it holds for the client stays near the high-water mark while it waits
+            peak = 0
+            for _ in range(25):
+                peak = max(peak, conn.transport.get_write_buffer_size())
+                await asyncio.sleep(0.02)
+            assert conn.cur is not None and conn.cur.upstream.read_paused  # type: ignore[union-attr]
+            assert peak <= high_water + 1 * MB < size // 10
+
+            c.writer.transport.resume_reading()  # once the client reads, everything arrives intact
+            r = await c.response()
+            assert len(r.body) == size and sha(r.body) == sha(pattern(size))
+            c.close()
+
+    run(scenario)
+
+
+def test_client_header_and_idle_timeouts(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]}), client_header_timeout=0.3,
+                         client_idle_timeout=0.3) as plane:
+            c = await Client.open(plane.port)
+            await c.send(b"GET /hello HTTP/1.1\r\nHost: t\r\n")  # and never the blank line
+            r = await c.response()
+            assert r.status == 408 and await c.closed_by_peer()
+
+            c = await Client.open(plane.port)
+            assert (await c.request("GET", "/hello")).status == 200
+            assert await c.closed_by_peer()  # idle after its request: closed
+            await eventually(lambda: not plane.conns, "idle connection dropped")
+
+    run(scenario)
+
+
+def test_upstream_read_timeout_gives_504(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]}), upstream_read_timeout=0.3) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/slow?ms=5000")
+            assert r.status == 504 and json.loads(r.body)["error"] == "trainer server timed out"
+            await eventually(lambda: plane.pool.get("a").outstanding == 0, "released")  # type: ignore[union-attr]
+
+    run(scenario)
+
+
+def _blackhole() -> tuple[socket.socket, list[socket.socket]] | None:
+    """A listener whose accept queue is full, so new connections hang in SYN-SENT."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fillers = []
+    for _ in range(8):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(srv.getsockname())
+        fillers.append(f)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    try:
+        probe.connect(srv.getsockname())
+    except OSError:
+        return srv, fillers  # hangs (or fails) as wanted
+    finally:
+        probe.close()
+    srv.close()
+    for f in fillers:
+        f.close()
+    return None
+
+
+def test_upstream_connect_timeout_fails_over(backends: Backends) -> None:
+    hole = _blackhole()
+    if hole is None:
+        pytest.skip("this kernel completes connections to a full accept queue")
+    srv, fillers = hole
+
+    async def scenario() -> None:
+        pool = make_pool({"hung": srv.getsockname()[1], "a": backends.http["a"]})
+        async with proxy(pool, upstream_connect_timeout=0.3) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/hello")
+            assert r.status == 200 and r.headers["x-backend"] == "a"
+            hung = pool.get("hung")
+            assert hung is not None and hung.state == "down" and "timeout" in (hung.last_error or "")
+            c.close()
+
+    try:
+        run(scenario)
+    finally:
+        srv.close()
+        for f in fillers:
+            f.close()

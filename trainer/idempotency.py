@@ -1,0 +1,123 @@
+"""`Idempotency-Key` on POSTs: executed at most once across all trainer servers.
+
+The first server to see a key claims it in Redis (a lease, renewed while it works). The request's
+writes and its outcome (status, body, replayed headers) are committed in one transaction fenced by
+that claim, so either both happen or neither: a server dying before the commit leaves nothing done
+and its claim expires; one dying after leaves the outcome for every repeat. A repeat of a finished
+request gets the stored outcome; a repeat of one still in progress (possibly on another server)
+waits for it, up to a bound, then gets a 409 it can retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from fastapi.responses import JSONResponse
+from redis.asyncio.client import Pipeline
+
+from ctops.config import TrainerSettings
+from ctops.keys import Keys
+from trainer.lease import Lease, LeaseLost
+
+HEADER = "Idempotency-Key"
+REPLAYED = "Idempotent-Replayed"
+KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+POLL_SECONDS = 0.05
+
+
+@dataclass
+class Outcome:
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self, replayed: bool = False) -> JSONResponse:
+        headers = {**self.headers, REPLAYED: "true"} if replayed else dict(self.headers)
+        return JSONResponse(self.body, self.status, headers=headers)
+
+
+Writes = Callable[[Pipeline], None]
+Prepare = Callable[[], Awaitable[tuple[Outcome, Writes]]]
+After = Callable[[Outcome], Awaitable[None]]
+
+
+def fingerprint(method: str, path: str, body: bytes) -> str:
+    return hashlib.sha256(b"%s %s\n%s" % (method.encode(), path.encode(), body)).hexdigest()
+
+
+def problem(status: int, detail: str, **extra: object) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 409 else None
+    return JSONResponse({"detail": detail, **extra}, status, headers=headers)
+
+
+class Idempotency:
+    def __init__(self, client: aioredis.Redis, keys: Keys, server: str, settings: TrainerSettings) -> None:
+        self.r = client
+        self.k = keys
+        self.server = server
+        self.settings = settings
+
+    async def run(self, key: str | None, fp: str, prepare: Prepare, after: After | None = None) -> JSONResponse:
+        """Execute `prepare` (which must not write) and commit its writes, at most once per key.
+
+        `after` runs only on the execution that committed (e.g. to start background work)."""
+        if key is None:
+            outcome, writes = await prepare()
+            async with self.r.pipeline(transaction=True) as p:
+                writes(p)
+                await p.execute()
+            if after:
+                await after(outcome)
+            return outcome.response()
+        if not KEY_RE.match(key):
+            return problem(400, f"{HEADER} must be 1 to 255 printable ASCII characters without spaces")
+        rkey = self.k.idempotency(hashlib.sha256(key.encode()).hexdigest())
+        deadline = time.monotonic() + self.settings.idempotency_wait_ms / 1000
+        while True:
+            claim = Lease(self.r, rkey, self.server, self.settings.lease_ttl_ms)
+            claim.token = json.dumps({"state": "pending", "fingerprint": fp, "server": self.server,
+                                      "nonce": claim.token})
+            if await claim.acquire():
+                done = await self._execute(claim, prepare, rkey)
+                if done is not None:
+                    if after:
+                        await after(done)
+                    return done.response()
+                # our claim lapsed and another server took the key over: its outcome is the answer
+                continue
+            raw = await self.r.get(rkey)
+            if raw is None:
+                continue  # the holder's claim expired (it died before committing): claim it ourselves
+            stored = json.loads(raw)
+            if stored.get("fingerprint") != fp:
+                return problem(422, f"this {HEADER} was already used for a different request")
+            if stored["state"] == "done":
+                return Outcome(stored["status"], stored["body"], stored.get("headers", {})).response(replayed=True)
+            if time.monotonic() >= deadline:
+                return problem(409, f"a request with this {HEADER} is still in progress; retry shortly",
+                               idempotency_key=key)
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _execute(self, claim: Lease, prepare: Prepare, rkey: str) -> Outcome | None:
+        fp = json.loads(claim.token)["fingerprint"]
+        async with claim.kept():
+            outcome, writes = await prepare()
+            stored = json.dumps({"state": "done", "fingerprint": fp, "status": outcome.status,
+                                 "body": outcome.body, "headers": outcome.headers, "server": self.server})
+
+            def commit(p: Pipeline) -> None:
+                writes(p)
+                p.set(rkey, stored, ex=self.settings.idempotency_ttl_s)
+
+            try:
+                await claim.write(commit)
+            except LeaseLost:
+                return None
+        return outcome

@@ -1,0 +1,105 @@
+"""Sessions and submissions in Redis, so any trainer server sharing the Redis can serve any session."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
+
+from ctops.keys import Keys
+
+ACTIVE_WINDOW_MS = 10 * 60 * 1000
+# sessions and their results are kept for a week after the last activity
+TTL_SECONDS = 7 * 24 * 3600
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{secrets.token_urlsafe(12)}"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for redis://, rediss://, unix:// or redis+sentinel://h1:p1,h2:p2/SERVICE[/DB]."""
+    opts = {"decode_responses": True, "socket_timeout": 2.0, "socket_connect_timeout": 1.0,
+            "health_check_interval": 10}
+    if not url.startswith("redis+sentinel://"):
+        return aioredis.Redis.from_url(url, **opts)
+    parts = urlsplit(url)
+    hosts = []
+    for hp in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = hp.rpartition(":")
+        hosts.append((host.strip("[]"), int(port or 26379)))
+    path = [p for p in parts.path.split("/") if p]
+    service = path[0] if path else "mymaster"
+    db = int(path[1]) if len(path) > 1 else 0
+    sentinel = Sentinel(hosts, socket_timeout=1.0)
+    return sentinel.master_for(service, db=db, **opts)
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis, keys: Keys, server: str) -> None:
+        self.r = client
+        self.k = keys
+        self.server = server
+
+    async def touch(self, sid: str) -> None:
+        now = now_ms()
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(self.k.session(sid), mapping={"last_activity_ms": now, "last_server": self.server})
+            p.expire(self.k.session(sid), TTL_SECONDS)
+            p.expire(self.k.session_submissions(sid), TTL_SECONDS)
+            p.zadd(self.k.server_sessions(self.server), {sid: now})
+            p.zremrangebyscore(self.k.server_sessions(self.server), "-inf", now - ACTIVE_WINDOW_MS)
+            await p.execute()
+
+    async def active_sessions(self) -> int:
+        return int(await self.r.zcount(self.k.server_sessions(self.server), now_ms() - ACTIVE_WINDOW_MS, "+inf"))
+
+    async def create_session(self, learner: str | None) -> dict:
+        sid = new_id("s")
+        now = now_ms()
+        session = {"session_id": sid, "learner": learner or "", "created_ms": now, "created_by": self.server,
+                   "last_activity_ms": now, "last_server": self.server}
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(self.k.session(sid), mapping=session)
+            p.expire(self.k.session(sid), TTL_SECONDS)
+            p.zadd(self.k.server_sessions(self.server), {sid: now})
+            await p.execute()
+        return session
+
+    async def get_session(self, sid: str) -> dict | None:
+        raw = await self.r.hgetall(self.k.session(sid))
+        if not raw:
+            return None
+        for f in ("created_ms", "last_activity_ms"):
+            if f in raw:
+                raw[f] = int(raw[f])
+        return raw
+
+    async def session_submissions(self, sid: str) -> list[dict]:
+        ids = await self.r.lrange(self.k.session_submissions(sid), 0, -1)
+        if not ids:
+            return []
+        raws = await self.r.mget([self.k.submission(i) for i in ids])
+        return [json.loads(r) for r in raws if r]
+
+    async def save_submission(self, sub: dict, new: bool = False) -> None:
+        """Every step of a submission (accepted, tested, reviewed) is written, so another server can
+        show where it got to if this one dies."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(self.k.submission(sub["submission_id"]), json.dumps(sub), ex=TTL_SECONDS)
+            if new:
+                p.rpush(self.k.session_submissions(sub["session_id"]), sub["submission_id"])
+                p.expire(self.k.session_submissions(sub["session_id"]), TTL_SECONDS)
+            await p.execute()
+
+    async def get_submission(self, sub_id: str) -> dict | None:
+        raw = await self.r.get(self.k.submission(sub_id))
+        return json.loads(raw) if raw else None
