@@ -15,7 +15,7 @@ import httpx
 
 from agents.metrics import ProcessSampler, host_metrics
 from agents.supervisor import Supervisor
-from ctops.wire import AgentEvent, Heartbeat, ProcessMetrics
+from ctops.wire import AgentEvent, Heartbeat, HeartbeatAck, ProcessMetrics
 
 log = logging.getLogger("ctops.agent.heartbeat")
 OUTBOX_MAX = 1000
@@ -72,12 +72,23 @@ class HeartbeatSender:
                 if idx != self.current:
                     log.info("heartbeats now go to %s", url)
                 self.current = idx
+                self._follow_leader(r)
                 sent = {e.id for e in hb.events}
                 while self.outbox and self.outbox[0].id in sent:
                     self.outbox.popleft()
                 return True
             log.warning("heartbeat to %s refused: %s %s", url, r.status_code, r.text[:200])
         return False
+
+    def _follow_leader(self, r: httpx.Response) -> None:
+        """Traffic follows the leader: the next heartbeat goes to the dispatcher that leads."""
+        try:
+            leader_url = HeartbeatAck.model_validate_json(r.content).leader_ops_url
+        except ValueError:
+            return
+        if leader_url and leader_url in self.urls and self.urls.index(leader_url) != self.current:
+            log.info("following the leader to %s", leader_url)
+            self.current = self.urls.index(leader_url)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

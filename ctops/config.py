@@ -97,6 +97,9 @@ class DispatcherSpec(_Strict):
     name: str = Field(min_length=1, max_length=64)
     data: str = Field(description="host:port of the data port (reverse proxy)")
     ops: str = Field(description="host:port of the ops API")
+    # run on becoming leader / on ceasing to lead, e.g. to move a floating address; see README
+    on_promote: list[str] = Field(default_factory=list)
+    on_demote: list[str] = Field(default_factory=list)
 
     @field_validator("data", "ops")
     @classmethod
@@ -190,6 +193,44 @@ class LLMProviderSpec(_Strict):
         return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
 
 
+class LLMSettings(_Strict):
+    """How the dispatcher's LLM pool judges and fails over between providers (see dispatcher/llm)."""
+
+    # model names clients may ask for; each maps to every provider's own `model`
+    models: list[str] = Field(default_factory=lambda: ["gpt-4"], min_length=1)
+    # a provider's breaker opens after this many consecutive failures ...
+    failure_threshold: int = Field(3, ge=1, le=100)
+    # ... or when this share of its last `failure_window` calls failed (once the window is full)
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    failure_window: int = Field(20, ge=2, le=1000)
+    # first wait before a half-open probe; doubles while probes keep failing, up to cooldown_max_ms
+    cooldown_ms: int = Field(2000, ge=50, le=600_000)
+    cooldown_max_ms: int = Field(30_000, ge=50, le=3_600_000)
+    # tries per request (hedges included) and the whole request's time budget
+    max_tries: int = Field(3, ge=1, le=10)
+    total_timeout_ms: int = Field(30_000, ge=100, le=600_000)
+    # a try still unanswered after max(stall_min_ms, stall_factor x the provider's recent p99) is
+    # counted as a failure and hedged to the next provider; 0 turns this off
+    stall_factor: float = Field(3.0, ge=0, le=100)
+    stall_min_ms: int = Field(100, ge=10, le=600_000)
+    health_interval_ms: int = Field(1000, ge=50, le=60_000)
+    health_timeout_ms: int = Field(1000, ge=20, le=60_000)
+    # consecutive failed health checks that open a provider's breaker
+    health_fall: int = Field(2, ge=1, le=100)
+    # 429 without Retry-After: skip the provider this long
+    rate_limit_default_ms: int = Field(1000, ge=0, le=600_000)
+    # staff pin/disable are read from Redis this often on every dispatcher
+    control_poll_ms: int = Field(200, ge=20, le=250)
+    body_max_bytes: int = Field(1024 * 1024, ge=1024)
+    # if set, clients of the pool must send `Authorization: Bearer <this variable's value>`; without
+    # it anyone who reaches the data port can spend the providers' quota
+    client_key_env: str | None = None
+
+    @property
+    def client_key(self) -> str | None:
+        return os.environ.get(self.client_key_env) or None if self.client_key_env else None
+
+
 class WebhookSpec(_Strict):
     name: str = Field(min_length=1, max_length=64)
     url: str
@@ -224,6 +265,7 @@ class Deployment(_Strict):
     servers: list[ServerSpec] = Field(default_factory=list)
     agents: list[AgentSpec] = Field(default_factory=list)
     llm_providers: list[LLMProviderSpec] = Field(default_factory=list)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
     tokens: list[TokenSpec] = Field(default_factory=list)
     webhooks: list[WebhookSpec] = Field(default_factory=list)
 

@@ -33,6 +33,10 @@ class Keys:
     def epoch(self) -> str:
         return f"{self.prefix}:leader:epoch"
 
+    @property
+    def handover(self) -> str:
+        return f"{self.prefix}:leader:handover"
+
     # staff actions
     @property
     def audit(self) -> str:
@@ -89,3 +93,8 @@ class Keys:
     @property
     def sandbox_runs(self) -> str:
         return f"{self.prefix}:trainer:sandbox-runs"
+
+    # LLM pool: staff controls (field "pin" -> provider, "disabled:<provider>" -> who), read by every dispatcher
+    @property
+    def llm_control(self) -> str:
+        return f"{self.prefix}:llm:control"

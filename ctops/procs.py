@@ -15,9 +15,16 @@ from dataclasses import dataclass
 _PR_SET_PDEATHSIG = 1
 
 
+try:
+    # looked up once here: between fork and exec only the plain call is safe
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
 def die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def ctops_argv(*args: str) -> list[str]:
@@ -40,12 +47,12 @@ class Child:
 
 
 def spawn(name: str, argv: list[str], log_path: str, env: dict[str, str] | None = None,
-          die_with_parent: bool = True) -> Child:
+          orphan_safe: bool = True) -> Child:
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True,
-                                preexec_fn=die_with_parent if die_with_parent else None)
+                                preexec_fn=die_with_parent if orphan_safe else None)
     return Child(name, proc, log_path)
 
 

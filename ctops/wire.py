@@ -72,6 +72,7 @@ class Heartbeat(_Wire):
 class HeartbeatAck(_Wire):
     ok: bool = True
     leader: str | None = None
+    leader_ops_url: str | None = None  # agents move their heartbeats to the leader
 
 
 class DispatcherView(_Wire):
@@ -186,3 +187,59 @@ class LeadershipResult(_Wire):
     leader_after: str | None
     epoch: int
     by: str
+
+
+LLMProviderState = Literal["up", "degraded", "rate_limited", "down", "disabled"]
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class LLMProviderView(_Wire):
+    """One LLM provider as one dispatcher's pool sees it (each dispatcher judges providers itself)."""
+
+    name: str
+    base_url: str
+    model: str
+    priority: int
+    state: LLMProviderState
+    breaker: BreakerState
+    pinned: bool = False
+    disabled: bool = False
+    disabled_by: str | None = None
+    requests: int = 0  # tries sent, hedges and probes excluded
+    failures: int = 0
+    rate_limited: int = 0  # 429 answers
+    inflight: int = 0
+    error_rate: float = 0.0  # share of failures among the breaker's recent calls
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    health_ok: bool | None = None
+    health_latency_ms: float | None = None
+    retry_after_ms: int | None = None  # still skipped this long because of a 429
+    reopen_in_ms: int | None = None  # an open breaker's time to its next probe
+    last_error: str | None = None
+    since_ms: int | None = None  # when the breaker last changed state
+
+
+class LLMPoolView(_Wire):
+    served_by: str | None = None
+    pinned: str | None = None
+    models: list[str]
+    providers: list[LLMProviderView]
+
+
+class LLMActionResult(_Wire):
+    ok: bool
+    provider: str
+    action: Literal["pin", "unpin", "disable", "enable"]
+    by: str
+    pinned: str | None
+    provider_state: LLMProviderView
+
+
+class PeerHeartbeat(_Wire):
+    """What dispatchers tell each other directly, every few hundred milliseconds."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["leader", "standby"]
+    epoch: int = Field(ge=0)
+    sent_at_ms: int = Field(ge=0)

@@ -44,6 +44,13 @@ class EventLog:
         }, maxlen=STREAM_MAXLEN, approximate=True)
         return True
 
+    def emit_command(self, kind: str, severity: Severity, message: str, source: str,
+                     target: str | None = None) -> list[str | int | float]:
+        """The XADD for an event the leader derives, to run inside a fenced write."""
+        return ["XADD", self.k.events, "MAXLEN", "~", STREAM_MAXLEN, "*", "event_id", uuid.uuid4().hex,
+                "ts_ms", int(time.time() * 1000), "kind", kind, "severity", severity, "source", source,
+                "target", target or "", "message", message]
+
     async def ingest_agent_events(self, host: str, events: list[AgentEvent]) -> int:
         stored = 0
         for e in events:

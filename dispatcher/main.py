@@ -43,9 +43,10 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
     data_host, data_port = split_hostport(spec.data)
     ops_host, ops_port = split_hostport(spec.ops)
     data_server = await start_data_plane(rt.pool, data_host, data_port, ProxySettings.from_deployment(dep))
-    hooks = [WebhookDeliverer(redis, rt.keys, w, dep.cluster, rt.lease.still_valid) for w in dep.webhooks]
+    hooks = [WebhookDeliverer(redis, rt.keys, w, dep.cluster, rt.lease.still_valid, rt.lease.fenced)
+             for w in dep.webhooks]
     loops = [asyncio.create_task(c, name=n) for n, c in (
-        ("health", rt.health.run()), ("lease", rt.lease.run()), ("sync", rt.sync_loop()),
+        ("health", rt.health.run()), ("lease", rt.lease.run()), ("sync", rt.sync_loop()), ("peers", rt.peers.run()),
         *((f"webhook-{h.spec.name}", h.run()) for h in hooks))]
     ops = asyncio.create_task(serve_asgi(wrap(create_ops_app(rt), dep.limits.ops_body_max_bytes),
                                          ops_host, ops_port, stop))
@@ -61,6 +62,7 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
         await ops
     for h in hooks:
         await h.aclose()
+    await rt.peers.aclose()
     await redis.aclose()
     await redis_blocking.aclose()
     log.info("dispatcher %s stopped", spec.name)

@@ -6,6 +6,7 @@ can show them without guessing.
 
 # no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
+import asyncio
 import logging
 import re
 from typing import Annotated, Literal
@@ -28,6 +29,8 @@ from ctops.wire import (
     Event,
     Heartbeat,
     HeartbeatAck,
+    LeadershipResult,
+    PeerHeartbeat,
 )
 from dispatcher.pool import now_ms
 from dispatcher.runtime import Runtime
@@ -161,7 +164,9 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         await rt.store.save_heartbeat(hb, now_ms())
         if hb.events:
             await rt.events.ingest_agent_events(hb.host, hb.events)
-        return HeartbeatAck(ok=True, leader=rt.lease.leader_name)
+        leader = rt.lease.leader_name
+        url = next((d.ops_url for d in rt.dep.dispatchers if d.name == leader), None)
+        return HeartbeatAck(ok=True, leader=leader, leader_ops_url=url)
 
     @app.get("/api/v1/state", response_model=ClusterState, responses=responses)
     async def state(_: Annotated[Principal, Depends(require("read"))]) -> ClusterState:
@@ -187,6 +192,47 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         rt.pool.set_admin(b, admin, f"{action} by {who.name}")
         await rt.store.audit(who.name, who.role, action, name, f"ok: now {b.state}", rt.spec.name)
         return ActionResult(ok=True, server=name, admin=admin, state=b.state, by=who.name)
+
+    @app.post("/api/v1/peer/heartbeat", response_model=PeerHeartbeat, responses=responses)
+    async def peer_heartbeat(hb: PeerHeartbeat, _: Annotated[Principal, Depends(require("agent"))]) -> PeerHeartbeat:
+        if hb.name not in {d.name for d in rt.dep.dispatchers}:
+            raise ApiError(404, f"unknown dispatcher {hb.name!r}")
+        return rt.peers.received(hb)
+
+    @app.post("/api/v1/dispatchers/{name}/{action}", response_model=LeadershipResult,
+              responses={**responses, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def leadership(name: str, action: Literal["promote", "step-down"],
+                         who: Annotated[Principal, Depends(require("act"))]) -> LeadershipResult:
+        target = f"dispatcher {name}"
+        if name not in {d.name for d in rt.dep.dispatchers}:
+            await rt.store.audit(who.name, who.role, action, target, "unknown dispatcher", rt.spec.name)
+            raise ApiError(404, f"unknown dispatcher {name!r}")
+        before = await rt.store.current_leader()
+        if before is None:
+            raise ApiError(409, "no dispatcher leads right now; wait for the lease to be taken")
+        if action == "promote" and name == before:
+            await rt.store.audit(who.name, who.role, action, target, f"refused: {name} already leads", rt.spec.name)
+            raise ApiError(409, f"{name} already leads")
+        if action == "step-down" and name != before:
+            await rt.store.audit(who.name, who.role, action, target, f"refused: {name} does not lead", rt.spec.name)
+            raise ApiError(409, f"{name} does not lead ({before} does)")
+        await rt.lease.request_handover(before, name if action == "promote" else None)
+        after = before
+        deadline = asyncio.get_running_loop().time() + rt.dep.timings.lease_ttl_ms * 3 / 1000
+        while asyncio.get_running_loop().time() < deadline:
+            after = await rt.store.current_leader()
+            if after not in (None, before):
+                break
+            await asyncio.sleep(0.05)
+        moved = after not in (None, before) and (action == "step-down" or after == name)
+        epoch = await rt.store.current_epoch()
+        await rt.store.audit(who.name, who.role, action, target,
+                             f"ok: {before} -> {after} (epoch {epoch})" if moved else f"failed: leader still {after}",
+                             rt.spec.name)
+        if not moved:
+            raise ApiError(504, f"leadership did not move in time; leader is {after}")
+        return LeadershipResult(ok=True, action=action, leader_before=before, leader_after=after, epoch=epoch,
+                                by=who.name)
 
     @app.get("/api/v1/events", response_model=list[Event], responses=responses)
     async def events(_: Annotated[Principal, Depends(require("read"))], after: str | None = None,
@@ -234,6 +280,8 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         await rt.commands.reply(cmd_id, reply)
         return {"ok": True}
 
+    from dispatcher.exceptions import exceptions_router  # noqa: PLC0415 - it imports ApiError from here
+    app.include_router(exceptions_router(rt, require))
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -12,11 +13,12 @@ from redis.exceptions import RedisError
 from ctops.auth import TokenBook
 from ctops.config import Deployment, DispatcherSpec
 from ctops.keys import Keys
-from ctops.wire import ClusterState, DispatcherView, HostView, ServerView
+from ctops.wire import ClusterState, DispatcherView, HostView, PeerHeartbeat, ServerView
 from dispatcher.commands import CommandRelay
 from dispatcher.events import EventLog
 from dispatcher.health import HealthChecker
-from dispatcher.lease import Lease
+from dispatcher.lease import Lease, NotLeader
+from dispatcher.peers import Peers
 from dispatcher.pool import Backend, ServerPool, now_ms
 from dispatcher.store import Store
 
@@ -36,6 +38,9 @@ class Runtime:
                            on_change=self._on_leadership)
         self.events = EventLog(redis, self.keys)
         self.commands = CommandRelay(redis_blocking, self.keys)
+        peer_token = os.environ.get("CTOPS_PEER_TOKEN") or os.environ.get("CTOPS_AGENT_TOKEN")
+        self.peers = Peers(spec.name, dep.dispatchers, peer_token, t.lease_renew_ms / 1000, self.peer_view,
+                           self._newer_leader)
         self._host_states: dict[str, str] = {}
         self.health = HealthChecker(self.pool, t.health_interval_ms / 1000, t.health_timeout_ms / 1000,
                                     t.fall, t.rise, on_round=self._health_round_done)
@@ -54,6 +59,32 @@ class Runtime:
         if leader:
             self.emit_as_leader("leader_changed", "warning", f"dispatcher {self.spec.name} now leads (epoch {epoch})",
                                 self.spec.name)
+            # the new leader publishes its own view at once rather than at the next health round
+            asyncio.get_running_loop().create_task(self._publish())
+        hook = self.spec.on_promote if leader else self.spec.on_demote
+        if hook:
+            asyncio.get_running_loop().create_task(self._run_hook(hook, leader, epoch))
+
+    async def _run_hook(self, argv: list[str], leader: bool, epoch: int) -> None:
+        env = {**os.environ, "CTOPS_DISPATCHER": self.spec.name, "CTOPS_ROLE": "leader" if leader else "standby",
+               "CTOPS_EPOCH": str(epoch)}
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+        except (OSError, TimeoutError) as exc:
+            log.error("%s hook %s failed: %s", "promote" if leader else "demote", argv[0], exc)
+            return
+        log.warning("%s hook %s exited %s: %s", "promote" if leader else "demote", argv[0], proc.returncode,
+                    out.decode(errors="replace").strip()[-500:])
+
+    def peer_view(self) -> PeerHeartbeat:
+        return PeerHeartbeat(name=self.spec.name, role="leader" if self.lease.still_valid() else "standby",
+                             epoch=self.lease.epoch, sent_at_ms=now_ms())
+
+    def _newer_leader(self, name: str, epoch: int) -> None:
+        self.lease.demote(f"peer {name} leads at epoch {epoch}")
 
     def emit_as_leader(self, kind: str, severity: str, message: str, target: str | None) -> None:
         """Derived events come from the leader only, so two dispatchers never report one change twice."""
@@ -62,8 +93,11 @@ class Runtime:
         asyncio.get_running_loop().create_task(self._emit(kind, severity, message, target))
 
     async def _emit(self, kind: str, severity: str, message: str, target: str | None) -> None:
+        cmd = self.events.emit_command(kind, severity, message, f"dispatcher:{self.spec.name}", target)  # type: ignore[arg-type]
         try:
-            await self.events.emit(kind, severity, message, f"dispatcher:{self.spec.name}", target)  # type: ignore[arg-type]
+            await self.lease.fenced([cmd])
+        except NotLeader as exc:
+            log.warning("event %s not recorded: %s", kind, exc)
         except (RedisError, OSError) as exc:
             log.warning("cannot record event %s: %s", kind, exc)
 
@@ -86,8 +120,10 @@ class Runtime:
 
     async def _publish(self) -> None:
         try:
-            await self.store.publish_servers(list(self.pool), self.spec.name)
+            await self.lease.fenced(self.store.health_commands(list(self.pool), self.spec.name))
             self._publish_pending = False
+        except NotLeader as exc:
+            log.warning("server health not published: %s", exc)
         except (RedisError, OSError) as exc:
             log.warning("cannot publish server health: %s", exc)
 
@@ -147,7 +183,9 @@ class Runtime:
         servers = []
         for b in self.pool:
             hv = by_host.get(b.server_host)
+            diagnosis, detail = diagnose(b, hv)
             servers.append(ServerView(
+                diagnosis=diagnosis, diagnosis_detail=detail,  # type: ignore[arg-type]
                 name=b.name, url=b.url, host=b.server_host, state=b.state, admin=b.admin,
                 health=b.health, active_sessions=b.active_sessions, weight=b.weight,  # type: ignore[arg-type]
                 last_check_ms=b.last_check_ms, last_error=b.last_error, since_ms=b.since_ms,
@@ -165,9 +203,35 @@ class Runtime:
             me = d.name == self.spec.name
             healthy = me or (seen is not None and now - seen < stale_after)
             role = "leader" if d.name == leader else ("standby" if healthy else "unknown")
+            heard = self.peers.heard.get(d.name)
             dispatchers.append(DispatcherView(
                 name=d.name, role=role, healthy=healthy, ops_url=d.ops_url, data_url=d.data_url,  # type: ignore[arg-type]
                 epoch=self.lease.epoch if me else (int(raw["epoch"]) if raw.get("epoch") else None),
-                last_seen_ms=now if me else seen))
+                last_seen_ms=now if me else seen,
+                lease_age_ms=self.lease.lease_age_ms() if me else None,
+                peer_heartbeat_age_ms=self.peers.age_ms() if me else (
+                    int((time.monotonic() - heard) * 1000) if heard else None)))
         return ClusterState(cluster=dep.cluster, leader=leader, served_by=self.spec.name, now_ms=now,
                             dispatchers=dispatchers, servers=servers, hosts=hosts)
+
+
+def diagnose(b: Backend, host: HostView | None) -> tuple[str, str | None]:
+    """Combine the dispatcher's checks with the host agent's heartbeat (tactic T4)."""
+    if b.admin != "enabled":
+        return "admin", f"{b.admin} by staff"
+    agent_alive = host is not None and host.state != "lost"
+    proc = next((p for p in host.processes if p.name == b.name), None) if host else None
+    if b.health == "up":
+        if host is not None and not agent_alive:
+            return "agent fault", f"server answers but agent {host.name} is silent"
+        return "ok", None
+    if host is None:
+        return "software fault", "server not answering; no agent on its host to tell more"
+    if not agent_alive:
+        return "host or network down", f"server and agent {host.name} both silent"
+    if proc is not None and proc.state in ("starting", "backoff"):
+        return "starting", f"agent {host.name} is restarting it ({proc.last_exit or proc.state})"
+    detail = f"agent {host.name} alive; server not answering"
+    if proc is not None:
+        detail += f"; process {proc.state}" + (f", last exit: {proc.last_exit}" if proc.last_exit else "")
+    return "software fault", detail

@@ -29,18 +29,11 @@ class Store:
         self.k = keys
 
     # --- servers -------------------------------------------------------------------------------
-    async def publish_servers(self, backends: list[Backend], by: str) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        for b in backends:
-            pipe.hset(self.k.server(b.name), mapping={
-                "health": b.health,
-                "since_ms": b.since_ms,
-                "last_check_ms": b.last_check_ms or 0,
-                "last_error": b.last_error or "",
-                "active_sessions": b.active_sessions,
-                "checked_by": by,
-            })
-        await pipe.execute()
+    def health_commands(self, backends: list[Backend], by: str) -> list[list[str | int | float]]:
+        """The leader's view of each server's health, as commands for a fenced write."""
+        return [["HSET", self.k.server(b.name), "health", b.health, "since_ms", b.since_ms,
+                 "last_check_ms", b.last_check_ms or 0, "last_error", b.last_error or "",
+                 "active_sessions", b.active_sessions, "checked_by", by] for b in backends]
 
     async def read_admin(self, names: list[str]) -> dict[str, AdminState]:
         pipe = self.r.pipeline(transaction=False)
@@ -97,6 +90,13 @@ class Store:
             pipe.hgetall(self.k.dispatcher(n))
         values = await pipe.execute()
         return {n: {_s(k): _s(v) for k, v in h.items()} for n, h in zip(names, values, strict=True)}  # type: ignore[misc]
+
+    async def current_leader(self) -> str | None:
+        raw = _s(await self.r.get(self.k.leader))
+        return raw.rsplit("|", 1)[0] if raw else None
+
+    async def current_epoch(self) -> int:
+        return int(await self.r.get(self.k.epoch) or 0)
 
     # --- audit ---------------------------------------------------------------------------------
     async def audit(self, who: str, role: str, action: str, target: str, result: str, via: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 from redis.asyncio import Redis
@@ -21,6 +21,7 @@ from ctops.config import WebhookSpec
 from ctops.keys import Keys
 from ctops.wire import Event
 from dispatcher.events import SEVERITY_RANK, to_event
+from dispatcher.lease import NotLeader
 
 log = logging.getLogger("ctops.dispatcher.webhooks")
 BATCH = 500
@@ -47,9 +48,10 @@ def group(events: list[Event]) -> list[dict]:
 
 class WebhookDeliverer:
     def __init__(self, redis: Redis, keys: Keys, spec: WebhookSpec, cluster: str,
-                 is_leader: Callable[[], bool]) -> None:
+                 is_leader: Callable[[], bool], fenced: Callable[[list], Awaitable[None]]) -> None:
         self.r, self.k, self.spec, self.cluster = redis, keys, spec, cluster
         self.is_leader = is_leader
+        self.fenced = fenced  # the cursor moves only while this dispatcher still leads
         self.client = httpx.AsyncClient(timeout=spec.timeout_ms / 1000, headers=spec.headers)
         self.delivered = 0
         self.failures = 0
@@ -101,7 +103,7 @@ class WebhookDeliverer:
             self.failures += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
-        await self.r.set(self.k.webhook_cursor(self.spec.name), last_id)
+        await self.fenced([["SET", self.k.webhook_cursor(self.spec.name), last_id]])
         return True
 
     async def run(self) -> None:
@@ -109,8 +111,8 @@ class WebhookDeliverer:
             try:
                 if self.is_leader() and await self.run_once():
                     continue
-            except (RedisError, OSError) as exc:
-                log.warning("webhook %s: Redis: %s", self.spec.name, exc)
+            except (RedisError, OSError, NotLeader) as exc:
+                log.warning("webhook %s: %s", self.spec.name, exc)
             await asyncio.sleep(0.25)
 
     async def aclose(self) -> None:

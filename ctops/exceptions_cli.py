@@ -1,0 +1,110 @@
+"""`ctops exceptions list|show ID|tail`: exception groups for scripts (`--json`) and people."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from ctops import statefile
+from ctops.capture.client import ExceptionsClient
+from ctops.capture.wire import GroupList, Occurrence, traceback_text
+from ctops.opsclient import OpsClient, OpsError, Unreachable
+from ctops.status import target
+
+
+def add_parser(sub: argparse._SubParsersAction, cluster_args) -> None:  # noqa: ANN001 - argparse internals
+    e = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming")
+    esub = e.add_subparsers(dest="exc_command", required=True, metavar="ACTION")
+    ls = esub.add_parser("list", help="groups, most recent first")
+    ls.add_argument("--sort", choices=["last", "count"], default="last")
+    ls.add_argument("--status", choices=["unresolved", "acknowledged", "resolved", "muted", "regressed"])
+    ls.add_argument("--query", "-q", default="", help="words that must appear in type, message, service or host")
+    ls.add_argument("--limit", type=int, default=100)
+    sh = esub.add_parser("show", help="one group: traceback and recent occurrences")
+    sh.add_argument("id")
+    tl = esub.add_parser("tail", help="incoming exceptions, oldest first")
+    tl.add_argument("--follow", "-f", action="store_true", help="keep printing new ones until Ctrl+C")
+    tl.add_argument("--after", default=None, help="stream id to start after (a previous run's cursor)")
+    tl.add_argument("--limit", type=int, default=20)
+    tl.add_argument("--query", "-q", default="")
+    for p in (ls, sh, tl):
+        cluster_args(p)
+        p.add_argument("--json", action="store_true")
+
+
+def _age(ms: int) -> str:
+    s = max(0, time.time() - ms / 1000)
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
+
+
+def render_list(gl: GroupList) -> str:
+    st = gl.stats
+    lines = [f"{gl.total} group(s); {st.events} events kept; dropped {st.dropped}, corrupt {st.corrupt}, "
+             f"rejected {st.rejected}", f"{'id':<16}  {'status':<12} {'count':>6} {'last':>5}  {'type':<30} message"]
+    for g in gl.groups:
+        lines.append(f"{g.id:<16}  {g.status:<12} {g.count:>6} {_age(g.last_seen_ms):>5}  {g.type[:30]:<30} "
+                     f"{g.message[:60]}  [{', '.join(g.services)} @ {', '.join(g.hosts)}]")
+    return "\n".join(lines)
+
+
+def render_occurrence(o: Occurrence) -> str:
+    e = o.event
+    return (f"{o.id}  {time.strftime('%H:%M:%S', time.localtime(e.ts_ms / 1000))}  {e.service}@{e.host}  "
+            f"{e.type}: {e.message[:120]}  (group {o.group_id})")
+
+
+async def _run(args: argparse.Namespace, urls: list[str], token: str | None) -> int:
+    ops = OpsClient(urls, token, timeout=5.0)
+    api = ExceptionsClient(ops)
+    try:
+        if args.exc_command == "list":
+            gl = await api.groups(sort=args.sort, status=args.status, q=args.query, limit=args.limit)
+            print(gl.model_dump_json(indent=2) if args.json else render_list(gl))
+        elif args.exc_command == "show":
+            d = await api.group(args.id)
+            if args.json:
+                print(d.model_dump_json(indent=2))
+            else:
+                g = d.group
+                print(f"{g.id}  {g.type}: {g.message}\nstatus {g.status}"
+                      + (f", assigned to {g.assignee}" if g.assignee else "")
+                      + f"; {g.count} events, first {_age(g.first_seen_ms)} ago, last {_age(g.last_seen_ms)} ago\n"
+                      f"services {', '.join(g.services)}; hosts {', '.join(g.hosts)}\n")
+                if d.latest:
+                    print(traceback_text(d.latest) + "\n")
+                for e in d.recent:
+                    print(f"  {e.event_id}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.ts_ms / 1000))}"
+                          f"  {e.service}@{e.host}  {e.message[:100]}")
+        else:
+            cursor = args.after
+            while True:
+                page = await api.tail(cursor, args.limit if not cursor or not args.follow else 500, args.query)
+                for o in page.items:
+                    print(o.model_dump_json() if args.json else render_occurrence(o), flush=True)
+                cursor = page.cursor or cursor
+                if not args.follow:
+                    break
+                await asyncio.sleep(1.0)
+    finally:
+        await ops.aclose()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        urls, token = target(args)
+        return asyncio.run(_run(args, urls, token))
+    except statefile.StateFileError as exc:
+        print(f"ctops exceptions: {exc}", file=sys.stderr)
+        return 2
+    except Unreachable as exc:
+        print(f"ctops exceptions: no dispatcher answered: {exc}", file=sys.stderr)
+        return 1
+    except OpsError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": exc.error, "status": exc.status, "detail": exc.detail}), file=sys.stderr)
+        print(f"ctops exceptions: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,182 @@
+"""Routes for exceptions: ingest (agent role, and Sentry envelopes), read (viewer), triage (operator).
+
+Regressions are written to the event stream by whichever dispatcher ingested the event, not only by
+the leader: services post to the first dispatcher that answers, which may be a standby, and the
+resolved -> regressed transition happens exactly once (atomically, in Redis), so the event is
+neither lost nor doubled. Its id is derived from the stream entry, so a retry stores it once.
+"""
+
+# no `from __future__ import annotations`: FastAPI must resolve the closures in the annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from ctops.auth import Principal
+from ctops.capture.wire import (
+    ExceptionBatch,
+    ExceptionEvent,
+    ExceptionStats,
+    GroupActionResult,
+    GroupDetail,
+    GroupList,
+    GroupView,
+    IngestResult,
+    TailPage,
+)
+from ctops.wire import ErrorBody
+from dispatcher.exceptions.sentry import EnvelopeError, inflate, parse_envelope, sentry_key, to_event
+from dispatcher.exceptions.store import ExceptionStore, Ingested
+from dispatcher.ops_api import ApiError
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger("ctops.dispatcher.exceptions")
+
+_GID = r"^[0-9a-f]{16}$"
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+Status = Literal["unresolved", "acknowledged", "resolved", "muted", "regressed"]
+
+
+def matches(q: str, *fields: str | list[str] | None) -> bool:
+    """Every word of the filter appears in one of the fields (case-insensitive)."""
+    hay = " ".join(" ".join(f) if isinstance(f, list) else (f or "") for f in fields).lower()
+    return all(w in hay for w in q.lower().split())
+
+
+def event_matches(q: str, e: ExceptionEvent) -> bool:
+    return matches(q, e.type, e.message, e.service, e.host)
+
+
+def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Principal]]) -> APIRouter:
+    store = ExceptionStore(rt.redis, rt.keys.prefix)
+    router = APIRouter(tags=["exceptions"])
+    rt.exceptions = store  # type: ignore[attr-defined] - for benchmarks and tests that hold the runtime
+
+    async def take(events: list[ExceptionEvent], batch: ExceptionBatch | None) -> Ingested:
+        done = await store.ingest(events, batch.counters if batch else None)
+        for gid, sid, e in done.regressed:
+            msg = f"{e.type} regressed on {e.host} ({e.service}): {e.message[:200]}"
+            try:
+                await rt.events.emit("exception_regressed", "warning", msg, f"dispatcher:{rt.spec.name}", gid,
+                                     event_id=f"exc-regressed:{gid}:{sid}")
+            except (RedisError, OSError) as exc:
+                log.warning("cannot record the regression of %s: %s", gid, exc)
+        return done
+
+    @router.post("/api/v1/exceptions", response_model=IngestResult,
+                 responses={**_RESPONSES, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
+    async def ingest(batch: ExceptionBatch, _: Annotated[Principal, Depends(require("agent"))]) -> IngestResult:
+        done = await take(batch.events, batch)
+        return IngestResult(accepted=done.accepted, duplicates=done.duplicates)
+
+    @router.get("/api/v1/exceptions/groups", response_model=GroupList, responses=_RESPONSES)
+    async def groups(_: Annotated[Principal, Depends(require("read"))],
+                     sort: Literal["last", "count"] = "last", status: Status | None = None,
+                     q: Annotated[str, Query(max_length=200)] = "",
+                     limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> GroupList:
+        found = [g for g in await store.groups(sort)
+                 if (status is None or g.status == status)
+                 and (not q or matches(q, g.type, g.message, g.culprit, g.services, g.hosts, g.assignee))]
+        return GroupList(groups=found[:limit], total=len(found), stats=await store.stats())
+
+    @router.get("/api/v1/exceptions/stats", response_model=ExceptionStats, responses=_RESPONSES)
+    async def stats(_: Annotated[Principal, Depends(require("read"))]) -> ExceptionStats:
+        return await store.stats()
+
+    @router.get("/api/v1/exceptions/groups/{gid}", response_model=GroupDetail,
+                responses={**_RESPONSES, 404: {"model": ErrorBody}})
+    async def group(gid: str, _: Annotated[Principal, Depends(require("read"))],
+                    recent: Annotated[int, Query(ge=0, le=20)] = 20) -> GroupDetail:
+        g = await _group_or_404(gid)
+        return GroupDetail(group=g, latest=await store.latest(gid), recent=await store.recent(gid, recent)
+                           if recent else [])
+
+    @router.get("/api/v1/exceptions/tail", response_model=TailPage, responses=_RESPONSES)
+    async def tail(_: Annotated[Principal, Depends(require("read"))], after: str | None = None,
+                   limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                   q: Annotated[str, Query(max_length=200)] = "") -> TailPage:
+        if after is not None and not _STREAM_ID.match(after):
+            raise ApiError(422, "invalid request: after",
+                           detail=[{"field": "query.after", "message": "a stream id such as 1700000000000-0"}])
+        items, cursor = await store.tail(after, limit)
+        if q:
+            items = [o for o in items if event_matches(q, o.event)]
+        return TailPage(items=items, cursor=cursor)
+
+    @router.post("/api/v1/exceptions/groups/{gid}/{action}", response_model=GroupActionResult,
+                 responses={**_RESPONSES, 404: {"model": ErrorBody}})
+    async def act(gid: str, action: Literal["acknowledge", "resolve", "unresolve", "mute", "assign"],
+                  who: Annotated[Principal, Depends(require("act"))],
+                  minutes: Annotated[int | None, Query(ge=1, le=7 * 24 * 60)] = None,
+                  assignee: Annotated[str | None, Query(max_length=64)] = None) -> GroupActionResult:
+        target = f"exception-group/{gid}"
+        if action == "mute" and minutes is None:
+            raise ApiError(422, "invalid request: minutes", detail=[{"field": "query.minutes",
+                                                                     "message": "mute needs minutes (1..10080)"}])
+        if action == "assign" and assignee is None:
+            raise ApiError(422, "invalid request: assignee", detail=[{"field": "query.assignee",
+                                                                      "message": "a staff name, or empty to clear"}])
+        g = await store.set_status(gid, action, minutes=minutes, assignee=(assignee or "").strip() or None) \
+            if re.match(_GID, gid) else None
+        if g is None:
+            await rt.store.audit(who.name, who.role, action, target, "unknown group", rt.spec.name)
+            raise ApiError(404, f"unknown exception group {gid!r}")
+        what = {"mute": f"muted for {minutes} min", "assign": f"assigned to {g.assignee or 'nobody'}"}.get(
+            action, f"now {g.status}")
+        await rt.store.audit(who.name, who.role, f"exception_{action}", target, f"ok: {what}", rt.spec.name)
+        return GroupActionResult(ok=True, group=g, by=who.name)
+
+    async def _group_or_404(gid: str) -> GroupView:
+        g = await store.group(gid) if re.match(_GID, gid) else None
+        if g is None:
+            raise ApiError(404, f"unknown exception group {gid!r}")
+        return g
+
+    # --- Sentry ---------------------------------------------------------------------------------
+    def sentry_principal(request: Request) -> Principal:
+        key = sentry_key({k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
+        who = rt.tokens.lookup(key) if key else None
+        if who is None or not who.may("agent"):
+            raise ApiError(401, "missing or unknown sentry_key: the DSN's public key must be an agent token")
+        return who
+
+    async def sentry_events(request: Request, project_id: str, envelope: bool) -> tuple[list[ExceptionEvent], str]:
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", project_id):
+            raise ApiError(404, "unknown project")
+        try:
+            body = inflate(await request.body(), request.headers.get("content-encoding", ""))
+            items = parse_envelope(body)[1] if envelope else [({"type": "event"}, body)]
+            raw = [json.loads(p) for h, p in items if h.get("type") == "event"]
+            events = [ExceptionEvent.model_validate(to_event(ev, project_id)) for ev in raw]
+        except EnvelopeError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        except ValueError as exc:  # includes pydantic's ValidationError and bad JSON
+            detail = exc.errors(include_url=False) if isinstance(exc, ValidationError) else None
+            raise ApiError(400, f"not a usable Sentry event: {str(exc).splitlines()[0]}", detail=detail) from None
+        return events, (events[0].event_id.removeprefix("sentry-") if events else "")
+
+    @router.post("/api/{project_id}/envelope/", responses={**_RESPONSES, 400: {"model": ErrorBody}})
+    async def sentry_envelope(project_id: str, request: Request,
+                              _: Annotated[Principal, Depends(sentry_principal)]) -> dict[str, str]:
+        events, first = await sentry_events(request, project_id, envelope=True)
+        if events:
+            await take(events, None)
+        return {"id": first}
+
+    @router.post("/api/{project_id}/store/", responses={**_RESPONSES, 400: {"model": ErrorBody}})
+    async def sentry_store(project_id: str, request: Request,
+                           _: Annotated[Principal, Depends(sentry_principal)]) -> dict[str, str]:
+        events, first = await sentry_events(request, project_id, envelope=False)
+        if events:
+            await take(events, None)
+        return {"id": first}
+
+    return router
