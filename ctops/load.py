@@ -87,19 +87,27 @@ class Learner:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)))
 
     async def request(self, method: str, path: str, **kw: object) -> httpx.Response:
-        """One learner-visible request; a refused address moves to the next, as a browser would."""
+        """One learner-visible request. A refused address moves to the next, as a browser would;
+        so does a connection lost mid-request when the request is safe to send again (a GET, or a
+        POST with an Idempotency-Key), as a browser retries a request on a dead keep-alive connection."""
         start = time.monotonic()
         self.report.requests += 1
-        for attempt in range(len(self.urls)):
+        headers = kw.get("headers") or {}
+        safe = method == "GET" or "Idempotency-Key" in headers  # type: ignore[operator]
+        for attempt in range(len(self.urls) + 1):
             url = self.urls[self.current]
             try:
                 r = await self.client.request(method, url + path, **kw)  # type: ignore[arg-type]
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+                kind = "connect" if isinstance(exc, httpx.ConnectError) else type(exc).__name__
+                if kind != "connect" and not safe:
+                    self.report.failures[kind] += 1
+                    raise Failed(kind) from None
                 self.current = (self.current + 1) % len(self.urls)
                 self.report.moved += 1
-                if attempt == len(self.urls) - 1:
-                    self.report.failures["connect"] += 1
-                    raise Failed("connect") from None
+                if attempt == len(self.urls):
+                    self.report.failures[kind] += 1
+                    raise Failed(kind) from None
                 continue
             except httpx.TimeoutException:
                 self.report.failures["timeout"] += 1
@@ -118,7 +126,8 @@ class Learner:
 
     async def run(self, deadline: float) -> None:
         try:
-            r = await self.request("POST", "/api/sessions", json={"learner": f"load-{uuid.uuid4().hex[:6]}"})
+            r = await self.request("POST", "/api/sessions", json={"learner": f"load-{uuid.uuid4().hex[:6]}"},
+                                   headers={"Idempotency-Key": uuid.uuid4().hex})
             sid = r.json()["session_id"]
         except (Failed, ValueError, KeyError):
             return

@@ -10,4 +10,8 @@ def run(args: argparse.Namespace) -> int:
         from ctops.bench.proxy import run as run_proxy
 
         return run_proxy(args)
+    if args.which == "exceptions":
+        from ctops.bench.exceptions import run as run_exceptions
+
+        return run_exceptions(args)
     raise SystemExit(f"ctops bench: unknown benchmark {args.which!r}")
