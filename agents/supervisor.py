@@ -33,8 +33,9 @@ from ctops.wire import AgentEvent, ProcessState, WatchdogStatus
 log = logging.getLogger("ctops.agent.watchdog")
 
 Command = Literal["restart", "stop", "start"]
-# a process that stayed up this long is restarted at once when it exits; a quicker exit backs off
-STABLE_AFTER = 10.0
+# a process that answered its liveness check and stayed up this long is restarted at once when it
+# exits; one that dies sooner backs off (crash loops are caught by the restart window as well)
+STABLE_AFTER = 1.0
 TICK = 0.2  # the checker beats at least this often
 STALL_AFTER = 1.0  # a thread silent this long is replaced
 

@@ -10,6 +10,8 @@ import sys
 from ctops.config import ConfigError
 
 DEFAULT_STATE_FILE = ".ctops/demo.json"
+# `ctops bench NAME` runs ctops.bench.<NAME with - as _>:run
+BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console"]
 
 # subcommand -> "module:function" taking the parsed arguments and returning an exit code
 HANDLERS = {
@@ -23,6 +25,7 @@ HANDLERS = {
     "chaos": "ctops.chaos:run",
     "bench": "ctops.bench:run",
     "load": "ctops.load:run",
+    "exceptions": "ctops.exceptions_cli:run",
 }
 
 
@@ -69,10 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks, side by side with a peer")
-    b.add_argument("which", choices=["proxy"])
+    b.add_argument("which", choices=BENCHMARKS)
+    b.add_argument("--reps", type=int, default=5, help="repetitions, where a benchmark repeats a fault")
     b.add_argument("--json", action="store_true")
     b.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
     b.add_argument("--connections", type=int, default=32)
+    b.add_argument("--events", type=int, default=100_000, help="exceptions: events in the spool to replay")
+
+    ex = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming")
+    exs = ex.add_subparsers(dest="exc_command", required=True, metavar="ACTION")
+    ex_list = exs.add_parser("list", help="groups, most recent first")
+    ex_list.add_argument("--sort", choices=["last", "count"], default="last")
+    ex_list.add_argument("--status", choices=["unresolved", "acknowledged", "resolved", "muted", "regressed"])
+    ex_list.add_argument("--query", "-q", default="", help="words to find in type, message, service or host")
+    ex_list.add_argument("--limit", type=int, default=100)
+    ex_show = exs.add_parser("show", help="one group: traceback and recent occurrences")
+    ex_show.add_argument("id")
+    ex_tail = exs.add_parser("tail", help="incoming exceptions, oldest first")
+    ex_tail.add_argument("--follow", "-f", action="store_true", help="keep printing new ones until Ctrl+C")
+    ex_tail.add_argument("--after", default=None, help="stream id to start after (a previous cursor)")
+    ex_tail.add_argument("--limit", type=int, default=20)
+    ex_tail.add_argument("--query", "-q", default="")
+    for exp in (ex_list, ex_show, ex_tail):
+        _cluster_args(exp)
+        exp.add_argument("--json", action="store_true")
     return p
 
 

@@ -1,171 +1,17 @@
-"""A real cluster for tests: real Redis, real `ctops` processes on loopback, real signals.
-
-`Cluster` writes a deployment file, starts the processes a test asks for and stops them all at
-the end; tests talk to them over HTTP exactly as staff, agents and learners would.
-"""
+"""Test fixtures over `ctops.localcluster`: a real cluster per test, stopped at the end."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 import pytest
 
-from ctops.auth import hash_token, new_token
-from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops.localcluster import Cluster, wait_for
+from ctops.redis_embed import EmbeddedRedis
 
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, every: float = 0.1) -> T:
-    """Poll until `probe` returns something truthy; fail with `what` and the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except (httpx.HTTPError, OSError, KeyError, ValueError, StopIteration) as exc:
-            last = exc
-        else:
-            if value:
-                return value
-            last = value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-@dataclass
-class Cluster:
-    root: Path
-    redis: EmbeddedRedis
-    prefix: str
-    trainers: int = 3
-    dispatchers: tuple[str, ...] = ("A",)
-    hosts_with_agents: bool = False
-    timings: dict[str, int] = field(default_factory=dict)
-    tokens: dict[str, str] = field(default_factory=lambda: {r: new_token() for r in ("operator", "viewer", "agent")})
-    children: dict[str, Child] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.ports = {f"{d}.data": free_port() for d in self.dispatchers}
-        self.ports |= {f"{d}.ops": free_port() for d in self.dispatchers}
-        self.ports |= {f"trainer-{i}": free_port() for i in range(1, self.trainers + 1)}
-        self.ports |= {p: free_port() for p in ("primary", "secondary")}
-        self.config = self.root / "ctops.toml"
-        self.config.write_text(self._toml())
-        self.env = {"CTOPS_AGENT_TOKEN": self.tokens["agent"], "CTOPS_DEMO_LLM_KEY": "k", "PYTHONUNBUFFERED": "1"}
-
-    # --- deployment file -----------------------------------------------------------------------
-    @property
-    def server_names(self) -> list[str]:
-        return [f"trainer-{i}" for i in range(1, self.trainers + 1)]
-
-    def _toml(self) -> str:
-        timings = {"heartbeat_interval_ms": 300, "health_interval_ms": 200, "health_timeout_ms": 300,
-                   "fall": 2, "rise": 2, "heartbeat_timeout_ms": 2000, **self.timings}
-        out = ['cluster = "test"', "[redis]", f'url = "{self.redis.url}"', f'prefix = "{self.prefix}"', "[timings]"]
-        out += [f"{k} = {v}" for k, v in timings.items()]
-        for d in self.dispatchers:
-            out += ["[[dispatchers]]", f'name = "{d}"', f'data = "127.0.0.1:{self.ports[d + ".data"]}"',
-                    f'ops = "127.0.0.1:{self.ports[d + ".ops"]}"']
-        for i, name in enumerate(self.server_names, start=1):
-            out += ["[[servers]]", f'name = "{name}"', f'url = "http://127.0.0.1:{self.ports[name]}"',
-                    f'host = "host-{i}"']
-        for i, name in enumerate(self.server_names, start=1):
-            out += ["[[agents]]", f'name = "host-{i}"']
-            if self.hosts_with_agents:
-                cmd = ", ".join(f'"{a}"' for a in ctops_argv("trainer", "--config", str(self.config), "--name", name))
-                out += ["[[agents.processes]]", f'name = "{name}"', f"command = [{cmd}]"]
-        for prio, p in enumerate(("primary", "secondary"), start=1):
-            out += ["[[llm_providers]]", f'name = "{p}"', f'base_url = "http://127.0.0.1:{self.ports[p]}/v1"',
-                    'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 3000"]
-        for role, tok in self.tokens.items():
-            out += ["[[tokens]]", f'name = "test-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tok)}"']
-        return "\n".join(out) + "\n"
-
-    # --- processes -----------------------------------------------------------------------------
-    def start(self, name: str) -> Child:
-        if name in self.dispatchers:
-            argv = ctops_argv("dispatcher", "--config", str(self.config), "--name", name)
-        elif name.startswith("trainer-"):
-            argv = ctops_argv("trainer", "--config", str(self.config), "--name", name)
-        elif name.startswith("host-"):
-            argv = ctops_argv("agent", "--config", str(self.config), "--name", name)
-        elif name in ("primary", "secondary"):
-            argv = ctops_argv("fake-llm", "--port", str(self.ports[name]), "--name", name)
-        else:
-            raise ValueError(name)
-        child = spawn(name, argv, str(self.root / "logs" / f"{name}.log"), self.env)
-        self.children[name] = child
-        return child
-
-    def signal(self, name: str, sig: signal.Signals) -> None:
-        os.kill(self.children[name].pid, sig)
-
-    def log(self, name: str) -> str:
-        return Path(self.children[name].log_path).read_text(errors="replace")
-
-    def stop(self) -> None:
-        stop_all(list(self.children.values()))
-
-    # --- addresses and API ---------------------------------------------------------------------
-    def ops_url(self, d: str = "A") -> str:
-        return f"http://127.0.0.1:{self.ports[d + '.ops']}"
-
-    def data_url(self, d: str = "A") -> str:
-        return f"http://127.0.0.1:{self.ports[d + '.data']}"
-
-    def trainer_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[name]}"
-
-    @property
-    def operator_token(self) -> str:
-        return self.tokens["operator"]
-
-    @property
-    def viewer_token(self) -> str:
-        return self.tokens["viewer"]
-
-    def auth(self, role: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.tokens[role]}"}
-
-    def state(self, d: str = "A") -> dict[str, Any]:
-        r = httpx.get(f"{self.ops_url(d)}/api/v1/state", headers=self.auth("viewer"), timeout=5)
-        r.raise_for_status()
-        return r.json()
-
-    def server(self, name: str, d: str = "A") -> dict[str, Any]:
-        return next(s for s in self.state(d)["servers"] if s["name"] == name)
-
-    def wait_state(self, name: str, state: str, d: str = "A", timeout: float = 30.0) -> dict[str, Any]:
-        return wait_for(f"{name} to be {state} on {d}",
-                        lambda: (s := self.server(name, d))["state"] == state and s, timeout)
-
-    def wait_all_up(self, d: str = "A", timeout: float = 60.0) -> None:
-        wait_for(f"all servers up on {d}",
-                 lambda: all(s["state"] == "up" for s in self.state(d)["servers"]), timeout)
-
-    def start_all(self, agents: bool | None = None) -> None:
-        """LLM fakes, trainers (directly, or through agents) and dispatchers; waits until all are up."""
-        for p in ("primary", "secondary"):
-            self.start(p)
-        if self.hosts_with_agents if agents is None else agents:
-            for i in range(1, self.trainers + 1):
-                self.start(f"host-{i}")
-        else:
-            for n in self.server_names:
-                self.start(n)
-        for d in self.dispatchers:
-            self.start(d)
-        for d in self.dispatchers:
-            self.wait_all_up(d)
+__all__ = ["Cluster", "wait_for", "make_cluster", "running_dispatcher"]
 
 
 @pytest.fixture

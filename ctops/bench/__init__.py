@@ -1,17 +1,21 @@
-"""`ctops bench …`: each target measured side by side with its peer in one run."""
+"""`ctops bench …`: each target measured side by side with its peer in one run.
+
+`ctops bench NAME` runs `run(args)` of the module `ctops.bench.<NAME>` (dashes as underscores);
+the console's refresh benchmark lives with the console.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+
+MODULES = {"console": "console.bench"}
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.which == "proxy":
-        from ctops.bench.proxy import run as run_proxy
-
-        return run_proxy(args)
-    if args.which == "exceptions":
-        from ctops.bench.exceptions import run as run_exceptions
-
-        return run_exceptions(args)
-    raise SystemExit(f"ctops bench: unknown benchmark {args.which!r}")
+    module = MODULES.get(args.which, f"ctops.bench.{args.which.replace('-', '_')}")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"ctops bench: benchmark {args.which!r} is not available ({exc})") from None
+    return int(mod.run(args) or 0)
