@@ -4,11 +4,11 @@ runs them through the watchdog and posts each result back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
-import httpx
-
+from agents.http import HttpClient, HttpError
 from agents.supervisor import Supervisor
 from ctops.wire import CommandReply, CommandRequest
 
@@ -21,8 +21,7 @@ class CommandPoller:
                  current: Callable[[], int]) -> None:
         self.host, self.urls, self.supervisor = host, urls, supervisor
         self.current = current  # the index of the dispatcher heartbeats reach, shared with the sender
-        self.client = httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"},
-                                        timeout=httpx.Timeout(WAIT_MS / 1000 + 10, connect=2.0))
+        self.client = HttpClient(token, timeout=WAIT_MS / 1000 + 10)
 
     async def _execute(self, cmd: CommandRequest) -> CommandReply:
         fut = self.supervisor.command(cmd.process, cmd.action)
@@ -39,18 +38,18 @@ class CommandPoller:
         while True:
             url = self.urls[self.current() % len(self.urls)]
             try:
-                r = await self.client.get(f"{url}/api/v1/agents/{self.host}/commands", params={"wait_ms": WAIT_MS})
-                if r.status_code != 200:
-                    log.warning("command poll at %s: %s %s", url, r.status_code, r.text[:200])
+                status, body = await self.client.request(
+                    "GET", f"{url}/api/v1/agents/{self.host}/commands?wait_ms={WAIT_MS}")
+                if status != 200:
+                    log.warning("command poll at %s: %s %s", url, status, body[:200].decode(errors="replace"))
                     await asyncio.sleep(1)
                     continue
-                for raw in r.json():
+                for raw in json.loads(body):
                     cmd = CommandRequest.model_validate(raw)
                     reply = await self._execute(cmd)
-                    await self.client.post(f"{url}/api/v1/agents/{self.host}/commands/{cmd.id}/result",
-                                           content=reply.model_dump_json(),
-                                           headers={"Content-Type": "application/json"})
-            except (httpx.HTTPError, ValueError) as exc:
+                    await self.client.request("POST", f"{url}/api/v1/agents/{self.host}/commands/{cmd.id}/result",
+                                              reply.model_dump_json().encode(), timeout=10)
+            except (HttpError, ValueError) as exc:
                 log.debug("command poll at %s failed: %s", url, exc)
                 await asyncio.sleep(0.5)
 

@@ -11,8 +11,7 @@ import logging
 import time
 from collections import deque
 
-import httpx
-
+from agents.http import HttpClient, HttpError
 from agents.metrics import ProcessSampler, host_metrics
 from agents.supervisor import Supervisor
 from ctops.wire import AgentEvent, Heartbeat, HeartbeatAck, ProcessMetrics
@@ -32,8 +31,7 @@ class HeartbeatSender:
         self.sampler = ProcessSampler()
         self.outbox: deque[AgentEvent] = deque()
         self.dropped_events = 0
-        self.client = httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"},
-                                        timeout=httpx.Timeout(max(0.2, min(interval, 2.0))))
+        self.client = HttpClient(token, timeout=max(0.2, min(interval, 2.0)))
 
     def add_event(self, event: AgentEvent) -> None:
         """Called from the watchdog's threads; deque appends are thread-safe."""
@@ -57,33 +55,32 @@ class HeartbeatSender:
                          events=list(self.outbox)[:EVENTS_PER_HEARTBEAT])
 
     async def send(self, hb: Heartbeat) -> bool:
-        body = hb.model_dump_json()
+        body = hb.model_dump_json().encode()
         # start from the dispatcher that answered last, then try the others in order
         for i in range(len(self.urls)):
             idx = (self.current + i) % len(self.urls)
             url = self.urls[idx]
             try:
-                r = await self.client.post(f"{url}/api/v1/heartbeat", content=body,
-                                           headers={"Content-Type": "application/json"})
-            except httpx.HTTPError as exc:
+                status, reply = await self.client.request("POST", f"{url}/api/v1/heartbeat", body)
+            except HttpError as exc:
                 log.debug("heartbeat to %s failed: %s", url, exc)
                 continue
-            if r.status_code == 200:
+            if status == 200:
                 if idx != self.current:
                     log.info("heartbeats now go to %s", url)
                 self.current = idx
-                self._follow_leader(r)
+                self._follow_leader(reply)
                 sent = {e.id for e in hb.events}
                 while self.outbox and self.outbox[0].id in sent:
                     self.outbox.popleft()
                 return True
-            log.warning("heartbeat to %s refused: %s %s", url, r.status_code, r.text[:200])
+            log.warning("heartbeat to %s refused: %s %s", url, status, reply[:200].decode(errors="replace"))
         return False
 
-    def _follow_leader(self, r: httpx.Response) -> None:
+    def _follow_leader(self, reply: bytes) -> None:
         """Traffic follows the leader: the next heartbeat goes to the dispatcher that leads."""
         try:
-            leader_url = HeartbeatAck.model_validate_json(r.content).leader_ops_url
+            leader_url = HeartbeatAck.model_validate_json(reply).leader_ops_url
         except ValueError:
             return
         if leader_url and leader_url in self.urls and self.urls.index(leader_url) != self.current:

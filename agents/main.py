@@ -64,6 +64,12 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     start_heartbeats()
     poller = CommandPoller(name, urls, token, sup, lambda: sender.current)
     tasks["commands"] = loop.create_task(poller.run(), name="commands")
+    tail = None
+    if spec.log_files:
+        from agents import logtail  # noqa: PLC0415 - only agents that tail logs load it
+
+        tail = logtail.start(name, spec.log_files, urls, token, log_dir)
+        tasks["logtail"] = loop.create_task(tail.run(), name="logtail")
     notify("READY=1")
     log.info("agent %s: supervising %d processes, heartbeats to %s", name, len(sup.items), urls)
     await stop.wait()
@@ -73,6 +79,9 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     await loop.run_in_executor(None, sup.stop)
     await sender.aclose()
     await poller.aclose()
+    if tail is not None:
+        tail.close()
+        await loop.run_in_executor(None, tail.forwarder.close)
     log.info("agent %s stopped", name)
 
 
