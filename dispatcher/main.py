@@ -14,7 +14,9 @@ from redis.asyncio import Redis
 from ctops import config, logs
 from ctops.config import Deployment, DispatcherSpec, split_hostport
 from ctops.serving import serve_asgi
+from dispatcher.llm.app import start_llm_pool
 from dispatcher.ops_api import create_ops_app, wrap
+from dispatcher.pool import Backend
 from dispatcher.proxy import ProxySettings, start_data_plane
 from dispatcher.runtime import Runtime
 from dispatcher.webhooks import WebhookDeliverer
@@ -42,7 +44,12 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
 
     data_host, data_port = split_hostport(spec.data)
     ops_host, ops_port = split_hostport(spec.ops)
-    data_server = await start_data_plane(rt.pool, data_host, data_port, ProxySettings.from_deployment(dep))
+    # the LLM pool is an internal server; the data port routes /llm/ to it
+    llm = await start_llm_pool(dep, redis, rt.keys, rt.emit_as_leader, rt.lease.still_valid, spec.name)
+    rt.llm = llm.pool
+    llm_backend = Backend("llm-pool", llm.host, llm.port)
+    data_server = await start_data_plane(rt.pool, data_host, data_port, ProxySettings.from_deployment(dep),
+                                         routes={b"/llm/": llm_backend})
     hooks = [WebhookDeliverer(redis, rt.keys, w, dep.cluster, rt.lease.still_valid, rt.lease.fenced)
              for w in dep.webhooks]
     loops = [asyncio.create_task(c, name=n) for n, c in (
@@ -56,6 +63,8 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
     for t in loops:
         t.cancel()
     data_server.close()
+    with contextlib.suppress(Exception):
+        await llm.stop()
     with contextlib.suppress(Exception):
         await rt.lease.release()
     with contextlib.suppress(Exception):

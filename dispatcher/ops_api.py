@@ -32,6 +32,7 @@ from ctops.wire import (
     LeadershipResult,
     PeerHeartbeat,
 )
+from dispatcher.llm.routes import llm_router
 from dispatcher.pool import now_ms
 from dispatcher.runtime import Runtime
 
@@ -282,6 +283,8 @@ def create_ops_app(rt: Runtime) -> FastAPI:
 
     from dispatcher.exceptions import exceptions_router  # noqa: PLC0415 - it imports ApiError from here
     app.include_router(exceptions_router(rt, require))
+    if rt.llm is not None:
+        app.include_router(llm_router(rt.llm, require, rt.store.audit, rt.spec.name))
     return app
 
 

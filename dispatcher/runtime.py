@@ -18,6 +18,7 @@ from dispatcher.commands import CommandRelay
 from dispatcher.events import EventLog
 from dispatcher.health import HealthChecker
 from dispatcher.lease import Lease, NotLeader
+from dispatcher.llm.pool import LLMPool
 from dispatcher.peers import Peers
 from dispatcher.pool import Backend, ServerPool, now_ms
 from dispatcher.store import Store
@@ -33,6 +34,7 @@ class Runtime:
         self.tokens = TokenBook(dep)
         self.pool = ServerPool(dep.servers, initial_health="down")
         self.known_hosts = frozenset(a.name for a in dep.agents)
+        self.llm: LLMPool | None = None  # set once the LLM pool runs
         t = dep.timings
         self.lease = Lease(redis, self.keys, spec.name, t.lease_ttl_ms, t.lease_renew_ms,
                            on_change=self._on_leadership)
