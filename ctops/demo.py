@@ -58,6 +58,14 @@ def write_deployment(path: Path, redis_url: str, ports: Ports, tokens: dict[str,
         "health_interval_ms = 500",
         "fall = 2",
         "rise = 2",
+        "",
+        "[trainer]",
+        "# reviews go through the dispatchers' LLM pool, which fails over between the providers",
+        'llm = "dispatcher"',
+        "",
+        "[llm]",
+        "# the pool on the data port asks its clients (the trainers) for this key",
+        'client_key_env = "CTOPS_LLM_CLIENT_KEY"',
     ]
     for d in disp:
         out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"']
@@ -117,6 +125,7 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedRedis, dict[st
         cfg = work / "demo.toml"
         layout = write_deployment(cfg, redis.url, ports, tokens)
         env = {"CTOPS_DEMO_LLM_KEY": "demo-key", "CTOPS_AGENT_TOKEN": tokens["agent"],
+               "CTOPS_LLM_CLIENT_KEY": new_token(),
                "CTOPS_LOG_DIR": str(logs), "PYTHONUNBUFFERED": "1"}
         for p in layout["llm"]:
             children.append(spawn(p["name"], ctops_argv("fake-llm", "--port", str(p["port"]), "--name", p["name"]),

@@ -34,11 +34,11 @@ def render(st: ClusterState) -> str:
     lines = [f"cluster {st.cluster}: leader {st.leader or '-'} (served by {st.served_by})", "", "dispatchers:"]
     for d in st.dispatchers:
         lines.append(f"  {d.name:<10} {d.role:<8} {'healthy' if d.healthy else 'UNHEALTHY':<10} epoch {d.epoch}")
-    lines += ["", f"  {'server':<12} {'state':<9} {'sessions':>8}  {'host':<8} {'hb age':>8}  last error"]
+    lines += ["", f"  {'server':<12} {'state':<9} {'sessions':>8}  {'host':<8} {'hb age':>8}  diagnosis"]
     for s in st.servers:
         age = f"{s.heartbeat_age_ms} ms" if s.heartbeat_age_ms is not None else "-"
-        err = (s.last_error or "") if s.state != "up" else ""
-        lines.append(f"  {s.name:<12} {s.state:<9} {s.active_sessions:>8}  {s.host:<8} {age:>8}  {err}")
+        why = f"{s.diagnosis}: {s.diagnosis_detail}" if s.diagnosis_detail else s.diagnosis
+        lines.append(f"  {s.name:<12} {s.state:<9} {s.active_sessions:>8}  {s.host:<8} {age:>8}  {why}")
     lines += ["", f"  {'host':<12} {'state':<9} {'hb age':>8}  processes"]
     for h in st.hosts:
         age = f"{h.heartbeat_age_ms} ms" if h.heartbeat_age_ms is not None else "-"
