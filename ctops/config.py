@@ -38,6 +38,13 @@ class Timings(_Strict):
     client_idle_timeout_ms: int = Field(60_000, ge=100)
     upstream_connect_timeout_ms: int = Field(1_000, ge=20)
     upstream_read_timeout_ms: int = Field(60_000, ge=100)
+    # retry and redispatch: a request gives up (503 + Retry-After) past this long since it arrived
+    retry_total_ms: int = Field(5_000, ge=50, le=600_000)
+    # a safe request (idempotent, or with an Idempotency-Key) waiting this long for a first byte
+    # has its server probed; a failed probe moves it (and the others waiting there) on. 0: off
+    first_byte_timeout_ms: int = Field(500, ge=0, le=600_000)
+    # a server back from `down` ramps its weight from 10 % to 100 % over this long. 0: off
+    slow_start_ms: int = Field(3_000, ge=0, le=3_600_000)
     # leadership lease
     lease_ttl_ms: int = Field(1000, ge=200, le=60_000)
     lease_renew_ms: int = Field(250, ge=50, le=30_000)
@@ -49,6 +56,10 @@ class Limits(_Strict):
     # per-connection buffer above which the proxy pauses the sending side
     proxy_high_water_bytes: int = Field(256 * 1024, ge=4096)
     upstream_pool_size: int = Field(64, ge=1, le=10_000)
+    # tries per request, the first included, across retries of one server and redispatches
+    retry_max_tries: int = Field(4, ge=1, le=20)
+    # request bytes kept to send again; a larger request is never retried once sent
+    replay_max_bytes: int = Field(64 * 1024, ge=0, le=16 * 1024 * 1024)
 
 
 class Sandbox(_Strict):
@@ -64,7 +75,8 @@ class TrainerSettings(_Strict):
 
     # where reviews come from: the [[llm_providers]] directly, or the dispatchers' LLM pool
     llm: Literal["direct", "dispatcher"] = "direct"
-    llm_model: str = Field("gpt-4", min_length=1, description="model asked of the dispatchers' pool")
+    # model asked of the dispatchers' pool; unset means the first of [llm] models
+    llm_model: str | None = Field(None, min_length=1)
     llm_timeout_ms: int = Field(10_000, ge=50, description="per try, with llm = dispatcher")
     # past this, a submission is completed with its review pending (degraded mode)
     review_budget_ms: int = Field(8_000, ge=100, le=600_000)
@@ -178,6 +190,8 @@ class AgentSpec(_Strict):
     dispatchers: list[str] = Field(default_factory=list)
     token_env: str = "CTOPS_AGENT_TOKEN"
     disk_path: str = "/"
+    # globs of log files whose Python tracebacks and ERROR lines become exception events
+    log_files: list[str] = Field(default_factory=list)
 
 
 class LLMProviderSpec(_Strict):

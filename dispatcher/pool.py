@@ -2,13 +2,19 @@
 
 Health checks, passive failures seen by the proxy and staff actions (via Redis) update it; the
 data plane only asks it for the next server. Kept free of I/O so the hot path stays cheap.
+
+Balancing: the server with the fewest outstanding requests per unit of weight, ties broken in
+rotation (so at low load it is round-robin). Only servers `up` and `enabled` take new work; a
+`draining` one still serves the sessions stuck to it (see the data plane's affinity). A server
+coming back after being down warms up: its weight ramps from 10 % to 100 % over `slow_start` s.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from time import monotonic
 
 from ctops.config import ServerSpec
 from ctops.wire import AdminState, ServerState
@@ -36,6 +42,16 @@ class Backend:
     consecutive_ok: int = 0
     consecutive_fail: int = 0
     outstanding: int = 0  # requests in flight through this dispatcher
+    warm_since: float = 0.0  # monotonic time it came back up; 0 when not warming up
+    been_up: bool = False  # a first "up" (dispatcher start) does not warm up, a comeback does
+    # the data plane's affinity cookie naming this server, as sent and as matched
+    name_b: bytes = field(init=False, repr=False)
+    set_cookie: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.name_b = self.name.encode()
+        self.been_up = self.been_up or self.health == "up"
+        self.set_cookie = b"Set-Cookie: ctops_srv=%b; Path=/; HttpOnly; SameSite=Lax\r\n" % self.name_b
 
     @property
     def state(self) -> ServerState:
@@ -62,8 +78,11 @@ class ServerPool:
             self.backends[spec.name] = Backend(spec.name, host, port, spec.weight, spec.host,
                                                health=initial_health)
         self._order = list(self.backends.values())
+        self.by_cookie = {b.name_b: b for b in self._order}
         self._rr = 0
         self.listeners: list[StateListener] = []
+        self.slow_start = 0.0  # seconds over which a returning server's weight ramps up
+        self.data_plane: object | None = None  # the DataPlane routing over this pool, once started
 
     def get(self, name: str) -> Backend | None:
         return self.backends.get(name)
@@ -71,21 +90,55 @@ class ServerPool:
     def __iter__(self):
         return iter(self._order)
 
-    def pick(self, exclude: Backend | None = None) -> Backend | None:
-        """Round-robin over servers in state `up`; None when there is none."""
+    def pick(self, exclude: Backend | Collection[Backend] | None = None, suspect_ok: bool = False) -> Backend | None:
+        """A server `up` and `enabled` for new work: least outstanding requests per weight (with slow
+        start), ties in rotation; None when there is none. `exclude`: servers already tried.
+        `suspect_ok`: a `suspect` server (one failed check) will do too, the fallback when none is up."""
         order = self._order
         n = len(order)
+        if not n:
+            return None
+        if isinstance(exclude, Backend):
+            exclude = (exclude,)
+        start = self._rr
+        self._rr = start + 1 if start + 1 < n else 0
+        best = None
+        best_score = 0.0
         for i in range(n):
-            b = order[(self._rr + i) % n]
-            if b.health == "up" and b.admin == "enabled" and b.weight > 0 and b is not exclude:
-                self._rr = (self._rr + i + 1) % n
-                return b
-        return None
+            j = start + i
+            b = order[j if j < n else j - n]
+            if b.health != "up" and not (suspect_ok and b.health == "suspect"):
+                continue
+            if b.admin != "enabled" or b.weight <= 0:
+                continue
+            if exclude and b in exclude:
+                continue
+            w = b.weight
+            if b.warm_since:
+                w = self._warm_weight(b)
+            score = (b.outstanding + 1) / w
+            if best is None or score < best_score:
+                best, best_score = b, score
+        return best
+
+    def _warm_weight(self, b: Backend) -> float:
+        ramp = (monotonic() - b.warm_since) / self.slow_start if self.slow_start > 0 else 1.0
+        if ramp >= 1.0:
+            b.warm_since = 0.0
+            return b.weight
+        return b.weight * max(0.1, ramp)
+
+    def effective_weight(self, b: Backend) -> float:
+        return self._warm_weight(b) if b.warm_since else float(b.weight)
 
     def _set(self, b: Backend, *, health: Health | None = None, admin: AdminState | None = None,
              reason: str = "") -> None:
         old = b.state
         if health is not None and health != b.health:
+            if health == "up":
+                if b.been_up and b.health == "down" and self.slow_start > 0:
+                    b.warm_since = monotonic()
+                b.been_up = True
             b.health = health
         if admin is not None and admin != b.admin:
             b.admin = admin
@@ -108,3 +161,9 @@ class ServerPool:
         b.consecutive_ok = 0
         b.consecutive_fail += 1
         self.set_health(b, "down", f"passive: {reason}")
+
+    def report_slow(self, b: Backend, reason: str) -> None:
+        """Passive health: a request got no answer in time and a probe failed too. Out of rotation
+        until the active checks decide (a passing check brings it back, failing ones take it down)."""
+        if b.health == "up":
+            self.set_health(b, "suspect", f"passive: {reason}")

@@ -10,9 +10,14 @@ A client connection answers its requests strictly in order: a pipelined request 
 reading paused, until the one before it is answered. Timeouts are deadlines checked by one
 sweeper task instead of a timer per request, which would cost more than the proxying itself.
 
-Where a request goes is decided in `DataPlane.choose_backend`; whether a request that already
-reached a server may be sent again is decided in `DataPlane.may_retry`. Both are the places to
-extend for retry/redispatch policy and session affinity.
+Where a request goes is decided in `DataPlane.choose_backend` (session affinity by the `ctops_srv`
+cookie, else the pool's least-outstanding pick) or by a fixed path-prefix route (the LLM pool).
+A try that fails before any byte of an answer goes through `DataPlane._failed_try`: the same
+server once more if it is still believed healthy, else another, within `retry_max_tries` and
+`retry_total`; a request the server may have acted on only when safe (idempotent method or an
+`Idempotency-Key`) and small enough to have been kept for replay. A safe request left without an
+answer's first byte for `first_byte_timeout` gets its server probed; a failed probe (or the server
+leaving `up` by any other means) moves every safe request waiting there to another server.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from functools import partial
 import httptools
 
 from ctops.config import Deployment
+from dispatcher.health import check_once
 from dispatcher.pool import Backend, ServerPool
 from dispatcher.upstream import UpstreamPool
 
@@ -40,15 +46,17 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
 PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade",
                               b"keep-alive, Upgrade", b"Keep-Alive, Upgrade", b"keep-alive, upgrade"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
-# request bytes kept so a request can be re-sent when a reused connection turns out dead
-REPLAY_MAX = 64 * 1024
+# requests under this path take part in session affinity even before they carry a cookie
+AFFINITY_PATH = b"/api/sessions"
+AFFINITY_COOKIE = b"ctops_srv="
+SESSION_COOKIE = b"ctops_session="
 
 # why the client's reading is paused (bits)
 _PIPELINE = 1  # a request waits for the one before it, or the connection is being wound up
 _BACKPRESSURE = 2  # the upstream's write buffer (or the buffer in front of it) is full
 
 # what a client connection's deadline stands for
-_NONE, _HEADER, _IDLE, _UPSTREAM = 0, 1, 2, 3
+_NONE, _HEADER, _IDLE, _UPSTREAM, _FIRST_BYTE = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,12 @@ class ProxySettings:
     header_max_bytes: int
     high_water: int
     pool_size: int
+    retry_max_tries: int = 4
+    retry_total: float = 5.0
+    first_byte_timeout: float = 0.5  # 0: off
+    probe_timeout: float = 0.4
+    slow_start: float = 3.0
+    replay_max: int = 64 * 1024
 
     @classmethod
     def from_deployment(cls, dep: Deployment) -> ProxySettings:
@@ -72,6 +86,12 @@ class ProxySettings:
             header_max_bytes=lim.proxy_header_max_bytes,
             high_water=lim.proxy_high_water_bytes,
             pool_size=lim.upstream_pool_size,
+            retry_max_tries=lim.retry_max_tries,
+            retry_total=t.retry_total_ms / 1000,
+            first_byte_timeout=t.first_byte_timeout_ms / 1000,
+            probe_timeout=t.health_timeout_ms / 1000,
+            slow_start=t.slow_start_ms / 1000,
+            replay_max=lim.replay_max_bytes,
         )
 
 
@@ -120,7 +140,7 @@ def error_response(status: int, message: str, *, keep_alive: bool, http11: bool 
 
 # how a header (by its name as sent) is handled; cached per spelling, so the common headers cost
 # one dict lookup instead of lower() and several comparisons
-_COPY, _CONNECTION, _TE, _UPGRADE, _HOP, _CLEN, _XFF, _XFP = range(8)
+_COPY, _CONNECTION, _TE, _UPGRADE, _HOP, _CLEN, _COOKIE, _IDEM, _XFF, _XFP = range(10)
 _KINDS: dict[bytes, int] = {}
 
 
@@ -136,6 +156,10 @@ def _kind(name: bytes) -> int:
         kind = _HOP
     elif lname == b"content-length":
         kind = _CLEN
+    elif lname == b"cookie":
+        kind = _COOKIE
+    elif lname == b"idempotency-key":
+        kind = _IDEM
     elif lname == b"x-forwarded-for":
         kind = _XFF
     elif lname == b"x-forwarded-proto":
@@ -149,12 +173,14 @@ def _kind(name: bytes) -> int:
 
 def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bool,
                   drop: frozenset[bytes] | None = None,
-                  ) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
+                  ) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None, bool]:
     """Append the end-to-end headers to `out`. Returns (transfer-encoding, upgrade, x-forwarded-for,
-    content-length), which the caller rewrites itself. On requests X-Forwarded-* are the caller's."""
+    content-length, cookie, has an idempotency key); the first three the caller rewrites itself.
+    On requests X-Forwarded-* are the caller's."""
     mark = len(out)
     kinds = _KINDS
-    conn = te = upgrade = xff = clen = None
+    conn = te = upgrade = xff = clen = cookie = None
+    idem = False
     for name, value in hdrs:
         kind = kinds.get(name)
         if kind is None:
@@ -164,6 +190,12 @@ def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bo
                 out += (name, b": ", value, b"\r\n")
         elif kind == _CLEN:
             clen = value
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _COOKIE:
+            cookie = value if cookie is None else cookie + b"; " + value
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _IDEM:
+            idem = True
             out += (name, b": ", value, b"\r\n")
         elif kind == _CONNECTION:
             conn = value if conn is None else conn + b", " + value
@@ -183,7 +215,19 @@ def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bo
         if named:
             del out[mark:]
             return _copy_headers(hdrs, out, request, named)
-    return te, upgrade, xff, clen
+    return te, upgrade, xff, clen, cookie, idem
+
+
+def _cookie_value(cookie: bytes, name: bytes) -> bytes | None:
+    """The value of cookie `name=` (given with its "=") in a Cookie header, or None."""
+    i = cookie.find(name)
+    while i > 0 and cookie[i - 1] not in b" ;":  # a longer name ending in ours
+        i = cookie.find(name, i + 1)
+    if i < 0:
+        return None
+    i += len(name)
+    j = cookie.find(b";", i)
+    return cookie[i:j if j >= 0 else len(cookie)].strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +238,7 @@ class Request:
 
     __slots__ = ("conn", "method", "ready", "keep_alive", "http11", "upgrade", "chunked", "has_body",
                  "complete", "answered", "aborted", "backend", "upstream", "tries", "unsent", "unsent_size",
-                 "replay", "replay_size")
+                 "replay", "replay_size", "safe", "affinity", "route", "started", "tried", "retried_same")
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -215,6 +259,12 @@ class Request:
         self.unsent_size = 0
         self.replay: list[bytes] | None = None  # every byte sent so far, while small and retry is possible
         self.replay_size = 0
+        self.safe = False  # may be sent again after a server got it: idempotent, or has an Idempotency-Key
+        self.affinity: bytes | None = None  # the ctops_srv cookie (b"" if none) when affinity applies
+        self.route: Backend | None = None  # a fixed backend by path prefix (no balancing, no health)
+        self.started = 0.0  # first dispatched (loop time)
+        self.tried: list[Backend] | None = None  # servers that failed this request
+        self.retried_same = False
 
     @property
     def idempotent(self) -> bool:
@@ -355,11 +405,29 @@ class ClientConnection(asyncio.Protocol):
         if self.head_bytes + self.read_len > self.plane.settings.header_max_bytes and self._head_too_big(hdrs):
             self._bad_request(431, "request header too large")
             return
+        plane = self.plane
         method = r.method = p.get_method()
         r.http11 = p.get_http_version() == "1.1"
         r.keep_alive = p.should_keep_alive()
-        out = [method, b" ", self.url, b" HTTP/1.1\r\n"]
-        te, upgrade, xff, clen = _copy_headers(hdrs, out, True)
+        url = self.url
+        out = [method, b" ", url, b" HTTP/1.1\r\n"]
+        te, upgrade, xff, clen, cookie, idem = _copy_headers(hdrs, out, True)
+        r.safe = idem or method in IDEMPOTENT
+        routes = plane.routes
+        if routes is not None:
+            for prefix, backend in routes:
+                if url.startswith(prefix):
+                    r.route = backend
+                    break
+        if r.route is None:
+            if cookie is not None:
+                srv = _cookie_value(cookie, AFFINITY_COOKIE)
+                if srv is not None:
+                    r.affinity = srv
+                elif SESSION_COOKIE in cookie:
+                    r.affinity = b""
+            if r.affinity is None and url.startswith(AFFINITY_PATH):
+                r.affinity = b""
         if te is not None:  # the body is re-chunked as it is forwarded
             r.chunked = r.has_body = True
             out += (b"Transfer-Encoding: ", te, b"\r\n")
@@ -378,12 +446,14 @@ class ClientConnection(asyncio.Protocol):
         head = b"".join(out)
         r.unsent = [head]
         r.unsent_size = r.replay_size = len(head)
-        r.replay = [head]
+        r.replay = [head] if r.replay_size <= plane.replay_max else None
         r.ready = True
+        plane.requests += 1
         if r is self.cur:
+            now = plane.time()
             self.dkind = _UPSTREAM
-            self.deadline = self.plane.time() + self.plane.t_read
-            self.plane.dispatch(r)
+            self.deadline = now + plane.t_read
+            plane.dispatch(r, now)
 
     def _head_too_big(self, hdrs: list[tuple[bytes, bytes]]) -> bool:
         size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in hdrs)
@@ -418,7 +488,7 @@ class ClientConnection(asyncio.Protocol):
         replay = r.replay
         if replay is not None:
             r.replay_size += len(data)
-            if r.replay_size > REPLAY_MAX:
+            if r.replay_size > self.plane.settings.replay_max:
                 r.replay = None
             else:
                 replay.append(data)
@@ -478,9 +548,10 @@ class ClientConnection(asyncio.Protocol):
             while self.cur is None and self.queue and not self.closed:
                 r = self.cur = self.queue.popleft()
                 if r.ready:
+                    now = self.plane.time()
                     self.dkind = _UPSTREAM
-                    self.deadline = self.plane.time() + self.plane.t_read
-                    self.plane.dispatch(r)
+                    self.deadline = now + self.plane.t_read
+                    self.plane.dispatch(r, now)
                 else:  # its head is still arriving
                     self.dkind = _HEADER
                     self.deadline = self.plane.time() + self.plane.t_header
@@ -547,7 +618,7 @@ class ClientConnection(asyncio.Protocol):
         response = error_response(status, message, keep_alive=False)
         if r is not None and r is self.cur:
             up = r.upstream
-            if up is not None and up.head_sent:
+            if up is not None and up.flushed:
                 self.plane.cancel(r)
                 self.abort()  # a response is under way: the connection is all we can cut
                 return
@@ -563,12 +634,17 @@ class ClientConnection(asyncio.Protocol):
 
     def on_timeout(self) -> None:
         kind = self.dkind
+        if kind == _FIRST_BYTE and self.cur is not None:  # not given up: the plane decides
+            self.dkind = _UPSTREAM
+            self.deadline = self.plane.time() + max(self.plane.t_read - self.plane.t_first_byte, 0.01)
+            self.plane.first_byte_late(self.cur)
+            return
         self.deadline = 0.0
         self.dkind = _NONE
         if kind == _UPSTREAM and self.cur is not None:
             r = self.cur
             up = r.upstream
-            started = up is not None and up.head_sent
+            started = up is not None and up.flushed
             self.plane.cancel(r)
             if started:
                 self.abort()
@@ -596,7 +672,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("plane", "backend", "transport", "parser", "req", "client", "out", "reason", "hdrs",
                  "reused", "read_paused", "got_bytes", "head_sent", "tunnel", "until_close", "chunk_out",
-                 "interim", "discard")
+                 "interim", "discard", "flushed", "hold")
 
     def __init__(self, plane: DataPlane, backend: Backend) -> None:
         self.plane = plane
@@ -611,7 +687,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False  # has answered before: may have been closed by the server meanwhile
         self.read_paused = False
         self.got_bytes = False
-        self.head_sent = False
+        self.head_sent = False  # the response head has been parsed (and queued for the client)
+        self.flushed = False  # some of the response has been written to the client
+        self.hold = False  # a head waits for its first body byte: if the server dies first, nothing is lost
         self.tunnel = False
         self.until_close = False  # the response body ends when the server closes
         self.chunk_out = False
@@ -621,7 +699,7 @@ class UpstreamConnection(asyncio.Protocol):
     def bind(self, r: Request) -> None:
         self.req = r
         self.client = r.conn
-        self.got_bytes = self.head_sent = self.until_close = self.chunk_out = False
+        self.got_bytes = self.head_sent = self.until_close = self.chunk_out = self.flushed = self.hold = False
         if r.conn.write_paused:
             self.pause_reading()
 
@@ -661,15 +739,16 @@ class UpstreamConnection(asyncio.Protocol):
             return
         assert r is not None
         r.upstream = None
-        if not self.head_sent:
-            self.plane.upstream_lost(r, self, exc)
-            return
-        if self.until_close and not self.discard and exc is None:  # the close ends the body
+        if self.until_close and self.head_sent and not self.discard and exc is None:  # the close ends the body
             if self.chunk_out:
                 self.out.append(b"0\r\n\r\n")
             self._flush(client)
             self.plane.release_backend(r)
             client.response_done(r)
+            return
+        if not self.flushed:  # the client has seen nothing: the request may still go elsewhere
+            self.out.clear()
+            self.plane.upstream_lost(r, self, exc)
             return
         self._flush(client)
         self.plane.release_backend(r)
@@ -687,8 +766,8 @@ class UpstreamConnection(asyncio.Protocol):
         assert r is not None
         client.deadline = self.plane.time() + self.plane.t_read
         if not self.got_bytes:
-            self.got_bytes = True
-            r.replay = None  # the server has answered: never re-sent
+            self.got_bytes = True  # the server is alive: no first-byte deadline; replay kept until flushed
+            client.dkind = _UPSTREAM
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -709,7 +788,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.discard:
             self.discard = False
             self.parser = httptools.HttpResponseParser(self)
-        if self.out and self.client is not None:
+        if self.out and not self.hold and self.client is not None:
             self._flush(self.client)
 
     def pause_writing(self) -> None:
@@ -750,7 +829,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.out.append(b"".join(out))
             return
         out = [_status_line(status, self.reason)]
-        te, upgrade, _, clen = _copy_headers(hdrs, out, False)
+        te, upgrade, _, clen, _, _ = _copy_headers(hdrs, out, False)
+        aff = r.affinity
+        if aff is not None and aff != self.backend.name_b:  # the session sticks to the server that answers
+            out.append(self.backend.set_cookie)
         if status == 101:
             if r.upgrade is None or upgrade is None:
                 raise _BadResponse("101 without an upgrade")
@@ -777,10 +859,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_sent = True
         if self.discard:
             self._complete(r, p.should_keep_alive())
+        elif not self.tunnel:
+            self.hold = True
 
     def on_body(self, body: bytes) -> None:
         if self.discard or self.interim:
             return
+        self.hold = False
         if self.chunk_out:
             self.out += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
@@ -802,6 +887,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _flush(self, client: ClientConnection) -> None:
         out = self.out
         if out:
+            self.flushed = True
             if not client.closed:
                 if len(out) == 1:
                     client.transport.write(out[0])
@@ -837,11 +923,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
         if client is None or r is None:
             return
-        self._flush(client)
+        flushed = self.flushed
+        if flushed:
+            self._flush(client)
         r.upstream = None
         self.unbind()
         self.plane.release_backend(r)
-        if self.head_sent:
+        if flushed:
             client.abort()
         else:
             client.respond_error(r, 502, message)
@@ -853,22 +941,46 @@ class UpstreamConnection(asyncio.Protocol):
 class DataPlane:
     """The proxy's shared state: the server pool, idle upstream connections, open client connections."""
 
-    def __init__(self, pool: ServerPool, settings: ProxySettings) -> None:
+    def __init__(self, pool: ServerPool, settings: ProxySettings,
+                 routes: dict[bytes, Backend] | None = None) -> None:
         self.pool = pool
         self.settings = settings
+        # path prefix -> fixed backend, longest prefix first
+        self.routes = sorted(routes.items(), key=lambda kv: -len(kv[0])) if routes else None
         self.upstreams = UpstreamPool(settings.pool_size)
         self.conns: set[ClientConnection] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._connecting: set[asyncio.Task] = set()
+        self._probing: dict[Backend, asyncio.Task] = {}
+        # counters (see `counters`)
+        self.requests = 0
         self.responses = 0
+        self.retries = 0  # tries sent again to the same server
+        self.redispatches = 0  # tries moved to another server
+        self.first_byte_timeouts = 0
+        self.probes_failed = 0
         self.errors: dict[int, int] = {}  # status -> count of answers the proxy gave itself
+        self.failures: dict[str, int] = {}  # why: no_server, retries_exhausted, unsafe_not_retried, ...
         # flattened for the per-request path
         self.time = time.monotonic
         self.t_header = settings.client_header_timeout
         self.t_idle = settings.client_idle_timeout
         self.t_read = settings.upstream_read_timeout
+        self.t_first_byte = settings.first_byte_timeout
+        self.replay_max = settings.replay_max
+        pool.slow_start = settings.slow_start
+        pool.data_plane = self
+        pool.listeners.append(self._on_state_change)
+
+    def counters(self) -> dict:
+        """Monotonic counters since start, for the ops API and `ctops status`."""
+        return {"requests": self.requests, "responses": self.responses, "retries": self.retries,
+                "redispatches": self.redispatches, "first_byte_timeouts": self.first_byte_timeouts,
+                "probes_failed": self.probes_failed, "client_connections": len(self.conns),
+                "errors_by_status": {str(k): v for k, v in sorted(self.errors.items())},
+                "errors_by_kind": dict(self.failures)}
 
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
         self.loop = asyncio.get_running_loop()
@@ -890,15 +1002,20 @@ class DataPlane:
         for conn in list(self.conns):
             conn.close()
         self.upstreams.close_all()
-        for task in list(self._connecting):
+        for task in [*self._connecting, *self._probing.values()]:
             task.cancel()
+        if self._on_state_change in self.pool.listeners:
+            self.pool.listeners.remove(self._on_state_change)
         if self._sweeper is not None:
             self._sweeper.cancel()
         await asyncio.sleep(0)
 
     async def _sweep(self) -> None:
         s = self.settings
-        tick = min(max(min(s.client_header_timeout, s.client_idle_timeout, s.upstream_read_timeout) / 4, 0.02), 0.5)
+        shortest = min(s.client_header_timeout, s.client_idle_timeout, s.upstream_read_timeout)
+        if s.first_byte_timeout:
+            shortest = min(shortest, s.first_byte_timeout)
+        tick = min(max(shortest / 5, 0.02), 0.5)
         while self.server is None or self.server.is_serving() or self.conns:
             await asyncio.sleep(tick)
             now = self.loop.time()
@@ -909,36 +1026,53 @@ class DataPlane:
                     log.exception("data plane: error while timing out a connection")
                     conn.close()
 
-    # -- routing: the places to extend -----------------------------------------------------------
+    # -- routing ---------------------------------------------------------------------------------
 
-    def choose_backend(self, r: Request, failed: Backend | None) -> Backend | None:
-        """Where a request goes. `failed` is the server it could not reach, if any."""
-        return self.pool.pick(exclude=failed)
-
-    def may_retry(self, r: Request, up: UpstreamConnection) -> bool:
-        """Whether a request that reached a server (which then closed without a byte of answer) is
-        sent again. Today only a reused keep-alive connection qualifies: the server may have closed
-        it just before the request came, so it never saw the request."""
-        return up.reused and not up.got_bytes and r.replay is not None and r.idempotent
+    def choose_backend(self, r: Request) -> Backend | None:
+        """Where a request goes: the server its session sticks to while that one is `up` (even when
+        draining), else the least loaded server taking new work; never one that failed it already."""
+        tried = r.tried
+        aff = r.affinity
+        if aff:
+            b = self.pool.by_cookie.get(aff)
+            if (b is not None and b.health == "up" and b.admin != "disabled" and b.weight > 0
+                    and (tried is None or b not in tried)):
+                return b
+        # none up: rather a server that failed one check (likely slow, not dead) than a 503
+        return self.pool.pick(exclude=tried) or self.pool.pick(exclude=tried, suspect_ok=True)
 
     # -- forwarding --------------------------------------------------------------------------------
 
-    def dispatch(self, r: Request, failed: Backend | None = None) -> None:
-        b = self.choose_backend(r, failed)
-        if b is None:
-            r.conn.respond_error(r, 503, "no healthy trainer server", retry_after=1,
-                                 extra={"retry_after_s": 1})
+    def dispatch(self, r: Request, now: float) -> None:
+        r.started = now
+        if r.route is not None:
+            self._forward(r, r.route, False, now)
             return
-        self._forward(r, b)
+        b = self.choose_backend(r) if r.affinity else (self.pool.pick() or self.choose_backend(r))
+        if b is None:
+            self._give_up(r, "no healthy trainer server", "no_server")
+            return
+        self._forward(r, b, False, now)
 
-    def _forward(self, r: Request, b: Backend, fresh: bool = False) -> None:
+    def _give_up(self, r: Request, message: str, kind: str) -> None:
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        r.conn.respond_error(r, 503, message, retry_after=1, extra={"retry_after_s": 1, "tries": r.tries})
+
+    def _forward(self, r: Request, b: Backend, fresh: bool = False, now: float = 0.0) -> None:
         r.backend = b
         b.outstanding += 1
+        if self.t_first_byte and r.safe and r.route is None:
+            conn = r.conn
+            if r is conn.cur:
+                conn.dkind = _FIRST_BYTE
+                conn.deadline = (now or self.time()) + self.t_first_byte
         if not fresh:
-            up = self.upstreams.acquire(b)
-            if up is not None:
-                self._attach(r, up)  # type: ignore[arg-type]
-                return
+            idle = self.upstreams.idle.get(b)
+            while idle:  # the most recently used live connection: the least likely to have timed out
+                up = idle.pop()
+                if up.transport is not None and not up.transport.is_closing():
+                    self._attach(r, up)  # type: ignore[arg-type]
+                    return
         task = self.loop.create_task(self._open(b))
         self._connecting.add(task)
         task.add_done_callback(partial(self._opened, r, b))
@@ -961,8 +1095,8 @@ class DataPlane:
             self._unreachable(r, b, exc.strerror or type(exc).__name__)
             return
         assert isinstance(up, UpstreamConnection)
-        if r.aborted or r.answered or r.conn.closed:
-            self.upstream_idle(up)  # nobody waits for it, but it is a good connection
+        if r.aborted or r.answered or r.conn.closed or r.backend is not b:
+            self.upstream_idle(up)  # nobody waits for it (or the request moved on), but it is a good connection
             return
         self._attach(r, up)
 
@@ -982,32 +1116,126 @@ class DataPlane:
                 up.transport.writelines(unsent)  # type: ignore[union-attr]
 
     def _unreachable(self, r: Request, b: Backend, reason: str) -> None:
-        """Nothing reached `b`: take it out of rotation and try another server."""
-        self.pool.report_failure(b, reason)
+        """Nothing reached `b` (refused, connect timeout): it leaves rotation, the request moves on."""
+        if r.route is None:
+            self.pool.report_failure(b, reason)
+        if r.backend is not b:
+            return  # the request had already moved on (evacuated) while this connect was pending
         self.release_backend(r)
+        self._failed_try(r, b, reason, sent=False)
+
+    def upstream_lost(self, r: Request, up: UpstreamConnection, exc: Exception | None) -> None:
+        """The connection closed after the request was (partly) sent, before any response byte."""
+        b = r.backend
+        self.release_backend(r)
+        if b is None:
+            return
+        if not up.reused and r.route is None and r.retried_same:
+            # a fresh connection dropped again: the server is in trouble (once may be a restart's race)
+            self.pool.report_failure(b, "connection reset" if exc is not None else "closed before responding")
+        self._failed_try(r, b, "closed the connection before responding", sent=True)
+
+    def _failed_try(self, r: Request, b: Backend, reason: str, sent: bool) -> None:
+        """A try failed before any byte of an answer. Retry `b` once if it is still believed healthy,
+        else (or when that fails too) another healthy server, within the tries and time allowed.
+        A request `sent` may have been acted on: it goes again only when safe and kept for replay."""
         if r.aborted or r.answered or r.conn.closed:
             return
         r.tries += 1
-        if r.tries >= len(self.pool.backends):
-            r.conn.respond_error(r, 503, "no healthy trainer server", retry_after=1,
-                                 extra={"retry_after_s": 1})
-            return
-        self.dispatch(r, failed=b)
-
-    def upstream_lost(self, r: Request, up: UpstreamConnection, exc: Exception | None) -> None:
-        """The connection closed after the request was (partly) sent, before any response head."""
-        b = r.backend
-        self.release_backend(r)
-        if r.aborted or r.answered or r.conn.closed or b is None:
-            return
-        if self.may_retry(r, up):
-            r.unsent = list(r.replay or ())
+        if sent:
+            if not r.safe or r.replay is None:
+                self.failures["unsafe_not_retried"] = self.failures.get("unsafe_not_retried", 0) + 1
+                r.conn.respond_error(r, 502, f"trainer server {reason}")
+                return
+            r.unsent = list(r.replay)
             r.unsent_size = r.replay_size
-            self._forward(r, b, fresh=True)
+        if r.tries >= self.settings.retry_max_tries or self.time() - r.started > self.settings.retry_total:
+            self._give_up(r, f"trainer server {reason}; no more tries", "retries_exhausted")
             return
-        if not up.reused and not up.got_bytes:  # a fresh connection dropped: the server is in trouble
-            self.pool.report_failure(b, "connection reset" if exc is not None else "closed before responding")
-        r.conn.respond_error(r, 502, "trainer server closed the connection before responding")
+        if r.route is not None:
+            target: Backend | None = r.route if not r.retried_same else None
+            r.retried_same = True
+        elif not r.retried_same and b.health == "up" and b.admin != "disabled":
+            r.retried_same = True
+            target = b
+        else:
+            if r.tried is None:
+                r.tried = [b]
+            elif b not in r.tried:
+                r.tried.append(b)
+            target = self.choose_backend(r)
+        if target is None:
+            self._give_up(r, f"trainer server {reason}; no other healthy server", "no_server")
+            return
+        if target is b:
+            self.retries += 1
+        else:
+            self.redispatches += 1
+        self._forward(r, target, fresh=True)
+
+    # -- hung servers: first-byte deadline, probe, evacuation ---------------------------------------
+
+    def first_byte_late(self, r: Request) -> None:
+        """A safe request has waited `first_byte_timeout` for an answer. If its server is out of
+        rotation meanwhile, the request moves on now; else the server is probed, and a failed probe
+        moves every safe request waiting there."""
+        b = r.backend
+        if b is None or r.route is not None or r.answered or r.aborted:
+            return
+        up = r.upstream
+        if up is not None and up.got_bytes:
+            return
+        self.first_byte_timeouts += 1
+        if b.health != "up":
+            self._evacuate(b, "stopped answering")
+        else:
+            self._probe(b)
+
+    def _probe(self, b: Backend) -> None:
+        if b in self._probing:
+            return
+        task = self.loop.create_task(check_once(b, self.settings.probe_timeout))
+        self._probing[b] = task
+        task.add_done_callback(partial(self._probed, b))
+
+    def _probed(self, b: Backend, task: asyncio.Task) -> None:
+        self._probing.pop(b, None)
+        if task.cancelled():
+            return
+        res = task.exception() or task.result()
+        if isinstance(res, BaseException) or not res.ok:
+            self.probes_failed += 1
+            self.pool.report_slow(b, getattr(res, "error", None) or "probe failed")
+            self._evacuate(b, "stopped answering")
+
+    def _on_state_change(self, b: Backend, old: str, new: str, reason: str) -> None:
+        if b.health != "up" and self.conns:
+            self._evacuate(b, f"is {b.health}")
+
+    def _evacuate(self, b: Backend, reason: str) -> None:
+        """Move the safe requests waiting on `b` for an answer's first byte to other servers."""
+        for conn in list(self.conns):
+            r = conn.cur
+            if r is None or r.backend is not b or r.route is not None or r.answered or r.aborted:
+                continue
+            up = r.upstream
+            if up is not None and up.got_bytes:
+                continue
+            if not r.complete or not r.safe or r.replay is None:
+                continue  # may be acted on and cannot be replayed: it waits for its answer
+            if self.pool.pick(exclude=[b, *(r.tried or ())], suspect_ok=True) is None:
+                continue  # nowhere better to go: it keeps waiting here, in case the server answers
+            if up is not None:
+                r.upstream = None
+                up.req = up.client = None
+                up.out.clear()
+                if up.transport is not None:
+                    up.transport.close()
+            self.release_backend(r)
+            r.retried_same = True  # not `b` again
+            conn.dkind = _UPSTREAM
+            conn.deadline = self.time() + self.t_read
+            self._failed_try(r, b, reason, sent=up is not None)
 
     def upstream_idle(self, up: UpstreamConnection) -> None:
         up.unbind()
@@ -1036,7 +1264,9 @@ class DataPlane:
         self.release_backend(r)
 
 
-async def start_data_plane(pool: ServerPool, host: str, port: int, settings: ProxySettings) -> asyncio.AbstractServer:
-    """Listen on host:port and proxy every request to a server from `pool`."""
-    plane = DataPlane(pool, settings)
+async def start_data_plane(pool: ServerPool, host: str, port: int, settings: ProxySettings,
+                           routes: dict[bytes, Backend] | None = None) -> asyncio.AbstractServer:
+    """Listen on host:port and proxy every request to a server from `pool`, or, when its path starts
+    with a prefix in `routes`, to that fixed backend. The DataPlane is `pool.data_plane` afterwards."""
+    plane = DataPlane(pool, settings, routes)
     return await plane.start(host, port)

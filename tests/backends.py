@@ -16,6 +16,9 @@ and which upstream connection answered):
   /close-before               closes without answering
   /once                       answers, then closes the connection when the next request arrives
   /hop                        a response carrying hop-by-hop headers
+  /flaky?key=K[&head=1]       closes without answering (or after a head) the first time it sees K
+  /drip                       a chunked response: one chunk, then the rest once /release is asked
+  /release                    lets every waiting /drip finish
   /stats                      counters, e.g. requests whose body was cut short
 """
 
@@ -32,6 +35,8 @@ from urllib.parse import parse_qs, urlsplit
 CHUNK = 64 * 1024
 _conn_ids = itertools.count(1)
 STATS = {"requests": 0, "truncated_bodies": 0, "connections": 0}
+FLAKY_SEEN: set[str] = set()
+RELEASE: list[asyncio.Event] = []
 
 
 def pattern(n: int) -> bytes:
@@ -120,9 +125,29 @@ async def serve_http(name: str, reader: asyncio.StreamReader, writer: asyncio.St
             served += 1
             STATS["requests"] += 1
             std = [("X-Backend", name), ("X-Conn-Id", str(conn_id)), ("X-Conn-Requests", str(served))]
-            path = url.path
+            path = url.path.removeprefix("/llm")  # the proxy's fixed route keeps the path as is
             if path == "/close-before":
                 return
+            if path == "/flaky" and q.get("key") not in FLAKY_SEEN:
+                FLAKY_SEEN.add(q.get("key", ""))
+                if q.get("head"):  # a response head, then death before the body
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                    await writer.drain()
+                return
+            if path == "/drip":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                             b"X-Backend: " + name.encode() + b"\r\n\r\n5\r\none\n\n\r\n")
+                await writer.drain()
+                event = asyncio.Event()
+                RELEASE.append(event)
+                await event.wait()
+                writer.write(b"5\r\ntwo\n\n\r\n0\r\n\r\n")
+                await writer.drain()
+                continue
+            if path == "/release":
+                for event in RELEASE:
+                    event.set()
+                RELEASE.clear()
             if path == "/close-mid":
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
                 await writer.drain()

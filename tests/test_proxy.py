@@ -388,9 +388,15 @@ def test_upstream_closing_before_responding_gives_502(backends: Backends) -> Non
     async def scenario() -> None:
         async with proxy(make_pool({"a": backends.http["a"]})) as plane:
             c = await Client.open(plane.port)
-            r = await c.request("GET", "/close-before")
+            # a POST the server may have acted on is not sent again
+            r = await c.request("POST", "/close-before", b"x")
             assert r.status == 502 and "error" in json.loads(r.body)
             assert r.headers["content-type"] == "application/json"
+            # a GET is, but there is no other server: 503 with Retry-After
+            plane.pool.get("a").health = "up"  # type: ignore[union-attr]
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/close-before")
+            assert r.status == 503 and r.headers["retry-after"] == "1"
 
     run(scenario)
 
@@ -606,3 +612,169 @@ def test_upstream_connect_timeout_fails_over(backends: Backends) -> None:
         srv.close()
         for f in fillers:
             f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# retry, redispatch, affinity, balancing, fixed routes (issue 3)
+
+
+def _hung_listener() -> socket.socket:
+    """A server that accepts connections (the kernel does) but never answers: a SIGSTOPped process."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    return srv
+
+
+def test_retry_only_when_safe_after_the_server_got_the_request(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool({"a": backends.http["a"]})
+        async with proxy(pool) as plane:
+            c = await Client.open(plane.port)
+            # the server drops the connection without answering: with a key the POST goes again...
+            r = await c.request("POST", "/flaky?key=k1", b"body", headers=(("Idempotency-Key", "k1"),))
+            assert r.status == 200 and r.headers["x-backend"] == "a"
+            # ...without one it may have been acted on: 502, never sent twice
+            pool.get("a").health = "up"  # type: ignore[union-attr]
+            c = await Client.open(plane.port)
+            r = await c.request("POST", "/flaky?key=k2", b"body")
+            assert r.status == 502
+            pool.get("a").health = "up"  # type: ignore[union-attr]
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/flaky?key=k3")  # idempotent: retried
+            assert r.status == 200
+            # a head, then the server dies: the client saw nothing yet, so a safe request still goes again
+            r = await c.request("GET", "/flaky?key=k4&head=1")
+            assert r.status == 200 and r.body == b"hello from a"
+            counters = plane.counters()
+            assert counters["errors_by_kind"]["unsafe_not_retried"] == 1
+            assert counters["retries"] + counters["redispatches"] >= 2
+            c.close()
+
+    run(scenario)
+
+
+def test_hung_server_safe_requests_move_on_and_server_leaves_rotation(backends: Backends) -> None:
+    hung = _hung_listener()
+
+    async def scenario() -> None:
+        pool = make_pool({"hung": hung.getsockname()[1], "a": backends.http["a"]})
+        async with proxy(pool, first_byte_timeout=0.3, probe_timeout=0.3) as plane:
+            c = await Client.open(plane.port)
+            # sticks to the hung server by cookie; its first byte never comes: probe, move on
+            r = await c.request("GET", "/api/sessions/s1", headers=(("Cookie", "ctops_srv=hung"),))
+            assert r.status == 200 and r.headers["x-backend"] == "a"
+            assert "ctops_srv=a" in r.headers["set-cookie"]  # the session now sticks to "a"
+            assert pool.get("hung").state == "suspect"  # type: ignore[union-attr]
+            r = await c.request("POST", "/echo", b"k", headers=(("Idempotency-Key", "x1"),))
+            assert r.status == 200 and r.headers["x-backend"] == "a"
+            assert plane.counters()["first_byte_timeouts"] >= 1
+            c.close()
+
+    try:
+        run(scenario)
+    finally:
+        hung.close()
+
+
+def test_all_servers_down_gives_503_with_retry_after_quickly(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool({"x": free_port(), "y": free_port(), "z": free_port()})
+        async with proxy(pool, retry_max_tries=2) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("POST", "/x", b"{}", headers=(("Idempotency-Key", "k"),))
+            assert r.status == 503 and r.headers["retry-after"] == "1"
+            assert json.loads(r.body)["tries"] == 2  # bounded by retry_max_tries
+            c.close()
+
+    run(scenario)
+
+
+def test_session_affinity_and_draining(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool(backends.http)
+        async with proxy(pool) as plane:
+            c = await Client.open(plane.port)
+            # a new session gets a cookie naming the server that answered
+            r = await c.request("POST", "/api/sessions", b"{}")
+            home = r.headers["x-backend"]
+            assert f"ctops_srv={home}" in r.headers["set-cookie"]
+            cookie = (("Cookie", f"ctops_session=s1; ctops_srv={home}"),)
+            for _ in range(6):  # it sticks, and the cookie is not sent again
+                r = await c.request("GET", "/api/sessions/s1", headers=cookie)
+                assert r.headers["x-backend"] == home and "set-cookie" not in r.headers
+            # draining: the session stays, new sessions and cookie-less requests go elsewhere
+            pool.set_admin(pool.get(home), "draining")  # type: ignore[arg-type]
+            r = await c.request("GET", "/api/sessions/s1", headers=cookie)
+            assert r.headers["x-backend"] == home
+            for _ in range(6):
+                assert (await c.request("POST", "/api/sessions", b"{}")).headers["x-backend"] != home
+                assert (await c.request("GET", "/hello")).headers["x-backend"] != home
+            # the server goes down: the session moves, and the cookie says where
+            pool.set_admin(pool.get(home), "enabled")  # type: ignore[arg-type]
+            pool.set_health(pool.get(home), "down")  # type: ignore[arg-type]
+            r = await c.request("GET", "/api/sessions/s1", headers=cookie)
+            moved = r.headers["x-backend"]
+            assert moved != home and f"ctops_srv={moved}" in r.headers["set-cookie"]
+            # requests outside sessions get no cookie
+            assert "set-cookie" not in (await c.request("GET", "/hello")).headers
+            # none up, one suspect (it failed one check: slow rather than dead): it serves, no 503
+            for b in pool:
+                pool.set_health(b, "down")
+            pool.set_health(pool.get("c"), "suspect")  # type: ignore[arg-type]
+            r = await c.request("GET", "/api/sessions/s1", headers=cookie)
+            assert r.status == 200 and r.headers["x-backend"] == "c"
+            c.close()
+
+    run(scenario)
+
+
+def test_least_outstanding_weights_and_slow_start() -> None:
+    pool = make_pool({"a": 1, "b": 2, "c": 3})
+    a, b, c = (pool.get(n) for n in "abc")
+    assert {pool.pick().name for _ in range(3)} == {"a", "b", "c"}  # type: ignore[union-attr]  # idle: rotation
+    a.outstanding, b.outstanding = 5, 1  # type: ignore[union-attr]
+    assert {pool.pick().name for _ in range(3)} == {"c"}  # type: ignore[union-attr]
+    a.outstanding = b.outstanding = 0  # type: ignore[union-attr]
+    b.weight = 3  # type: ignore[union-attr]
+    c.outstanding = 2  # type: ignore[union-attr]
+    assert pool.pick().name == "b"  # type: ignore[union-attr]  # 1/3 beats a's 1/1 and c's 3/1
+    # a server back from down warms up: it takes work only when the others are busier
+    pool.slow_start = 60.0
+    pool.set_health(a, "down")  # type: ignore[arg-type]
+    pool.set_health(a, "up")  # type: ignore[arg-type]
+    assert 0 < pool.effective_weight(a) < 1  # type: ignore[arg-type]
+    b.outstanding = c.outstanding = 0  # type: ignore[union-attr]
+    b.weight = 1  # type: ignore[union-attr]
+    assert {pool.pick().name for _ in range(6)} == {"b", "c"}  # type: ignore[union-attr]
+    pool.slow_start = 1e-9
+    assert pool.effective_weight(a) == 1  # type: ignore[arg-type]
+
+
+def test_fixed_route_streams_and_ignores_pool_health(backends: Backends) -> None:
+    from dispatcher.pool import Backend
+
+    async def scenario() -> None:
+        llm = Backend("llm-pool", "127.0.0.1", backends.http["c"])
+        pool = make_pool({"a": backends.http["a"]}, health="down")
+        plane = DataPlane(pool, SETTINGS, routes={b"/llm/": llm})
+        await plane.start("127.0.0.1", 0)
+        try:
+            c = await Client.open(plane.port)
+            r = await c.request("GET", "/llm/hello")
+            assert r.status == 200 and r.headers["x-backend"] == "c" and "set-cookie" not in r.headers
+            assert (await c.request("GET", "/hello")).status == 503  # the pool is down
+            # a stream passes through as it comes: the first event arrives before the second exists
+            await c.send(b"GET /llm/drip HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await c.reader.readuntil(b"\r\n\r\n")
+            assert b"text/event-stream" in head and b"chunked" in head.lower()
+            assert await c.reader.readuntil(b"one\n\n\r\n")
+            other = await Client.open(plane.port)
+            await other.request("GET", "/llm/release")
+            assert await c.reader.readuntil(b"0\r\n\r\n")
+            c.close()
+            other.close()
+        finally:
+            await plane.close()
+
+    run(scenario)

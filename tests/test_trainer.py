@@ -84,6 +84,10 @@ cpu_seconds = 1
 memory_mb = 128
 max_processes = 16
 wall_seconds = 4
+[trainer]
+provider_cooldown_ms = 0
+review_retry_initial_ms = 200
+review_retry_max_ms = 1000
 [[dispatchers]]
 name = "A"
 data = "127.0.0.1:{free_port()}"
@@ -132,9 +136,28 @@ def new_session(base: str, learner: str = "ada") -> str:
     return r.json()["session_id"]
 
 
-def submit(base: str, sid: str, code: str, exercise: str = "fizzbuzz") -> httpx.Response:
+def post_submission(base: str, sid: str, code: str, exercise: str = "fizzbuzz") -> httpx.Response:
     return httpx.post(f"{base}/api/sessions/{sid}/submissions", json={"exercise_id": exercise, "code": code},
                       timeout=60)
+
+
+def poll(base: str, sid: str, sub_id: str, until: str = "done", timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{base}/api/sessions/{sid}/submissions/{sub_id}", timeout=10)
+        assert r.status_code == 200, r.text
+        if r.json()["status"] == until or time.monotonic() > deadline:
+            return r.json()
+        time.sleep(0.1)
+
+
+def submit(base: str, sid: str, code: str, exercise: str = "fizzbuzz") -> dict:
+    """What a learner's browser does: POST, then poll until done."""
+    r = post_submission(base, sid, code, exercise)
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["status"] == "received" and r.headers["location"].endswith(accepted["submission_id"])
+    return poll(base, sid, accepted["submission_id"])
 
 
 def test_healthz(c: Cluster) -> None:
@@ -169,15 +192,15 @@ def test_create_session_sets_cookie(c: Cluster) -> None:
 
 def test_correct_and_wrong_solutions_get_results_and_a_review(c: Cluster) -> None:
     sid = new_session(c.t1)
-    r = submit(c.t1, sid, GOOD)
-    assert r.status_code == 201, r.text
-    ok = r.json()
-    assert ok["verdict"] == "passed" and ok["server"] == "trainer-1" and ok["session_id"] == sid
+    ok = submit(c.t1, sid, GOOD)
+    assert ok["status"] == "done" and ok["verdict"] == "passed"
+    assert ok["server"] == "trainer-1" and ok["session_id"] == sid
     assert all(t["passed"] for t in ok["tests"]) and len(ok["tests"]) == 5
     assert ok["review"]["status"] == "done" and ok["review"]["provider"] == "fake-a"
     assert "fake-a" in ok["review"]["text"] and "passed" in ok["review"]["text"]
 
-    bad = submit(c.t1, sid, WRONG).json()
+    assert [s["step"] for s in ok["steps"]] == ["received", "tested", "review_requested", "review_received", "done"]
+    bad = submit(c.t1, sid, WRONG)
     assert bad["verdict"] == "failed"
     failing = [t for t in bad["tests"] if not t["passed"]]
     assert {t["name"] for t in failing} == {"three", "five", "fifteen"}
@@ -190,24 +213,35 @@ def test_correct_and_wrong_solutions_get_results_and_a_review(c: Cluster) -> Non
     assert [s["submission_id"] for s in session["submissions"]] == [ok["submission_id"], bad["submission_id"]]
 
 
-def test_llm_failure_leaves_the_submission_intact(c: Cluster) -> None:
+def test_llm_failure_leaves_the_review_pending_then_fills_it(c: Cluster) -> None:
     httpx.post(c.fake + "/_fake/mode", json={"mode": "500"})
     sid = new_session(c.t1)
-    r = submit(c.t1, sid, GOOD)
-    assert r.status_code == 201
-    body = r.json()
-    assert body["verdict"] == "passed"
-    assert body["review"]["status"] == "unavailable" and "HTTP 500" in body["review"]["text"]
+    body = submit(c.t1, sid, GOOD)
+    assert body["status"] == "done" and body["verdict"] == "passed"
+    assert body["review"]["status"] == "pending" and "delayed" in body["review"]["message"]
+    httpx.post(c.fake + "/_fake/mode", json={"mode": "ok"})
+    filled = poll(c.t2, sid, body["submission_id"], timeout=30)
+    deadline = time.monotonic() + 30
+    while filled["review"]["status"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        filled = poll(c.t2, sid, body["submission_id"])
+    assert filled["review"]["status"] == "done" and "fake-a" in filled["review"]["text"]
+    assert filled["tests"] == body["tests"]
 
 
 def test_session_is_served_by_another_trainer(c: Cluster) -> None:
     sid = new_session(c.t1, "linus")
-    first = submit(c.t1, sid, GOOD).json()
+    first = submit(c.t1, sid, GOOD)
     other = httpx.get(f"{c.t2}/api/sessions/{sid}")
     assert other.status_code == 200
     assert other.json()["learner"] == "linus" and other.json()["server"] == "trainer-2"
+    assert other.json()["last_server"] == "trainer-2"
     assert [s["submission_id"] for s in other.json()["submissions"]] == [first["submission_id"]]
-    second = submit(c.t2, sid, WRONG).json()
+    second = submit(c.t2, sid, WRONG)
+    # a client that prefers one call can wait for the result (bounded), on any server
+    waited = httpx.post(f"{c.t2}/api/sessions/{sid}/submissions?wait=30", json={"exercise_id": "fizzbuzz",
+                        "code": GOOD}, timeout=60)
+    assert waited.status_code == 200 and waited.json()["status"] == "done" and waited.json()["verdict"] == "passed"
     assert second["server"] == "trainer-2" and second["verdict"] == "failed"
     assert httpx.get(f"{c.t1}/api/sessions/{sid}/submissions/{second['submission_id']}").status_code == 200
     assert httpx.get(c.t2 + "/healthz").json()["active_sessions"] >= 1
@@ -228,9 +262,9 @@ def test_bad_requests_are_4xx_and_store_nothing(c: Cluster) -> None:
     assert [r.status_code for r in cases] == [422, 422, 422, 422, 422, 413, 413]
     for r in cases:
         assert r.headers["content-type"].startswith("application/json")
-    unknown = submit(c.t1, sid, GOOD, exercise="no_such_exercise")
+    unknown = post_submission(c.t1, sid, GOOD, exercise="no_such_exercise")
     assert unknown.status_code == 404 and "no_such_exercise" in unknown.json()["detail"]
-    assert submit(c.t1, "s_nope", GOOD).status_code == 404
+    assert post_submission(c.t1, "s_nope", GOOD).status_code == 404
     assert httpx.post(c.t1 + "/api/sessions", json={"learner": 5}).status_code == 422
     assert httpx.get(f"{c.t1}/api/sessions/s_nope").status_code == 404
     assert httpx.get(f"{c.t1}/api/sessions/{sid}").json()["submissions"] == []
@@ -243,7 +277,7 @@ def test_healthz_answers_while_an_endless_loop_runs(c: Cluster) -> None:
     sid = new_session(c.t1)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(
-        submit(c.t1, sid, "def fizzbuzz(n):\n    while True:\n        pass\n").json()))
+        submit(c.t1, sid, "def fizzbuzz(n):\n    while True:\n        pass\n")))
     worker.start()
 
     def running() -> bool:
@@ -275,7 +309,7 @@ def fizzbuzz(n):
             pass
     return "LEAKED" if {SECRET!r} in seen or "CTOPS_SECRET_FOR_TEST" in seen else str(n)
 """
-    body = submit(c.t1, sid, code).json()
+    body = submit(c.t1, sid, code)
     assert all("LEAKED" not in t["message"] and SECRET not in t["message"] for t in body["tests"])
     assert body["tests"][0]["passed"]
 
@@ -304,3 +338,22 @@ def test_unknown_server_name_is_a_clear_error(tmp_path: Path) -> None:
     r = subprocess.run([*ctops_cmd(), "trainer", "--config", str(config), "--name", "nope"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no server named 'nope'" in r.stderr
+
+
+def test_review_endpoints_direct_by_priority_or_the_dispatchers_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctops.config import parse
+    from trainer.review import endpoints
+
+    monkeypatch.setenv("CTOPS_TEST_POOL_KEY", "pool-key")
+    base = {"dispatchers": [{"name": "A", "data": "127.0.0.1:81", "ops": "127.0.0.1:82"},
+                            {"name": "B", "data": "127.0.0.1:91", "ops": "127.0.0.1:92"}],
+            "llm_providers": [{"name": "second", "base_url": "http://s/v1/", "priority": 2},
+                              {"name": "first", "base_url": "http://f/v1", "priority": 1, "model": "m1"}],
+            "llm": {"models": ["gpt-4o"], "client_key_env": "CTOPS_TEST_POOL_KEY"}}
+    direct = endpoints(parse(base))
+    assert [(e.name, e.base_url, e.model) for e in direct] == [("first", "http://f/v1", "m1"),
+                                                               ("second", "http://s/v1", "gpt-4")]
+    pool = endpoints(parse({**base, "trainer": {"llm": "dispatcher"}}))
+    assert [(e.name, e.base_url, e.model, e.api_key) for e in pool] == [
+        ("pool@A", "http://127.0.0.1:81/llm/v1", "gpt-4o", "pool-key"),
+        ("pool@B", "http://127.0.0.1:91/llm/v1", "gpt-4o", "pool-key")]

@@ -1,25 +1,36 @@
-"""The trainer server's HTTP API. State lives in Redis; this process holds only clients and limits."""
+"""The trainer server's HTTP API. State lives in Redis; this process holds only clients and limits.
+
+A submission is accepted at once (202) and worked on in the background, step by step with
+checkpoints (trainer/work.py); the learner polls it until it is done. POSTs honour Idempotency-Key
+(trainer/idempotency.py), so a dispatcher or browser may safely resend them to any server."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 import httpx
 import redis.asyncio as aioredis
-from fastapi import Body, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from redis.asyncio.client import Pipeline
 
 from ctops.config import Deployment
 from ctops.keys import Keys
-from trainer import review, sandbox
+from trainer import review
 from trainer.exercises import EXERCISES
+from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprint
+from trainer.lease import Lease
+from trainer.review import Reviewer
 from trainer.store import Store, connect, new_id, now_ms
+from trainer.work import Worker, step
 
 log = logging.getLogger("trainer")
 
@@ -28,6 +39,13 @@ CODE_MAX_BYTES = 64 * 1024
 BODY_MAX_BYTES = 3 * CODE_MAX_BYTES
 COOKIE = "ctops_session"
 HEALTH_REDIS_TIMEOUT = 1.0
+WAIT_MAX_SECONDS = 60.0
+WAIT_POLL_SECONDS = 0.1
+IdemKey = Annotated[str | None, Header(alias=HEADER)]
+
+
+async def _fingerprint(request: Request) -> str:
+    return fingerprint(request.method, request.url.path, await request.body())
 
 
 class SessionCreate(BaseModel):
@@ -44,7 +62,6 @@ class SubmissionCreate(BaseModel):
 def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.Redis | None = None) -> FastAPI:
     deployment.server(server_name)  # fails early on an unknown name
     keys = Keys(prefix=deployment.redis.prefix)
-    provider = next(iter(deployment.providers_by_priority()), None)
     # more parallel runs than cores would only make every learner wait longer for the CPU limit
     runs = asyncio.Semaphore(max(2, os.cpu_count() or 2))
 
@@ -53,9 +70,14 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         client = redis_client or connect(deployment.redis.url)
         app.state.store = Store(client, keys, server_name)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+        reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
+        app.state.worker = Worker(app.state.store, keys, server_name, deployment, reviewer, runs)
+        app.state.idem = Idempotency(client, keys, server_name, deployment.trainer)
+        app.state.worker.start_loops()
         try:
             yield
         finally:
+            await app.state.worker.stop()
             await app.state.http.aclose()
             if redis_client is None:
                 await client.aclose()
@@ -64,6 +86,12 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
 
     def store(request: Request) -> Store:
         return request.app.state.store
+
+    def worker(request: Request) -> Worker:
+        return request.app.state.worker
+
+    def idem(request: Request) -> Idempotency:
+        return request.app.state.idem
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -100,11 +128,14 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         return ex.public()
 
     @app.post("/api/sessions", status_code=201)
-    async def create_session(request: Request, response: Response,
-                             body: Annotated[SessionCreate | None, Body()] = None) -> dict:
-        session = await store(request).create_session(body.learner if body else None)
-        response.set_cookie(COOKIE, session["session_id"], httponly=True, path="/", samesite="lax")
-        return {**session, "server": server_name}
+    async def create_session(request: Request, body: Annotated[SessionCreate | None, Body()] = None,
+                             idem_key: IdemKey = None) -> JSONResponse:
+        async def prepare() -> tuple[Outcome, Writes]:
+            session, writes = store(request).new_session(body.learner if body else None)
+            cookie = f"{COOKIE}={session['session_id']}; HttpOnly; Path=/; SameSite=lax"
+            return Outcome(201, {**session, "server": server_name}, {"set-cookie": cookie}), writes
+
+        return await idem(request).run(idem_key, await _fingerprint(request), prepare)
 
     async def session_or_404(request: Request, sid: str) -> dict:
         session = await store(request).get_session(sid)
@@ -117,45 +148,72 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         session = await session_or_404(request, sid)
         await store(request).touch(sid)
         subs = await store(request).session_submissions(sid)
-        return {**session, "submissions": subs, "server": server_name}
+        return {**session, "last_server": server_name, "submissions": subs, "server": server_name}
 
-    @app.post("/api/sessions/{sid}/submissions", status_code=201)
-    async def submit(request: Request, sid: str, body: SubmissionCreate) -> dict:
+    @app.post("/api/sessions/{sid}/submissions", status_code=202)
+    async def submit(request: Request, sid: str, body: SubmissionCreate, idem_key: IdemKey = None,
+                     wait: Annotated[float, Query(ge=0, le=WAIT_MAX_SECONDS)] = 0) -> JSONResponse:
+        """Accepts the submission (202) and works on it in the background; poll its URL until
+        `status` is "done". With `wait`, waits up to that many seconds for it to be done (then 200)."""
         st = store(request)
-        await session_or_404(request, sid)
-        exercise = EXERCISES.get(body.exercise_id)
-        if exercise is None:
-            raise HTTPException(404, f"unknown exercise {body.exercise_id!r}; known: {sorted(EXERCISES)}")
-        if len(body.code.encode()) > CODE_MAX_BYTES:
-            raise HTTPException(413, f"code is larger than the limit of {CODE_MAX_BYTES // 1024} KB")
-        sub = {
-            "submission_id": new_id("sub"), "session_id": sid, "exercise_id": exercise.id,
-            "status": "running", "verdict": None, "message": "", "tests": [],
-            "review": {"status": "pending", "text": "", "provider": None},
-            "server": server_name, "created_ms": now_ms(), "code": body.code,
-        }
-        await st.save_submission(sub, new=True)
-        await st.touch(sid)
-        try:
-            async with runs:
-                result = await sandbox.run(exercise, body.code, deployment.sandbox)
-        except Exception:
-            sub.update(status="error", verdict="error", message="the server could not run your code; try again")
-            await st.save_submission(sub)
-            raise
-        sub.update(result.to_dict(), status="reviewing")
-        await st.save_submission(sub)
-        sub["review"] = await review.review(request.app.state.http, provider, exercise, body.code, sub)
-        sub.update(status="done", finished_ms=now_ms())
-        await st.save_submission(sub)
-        await st.touch(sid)
-        return sub
+        lease_for: dict[str, Lease] = {}
+
+        async def prepare() -> tuple[Outcome, Writes]:
+            await session_or_404(request, sid)
+            exercise = EXERCISES.get(body.exercise_id)
+            if exercise is None:
+                raise HTTPException(404, f"unknown exercise {body.exercise_id!r}; known: {sorted(EXERCISES)}")
+            if len(body.code.encode()) > CODE_MAX_BYTES:
+                raise HTTPException(413, f"code is larger than the limit of {CODE_MAX_BYTES // 1024} KB")
+            sub = {
+                "submission_id": new_id("sub"), "session_id": sid, "exercise_id": exercise.id,
+                "status": "received", "verdict": None, "message": "", "tests": [],
+                "review": {"status": "waiting", "text": "", "provider": None},
+                "server": server_name, "created_ms": now_ms(), "code": body.code, "steps": [],
+            }
+            step(sub, "received", server_name)
+            # the lease is taken in the same transaction, so no scanner races this server to start it
+            lease = lease_for[sub["submission_id"]] = worker(request).lease(sub["submission_id"])
+            writes = st.submission_writes(sub, new=True)
+
+            def all_writes(p: Pipeline) -> None:
+                writes(p)
+                lease.claim_in(p)
+
+            url = f"/api/sessions/{sid}/submissions/{sub['submission_id']}"
+            return Outcome(202, sub, {"location": url}), all_writes
+
+        async def after(outcome: Outcome) -> None:
+            sub_id = outcome.body["submission_id"]
+            worker(request).start(sub_id, lease_for[sub_id])
+            await st.touch(sid)
+
+        response = await idem(request).run(idem_key, await _fingerprint(request), prepare, after)
+        if wait <= 0 or response.status_code != 202:
+            return response
+        accepted = json.loads(response.body)
+        done = await _wait_done(request, accepted["submission_id"], wait)
+        return JSONResponse(done, 200) if done else response
+
+    async def _wait_done(request: Request, sub_id: str, seconds: float) -> dict | None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sub = await store(request).get_submission(sub_id)
+            if sub is not None and sub["status"] == "done":
+                return sub
+            await worker(request).try_resume(sub_id)
+            await asyncio.sleep(WAIT_POLL_SECONDS)
+        return None
 
     @app.get("/api/sessions/{sid}/submissions/{sub_id}")
     async def get_submission(request: Request, sid: str, sub_id: str) -> dict:
         sub = await store(request).get_submission(sub_id)
         if sub is None or sub.get("session_id") != sid:
             raise HTTPException(404, f"unknown submission {sub_id!r} in session {sid!r}")
+        if sub["status"] != "done":
+            # the server working on it may have died: whoever the learner reaches takes it over
+            await worker(request).try_resume(sub_id)
+        await store(request).touch(sid)
         return sub
 
     return app

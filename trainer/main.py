@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+from pathlib import Path
 
+from ctops import capture
 from ctops.config import load
 from trainer import sandbox
 from trainer.app import create_app
@@ -18,10 +21,21 @@ def run(args: argparse.Namespace) -> int:
     harden()
     sandbox.become_subreaper()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
+    # exceptions go to the dispatchers (the agent's token), spooled next to the deployment file meanwhile
+    capture.from_env("trainer", spec.host or socket.gethostname(),
+                     default_urls=[d.ops_url for d in deployment.dispatchers],
+                     default_token=os.environ.get("CTOPS_AGENT_TOKEN"),
+                     default_spool=Path(args.config).resolve().parent / "spool" / f"trainer-{args.name}",
+                     context={"server": args.name})
     try:
         sandbox.interpreter(os.geteuid() == 0)
     except RuntimeError as exc:
         # still serve sessions and health; submissions will fail with this reason until it is fixed
         logging.getLogger("trainer").error("sandbox unusable: %s", exc)
     host, port = spec.address
-    return serve(create_app(deployment, args.name), host, port)
+    app = create_app(deployment, args.name)
+    if os.environ.get("CTOPS_TRAINER_DEBUG") == "1":
+        from trainer.debug import add_debug_routes  # noqa: PLC0415 - never loaded in production
+
+        add_debug_routes(app)
+    return serve(app, host, port)

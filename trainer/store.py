@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.sentinel import Sentinel
 
 from ctops.keys import Keys
@@ -62,17 +64,19 @@ class Store:
     async def active_sessions(self) -> int:
         return int(await self.r.zcount(self.k.server_sessions(self.server), now_ms() - ACTIVE_WINDOW_MS, "+inf"))
 
-    async def create_session(self, learner: str | None) -> dict:
+    def new_session(self, learner: str | None) -> tuple[dict, Callable[[Pipeline], None]]:
+        """The session and the writes that create it, for the caller to commit (maybe with more)."""
         sid = new_id("s")
         now = now_ms()
         session = {"session_id": sid, "learner": learner or "", "created_ms": now, "created_by": self.server,
                    "last_activity_ms": now, "last_server": self.server}
-        async with self.r.pipeline(transaction=True) as p:
+
+        def writes(p: Pipeline) -> None:
             p.hset(self.k.session(sid), mapping=session)
             p.expire(self.k.session(sid), TTL_SECONDS)
             p.zadd(self.k.server_sessions(self.server), {sid: now})
-            await p.execute()
-        return session
+
+        return session, writes
 
     async def get_session(self, sid: str) -> dict | None:
         raw = await self.r.hgetall(self.k.session(sid))
@@ -90,15 +94,18 @@ class Store:
         raws = await self.r.mget([self.k.submission(i) for i in ids])
         return [json.loads(r) for r in raws if r]
 
-    async def save_submission(self, sub: dict, new: bool = False) -> None:
-        """Every step of a submission (accepted, tested, reviewed) is written, so another server can
-        show where it got to if this one dies."""
-        async with self.r.pipeline(transaction=True) as p:
+    def submission_writes(self, sub: dict, new: bool = False) -> Callable[[Pipeline], None]:
+        """Every step of a submission is written whole, so another server can resume from the last one.
+        A new submission is also listed as open work until it is done."""
+
+        def writes(p: Pipeline) -> None:
             p.set(self.k.submission(sub["submission_id"]), json.dumps(sub), ex=TTL_SECONDS)
             if new:
                 p.rpush(self.k.session_submissions(sub["session_id"]), sub["submission_id"])
                 p.expire(self.k.session_submissions(sub["session_id"]), TTL_SECONDS)
-            await p.execute()
+                p.zadd(self.k.submissions_open, {sub["submission_id"]: sub["created_ms"]})
+
+        return writes
 
     async def get_submission(self, sub_id: str) -> dict | None:
         raw = await self.r.get(self.k.submission(sub_id))
