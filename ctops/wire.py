@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -130,6 +130,8 @@ class ClusterState(_Wire):
     dispatchers: list[DispatcherView]
     servers: list[ServerView]
     hosts: list[HostView]
+    # the serving dispatcher's data-plane counters: requests, retries, redispatches, errors by kind
+    proxy: dict[str, Any] | None = None
 
 
 class ActionResult(_Wire):

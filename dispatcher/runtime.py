@@ -213,8 +213,10 @@ class Runtime:
                 lease_age_ms=self.lease.lease_age_ms() if me else None,
                 peer_heartbeat_age_ms=self.peers.age_ms() if me else (
                     int((time.monotonic() - heard) * 1000) if heard else None)))
+        plane = getattr(self.pool, "data_plane", None)
         return ClusterState(cluster=dep.cluster, leader=leader, served_by=self.spec.name, now_ms=now,
-                            dispatchers=dispatchers, servers=servers, hosts=hosts)
+                            dispatchers=dispatchers, servers=servers, hosts=hosts,
+                            proxy=plane.counters() if plane is not None else None)
 
 
 def diagnose(b: Backend, host: HostView | None) -> tuple[str, str | None]:
