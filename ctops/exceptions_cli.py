@@ -15,26 +15,6 @@ from ctops.opsclient import OpsClient, OpsError, Unreachable
 from ctops.status import target
 
 
-def add_parser(sub: argparse._SubParsersAction, cluster_args) -> None:  # noqa: ANN001 - argparse internals
-    e = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming")
-    esub = e.add_subparsers(dest="exc_command", required=True, metavar="ACTION")
-    ls = esub.add_parser("list", help="groups, most recent first")
-    ls.add_argument("--sort", choices=["last", "count"], default="last")
-    ls.add_argument("--status", choices=["unresolved", "acknowledged", "resolved", "muted", "regressed"])
-    ls.add_argument("--query", "-q", default="", help="words that must appear in type, message, service or host")
-    ls.add_argument("--limit", type=int, default=100)
-    sh = esub.add_parser("show", help="one group: traceback and recent occurrences")
-    sh.add_argument("id")
-    tl = esub.add_parser("tail", help="incoming exceptions, oldest first")
-    tl.add_argument("--follow", "-f", action="store_true", help="keep printing new ones until Ctrl+C")
-    tl.add_argument("--after", default=None, help="stream id to start after (a previous run's cursor)")
-    tl.add_argument("--limit", type=int, default=20)
-    tl.add_argument("--query", "-q", default="")
-    for p in (ls, sh, tl):
-        cluster_args(p)
-        p.add_argument("--json", action="store_true")
-
-
 def _age(ms: int) -> str:
     s = max(0, time.time() - ms / 1000)
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"

@@ -276,7 +276,8 @@ def install(service: str, host: str | None = None, dispatcher_urls: Iterable[str
     cap._hooks.append(lambda: target.removeHandler(handler))
     if hooks:
         cap.install_hooks()
-    atexit.register(cap.close)
+    # a short grace at exit: what is not sent by then is spooled, and shutdown is never held up for long
+    atexit.register(cap.close, 0.5)
     _installed = cap
     return cap
 

@@ -28,8 +28,9 @@ def normalise_message(text: str) -> str:
 
 
 def _name(value: str | None) -> str:
-    # generated names (e.g. modules imported from temp paths) can carry numbers that differ per run
-    return _NUMBER.sub("0", _HEX_ADDR.sub("", value or ""))
+    # a repr'd address can end up in generated names ("<function <lambda> at 0x7f..>"); digits stay:
+    # step1 and step2 are different functions
+    return _HEX_ADDR.sub("", value or "")
 
 
 def module_of(frame: Mapping[str, object]) -> str:

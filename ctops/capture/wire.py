@@ -79,7 +79,6 @@ class GroupView(_Wire):
     status: GroupStatus
     assignee: str | None = None
     mute_until_ms: int | None = None
-    last_event_id: str | None = None
 
 
 class ExceptionStats(_Wire):

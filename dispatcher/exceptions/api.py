@@ -96,8 +96,10 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
     async def group(gid: str, _: Annotated[Principal, Depends(require("read"))],
                     recent: Annotated[int, Query(ge=0, le=20)] = 20) -> GroupDetail:
         g = await _group_or_404(gid)
-        return GroupDetail(group=g, latest=await store.latest(gid), recent=await store.recent(gid, recent)
-                           if recent else [])
+        events = await store.recent(gid)
+        # the newest by time (a replayed backlog arrives after newer events)
+        latest = max(events, key=lambda e: e.ts_ms, default=None)
+        return GroupDetail(group=g, latest=latest, recent=events[:recent])
 
     @router.get("/api/v1/exceptions/tail", response_model=TailPage, responses=_RESPONSES)
     async def tail(_: Annotated[Principal, Depends(require("read"))], after: str | None = None,

@@ -7,7 +7,6 @@ resolved group "regress", and a retried batch never counts an event twice.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,39 +27,55 @@ SEEN_TTL_S = 7 * 24 * 3600
 RECENT_MAX = 20
 SCAN_MAX = 5000  # groups looked at per list request
 
+# one call per group per batch; the seen keys are built from ARGV[8] (fine outside Redis Cluster)
 _INGEST = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[10]) then return {0, 0, ''} end
-local g = KEYS[2]
-local ts = tonumber(ARGV[2])
+local g, hosts_k, services_k, recent_k, last_k, count_k, stream_k = unpack(KEYS)
+local gid, now, ttl, maxlen, recent_max, seen = ARGV[1], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local status = redis.call('HGET', g, 'status')
-local regressed = 0
-if not status then
-  redis.call('HSET', g, 'id', ARGV[1], 'type', ARGV[5], 'culprit', ARGV[7], 'first_ms', ARGV[2],
-             'status', 'unresolved', 'last_ms', '0')
-elseif status == 'resolved' then
-  if ts > tonumber(redis.call('HGET', g, 'resolved_ms') or '0') then
-    redis.call('HSET', g, 'status', 'regressed')
-    regressed = 1
-  end
-elseif status == 'muted' then
-  if tonumber(ARGV[9]) >= tonumber(redis.call('HGET', g, 'mute_until_ms') or '0') then
-    redis.call('HSET', g, 'status', 'unresolved')
-    redis.call('HDEL', g, 'mute_until_ms')
+local resolved_ms = tonumber(redis.call('HGET', g, 'resolved_ms') or '0')
+local last_ts = tonumber(redis.call('HGET', g, 'last_ms') or '-1')
+local first_ts = tonumber(redis.call('HGET', g, 'first_ms') or '-1')
+local first_s, last_s, last_msg = nil, nil, nil
+local out = {0}
+local added = 0
+for i = 9, #ARGV, 6 do
+  local eid, ts_s, host, svc, msg, ev = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local ts = tonumber(ts_s)
+  if redis.call('SET', seen .. eid, '1', 'NX', 'EX', ttl) then
+    if not status then
+      redis.call('HSET', g, 'id', gid, 'type', ARGV[2], 'culprit', ARGV[3], 'status', 'unresolved')
+      status = 'unresolved'
+    elseif status == 'resolved' and ts > resolved_ms then
+      status = 'regressed'
+      redis.call('HSET', g, 'status', 'regressed')
+      out[1] = (i - 9) / 6 + 1
+    elseif status == 'muted' and now >= tonumber(redis.call('HGET', g, 'mute_until_ms') or '0') then
+      status = 'unresolved'
+      redis.call('HSET', g, 'status', 'unresolved')
+      redis.call('HDEL', g, 'mute_until_ms')
+    end
+    added = added + 1
+    if ts >= last_ts then last_ts, last_s, last_msg = ts, ts_s, msg end
+    if first_ts < 0 or ts < first_ts then first_ts, first_s = ts, ts_s end
+    redis.call('SADD', hosts_k, host)
+    redis.call('SADD', services_k, svc)
+    redis.call('LPUSH', recent_k, ev)
+    out[#out + 1] = redis.call('XADD', stream_k, 'MAXLEN', '~', maxlen, '*', 'g', gid, 'e', ev)
+  else
+    out[#out + 1] = ''
   end
 end
-local count = redis.call('HINCRBY', g, 'count', 1)
-if ts >= tonumber(redis.call('HGET', g, 'last_ms') or '0') then
-  redis.call('HSET', g, 'last_ms', ARGV[2], 'message', ARGV[6], 'last_event', ARGV[8])
-  redis.call('ZADD', KEYS[6], ts, ARGV[1])
+if added > 0 then
+  local count = redis.call('HINCRBY', g, 'count', added)
+  if first_s then redis.call('HSET', g, 'first_ms', first_s) end
+  if last_s then
+    redis.call('HSET', g, 'last_ms', last_s, 'message', last_msg)
+    redis.call('ZADD', last_k, last_s, gid)
+  end
+  redis.call('LTRIM', recent_k, 0, recent_max - 1)
+  redis.call('ZADD', count_k, count, gid)
 end
-if ts < tonumber(redis.call('HGET', g, 'first_ms') or ARGV[2]) then redis.call('HSET', g, 'first_ms', ARGV[2]) end
-redis.call('SADD', KEYS[3], ARGV[3])
-redis.call('SADD', KEYS[4], ARGV[4])
-redis.call('LPUSH', KEYS[5], ARGV[8])
-redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[12]) - 1)
-redis.call('ZADD', KEYS[7], count, ARGV[1])
-local sid = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'g', ARGV[1], 'e', ARGV[8])
-return {1, regressed, sid}
+return out
 """
 
 # counters are cumulative per sender: keep the highest value seen (batches may arrive out of order)
@@ -130,19 +145,25 @@ class ExceptionStore:
 
     async def ingest(self, events: list[ExceptionEvent], counters: SenderCounters | None = None) -> Ingested:
         now = int(time.time() * 1000)
-        pipe = self.r.pipeline(transaction=False)
-        gids = []
+        by_group: dict[str, list[ExceptionEvent]] = {}
+        culprits: dict[str, tuple[str, str]] = {}
         for e in events:
-            frames = [f.model_dump() for f in e.frames]
+            # plain dicts of what grouping reads: cheaper than dumping the whole frame models
+            frames = [{"module": f.module, "function": f.function, "in_app": f.in_app, "filename": f.filename}
+                      for f in e.frames]
             gid = fingerprint(e.type, frames, e.message, e.logger if not e.frames else None)
-            gids.append(gid)
-            k = self.k
-            await self._ingest(
-                keys=[k.seen(e.event_id), k.group(gid), k.hosts(gid), k.services(gid), k.recent(gid), k.by_last,
-                      k.by_count, k.stream],
-                args=[gid, e.ts_ms, e.host, e.service, e.type, e.message[:500], culprit(frames),
-                      e.model_dump_json(), now, SEEN_TTL_S, self.stream_maxlen, RECENT_MAX],
-                client=pipe)
+            by_group.setdefault(gid, []).append(e)
+            culprits.setdefault(gid, (e.type, culprit(frames)))
+        pipe = self.r.pipeline(transaction=False)
+        k = self.k
+        for gid, evs in by_group.items():
+            args: list[str | int] = [gid, culprits[gid][0], culprits[gid][1], now, SEEN_TTL_S, self.stream_maxlen,
+                                     RECENT_MAX, k.seen("")]
+            for e in evs:
+                args += [e.event_id, e.ts_ms, e.host, e.service, e.message[:500],
+                         e.model_dump_json(exclude_defaults=True)]
+            await self._ingest(keys=[k.group(gid), k.hosts(gid), k.services(gid), k.recent(gid), k.by_last,
+                                     k.by_count, k.stream], args=args, client=pipe)
         if counters is not None:
             s = counters.sender
             await self._counters(keys=[self.k.senders], args=[f"{s}|dropped", counters.dropped, f"{s}|corrupt",
@@ -151,14 +172,14 @@ class ExceptionStore:
         results = await pipe.execute()
         accepted = dup = 0
         regressed = []
-        for e, gid, res in zip(events, gids, results, strict=False):
-            new, reg, sid = int(res[0]), int(res[1]), _s(res[2])
-            if new:
-                accepted += 1
-            else:
-                dup += 1
-            if reg:
-                regressed.append((gid, sid, e))
+        for (gid, evs), res in zip(by_group.items(), results, strict=False):
+            sids = [_s(x) for x in res[1:]]
+            new = sum(1 for x in sids if x)
+            accepted += new
+            dup += len(evs) - new
+            if int(res[0]):
+                i = int(res[0]) - 1
+                regressed.append((gid, sids[i], evs[i]))
         return Ingested(accepted, dup, regressed)
 
     # --- reading -------------------------------------------------------------------------------
@@ -189,10 +210,6 @@ class ExceptionStore:
             out.append(_view(gid, h, sorted(_s(x) for x in raw[3 * i + 1]), sorted(_s(x) for x in raw[3 * i + 2]),
                              now))
         return out
-
-    async def latest(self, gid: str) -> ExceptionEvent | None:
-        raw = await self.r.hget(self.k.group(gid), "last_event")
-        return ExceptionEvent.model_validate_json(raw) if raw else None
 
     async def recent(self, gid: str, limit: int = RECENT_MAX) -> list[ExceptionEvent]:
         raw = await self.r.lrange(self.k.recent(gid), 0, limit - 1)
@@ -260,14 +277,8 @@ def _view(gid: str, h: dict[str, str], hosts: list[str], services: list[str], no
     if status == "muted" and mute_until is not None and mute_until <= now:
         status = "unresolved"  # the mute ran out; the next event also writes this down
         mute_until = None
-    last_event_id = None
-    if h.get("last_event"):
-        try:
-            last_event_id = json.loads(h["last_event"]).get("event_id")
-        except ValueError:
-            last_event_id = None
     return GroupView(id=gid, type=h.get("type", "?"), message=h.get("message", ""), culprit=h.get("culprit", ""),
                      count=int(h.get("count", 0)), first_seen_ms=int(h.get("first_ms", 0)),
                      last_seen_ms=int(h.get("last_ms", 0)), hosts=hosts, services=services,
                      status=status,  # type: ignore[arg-type]
-                     assignee=h.get("assignee") or None, mute_until_ms=mute_until, last_event_id=last_event_id)
+                     assignee=h.get("assignee") or None, mute_until_ms=mute_until)
