@@ -7,7 +7,6 @@ Bad requests are answered here, in OpenAI's error shape, without calling any pro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -167,10 +166,14 @@ class LLMPoolHandle:
         """Internal base address; the OpenAI base URL is `{url}/llm/v1`."""
         return f"http://{self.host}:{self.port}"
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 3.0) -> None:
         self.server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(self.task, timeout=5)
+        done, _ = await asyncio.wait({self.task}, timeout=grace)
+        if not done:
+            # a client holding a connection open must not hold up the dispatcher's exit
+            self.server.force_exit = True
+            self.task.cancel()
+            await asyncio.wait({self.task}, timeout=grace)
         await self.pool.aclose()
 
 

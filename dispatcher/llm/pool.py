@@ -9,7 +9,6 @@ usual latency, moves the request on to the next provider; after it, the bytes ar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -108,6 +107,7 @@ class LLMPool:
         self._tasks: list[asyncio.Task] = []
         self._probing: set[str] = set()
         self._control_error_logged = False
+        self._stopping = False
 
     # --- breaker transitions -------------------------------------------------------------------
     def _listener(self, name: str) -> Callable[[BreakerState, BreakerState, str], None]:
@@ -304,11 +304,15 @@ class LLMPool:
             self._tasks.append(asyncio.create_task(self._control_loop(), name="llm-control"))
 
     async def aclose(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        self._stopping = True
+        pending = set(self._tasks)
+        for _ in range(10):
+            if not pending:
+                break
+            # cancel again if needed: a cancellation that lands inside a Redis call can be swallowed there
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         await self.client.aclose()
 
     async def _monitor(self) -> None:
@@ -317,7 +321,7 @@ class LLMPool:
         checks: set[asyncio.Task] = set()
         probes: set[asyncio.Task] = set()
         try:
-            while True:
+            while not self._stopping:
                 now = time.monotonic()
                 checks = {t for t in checks if not t.done()}
                 probes = {t for t in probes if not t.done()}
@@ -406,7 +410,7 @@ class LLMPool:
         self.apply_controls(await self.read_controls())
 
     async def _control_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.sync_controls()
                 self._control_error_logged = False
