@@ -7,16 +7,27 @@ from dataclasses import dataclass
 
 from textual.binding import Binding
 
+# the tabs, in order; their keys are 1..5
+TABS: tuple[tuple[str, str], ...] = (
+    ("servers", "Servers"),
+    ("hosts", "Hosts"),
+    ("events", "Events"),
+    ("dispatchers", "Dispatchers"),
+    ("llm", "LLM"),
+)
+TAB_TITLES = dict(TABS)
+
 
 @dataclass(frozen=True, slots=True)
 class Command:
     id: str  # binding id: a keymap maps this to another key
     key: str
-    action: str  # app action name, without "action_"
+    action: str  # app action, without "action_" (may carry parameters)
     title: str  # footer label and palette title
     help: str
     footer: bool = True
     palette: bool = True
+    tab: str | None = None  # only active on this tab (hidden from the footer elsewhere)
 
     def binding(self) -> Binding:
         return Binding(self.key, self.action, self.title, show=self.footer, id=self.id)
@@ -24,20 +35,60 @@ class Command:
     def key_in(self, keymap: Mapping[str, str]) -> str:
         return keymap.get(self.id, self.key)
 
+    @property
+    def action_name(self) -> str:
+        return self.action.partition("(")[0]
+
+
+def _tab(i: int, name: str, title: str) -> Command:
+    return Command(f"console.tab.{name}", str(i), f"show_tab('{name}')", title, f"Show the {title} tab.",
+                   footer=False)
+
 
 COMMANDS: tuple[Command, ...] = (
+    *(_tab(i, name, title) for i, (name, title) in enumerate(TABS, start=1)),
+    # servers
     Command("console.drain", "d", "drain", "Drain",
-            "Drain the selected server: no new sessions; active sessions finish there."),
+            "Drain the selected server: no new sessions; active sessions finish there.", tab="servers"),
     Command("console.disable", "x", "disable", "Disable",
-            "Disable the selected server: take it out of rotation now; sessions move to other servers."),
+            "Disable the selected server: take it out of rotation now; sessions move to other servers.",
+            tab="servers"),
     Command("console.enable", "e", "enable", "Enable",
-            "Enable the selected server: put it back into rotation."),
+            "Enable the selected server: put it back into rotation.", tab="servers"),
+    # supervised processes
+    Command("console.process.restart", "R", "process('restart')", "Restart",
+            "Restart the selected supervised process on its host (through its agent).", tab="hosts"),
+    Command("console.process.stop", "S", "process('stop')", "Stop",
+            "Stop the selected supervised process; the agent leaves it stopped until started.", tab="hosts"),
+    Command("console.process.start", "T", "process('start')", "Start",
+            "Start the selected (stopped or fatal) supervised process again.", tab="hosts"),
+    # dispatchers
+    Command("console.dispatcher.promote", "P", "leadership('promote')", "Promote",
+            "Make the selected standby dispatcher the leader; the leader steps down.", tab="dispatchers"),
+    Command("console.dispatcher.step_down", "D", "leadership('step-down')", "Step down",
+            "The leading dispatcher stops leading; a standby takes over.", tab="dispatchers"),
+    # LLM providers
+    Command("console.llm.pin", "i", "provider('pin')", "Pin",
+            "Pin the selected LLM provider: requests go to it first, whatever the priorities.", tab="llm"),
+    Command("console.llm.unpin", "u", "provider('unpin')", "Unpin",
+            "Unpin: requests go by priority and health again.", tab="llm"),
+    Command("console.llm.disable", "x", "provider('disable')", "Disable",
+            "Disable the selected LLM provider: it gets no requests until enabled.", tab="llm"),
+    Command("console.llm.enable", "e", "provider('enable')", "Enable",
+            "Enable the selected LLM provider again.", tab="llm"),
+    # everywhere
+    Command("console.exceptions", "E", "exceptions", "Exceptions",
+            "Open exceptions triage: groups, tracebacks, ack / resolve / mute / assign, live tail.", footer=False),
     Command("console.refresh", "r", "refresh_now", "Refresh", "Fetch the cluster state now."),
     Command("console.pause", "p", "toggle_pause", "Pause",
-            "Pause or resume the live refresh (the table stays as it is)."),
+            "Pause or resume the live refresh (the tables stay as they are)."),
     Command("console.help", "question_mark", "help", "Help", "Show this help.", palette=False),
     Command("console.quit", "q", "quit", "Quit", "Leave the console.", palette=False),
 )
+
+# action name -> the tab it belongs to (actions on the selected row of that tab's table)
+ACTION_TAB: dict[str, str] = {c.action_name: c.tab for c in COMMANDS if c.tab}
+ACTION_TAB["provider"] = "llm"
 
 # actions that change a server; each asks for confirmation first
 SERVER_ACTIONS: tuple[str, ...] = ("drain", "disable", "enable")
@@ -47,7 +98,18 @@ def bindings() -> list[Binding]:
     return [c.binding() for c in COMMANDS]
 
 
+def available(c: Command, tab: str) -> bool:
+    return c.tab is None or c.tab == tab
+
+
 def display_key(key: str) -> str:
-    """Keys as the help screen shows them ("question_mark" -> "?")."""
+    """Keys as the help screen shows them ("question_mark" -> "?", "R" -> "shift+r")."""
     names = {"question_mark": "?", "escape": "Esc", "enter": "Enter", "space": "Space"}
-    return ", ".join(names.get(k.strip(), k.strip()) for k in key.split(","))
+
+    def one(k: str) -> str:
+        k = k.strip()
+        if len(k) == 1 and k.isupper():
+            return f"{k} (shift+{k.lower()})"
+        return names.get(k, k)
+
+    return ", ".join(one(k) for k in key.split(","))

@@ -1,12 +1,21 @@
-"""How one server becomes one table row: pure functions, so the table only compares and renders."""
+"""How cluster data becomes table rows: pure functions, so tables only compare and render.
+
+Each table has columns (key, label, width, renderer) and a `*_raw` function giving the values a
+row shows; the tables diff those tuples, not rendered Text. The raw functions run in a worker
+thread (console.prepare), so the event loop only compares tuples and renders what changed.
+"""
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
 
 from rich.text import Text
 
-from ctops.wire import ServerView
+from ctops.wire import DispatcherView, Event, HostView, LLMProviderView, ProcessMetrics, ServerView
 
 # the glyph and the word carry the state without colour (NO_COLOR, monochrome terminals);
 # colours are base ANSI names so they survive 256- and 16-colour terminals
@@ -18,51 +27,66 @@ STATE_STYLE: dict[str, tuple[str, str]] = {
     "disabled": ("○", "dim"),
 }
 
-COLUMNS: tuple[tuple[str, Text, int], ...] = (
-    # key, label, width (fixed: cells never trigger a width recomputation over all rows).
-    # name..host fit 80 columns; the last error shows on wider terminals or by scrolling right
-    ("name", Text("Server"), 14),
-    ("state", Text("State"), 11),
-    ("heartbeat", Text("Heartbeat", justify="right"), 9),
-    ("cpu", Text("CPU", justify="right"), 6),
-    ("memory", Text("Mem", justify="right"), 6),
-    ("sessions", Text("Sessions", justify="right"), 8),
-    ("host", Text("Host"), 12),
-    ("error", Text("Last error"), 30),
-)
+DIAGNOSIS_STYLE: dict[str, tuple[str, str]] = {
+    "ok": ("", "dim"),
+    "software fault": ("software fault", "bold red"),
+    "host or network down": ("host/net down", "bold red"),
+    "agent fault": ("agent fault", "yellow"),
+    "starting": ("starting", "cyan"),
+    "admin": ("admin", "dim"),
+}
+
+PROCESS_STYLE: dict[str, tuple[str, str]] = {
+    "running": ("●", "green"),
+    "starting": ("◌", "cyan"),
+    "backoff": ("▲", "bold yellow"),
+    "stopped": ("○", "dim"),
+    "fatal": ("✖", "bold red"),
+}
+
+PROVIDER_STYLE: dict[str, tuple[str, str]] = {
+    "up": ("●", "green"),
+    "healthy": ("●", "green"),
+    "degraded": ("▲", "bold yellow"),
+    "rate_limited": ("◐", "yellow"),
+    "down": ("✖", "bold red"),
+    "disabled": ("○", "dim"),
+}
+
+SEVERITY_STYLE: dict[str, tuple[str, str]] = {
+    "info": ("·", "dim"),
+    "warning": ("▲", "yellow"),
+    "critical": ("✖", "bold red"),
+}
+
+HOST_STYLE: dict[str, str] = {"alive": "green", "late": "bold yellow", "lost": "bold red"}
 
 Raw = tuple[object, ...]
+Render = Callable[[object], Text]
 _DIGITS = re.compile(r"(\d+)")
+LOCAL_TZ: tzinfo | None = None  # None: the machine's zone; tests pin it for stable snapshots
 
 
-def raw(s: ServerView) -> Raw:
-    """The values a row shows, in column order; the table diffs these, not the rendered Text."""
-    return (
-        s.name,
-        s.state,
-        _bucket_age(s.heartbeat_age_ms),
-        None if s.cpu_percent is None else round(s.cpu_percent),
-        None if s.memory_percent is None else round(s.memory_percent),
-        s.active_sessions,
-        s.host,
-        # an old error on a server that is up again is history, not an alarm
-        (s.last_error, s.state == "up") if s.last_error else None,
-    )
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    label: Text
+    width: int  # fixed: cells never trigger a width recomputation over all rows
+    render: Render
 
 
-def cell(column: int, value: object) -> Text:
-    return _RENDER[column](value)
+# --- cell renderers --------------------------------------------------------------------------------
 
-
-def _bucket_age(ms: int | None) -> int | None:
-    # tenths of a second below 10 s, whole seconds above: the cell only changes when its text would
-    if ms is None:
-        return None
-    return ms // 100 if ms < 10_000 else (ms // 1000) * 10
-
-
-def _name(v: object) -> Text:
+def _bold(v: object) -> Text:
     return Text(str(v), style="bold")
+
+
+def _plain(v: object) -> Text:
+    return Text("" if v is None else str(v), no_wrap=True, overflow="ellipsis")
+
+
+def _int(v: object) -> Text:
+    return Text("—" if v is None else str(v), justify="right", style="dim" if v is None else "")
 
 
 def _state(v: object) -> Text:
@@ -70,10 +94,18 @@ def _state(v: object) -> Text:
     return Text(f"{glyph} {v}", style=style)
 
 
+def _diagnosis(v: object) -> Text:
+    label, style = DIAGNOSIS_STYLE.get(str(v), (str(v), ""))
+    return Text(label, style=style, no_wrap=True, overflow="ellipsis")
+
+
 def _age(v: object) -> Text:
+    """Tenths of a second (see bucket_age); below 2 s a heartbeat is simply fresh."""
     if v is None:
         return Text("—", justify="right", style="dim")
     tenths = int(v)  # type: ignore[call-overload]
+    if tenths < 20:
+        return Text("<2s", justify="right")
     secs = tenths / 10
     if secs < 10:
         label = f"{secs:.1f}s"
@@ -81,8 +113,7 @@ def _age(v: object) -> Text:
         label = f"{secs:.0f}s"
     else:
         label = f"{secs / 60:.0f}m"
-    style = "bold red" if secs >= 5 else "yellow" if secs >= 2 else ""
-    return Text(label, justify="right", style=style)
+    return Text(label, justify="right", style="bold red" if secs >= 5 else "yellow")
 
 
 def _percent(v: object) -> Text:
@@ -92,14 +123,6 @@ def _percent(v: object) -> Text:
     return Text(f"{p}%", justify="right", style="bold red" if p >= 90 else "yellow" if p >= 75 else "")
 
 
-def _int(v: object) -> Text:
-    return Text(str(v), justify="right")
-
-
-def _plain(v: object) -> Text:
-    return Text(str(v))
-
-
 def _error(v: object) -> Text:
     if v is None:
         return Text("")
@@ -107,9 +130,267 @@ def _error(v: object) -> Text:
     return Text(str(message), style="dim" if historical else "red", no_wrap=True, overflow="ellipsis")
 
 
-_RENDER = (_name, _state, _age, _percent, _percent, _int, _plain, _error)
+def _host_state(v: object) -> Text:
+    return Text(str(v), style=HOST_STYLE.get(str(v), ""))
+
+
+def _process_state(v: object) -> Text:
+    if v is None:
+        return Text("—", style="dim")
+    glyph, style = PROCESS_STYLE.get(str(v), ("?", ""))
+    return Text(f"{glyph} {v}", style=style)
+
+
+def _bytes(v: object) -> Text:
+    if v is None:
+        return Text("—", justify="right", style="dim")
+    mib = int(v)  # type: ignore[call-overload]  # already MiB
+    return Text(f"{mib}M" if mib < 10_000 else f"{mib / 1024:.0f}G", justify="right")
+
+
+def _ms(v: object) -> Text:
+    if v is None:
+        return Text("—", justify="right", style="dim")
+    ms = float(v)  # type: ignore[arg-type]
+    label = f"{ms:.0f}ms" if ms < 10_000 else f"{ms / 1000:.0f}s"
+    return Text(label, justify="right", style="yellow" if ms >= 1000 else "")
+
+
+def _watchdog(v: object) -> Text:
+    if v is None:
+        return Text("—", style="dim")
+    ok, generation, restarts = v  # type: ignore[misc]
+    if ok:
+        tail = f" ({restarts} restarts)" if restarts else ""
+        return Text(f"ok gen {generation}{tail}", style="green" if not restarts else "yellow")
+    return Text(f"✖ {ok or 'thread dead'}", style="bold red")
+
+
+def _role(v: object) -> Text:
+    if v == "leader":
+        return Text("★ leader", style="bold green")
+    if v == "standby":
+        return Text("◇ standby", style="")
+    return Text("? unknown", style="bold yellow")
+
+
+def _healthy(v: object) -> Text:
+    return Text("healthy", style="green") if v else Text("UNHEALTHY", style="bold reverse red")
+
+
+def _provider_state(v: object) -> Text:
+    glyph, style = PROVIDER_STYLE.get(str(v), ("?", ""))
+    return Text(f"{glyph} {v}", style=style)
+
+
+def _breaker(v: object) -> Text:
+    style = {"closed": "green", "open": "bold red", "half_open": "yellow", "half-open": "yellow"}.get(str(v), "")
+    return Text(str(v).replace("_", "-"), style=style)
+
+
+def _flags(v: object) -> Text:
+    pinned, disabled = v  # type: ignore[misc]
+    parts = []
+    if pinned:
+        parts.append(("pinned", "bold cyan"))
+    if disabled:
+        parts.append(("disabled", "dim"))
+    return Text.assemble(*_spaced(parts)) if parts else Text("")
+
+
+def _rate(v: object) -> Text:
+    if v is None:
+        return Text("—", justify="right", style="dim")
+    p = float(v)  # type: ignore[arg-type]  # percent
+    return Text(f"{p:.1f}%", justify="right", style="bold red" if p >= 20 else "yellow" if p >= 5 else "")
+
+
+def _spaced(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        if i:
+            out.append((" ", ""))
+        out.append(item)
+    return out
+
+
+def _r(label: str) -> Text:
+    return Text(label, justify="right")
+
+
+# --- servers ---------------------------------------------------------------------------------------
+
+SERVER_COLUMNS: tuple[Column, ...] = (
+    # Server..Host fit 80 columns (diagnosis included); the detail shows on wider terminals or by scrolling
+    Column("name", Text("Server"), 13, _bold),
+    Column("state", Text("State"), 10, _state),
+    Column("diagnosis", Text("Diagnosis"), 14, _diagnosis),
+    Column("heartbeat", _r("HB age"), 6, _age),
+    Column("cpu", _r("CPU"), 4, _percent),
+    Column("memory", _r("Mem"), 4, _percent),
+    Column("sessions", _r("Sess"), 4, _int),
+    Column("host", Text("Host"), 9, _plain),
+    Column("error", Text("Detail / last error"), 48, _error),
+)
+COLUMNS = SERVER_COLUMNS  # the name the first version used
+
+
+def bucket_age(ms: int | None) -> int | None:
+    # the cell only changes when its text would: everything under 2 s is one bucket ("<2s"),
+    # tenths up to 10 s, whole seconds above
+    if ms is None:
+        return None
+    if ms < 2000:
+        return 0
+    return ms // 100 if ms < 10_000 else (ms // 1000) * 10
+
+
+def server_raw(s: ServerView) -> Raw:
+    """The values a row shows, in column order; the table diffs these, not the rendered Text."""
+    details = []
+    if s.diagnosis not in ("ok", "admin") and s.diagnosis_detail:
+        details.append(s.diagnosis_detail)
+    if s.last_error:
+        details.append(s.last_error)
+    return (
+        s.name,
+        s.state,
+        s.diagnosis,
+        bucket_age(s.heartbeat_age_ms),
+        None if s.cpu_percent is None else round(s.cpu_percent),
+        None if s.memory_percent is None else round(s.memory_percent),
+        s.active_sessions,
+        s.host,
+        # an old error on a server that is up again is history, not an alarm
+        (" · ".join(details), s.state == "up") if details else None,
+    )
+
+
+raw = server_raw  # the name the first version used
+
+
+def cell(column: int, value: object) -> Text:
+    return SERVER_COLUMNS[column].render(value)
+
+
+# --- hosts and their supervised processes ----------------------------------------------------------
+
+PROCESS_COLUMNS: tuple[Column, ...] = (
+    Column("host", Text("Host"), 10, _bold),
+    Column("host_state", Text("Agent"), 5, _host_state),
+    Column("process", Text("Process"), 12, _plain),
+    Column("state", Text("State"), 10, _process_state),
+    Column("pid", _r("PID"), 7, _int),
+    Column("restarts", _r("Rst"), 3, _int),
+    Column("cpu", _r("CPU"), 4, _percent),
+    Column("rss", _r("RSS"), 5, _bytes),
+    Column("check", _r("Check"), 6, _ms),
+    Column("watchdog", Text("Watchdog"), 16, _watchdog),
+    Column("last_exit", Text("Last exit"), 40, _plain),
+)
+
+
+def process_key(host: str, process: str | None) -> str:
+    return f"{host}/{process or ''}"
+
+
+def split_process_key(key: str) -> tuple[str, str | None]:
+    host, _, process = key.partition("/")
+    return host, process or None
+
+
+def _watchdog_raw(h: HostView) -> object:
+    w = h.watchdog
+    if w is None:
+        return None
+    dead = [n for n, alive in (("checker", w.checker_alive), ("guard", w.guard_alive)) if not alive]
+    return (True if not dead else " and ".join(dead) + " dead", w.generation, w.thread_restarts + w.loop_restarts)
+
+
+def process_raw(h: HostView, p: ProcessMetrics | None, watchdog: object) -> Raw:
+    if p is None:
+        return (h.name, h.state, None, None, None, None, None, None, None, watchdog, None)
+    return (
+        h.name, h.state, p.name, p.state, p.pid, p.restarts, round(p.cpu_percent), p.rss_bytes >> 20,
+        None if p.check_latency_ms is None else round(p.check_latency_ms), watchdog, p.last_exit,
+    )
+
+
+def host_rows(hosts: list[HostView]) -> dict[str, Raw]:
+    rows: dict[str, Raw] = {}
+    for h in hosts:
+        w = _watchdog_raw(h)
+        if not h.processes:
+            rows[process_key(h.name, None)] = process_raw(h, None, w)
+        for p in h.processes:
+            rows[process_key(h.name, p.name)] = process_raw(h, p, w)
+    return rows
+
+
+# --- dispatchers -----------------------------------------------------------------------------------
+
+DISPATCHER_COLUMNS: tuple[Column, ...] = (
+    Column("name", Text("Dispatcher"), 10, _bold),
+    Column("role", Text("Role"), 9, _role),
+    Column("healthy", Text("Health"), 9, _healthy),
+    Column("epoch", _r("Epoch"), 5, _int),
+    Column("lease", _r("Lease"), 6, _ms),
+    Column("peer", _r("Peer HB"), 7, _ms),
+    Column("ops_url", Text("Ops API"), 26, _plain),
+)
+
+
+def _coarse_ms(ms: int | None) -> int | None:
+    # lease and peer heartbeat ages tick every few hundred ms: show them in 100 ms steps
+    return None if ms is None else (ms // 100) * 100
+
+
+def dispatcher_raw(d: DispatcherView) -> Raw:
+    return (d.name, d.role, d.healthy, d.epoch, _coarse_ms(d.lease_age_ms), _coarse_ms(d.peer_heartbeat_age_ms),
+            d.ops_url)
+
+
+# --- LLM providers ---------------------------------------------------------------------------------
+
+PROVIDER_COLUMNS: tuple[Column, ...] = (
+    Column("name", Text("Provider"), 11, _bold),
+    Column("priority", _r("Prio"), 4, _int),
+    Column("state", Text("State"), 12, _provider_state),
+    Column("breaker", Text("Breaker"), 9, _breaker),
+    Column("flags", Text("Routing"), 8, _flags),
+    Column("p50", _r("p50"), 6, _ms),
+    Column("p99", _r("p99"), 6, _ms),
+    Column("errors", _r("Errors"), 6, _rate),
+    Column("requests", _r("Requests"), 8, _int),
+    Column("model", Text("Model"), 16, _plain),
+    Column("last_error", Text("Last error"), 40, _plain),
+)
+
+
+def provider_raw(p: LLMProviderView) -> Raw:
+    return (
+        p.name, p.priority, p.state, p.breaker, (p.pinned, p.disabled),
+        None if p.p50_ms is None else round(p.p50_ms), None if p.p99_ms is None else round(p.p99_ms),
+        round(p.error_rate * 100, 1), p.requests, p.model, p.last_error,
+    )
+
+
+# --- events ----------------------------------------------------------------------------------------
+
+def event_line(e: Event) -> Text:
+    glyph, style = SEVERITY_STYLE.get(e.severity, ("?", ""))
+    stamp = datetime.fromtimestamp(e.ts_ms / 1000, LOCAL_TZ).strftime("%H:%M:%S")
+    target = e.target or ""
+    return Text.assemble(
+        (stamp, "dim"), " ", (f"{glyph} {e.kind:<18}", style), " ", (f"{target:<12}", "bold"), " ", e.message,
+        (f"  ({e.source})", "dim"), no_wrap=True, overflow="ellipsis",
+    )
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """trainer-2 sorts before trainer-10."""
     return tuple((0, int(t)) if t.isdigit() else (1, t) for t in _DIGITS.split(name) if t)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

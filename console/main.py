@@ -9,6 +9,8 @@ import sys
 from console.client import ConsoleClient
 from ctops import statefile
 
+SWITCH_INTERVAL_S = 0.001
+
 
 def target(args: argparse.Namespace) -> tuple[list[str], str | None]:
     """Explicit --url wins (token from --token or CTOPS_TOKEN); else the demo state file's operator token."""
@@ -31,5 +33,7 @@ def run(args: argparse.Namespace) -> int:
     # imported only now, so a bad address fails fast without loading Textual
     from console.app import create_app
 
+    # worker threads parse the state; hand the GIL back to the UI thread every 1 ms, not 5 ms
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(ConsoleClient(urls, token), handle_sighup=True)
     return int(app.run() or 0)

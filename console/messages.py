@@ -1,18 +1,36 @@
-"""What the workers tell the app. Workers do I/O; handlers on the app update widgets."""
+"""What the workers tell the app. Workers do I/O (and parse off the loop); handlers on the app update widgets."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from textual.message import Message
 
 from console.client import Whoami
-from ctops.wire import ActionResult, ClusterState
+from console.format import Raw
+from ctops.wire import ClusterState, Event, LLMProviderView
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Rows for every table, computed in a worker thread from one fetch."""
+
+    servers: dict[str, Raw]
+    processes: dict[str, Raw]
+    dispatchers: dict[str, Raw]
+    providers: dict[str, Raw] | None
 
 
 @dataclass
 class StateFetched(Message):
     state: ClusterState
+    prepared: Prepared | None = None
+    events: list[Event] | None = None  # None: not fetched this time (or the fetch failed)
+    providers: list[LLMProviderView] | None = None
+    providers_error: str | None = None
+    fetch_ms: float = 0.0
+    parse_ms: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -28,13 +46,15 @@ class WhoamiFetched(Message):
 
 @dataclass
 class ActionDone(Message):
-    result: ActionResult
-    action: str
+    title: str
+    message: str
+    severity: str = "information"
 
 
 @dataclass
 class ActionFailed(Message):
-    server: str
+    target: str
     action: str
     status: int | None  # None: nothing answered
     reason: str
+    what: str = "servers"  # what kind of thing the action applies to, for the 403 text

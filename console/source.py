@@ -4,8 +4,24 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from console.client import Action, OpsError, Unreachable, Whoami
-from ctops.wire import ActionResult, ClusterState
+from console.client import (
+    Action,
+    LeadershipAction,
+    OpsError,
+    ProcessAction,
+    ProviderAction,
+    Unreachable,
+    Whoami,
+)
+from ctops.wire import (
+    ActionResult,
+    ClusterState,
+    CommandResult,
+    Event,
+    LeadershipResult,
+    LLMActionResult,
+    LLMProviderView,
+)
 
 ADMIN_FOR: dict[str, str] = {"drain": "draining", "disable": "disabled", "enable": "enabled"}
 
@@ -14,20 +30,30 @@ class Source(Protocol):
     def describe(self) -> str: ...
     async def whoami(self) -> Whoami: ...
     async def state(self) -> ClusterState: ...
+    async def events(self, after: str | None, limit: int = 200) -> list[Event]: ...
+    async def providers(self) -> list[LLMProviderView]: ...
     async def act(self, server: str, action: Action) -> ActionResult: ...
+    async def process_action(self, host: str, process: str, action: ProcessAction) -> CommandResult: ...
+    async def leadership(self, name: str, action: LeadershipAction) -> LeadershipResult: ...
+    async def provider_action(self, name: str, action: ProviderAction) -> LLMActionResult: ...
     async def aclose(self) -> None: ...
 
 
 class FixedSource:
     """A deterministic cluster with no network, so screens render the same on every run.
 
-    Actions change the admin state as the dispatcher would; `reachable = False` simulates an outage.
+    Actions change the state as the dispatcher would; `reachable = False` simulates an outage;
+    `providers_list = None` answers 404 like a dispatcher without an LLM pool.
     """
 
-    def __init__(self, state: ClusterState, *, role: str = "operator", name: str = "test") -> None:
+    def __init__(self, state: ClusterState, *, role: str = "operator", name: str = "test",
+                 events: list[Event] | None = None, providers: list[LLMProviderView] | None = None) -> None:
         self.current = state
         self.who = Whoami(name=name, role=role)
         self.reachable = True
+        self.event_log: list[Event] = list(events or [])
+        self.providers_list = providers
+        self.calls: list[tuple[str, ...]] = []
 
     def describe(self) -> str:
         return "fixed://" + self.current.cluster
@@ -40,10 +66,20 @@ class FixedSource:
         self._check()
         return self.current
 
-    async def act(self, server: str, action: Action) -> ActionResult:
+    async def events(self, after: str | None, limit: int = 200) -> list[Event]:
         self._check()
-        if self.who.role != "operator":
-            raise OpsError(403, "forbidden", f"role {self.who.role} may not {action}")
+        if after is None:
+            return self.event_log[-limit:]
+        return [e for e in self.event_log if _stream_key(e.id) > _stream_key(after)][:limit]
+
+    async def providers(self) -> list[LLMProviderView]:
+        self._check()
+        if self.providers_list is None:
+            raise OpsError(404, "Not Found")
+        return list(self.providers_list)
+
+    async def act(self, server: str, action: Action) -> ActionResult:
+        self._operator(action)
         servers = {s.name: s for s in self.current.servers}
         if server not in servers:
             raise OpsError(404, "unknown server", server)
@@ -55,9 +91,60 @@ class FixedSource:
         )
         return ActionResult(ok=True, server=server, admin=new.admin, state=new.state, by=self.who.name)
 
+    async def process_action(self, host: str, process: str, action: ProcessAction) -> CommandResult:
+        self._operator(action)
+        self.calls.append(("process", host, process, action))
+        return CommandResult(ok=True, host=host, process=process, action=action, message=f"{action}ed",
+                             by=self.who.name)
+
+    async def leadership(self, name: str, action: LeadershipAction) -> LeadershipResult:
+        self._operator(action)
+        before = self.current.leader
+        if action == "promote" and name == before:
+            raise OpsError(409, f"{name} already leads")
+        if action == "step-down" and name != before:
+            raise OpsError(409, f"{name} does not lead ({before} does)")
+        others = [d.name for d in self.current.dispatchers if d.name != before]
+        after = name if action == "promote" else (others[0] if others else None)
+        dispatchers = [d.model_copy(update={"role": "leader" if d.name == after else "standby"})
+                       for d in self.current.dispatchers]
+        self.current = self.current.model_copy(update={"leader": after, "dispatchers": dispatchers})
+        self.calls.append(("leadership", name, action))
+        return LeadershipResult(ok=True, action=action, leader_before=before, leader_after=after, epoch=2,
+                                by=self.who.name)
+
+    async def provider_action(self, name: str, action: ProviderAction) -> LLMActionResult:
+        self._operator(action)
+        if not self.providers_list or name not in {p.name for p in self.providers_list}:
+            raise OpsError(404, f"unknown provider {name!r}")
+        out = []
+        for p in self.providers_list:
+            upd: dict[str, object] = {}
+            if action in ("pin", "unpin"):
+                upd["pinned"] = (p.name == name) if action == "pin" else (p.pinned and p.name != name)
+            elif p.name == name:
+                upd = {"disabled": action == "disable", "state": "disabled" if action == "disable" else "up"}
+            out.append(p.model_copy(update=upd))
+        self.providers_list = out
+        self.calls.append(("provider", name, action))
+        pinned = next((p.name for p in out if p.pinned), None)
+        mine = next(p for p in out if p.name == name)
+        return LLMActionResult(ok=True, provider=name, action=action, by=self.who.name, pinned=pinned,
+                               provider_state=mine)
+
     async def aclose(self) -> None:
         return None
+
+    def _operator(self, action: str) -> None:
+        self._check()
+        if self.who.role != "operator":
+            raise OpsError(403, "forbidden", f"role {self.who.role} may not {action}")
 
     def _check(self) -> None:
         if not self.reachable:
             raise Unreachable([(self.describe(), "connection refused")])
+
+
+def _stream_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)

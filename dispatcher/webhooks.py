@@ -107,12 +107,23 @@ class WebhookDeliverer:
         return True
 
     async def run(self) -> None:
+        # the cursor is fixed when the first dispatcher starts with this webhook configured, not
+        # when one first leads: events between the two must not be skipped
+        while True:
+            try:
+                await self._cursor()
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("webhook %s: Redis: %s", self.spec.name, exc)
+                await asyncio.sleep(1)
         while True:
             try:
                 if self.is_leader() and await self.run_once():
                     continue
             except (RedisError, OSError, NotLeader) as exc:
                 log.warning("webhook %s: %s", self.spec.name, exc)
+            except Exception:  # noqa: BLE001 - a delivery loop must outlive any one bad batch
+                log.exception("webhook %s: delivery failed", self.spec.name)
             await asyncio.sleep(0.25)
 
     async def aclose(self) -> None:

@@ -12,14 +12,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 
 import httpx
 import pytest
 from rich.console import Console
+from rich.segment import Segment
 from textual.pilot import Pilot
-from textual.widgets import Static
+from textual.widgets import DataTable, Static
 
+import console.format
 from console.app import ConsoleApp, create_app
 from console.client import ConsoleClient
 from console.commands import COMMANDS, display_key
@@ -27,13 +30,31 @@ from console.screens.confirm import ConfirmAction
 from console.screens.help import HelpScreen
 from console.source import FixedSource
 from console.widgets.banner import OutageBanner
+from console.widgets.live_table import LiveTable
 from console.widgets.servers_table import ServersTable
+from console.widgets.tables import ProcessesTable
 from ctops.redis_embed import free_port
-from ctops.wire import ClusterState, DispatcherView, HostMetrics, HostView, ServerView
+from ctops.wire import (
+    ClusterState,
+    DispatcherView,
+    Event,
+    HostMetrics,
+    HostView,
+    LLMProviderView,
+    ProcessMetrics,
+    ServerView,
+    WatchdogStatus,
+)
 from tests.cluster import Cluster
 
 SIZE = (120, 35)
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def utc_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # event times render in the local zone; pin it so snapshots match on every machine
+    monkeypatch.setattr(console.format, "LOCAL_TZ", UTC)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -83,16 +104,8 @@ def act(cluster: Cluster, name: str, action: str) -> None:
 @pytest.fixture
 def cluster(running_dispatcher: Cluster) -> Cluster:
     """The running cluster, once its ops API answers with every server up."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if all(s["state"] == "up" for s in running_dispatcher.state()["servers"]):
-                return running_dispatcher
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError("the cluster's ops API never answered with every server up")
-        time.sleep(0.1)
+    running_dispatcher.wait_all_up()
+    return running_dispatcher
 
 
 async def test_table_shows_servers_with_states(cluster: Cluster) -> None:
@@ -244,29 +257,81 @@ def fixed_state(n: int = 12) -> ClusterState:
     specials = {
         3: dict(state="suspect", last_error="health check timed out after 300 ms", heartbeat_age_ms=2400),
         5: dict(state="down", last_error="connection refused", heartbeat_age_ms=None, cpu_percent=None,
-                memory_percent=None, active_sessions=0),
-        7: dict(state="draining"),
-        8: dict(state="disabled", active_sessions=0),
+                memory_percent=None, active_sessions=0, diagnosis="host or network down",
+                diagnosis_detail="no agent heartbeat for 31 s and the server does not answer"),
+        6: dict(state="down", last_error="connection refused", active_sessions=0, diagnosis="software fault",
+                diagnosis_detail="agent alive; server not answering"),
+        7: dict(state="draining", diagnosis="admin"),
+        8: dict(state="disabled", active_sessions=0, diagnosis="admin"),
         10: dict(cpu_percent=93.0, memory_percent=81.0),
     }
     servers = [_server(i, **specials.get(i, {})) for i in range(1, n + 1)]  # type: ignore[arg-type]
     metrics = HostMetrics(cpu_percent=20, memory_percent=40, memory_used_bytes=1 << 30, disk_percent=50,
                           load1=0.5, load5=0.4, load15=0.3)
+
+    def procs(i: int) -> list[ProcessMetrics]:
+        if i == 5:
+            return []
+        state = {6: "backoff", 9: "fatal"}.get(i, "running")
+        return [ProcessMetrics(name=f"trainer-{i}", state=state, pid=None if state != "running" else 4000 + i,
+                               restarts={6: 3, 9: 5, 2: 1}.get(i, 0), cpu_percent=(i * 7) % 40,
+                               rss_bytes=(80 + i) << 20, check_latency_ms=3.0 + i,
+                               last_exit={6: "exit 1 (crashed)", 9: "crash loop: 5 exits in 60 s",
+                                          2: "killed by SIGKILL"}.get(i))]
+
     hosts = [HostView(name=f"host-{i}", state="lost" if i == 5 else "late" if i == 3 else "alive",
-                      heartbeat_age_ms=250, metrics=metrics) for i in range(1, n + 1)]
+                      heartbeat_age_ms=250, metrics=metrics, processes=procs(i),
+                      watchdog=None if i == 5 else WatchdogStatus(checker_alive=i != 4, guard_alive=True,
+                                                                  generation=2 if i == 4 else 1,
+                                                                  thread_restarts=1 if i == 4 else 0))
+             for i in range(1, n + 1)]
     return ClusterState(
         cluster="training-eu", leader="A", served_by="A", now_ms=1_700_000_000_000,
         dispatchers=[
-            DispatcherView(name="A", role="leader", healthy=True, ops_url="http://a:9001", data_url="http://a:80"),
-            DispatcherView(name="B", role="standby", healthy=False, ops_url="http://b:9001", data_url="http://b:80"),
+            DispatcherView(name="A", role="leader", healthy=True, ops_url="http://a:9001", data_url="http://a:80",
+                           epoch=7, lease_age_ms=120, peer_heartbeat_age_ms=210),
+            DispatcherView(name="B", role="standby", healthy=False, ops_url="http://b:9001", data_url="http://b:80",
+                           epoch=7, peer_heartbeat_age_ms=4300),
         ],
         servers=servers, hosts=hosts,
     )
 
 
+T0 = 1_700_000_000_000
+
+
+def fixed_events() -> list[Event]:
+    rows = [
+        ("info", "leader_changed", "A", "dispatcher A now leads (epoch 7)", "dispatcher:A"),
+        ("warning", "server_suspect", "trainer-3", "trainer-3: up -> suspect (health check timed out)", "dispatcher:A"),
+        ("critical", "server_down", "trainer-6", "trainer-6: suspect -> down (connection refused)", "dispatcher:A"),
+        ("info", "process_restarted", "trainer-2", "trainer-2 restarted after SIGKILL (pid 4002)", "agent:host-2"),
+        ("critical", "host_lost", "host-5", "host-5: no heartbeat for 31 s", "dispatcher:A"),
+        ("critical", "crash_loop", "trainer-9", "trainer-9: 5 exits in 60 s; not restarting", "agent:host-9"),
+        ("warning", "watchdog_restarted", "host-4", "checker thread silent for 2 s; generation 2 started",
+         "agent:host-4"),
+    ]
+    return [Event(id=f"{T0 + i * 1000}-0", event_id=f"e{i}", ts_ms=T0 + i * 1000, kind=k, severity=sev,  # type: ignore[arg-type]
+                  source=src, target=t, message=m) for i, (sev, k, t, m, src) in enumerate(rows)]
+
+
+def fixed_providers() -> list[LLMProviderView]:
+    return [
+        LLMProviderView(name="primary", base_url="http://gpt:8000/v1", model="gpt-4", priority=1, state="down",
+                        breaker="open", requests=1200, failures=31, error_rate=0.62, p50_ms=840.0, p99_ms=3000.0,
+                        last_error="timeout after 3000 ms"),
+        LLMProviderView(name="secondary", base_url="http://backup:8000/v1", model="gpt-4o", priority=2, state="up",
+                        breaker="closed", requests=340, failures=0, error_rate=0.0, p50_ms=410.0, p99_ms=920.0),
+    ]
+
+
+def fixed_source(state: ClusterState | None = None) -> FixedSource:
+    return FixedSource(fixed_state() if state is None else state, events=fixed_events(), providers=fixed_providers())
+
+
 def fixed_app(state: ClusterState | None = None, keymap: dict[str, str] | None = None) -> ConsoleApp:
     # a long interval: snapshots must not race a refresh
-    return create_app(FixedSource(fixed_state() if state is None else state), interval=3600, keymap=keymap)
+    return create_app(fixed_source(state), interval=3600, keymap=keymap)
 
 
 async def test_help_lists_every_binding() -> None:
@@ -329,14 +394,7 @@ async def test_diff_update_touches_only_changed_cells_at_2000_servers() -> None:
         await until(pilot, "first state", lambda: app.applied >= 1, timeout=60)
         t = table(app)
         await select_row(pilot, app, "trainer-1500")
-        updates: list[tuple[str, str]] = []
-        original = t.update_cell
-
-        def counting(row: object, col: object, value: object, **kw: object) -> None:
-            updates.append((str(getattr(row, "value", row)), str(getattr(col, "value", col))))
-            original(row, col, value, **kw)  # type: ignore[arg-type]
-
-        t.update_cell = counting  # type: ignore[method-assign]
+        before = t.cells_updated
         servers = list(state.servers)
         servers[41] = servers[41].model_copy(update={"state": "suspect", "health": "suspect"})
         servers[42] = servers[42].model_copy(update={"active_sessions": 999})
@@ -344,8 +402,66 @@ async def test_diff_update_touches_only_changed_cells_at_2000_servers() -> None:
         seen = app.applied
         app.action_refresh_now()
         await until(pilot, "refresh", lambda: app.applied > seen)
-        assert sorted(updates) == [("trainer-42", "state"), ("trainer-43", "sessions")]
+        assert t.cells_updated - before == 2
+        assert t.get_cell("trainer-42", "state").plain == "▲ suspect"
+        assert t.get_cell("trainer-43", "sessions").plain == "999"
         assert t.row_count == 2000 and t.selected == "trainer-1500"
+        # nothing changed: the table is not touched at all
+        before = t.cells_updated
+        seen = app.applied
+        app.action_refresh_now()
+        await until(pilot, "refresh", lambda: app.applied > seen)
+        assert t.cells_updated == before
+
+
+async def test_fast_cell_rendering_matches_datatable() -> None:
+    """LiveTable renders body cells itself (see live_table's doc); every cell must match DataTable's own path."""
+    app = fixed_app()
+    async with app.run_test(size=(200, 50)) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        compared = 0
+        for key in ("1", "2", "4", "5"):
+            await pilot.press(key)
+            await pilot.pause()
+            for t in app.screen.query(LiveTable):
+                if not t.display or not t.row_count:
+                    continue
+                for r in range(t.row_count):
+                    for c, col in enumerate(t.ordered_columns):
+                        width = col.get_render_width(t)
+                        for cursor in (False, True):
+                            t._cell_render_cache.clear()
+                            fast = t._render_cell(r, c, t.rich_style, width, cursor)
+                            t._cell_render_cache.clear()
+                            slow = DataTable._render_cell(t, r, c, t.rich_style, width, cursor)
+                            assert _chars(fast) == _chars(slow), (t.id, r, col.key)
+                            compared += 1
+        assert compared > 500
+
+
+def _chars(lines: list[list[Segment]]) -> list[tuple[str, object]]:
+    return [(ch, seg.style) for line in lines for seg in line for ch in seg.text]
+
+
+async def test_hidden_tab_catches_up_when_shown() -> None:
+    state = fixed_state()
+    source = fixed_source(state)
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        hosts = list(state.hosts)
+        procs = [hosts[0].processes[0].model_copy(update={"pid": 9999, "restarts": 4})]
+        hosts[0] = hosts[0].model_copy(update={"processes": procs})
+        source.current = state.model_copy(update={"hosts": hosts})
+        seen = app.applied
+        app.action_refresh_now()
+        await until(pilot, "refresh", lambda: app.applied > seen)
+        processes = app.query_one(ProcessesTable)
+        assert processes.shown("host-1/trainer-1") is None  # hidden tab: rows kept, table not touched
+        await pilot.press("2")
+        await until(pilot, "hosts tab", lambda: app.active_tab == "hosts")
+        assert processes.shown("host-1/trainer-1")[4] == 9999  # type: ignore[index]
+        assert processes.get_cell("host-1/trainer-1", "pid").plain == "9999"
 
 
 async def test_no_server_selected_warns() -> None:
@@ -393,6 +509,7 @@ def test_snapshot_outage_banner(snap_compare: Callable[..., bool]) -> None:
         await _loaded(pilot)
         source.reachable = False
         seen = app.failures
+        app._last_ok = time.monotonic()  # "from 0 s ago" however long the start took on a busy machine
         app.action_refresh_now()
         await until(pilot, "failure", lambda: app.failures > seen)
         await pilot.pause()

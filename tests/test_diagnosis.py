@@ -23,8 +23,10 @@ def test_diagnosis_tells_software_host_and_agent_faults_apart(make_cluster) -> N
     r = httpx.post(c.ops_url() + "/api/v1/hosts/host-1/processes/trainer-1/stop", headers=c.auth("operator"),
                    timeout=30)
     assert r.status_code == 200, r.text
-    d = wait_for("software fault", lambda: (d := diagnosis(c, "trainer-1"))[0] == "software fault" and d)
-    assert "host-1" in d[1] and "stopped" in d[1]
+    # the next heartbeat tells why: the agent reports the process stopped
+    d = wait_for("software fault", lambda: (d := diagnosis(c, "trainer-1"))[0] == "software fault"
+                 and "stopped" in (d[1] or "") and d)
+    assert "host-1" in d[1]
 
     # agent silent, server answering -> an agent fault
     c.signal("host-2", signal.SIGSTOP)

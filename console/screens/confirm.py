@@ -1,4 +1,4 @@
-"""Asks before a server changes. Cancel has the focus, so a stray Enter changes nothing."""
+"""Asks before anything changes, saying what will happen. Cancel has the focus, so a stray Enter changes nothing."""
 
 from __future__ import annotations
 
@@ -23,22 +23,24 @@ class ConfirmAction(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "No", id="confirm.no"),
     ]
 
-    def __init__(self, action: str, server: ServerView) -> None:
+    def __init__(self, question: str, detail: str, verb: str) -> None:
         super().__init__()
-        self.action_name = action
-        self.server = server
+        self.question = question
+        self.detail = detail
+        self.verb = verb
+
+    @classmethod
+    def for_server(cls, action: str, s: ServerView) -> ConfirmAction:
+        return cls(f"{action.capitalize()} [b]{s.name}[/b]?",
+                   f"Now {s.state} (admin {s.admin}) on {s.host}.\n" + _EFFECT[action].format(n=s.active_sessions),
+                   action.capitalize())
 
     def compose(self) -> ComposeResult:
-        s = self.server
         with Grid(id="confirm-box"):
-            yield Label(f"{self.action_name.capitalize()} [b]{s.name}[/b]?", id="confirm-question")
-            yield Label(
-                f"Now {s.state} (admin {s.admin}) on {s.host}.\n"
-                + _EFFECT[self.action_name].format(n=s.active_sessions),
-                id="confirm-detail",
-            )
+            yield Label(self.question, id="confirm-question")
+            yield Label(self.detail, id="confirm-detail")
             with Horizontal(id="confirm-buttons"):
-                yield Button(f"{self.action_name.capitalize()} (y)", variant="warning", id="yes")
+                yield Button(f"{self.verb} (y)", variant="warning", id="yes")
                 yield Button("Cancel (n)", variant="primary", id="no")
 
     def on_mount(self) -> None:

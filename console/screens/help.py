@@ -11,24 +11,30 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from console.commands import COMMANDS, display_key
-from console.format import STATE_STYLE
+from console.commands import COMMANDS, TAB_TITLES, display_key
+from console.format import DIAGNOSIS_STYLE, PROCESS_STYLE, STATE_STYLE
 
 
 def help_table(keymap: Mapping[str, str]) -> Table:
     t = Table(box=None, show_header=True, header_style="bold", expand=True, padding=(0, 2, 0, 0))
     t.add_column("Key", no_wrap=True)
     t.add_column("Action", no_wrap=True)
+    t.add_column("Where", no_wrap=True)
     t.add_column("What it does")
     for c in COMMANDS:
-        t.add_row(display_key(c.key_in(keymap)), c.title, c.help)
-    t.add_row("↑ ↓ PgUp PgDn", "Move", "Select a server (actions apply to the selected row).")
-    t.add_row("ctrl+p", "Palette", "Search and run any command.")
+        t.add_row(display_key(c.key_in(keymap)), c.title, TAB_TITLES[c.tab] if c.tab else "anywhere", c.help)
+    t.add_row("↑ ↓ PgUp PgDn", "Move", "tables", "Select a row (actions apply to the selected row).")
+    t.add_row("ctrl+p", "Palette", "anywhere", "Search and run any command of the current tab.")
     return t
 
 
 def legend() -> str:
-    return "States: " + "  ".join(f"[{style}]{glyph} {name}[/]" for name, (glyph, style) in STATE_STYLE.items())
+    servers = "  ".join(f"[{style}]{glyph} {name}[/]" for name, (glyph, style) in STATE_STYLE.items())
+    diagnoses = "  ".join(f"[{style}]{label}[/] = {name}" for name, (label, style) in DIAGNOSIS_STYLE.items()
+                          if label and label != name)
+    processes = "  ".join(f"[{style}]{glyph} {name}[/]" for name, (glyph, style) in PROCESS_STYLE.items())
+    return (f"Servers: {servers}\nDiagnosis: [dim]blank[/] = ok  {diagnoses}\nProcesses: {processes}\n"
+            "Every action asks for confirmation first and is written to the audit log.")
 
 
 class HelpScreen(ModalScreen[None]):

@@ -12,10 +12,10 @@ from textual.events import Resize
 from textual.widgets import Static
 
 from console.client import Whoami
+from console.format import HOST_STYLE as _HOST_STYLE
 from console.format import STATE_STYLE
 from ctops.wire import ClusterState
 
-_HOST_STYLE = {"alive": "green", "late": "bold yellow", "lost": "bold red"}
 _SEP = " · "
 
 
@@ -82,10 +82,17 @@ class ClusterSummary(Static):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._lines: list[list[Text]] = summary_parts(None, None, False)
+        self._drawn = False
 
-    def show(self, state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False) -> None:
-        self._lines = summary_parts(state, who, stale, paused)
+    def show(self, state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False) -> bool:
+        """Returns whether anything changed; an unchanged header is not redrawn."""
+        lines = summary_parts(state, who, stale, paused)
+        if lines == self._lines and self._drawn:
+            return False
+        self._lines = lines
+        self._drawn = True
         self.update(fit(self._lines, self.size.width))
+        return True
 
     def on_resize(self, event: Resize) -> None:
         self.update(fit(self._lines, event.size.width))
