@@ -15,7 +15,10 @@ from starlette.types import ASGIApp
 
 async def serve_asgi(app: ASGIApp, host: str, port: int, stop: asyncio.Event) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            http="httptools", lifespan="off", timeout_keep_alive=30)
+                            http="httptools", lifespan="off", timeout_keep_alive=30,
+                            # agents' long polls would hold a graceful stop for their whole wait;
+                            # they retry on another dispatcher anyway
+                            timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server._serve())  # noqa: SLF001 - serve() would install signal handlers
     stopper = asyncio.create_task(stop.wait())
