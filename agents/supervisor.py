@@ -33,8 +33,7 @@ from ctops.wire import AgentEvent, ProcessState, WatchdogStatus
 log = logging.getLogger("ctops.agent.watchdog")
 
 Command = Literal["restart", "stop", "start"]
-# a process that answered its liveness check and stayed up this long is restarted at once when it
-# exits; one that dies sooner backs off (crash loops are caught by the restart window as well)
+# without a liveness probe, a process that stayed up this long counts as having started well
 STABLE_AFTER = 1.0
 TICK = 0.2  # the checker beats at least this often
 STALL_AFTER = 1.0  # a thread silent this long is replaced
@@ -396,7 +395,11 @@ class Supervisor:
             item.state, item.next_start = "backoff", now
             self._event("process_restarted", item.spec.name, "info", f"{item.spec.name} {reason}")
         else:
-            ran_stable = now - item.started_at >= STABLE_AFTER and item.ever_alive
+            # one that answered its liveness probe was healthy: it restarts at once (a crash loop is
+            # still caught by the restart window); one that never did, or without a probe died
+            # young, backs off
+            no_probe = item.spec.liveness.kind == "none"
+            ran_stable = item.ever_alive if not no_probe else now - item.started_at >= STABLE_AFTER
             self._schedule_restart(item, now, quick=not ran_stable, reason=reason)
         if item.state == "backoff" and item.next_start <= now:
             self._spawn(item, now)

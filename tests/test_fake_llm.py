@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,33 +11,17 @@ import httpx
 import openai
 import pytest
 
+from ctops.procs import ctops_argv
 from ctops.redis_embed import free_port
+from tests.common import wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def ctops_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "ctops"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ctops.cli"]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process exited with {proc.returncode}"
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} did not answer in {timeout}s")
 
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen([*ctops_cmd(), "fake-llm", "--port", str(port), "--name", "fake-a"], cwd=ROOT)
+    proc = subprocess.Popen([*ctops_argv(), "fake-llm", "--port", str(port), "--name", "fake-a"], cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(base + "/_fake/mode", proc)

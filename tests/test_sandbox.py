@@ -9,22 +9,13 @@ from collections.abc import Iterator
 import pytest
 
 from ctops.config import Sandbox
+from tests.common import FIZZBUZZ_GOOD as GOOD
 from trainer import sandbox
 from trainer.exercises import EXERCISES
 from trainer.serve import PR_SET_DUMPABLE
 
 LIMITS = Sandbox(cpu_seconds=1, memory_mb=128, max_processes=16, wall_seconds=4, output_max_bytes=16384)
 FIZZ = EXERCISES["fizzbuzz"]
-GOOD = """
-def fizzbuzz(n):
-    if n % 15 == 0:
-        return "FizzBuzz"
-    if n % 3 == 0:
-        return "Fizz"
-    if n % 5 == 0:
-        return "Buzz"
-    return str(n)
-"""
 SECRET = "s3cr3t-value-for-ctops-test"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,39 +16,14 @@ import pytest
 import redis
 
 from ctops.keys import Keys
+from ctops.procs import ctops_argv
 from ctops.redis_embed import EmbeddedRedis, free_port
+from tests.common import FIZZBUZZ_GOOD as GOOD
+from tests.common import wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-value-for-ctops-trainer-test"
-GOOD = """
-def fizzbuzz(n):
-    if n % 15 == 0:
-        return "FizzBuzz"
-    if n % 3 == 0:
-        return "Fizz"
-    if n % 5 == 0:
-        return "Buzz"
-    return str(n)
-"""
 WRONG = "def fizzbuzz(n):\n    return str(n)\n"
-
-
-def ctops_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "ctops"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ctops.cli"]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process exited with {proc.returncode}"
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} did not answer in {timeout}s")
 
 
 def stop(proc: subprocess.Popen) -> int:
@@ -106,10 +80,10 @@ timeout_ms = 5000
 """)
     env = {**os.environ, "CTOPS_SECRET_FOR_TEST": SECRET, "CTOPS_TEST_LLM_KEY": "test-key"}
     procs = [
-        subprocess.Popen([*ctops_cmd(), "fake-llm", "--port", str(pf), "--name", "fake-a"], cwd=ROOT),
-        subprocess.Popen([*ctops_cmd(), "trainer", "--config", str(config), "--name", "trainer-1"], cwd=ROOT,
+        subprocess.Popen([*ctops_argv(), "fake-llm", "--port", str(pf), "--name", "fake-a"], cwd=ROOT),
+        subprocess.Popen([*ctops_argv(), "trainer", "--config", str(config), "--name", "trainer-1"], cwd=ROOT,
                          env=env),
-        subprocess.Popen([*ctops_cmd(), "trainer", "--config", str(config), "--name", "trainer-2"], cwd=ROOT,
+        subprocess.Popen([*ctops_argv(), "trainer", "--config", str(config), "--name", "trainer-2"], cwd=ROOT,
                          env=env),
     ]
     urls = [f"http://127.0.0.1:{p}" for p in (pf, p1, p2)]
@@ -335,7 +309,7 @@ def test_unexpected_errors_are_json_500_and_healthz_reports_redis_loss() -> None
 def test_unknown_server_name_is_a_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "d.toml"
     config.write_text('[[dispatchers]]\nname = "A"\ndata = "127.0.0.1:1"\nops = "127.0.0.1:2"\n')
-    r = subprocess.run([*ctops_cmd(), "trainer", "--config", str(config), "--name", "nope"], cwd=ROOT,
+    r = subprocess.run([*ctops_argv(), "trainer", "--config", str(config), "--name", "nope"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no server named 'nope'" in r.stderr
 

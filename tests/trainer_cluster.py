@@ -15,17 +15,8 @@ import redis
 from ctops.keys import Keys
 from ctops.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, wait_for
+from tests.common import FIZZBUZZ_GOOD as GOOD
 
-GOOD = """
-def fizzbuzz(n):
-    if n % 15 == 0:
-        return "FizzBuzz"
-    if n % 3 == 0:
-        return "Fizz"
-    if n % 5 == 0:
-        return "Buzz"
-    return str(n)
-"""
 # slow enough for a test to kill the server while the tests run, well within the wall limit
 SLOW_GOOD = "import time\ntime.sleep(2.5)\n" + GOOD
 STEPS = ["received", "tested", "review_requested", "review_received", "done"]
