@@ -88,7 +88,8 @@ class HealthChecker:
         self.pool, self.interval, self.timeout = pool, interval, timeout
         self.fall, self.rise = fall, rise
         self.on_round = on_round
-        self.rounds = 0
+        self.rounds = 0  # progress, for the loop watch
+        self.stall_for_test = False
 
     async def _check(self, b: Backend) -> None:
         r = await check_once(b, self.timeout)
@@ -98,6 +99,9 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            if self.stall_for_test:
+                self.stall_for_test = False
+                await asyncio.Event().wait()  # stuck for good, as a bug in a check could leave it
             # every server is checked concurrently so one hung server does not delay the others
             await asyncio.gather(*(self._check(b) for b in self.pool), return_exceptions=True)
             self.rounds += 1

@@ -82,6 +82,7 @@ class Lease:
         self._renewed_at = 0.0  # monotonic time of the last successful renewal (its start)
         self.on_change = on_change
         self.refused_writes = 0
+        self.ticks = 0  # progress, for the loop watch
         self._script = redis.register_script(_ACQUIRE_OR_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._fenced = redis.register_script(_FENCED)
@@ -127,6 +128,7 @@ class Lease:
     async def run(self) -> None:
         while True:
             await self.tick()
+            self.ticks += 1
             await asyncio.sleep(self.renew_ms / 1000)
 
     async def release(self) -> None:

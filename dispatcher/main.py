@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 import uvloop
@@ -15,6 +16,7 @@ from ctops import config, logs
 from ctops.config import Deployment, DispatcherSpec, split_hostport
 from ctops.serving import serve_asgi
 from dispatcher.llm.app import start_llm_pool
+from dispatcher.loopwatch import LoopWatch
 from dispatcher.ops_api import create_ops_app, wrap
 from dispatcher.pool import Backend
 from dispatcher.proxy import ProxySettings, start_data_plane
@@ -52,16 +54,26 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
                                          routes={b"/llm/": llm_backend})
     hooks = [WebhookDeliverer(redis, rt.keys, w, dep.cluster, rt.lease.still_valid, rt.lease.fenced)
              for w in dep.webhooks]
+    t = dep.timings
+    # the loops that decide health and leadership are watched: a stalled one is restarted and reported
+    watch = LoopWatch(rt.loop_restarted)
+    watch.start("health", rt.health.run, lambda: rt.health.rounds,
+                stall_after=max(3.0, 4 * (t.health_interval_ms + t.health_timeout_ms) / 1000))
+    watch.start("lease", rt.lease.run, lambda: rt.lease.ticks, stall_after=max(2.0, 4 * t.lease_renew_ms / 1000))
+    watch.start("sync", rt.sync_loop, lambda: rt.sync_rounds, stall_after=5.0)
+    if os.environ.get("CTOPS_TEST_HOOKS") == "1":
+        loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(rt.health, "stall_for_test", True))
     loops = [asyncio.create_task(c, name=n) for n, c in (
-        ("health", rt.health.run()), ("lease", rt.lease.run()), ("sync", rt.sync_loop()), ("peers", rt.peers.run()),
+        ("loopwatch", watch.run()), ("peers", rt.peers.run()),
         *((f"webhook-{h.spec.name}", h.run()) for h in hooks))]
     ops = asyncio.create_task(serve_asgi(wrap(create_ops_app(rt), dep.limits.ops_body_max_bytes),
                                          ops_host, ops_port, stop))
     log.info("dispatcher %s: data on %s, ops on %s", spec.name, spec.data, spec.ops)
     await asyncio.wait({ops, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
-    for t in loops:
-        t.cancel()
+    watch.stop()
+    for task in loops:
+        task.cancel()
     data_server.close()
     with contextlib.suppress(Exception):
         await llm.stop()

@@ -47,6 +47,7 @@ class Runtime:
         self.health = HealthChecker(self.pool, t.health_interval_ms / 1000, t.health_timeout_ms / 1000,
                                     t.fall, t.rise, on_round=self._health_round_done)
         self._publish_pending = False
+        self.sync_rounds = 0  # progress, for the loop watch
         self.started_ms = now_ms()
         self.pool.listeners.append(self._on_state_change)
 
@@ -80,6 +81,18 @@ class Runtime:
             return
         log.warning("%s hook %s exited %s: %s", "promote" if leader else "demote", argv[0], proc.returncode,
                     out.decode(errors="replace").strip()[-500:])
+
+    def loop_restarted(self, name: str, stalled_s: float) -> None:
+        """Reported by every dispatcher, not only the leader: it is about this process."""
+        asyncio.get_running_loop().create_task(self._record_loop_restart(name, stalled_s))
+
+    async def _record_loop_restart(self, name: str, stalled_s: float) -> None:
+        try:
+            await self.events.emit("loop_restarted", "warning", f"dispatcher {self.spec.name}: {name} loop stalled "
+                                   f"for {stalled_s:.1f}s and was restarted", f"dispatcher:{self.spec.name}",
+                                   f"{self.spec.name}/{name}")
+        except (RedisError, OSError) as exc:
+            log.warning("cannot record loop restart: %s", exc)
 
     def peer_view(self) -> PeerHeartbeat:
         return PeerHeartbeat(name=self.spec.name, role="leader" if self.lease.still_valid() else "standby",
@@ -150,6 +163,7 @@ class Runtime:
                 }, ttl_ms=max(5000, self.dep.timings.lease_ttl_ms * 5))
             except (RedisError, OSError) as exc:
                 log.warning("sync with Redis failed: %s", exc)
+            self.sync_rounds += 1
             await asyncio.sleep(0.25)
 
     async def restore_from_redis(self) -> None:

@@ -125,3 +125,36 @@ def test_staff_commands_stop_start_restart(make_sup) -> None:
     assert r["pid"] != q["pid"]
     with pytest.raises(KeyError):
         sup.command("nope", "restart").result(1)
+
+
+FILE_PROGRAM = ("import pathlib, sys, time\np = pathlib.Path(sys.argv[1])\n"
+                "while True:\n    p.touch()\n    time.sleep(0.05)\n")
+NOTIFY_PROGRAM = ("import os, socket, time\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                  "while True:\n    s.sendto(b'WATCHDOG=1', os.environ['NOTIFY_SOCKET'])\n    time.sleep(0.05)\n")
+# listens for a moment, then stops listening but stays alive: a TCP probe must see it as dead
+TCP_PROGRAM = ("import socket, sys, time\ns = socket.socket()\n"
+               "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+               "s.bind(('127.0.0.1', int(sys.argv[1])))\ns.listen()\ntime.sleep(1.5)\ns.close()\ntime.sleep(3600)\n")
+
+
+@pytest.mark.parametrize("kind", ["file", "notify"])
+def test_file_and_notify_liveness_replace_a_frozen_process(make_sup, tmp_path, kind: str) -> None:
+    beat = tmp_path / "beat"
+    program = FILE_PROGRAM if kind == "file" else NOTIFY_PROGRAM
+    liveness = LivenessSpec(kind=kind, path=str(beat) if kind == "file" else None, interval_ms=100, timeout_ms=400,
+                            failures=2)
+    sup = make_sup(ProcessSpec(name="web", command=[sys.executable, "-c", program, str(beat)], liveness=liveness))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    os.kill(p["pid"], signal.SIGSTOP)
+    q = wait_for("replaced", lambda: (q := proc(sup))["pid"] not in (None, p["pid"]) and q["state"] == "running" and q)
+    assert "hung" in q["last_exit"]
+
+
+def test_tcp_liveness_replaces_a_process_that_stopped_listening(make_sup) -> None:
+    port = free_port()
+    sup = make_sup(ProcessSpec(name="web", command=[sys.executable, "-c", TCP_PROGRAM, str(port)],
+                               liveness=LivenessSpec(kind="tcp", port=port, interval_ms=100, timeout_ms=300,
+                                                     failures=2)))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    q = wait_for("replaced", lambda: (q := proc(sup))["pid"] not in (None, p["pid"]) and q)
+    assert "hung" in q["last_exit"] and p["restarts"] == 0
