@@ -255,7 +255,8 @@ class Supervisor:
 
     def _timeout(self, now: float) -> float:
         due = [i.next_start for i in self.items.values() if i.state == "backoff"]
-        due += [i.check_due for i in self.items.values() if i.pid and i.check is None]
+        due += [i.check_due for i in self.items.values()
+                if i.pid and i.check is None and i.spec.liveness.kind != "none"]
         due += [i.stop_deadline for i in self.items.values() if i.stop_deadline is not None]
         soonest = min(due, default=now + TICK)
         return max(0.0, min(TICK, soonest - now))

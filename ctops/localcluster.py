@@ -83,7 +83,9 @@ class Cluster:
             out += ["[[agents]]", f'name = "host-{i}"']
             if self.hosts_with_agents:
                 cmd = ", ".join(f'"{a}"' for a in ctops_argv("trainer", "--config", str(self.config), "--name", name))
-                out += ["[[agents.processes]]", f'name = "{name}"', f"command = [{cmd}]"]
+                out += ["[[agents.processes]]", f'name = "{name}"', f"command = [{cmd}]",
+                        "[agents.processes.liveness]", 'kind = "http"',
+                        f'url = "http://127.0.0.1:{self.ports[name]}/healthz"', "interval_ms = 300"]
         for prio, p in enumerate(("primary", "secondary"), start=1):
             out += ["[[llm_providers]]", f'name = "{p}"', f'base_url = "http://127.0.0.1:{self.ports[p]}/v1"',
                     'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 3000"]

@@ -158,3 +158,16 @@ def test_tcp_liveness_replaces_a_process_that_stopped_listening(make_sup) -> Non
     p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
     q = wait_for("replaced", lambda: (q := proc(sup))["pid"] not in (None, p["pid"]) and q)
     assert "hung" in q["last_exit"] and p["restarts"] == 0
+
+
+def test_watchdog_sleeps_between_checks(make_sup) -> None:
+    """With nothing to do the watchdog waits; a busy loop here once cost a core per agent."""
+    import resource
+
+    sup = make_sup(ProcessSpec(name="sleeper", command=[sys.executable, "-c", "import time; time.sleep(60)"]))
+    wait_for("running", lambda: proc(sup, "sleeper")["state"] == "running")
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(2.0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert used < 0.5, f"watchdog used {used:.2f}s of CPU in 2s while idle"
