@@ -45,6 +45,8 @@ class Timings(_Strict):
     first_byte_timeout_ms: int = Field(500, ge=0, le=600_000)
     # a server back from `down` ramps its weight from 10 % to 100 % over this long. 0: off
     slow_start_ms: int = Field(3_000, ge=0, le=3_600_000)
+    # a dispatcher whose event loop is blocked this long exits so its supervisor restarts it
+    loop_blocked_exit_ms: int = Field(10_000, ge=500, le=600_000)
     # leadership lease
     lease_ttl_ms: int = Field(1000, ge=200, le=60_000)
     lease_renew_ms: int = Field(250, ge=50, le=30_000)

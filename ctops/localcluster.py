@@ -70,7 +70,9 @@ class Cluster:
 
     def _toml(self) -> str:
         timings = {"heartbeat_interval_ms": 300, "health_interval_ms": 200, "health_timeout_ms": 300,
-                   "fall": 2, "rise": 2, "heartbeat_timeout_ms": 2000, **self.timings}
+                   "fall": 2, "rise": 2, "heartbeat_timeout_ms": 2000,
+                   # short, so that freezing a dispatcher in a test also shows it does not exit on thaw
+                   "loop_blocked_exit_ms": 2000, **self.timings}
         out = ['cluster = "test"', "[redis]", f'url = "{self.redis.url}"', f'prefix = "{self.prefix}"', "[timings]"]
         out += [f"{k} = {v}" for k, v in timings.items()]
         for d in self.dispatchers:

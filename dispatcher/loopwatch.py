@@ -69,15 +69,29 @@ class LoopWatch:
 
     async def run(self) -> None:
         threading.Thread(target=self._guard, name="loop-guard", daemon=True).start()
+        previous = time.monotonic()
         while True:
             now = time.monotonic()
             self.loop_beat = now
+            if now - previous > 2.0:
+                # the watch overslept with everything else: a frozen or starved process, not a
+                # stalled loop; every loop gets a fresh start before it is judged again
+                for w in self.loops.values():
+                    w.last_change = now
+            previous = now
             self.check(now)
             await asyncio.sleep(0.25)
 
     def _guard(self) -> None:
+        last_wake = time.monotonic()
         while not self._stop.wait(0.5):
-            blocked = time.monotonic() - self.loop_beat
+            now = time.monotonic()
+            if now - last_wake > 2.0:
+                # this thread overslept too: the whole process was frozen (SIGSTOP), not the loop
+                # alone; give the loop a fresh start instead of exiting
+                self.loop_beat = now
+            last_wake = now
+            blocked = now - self.loop_beat
             if blocked > self.blocked_exit_after:
                 log.critical("event loop blocked for %.1fs; exiting so the supervisor restarts this dispatcher",
                              blocked)

@@ -56,7 +56,7 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
              for w in dep.webhooks]
     t = dep.timings
     # the loops that decide health and leadership are watched: a stalled one is restarted and reported
-    watch = LoopWatch(rt.loop_restarted)
+    watch = LoopWatch(rt.loop_restarted, blocked_exit_after=t.loop_blocked_exit_ms / 1000)
     watch.start("health", rt.health.run, lambda: rt.health.rounds,
                 stall_after=max(3.0, 4 * (t.health_interval_ms + t.health_timeout_ms) / 1000))
     watch.start("lease", rt.lease.run, lambda: rt.lease.ticks, stall_after=max(2.0, 4 * t.lease_renew_ms / 1000))

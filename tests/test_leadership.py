@@ -86,6 +86,9 @@ def test_frozen_leader_never_acts_again_and_rejoins_as_standby(make_cluster) -> 
     assert [e for e in events if e["source"] == f"dispatcher:{old}" and e["ts_ms"] > frozen_at_ms] == []
     assert r.hget(k.server("trainer-2"), "checked_by") == new.encode()
     assert "steps down" in c.log(old)
+    # being frozen is not a blocked event loop: the thawed dispatcher stays up and restarts nothing
+    assert c.children[old].alive() and "event loop blocked" not in c.log(old)
+    assert "restarting it" not in c.log(old)
     r.close()
 
 
