@@ -66,7 +66,7 @@ class OpsClient:
         return self._parse(Whoami, await self._request("GET", "/whoami"))
 
     async def state(self, prefer_leader: bool = False) -> ClusterState:
-        st = self._parse(ClusterState, await self._request("GET", "/state"))
+        st = await self.parse_state(await self._request("GET", "/state"))
         if prefer_leader and st.leader and st.leader != st.served_by:
             # ask the leader itself: a standby's view of health may lag the leader's
             for d in st.dispatchers:
@@ -74,10 +74,14 @@ class OpsClient:
                     previous = self._current
                     self._current = self.urls.index(d.ops_url)
                     try:
-                        return self._parse(ClusterState, await self._request("GET", "/state"))
+                        return await self.parse_state(await self._request("GET", "/state"))
                     except Unreachable:
                         self._current = previous
         return st
+
+    async def parse_state(self, resp: httpx.Response) -> ClusterState:
+        """Where a client that must not block (the console) moves the parsing elsewhere."""
+        return self._parse(ClusterState, resp)
 
     async def act(self, server: str, action: Action) -> ActionResult:
         return self._parse(ActionResult, await self._request("POST", f"/servers/{server}/{action}"))
