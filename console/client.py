@@ -14,7 +14,7 @@ import httpx
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ctops.opsclient import API, Action, OpsClient, OpsError, Unreachable, Whoami, _ops_error, _reason
+from ctops.opsclient import Action, OpsClient, OpsError, Unreachable, Whoami
 from ctops.wire import (
     ClusterState,
     CommandResult,
@@ -126,22 +126,4 @@ class ConsoleClient(OpsClient):
         return parse(LLMActionResult, await self._act(f"/llm/providers/{quote(name, safe='')}/{action}", 10.0))
 
     async def _act(self, path: str, timeout: float) -> httpx.Response:
-        """POST an action. Only a failure to connect moves on to the next URL: once a request may have
-        reached a dispatcher (read timeout, reset), sending it elsewhere could act twice."""
-        tried: list[tuple[str, str]] = []
-        n = len(self.urls)
-        for step in range(n):
-            i = (self._current + step) % n
-            url = self.urls[i]
-            try:
-                resp = await self._http.post(f"{url}{API}{path}", timeout=httpx.Timeout(timeout, connect=1.0))
-            except httpx.ConnectError as exc:
-                tried.append((url, _reason(exc)))
-                continue
-            except httpx.TransportError as exc:
-                raise Unreachable([(url, _reason(exc) + "; the action may or may not have happened")]) from exc
-            self._current = i
-            if resp.status_code >= 400:
-                raise _ops_error(resp)
-            return resp
-        raise Unreachable(tried)
+        return await self._request("POST", path, timeout=timeout)

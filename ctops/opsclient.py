@@ -89,20 +89,27 @@ class OpsClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str) -> httpx.Response:
+    async def _request(self, method: str, path: str, timeout: float | None = None) -> httpx.Response:
         """Try the URL that last answered first, then the others in order; stick with whichever answers.
 
-        Only transport failures move on: an HTTP error is the cluster's answer, not an outage.
-        (When dispatchers report leadership, the choice of URL belongs here too.)
+        Only transport failures move on: an HTTP error is the cluster's answer, not an outage. A GET
+        moves on after any of them; an action only when it could not connect, since once it may have
+        reached a dispatcher (read timeout, reset) sending it elsewhere could act twice.
         """
         tried: list[tuple[str, str]] = []
         n = len(self.urls)
+        kw = {"timeout": httpx.Timeout(timeout, connect=1.0)} if timeout is not None else {}
         for step in range(n):
             i = (self._current + step) % n
             url = self.urls[i]
             try:
-                resp = await self._http.request(method, f"{url}{API}{path}")
+                resp = await self._http.request(method, f"{url}{API}{path}", **kw)
+            except httpx.ConnectError as exc:
+                tried.append((url, _reason(exc)))
+                continue
             except httpx.TransportError as exc:
+                if method != "GET":
+                    raise Unreachable([(url, _reason(exc) + "; the action may or may not have happened")]) from exc
                 tried.append((url, _reason(exc)))
                 continue
             self._current = i
