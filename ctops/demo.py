@@ -15,7 +15,7 @@ from typing import Any
 
 from ctops import statefile
 from ctops.auth import hash_token, new_token
-from ctops.procs import Child, ctops_argv, spawn, stop_all
+from ctops.procs import Child, ctops_argv, sigterm_as_interrupt, spawn, stop_all
 from ctops.redis_embed import EmbeddedRedis, free_port
 
 HOSTS = 3
@@ -166,13 +166,13 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedRedis, dict[st
     return children, redis, doc
 
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     # SIGTERM must run the same clean-up as Ctrl+C
-    signal.signal(signal.SIGTERM, _interrupt)
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     print("ctops demo: starting Redis, 2 fake LLM providers, dispatchers A and B, 3 hosts…", file=sys.stderr)
     try:
         children, redis, doc = start(args)

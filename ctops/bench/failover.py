@@ -40,6 +40,7 @@ import httpx
 
 from ctops.bench.proxy import HAPROXY, _ensure_tool, _free_port, _haproxy_version, _wait_port
 from ctops.load import SOLUTIONS, percentile
+from ctops.procs import sigterm_as_interrupt
 
 HEALTH_BYTES = 150  # health checks are smaller than this; proxied learner requests larger
 TARGETS = ("dispatcher", "haproxy-defaults", "haproxy-tuned")
@@ -353,14 +354,12 @@ def render(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        result = measure(int(getattr(args, "learners", 8)), 3.0, 4.0, 4.0, 3.0)
+        with sigterm_as_interrupt():
+            result = measure(int(getattr(args, "learners", 8)), 3.0, 4.0, 4.0, 3.0)
     except RuntimeError as exc:
         print(f"ctops bench failover: {exc}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ctops.procs import sigterm_as_interrupt
 
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
@@ -315,15 +316,12 @@ def render(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # SIGTERM stops the run like Ctrl+C does, so the children are always cleaned up
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        result = measure(float(args.duration), int(args.connections))
+        with sigterm_as_interrupt():
+            result = measure(float(args.duration), int(args.connections))
     except RuntimeError as exc:
         print(f"ctops bench proxy: {exc}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 
