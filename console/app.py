@@ -250,6 +250,8 @@ class ConsoleApp(App[int]):
 
     @on(StateFetched)
     def _state_fetched(self, msg: StateFetched) -> None:
+        if self._closing or self.main._closing or not self.main.query(ClusterSummary):
+            return  # a fetch that lands while the app exits finds its widgets already gone
         t0, c0 = time.perf_counter(), time.thread_time()
         state = msg.state
         prepared = msg.prepared if msg.prepared is not None else prepare(state, msg.providers)
