@@ -38,10 +38,19 @@ def find_redis_server() -> str:
     return str(binary)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free now, and never one this process handed out before: ports are taken by child
+    processes only later, and the kernel may offer a just-released port again meanwhile."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _ping(host: str, port: int) -> bool:

@@ -18,3 +18,10 @@ def test_embedded_redis_starts_answers_and_stops(tmp_path) -> None:
     client.close()
     r.stop()
     assert not pid_alive(pid)
+
+
+def test_free_port_never_hands_out_the_same_port_twice() -> None:
+    from ctops.redis_embed import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
