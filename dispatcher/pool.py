@@ -78,6 +78,8 @@ class ServerPool:
             self.backends[spec.name] = Backend(spec.name, host, port, spec.weight, spec.host,
                                                health=initial_health)
         self._order = list(self.backends.values())
+        # the servers in each rotation, from each start: picking walks one without building it
+        self._rotations = [self._order[i:] + self._order[:i] for i in range(len(self._order))]
         self.by_cookie = {b.name_b: b for b in self._order}
         self._rr = 0
         self.listeners: list[StateListener] = []
@@ -104,21 +106,13 @@ class ServerPool:
         self._rr = start + 1 if start + 1 < n else 0
         best = None
         best_score = 0.0
-        for i in range(n):
-            j = start + i
-            b = order[j if j < n else j - n]
-            if b.health != "up" and not (suspect_ok and b.health == "suspect"):
-                continue
-            if b.admin != "enabled" or b.weight <= 0:
-                continue
-            if exclude and b in exclude:
-                continue
-            w = b.weight
-            if b.warm_since:
-                w = self._warm_weight(b)
-            score = (b.outstanding + 1) / w
-            if best is None or score < best_score:
-                best, best_score = b, score
+        # read on every proxied request: kept to few steps per server
+        for b in self._rotations[start]:
+            if (b.health == "up" or (suspect_ok and b.health == "suspect")) and b.admin == "enabled" \
+                    and b.weight > 0 and not (exclude and b in exclude):
+                score = (b.outstanding + 1) / (self._warm_weight(b) if b.warm_since else b.weight)
+                if best is None or score < best_score:
+                    best, best_score = b, score
         return best
 
     def _warm_weight(self, b: Backend) -> float:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -230,41 +231,107 @@ def _cookie_value(cookie: bytes, name: bytes) -> bytes | None:
     return cookie[i:j if j >= 0 else len(cookie)].strip()
 
 
+# The fast path. Most requests are a plain GET or HEAD head in one read, and most answers a head
+# with one Content-Length and no hop-by-hop header: each is checked by one strict pattern and passed
+# on nearly as it came, without a parser callback per header. Anything else (a body, HTTP/1.0, an
+# unusual character, a header the proxy must act on) does not match and goes to httptools.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb"[\t -~\x80-\xff]*"  # no CR, LF or other control; one way only to match a line (no blow-up)
+_HOP_NAMES = rb"connection|keep-alive|te|trailer|transfer-encoding|upgrade|proxy-" + _TOKEN
+
+
+def _lines_without(names: bytes) -> bytes:
+    """Header lines, none of them named (case-insensitively) in `names`."""
+    return rb"(?:(?!(?i:" + names + rb"):)" + _TOKEN + rb":" + _VALUE + rb"\r\n)*"
+
+
+# group 1 method, 2 target, 3 the header lines; cookies are read from these on the fast path
+_FAST_REQUEST = re.compile(rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1\r\n("
+                           + _lines_without(_HOP_NAMES + rb"|content-length|x-forwarded-for|x-forwarded-proto")
+                           + rb")\r\n")
+_COOKIES = re.compile(rb"^(?i:cookie):[ \t]*([^\r]*?)[ \t]*\r", re.M)
+# group 1 status, 2 content length; the body follows the match
+_NOT_CL = _lines_without(_HOP_NAMES + rb"|content-length")
+_FAST_RESPONSE = re.compile(rb"HTTP/1\.1 (?!204|304)([2-5]\d\d) " + _VALUE + rb"\r\n" + _NOT_CL
+                            + rb"(?i:content-length):[ \t]*(\d{1,15})[ \t]*\r\n" + _NOT_CL + rb"\r\n")
+
+# Heads checked lately, by their exact bytes: the same heads come again and again (a browser's
+# requests, a server's answers within the second of their Date), and a lookup costs a fraction of
+# the match. Bounded in entries and in the size of a head remembered.
+_MEMO_ENTRIES = 4096
+_MEMO_HEAD_MAX = 2048
+_request_heads: dict[bytes, tuple[bytes, bytes, bytes | None]] = {}
+_response_heads: dict[bytes, int] = {}
+
+
+def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None] | None:
+    """(method, target, cookies) when `data` is exactly one plain GET or HEAD head, else None."""
+    hit = _request_heads.get(data)
+    if hit is not None:
+        return hit
+    m = _FAST_REQUEST.fullmatch(data)
+    if m is None:
+        return None
+    cookies = _COOKIES.findall(m.group(3))
+    hit = (m.group(1), m.group(2), b"; ".join(cookies) if cookies else None)
+    if len(data) <= _MEMO_HEAD_MAX:
+        if len(_request_heads) >= _MEMO_ENTRIES:
+            _request_heads.clear()
+        _request_heads[data] = hit
+    return hit
+
+
+def fast_response_head(data: bytes) -> tuple[int, int]:
+    """(content length, head size) when `data` starts with a plain answer's head, else (-1, 0)."""
+    end = data.find(b"\r\n\r\n", 0, _MEMO_HEAD_MAX)
+    if end < 0:
+        return -1, 0
+    end += 4
+    head = data[:end]
+    clen = _response_heads.get(head)
+    if clen is None:
+        m = _FAST_RESPONSE.fullmatch(head)
+        clen = int(m.group(2)) if m is not None else -1
+        if len(_response_heads) >= _MEMO_ENTRIES:
+            _response_heads.clear()
+        _response_heads[head] = clen
+    return clen, end
+
+
 # ---------------------------------------------------------------------------------------------
 
 
 class Request:
-    """One client request on its way through the proxy."""
+    """One client request on its way through the proxy.
 
-    __slots__ = ("conn", "method", "ready", "keep_alive", "http11", "upgrade", "chunked", "has_body",
-                 "complete", "answered", "aborted", "backend", "upstream", "tries", "unsent", "unsent_size",
-                 "replay", "replay_size", "safe", "affinity", "route", "started", "tried", "retried_same")
+    Its fields start as class attributes, so making one (once per request) sets only `conn`."""
+
+    method = b""
+    ready = False  # head parsed and rewritten: can be dispatched
+    keep_alive = True
+    http11 = True
+    upgrade: bytes | None = None
+    chunked = False
+    has_body = False
+    complete = False  # the whole request has been read from the client
+    answered = False  # the response is done (or being given by the proxy itself)
+    aborted = False  # given up on (client gone, malformed, timed out)
+    backend: Backend | None = None  # counted in backend.outstanding while set
+    upstream: UpstreamConnection | None = None
+    tries = 0
+    unsent: list[bytes] | None = None  # bytes waiting for an upstream connection
+    unsent_size = 0
+    replay: list[bytes] | None = None  # every byte sent so far, while small and retry is possible
+    replay_size = 0
+    safe = False  # may be sent again after a server got it: idempotent, or has an Idempotency-Key
+    affinity: bytes | None = None  # the ctops_srv cookie (b"" if none) when affinity applies
+    route: Backend | None = None  # a fixed backend by path prefix (no balancing, no health)
+    started = 0.0  # first dispatched (loop time)
+    tried: list[Backend] | None = None  # servers that failed this request
+    retried_same = False
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
-        self.method = b""
-        self.ready = False  # head parsed and rewritten: can be dispatched
-        self.keep_alive = True
-        self.http11 = True
-        self.upgrade: bytes | None = None
-        self.chunked = False
-        self.has_body = False
-        self.complete = False  # the whole request has been read from the client
-        self.answered = False  # the response is done (or being given by the proxy itself)
-        self.aborted = False  # given up on (client gone, malformed, timed out)
-        self.backend: Backend | None = None  # counted in backend.outstanding while set
-        self.upstream: UpstreamConnection | None = None
-        self.tries = 0
-        self.unsent: list[bytes] | None = None  # bytes waiting for an upstream connection
-        self.unsent_size = 0
-        self.replay: list[bytes] | None = None  # every byte sent so far, while small and retry is possible
-        self.replay_size = 0
-        self.safe = False  # may be sent again after a server got it: idempotent, or has an Idempotency-Key
-        self.affinity: bytes | None = None  # the ctops_srv cookie (b"" if none) when affinity applies
-        self.route: Backend | None = None  # a fixed backend by path prefix (no balancing, no health)
-        self.started = 0.0  # first dispatched (loop time)
-        self.tried: list[Backend] | None = None  # servers that failed this request
-        self.retried_same = False
 
     @property
     def idempotent(self) -> bool:
@@ -276,7 +343,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("plane", "parser", "transport", "client_ip", "cur", "queue", "parsing", "url", "hdrs",
                  "head_bytes", "block", "write_paused", "deadline", "dkind", "tunnel", "upgrading",
-                 "error_after", "closed", "advancing", "read_eof", "read_len")
+                 "error_after", "closed", "advancing", "read_eof", "read_len", "forwarded")
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -302,6 +369,7 @@ class ClientConnection(asyncio.Protocol):
         self.advancing = False
         self.read_eof = False
         self.read_len = 0  # size of the read being parsed
+        self.forwarded = b""  # the X-Forwarded-* lines and the head's end, for heads without X-Forwarded-For
 
     # -- transport callbacks -------------------------------------------------------------------
 
@@ -310,6 +378,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
+        self.forwarded = b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n\r\n" % self.client_ip
         self.transport.set_write_buffer_limits(high=self.plane.settings.high_water)
         self.plane.conns.add(self)
         self.dkind = _HEADER
@@ -340,6 +409,16 @@ class ClientConnection(asyncio.Protocol):
         if self.upgrading is not None:
             self.send(self.upgrading, data)
             return
+        if self.cur is None and self.parsing is None and not self.queue and len(data) <= self.plane.header_max:
+            # the fast path: a whole plain GET/HEAD head in one read, nothing before or after it,
+            # forwarded as it came plus X-Forwarded-*
+            head = _request_heads.get(data) or fast_request_head(data)
+            if head is not None:
+                r = self.cur = Request(self)
+                r.method = head[0]
+                r.safe = r.complete = True
+                self._head_ready(r, head[1], head[2], data[:-2] + self.forwarded)
+                return
         self.read_len = len(data)
         try:
             self.parser.feed_data(data)
@@ -405,7 +484,6 @@ class ClientConnection(asyncio.Protocol):
         if self.head_bytes + self.read_len > self.plane.settings.header_max_bytes and self._head_too_big(hdrs):
             self._bad_request(431, "request header too large")
             return
-        plane = self.plane
         method = r.method = p.get_method()
         r.http11 = p.get_http_version() == "1.1"
         r.keep_alive = p.should_keep_alive()
@@ -413,6 +491,28 @@ class ClientConnection(asyncio.Protocol):
         out = [method, b" ", url, b" HTTP/1.1\r\n"]
         te, upgrade, xff, clen, cookie, idem = _copy_headers(hdrs, out, True)
         r.safe = idem or method in IDEMPOTENT
+        if te is not None:  # the body is re-chunked as it is forwarded
+            r.chunked = r.has_body = True
+            out += (b"Transfer-Encoding: ", te, b"\r\n")
+        elif clen is not None and clen != b"0":
+            r.has_body = True
+        if p.should_upgrade():
+            if method == b"CONNECT" or upgrade is None:
+                self._bad_request(405 if method == b"CONNECT" else 400, "unsupported upgrade or CONNECT")
+                return
+            r.upgrade = upgrade
+            r.keep_alive = False  # after an upgrade the connection is no longer HTTP
+            out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+        if xff is None:
+            out.append(self.forwarded)
+        else:
+            out += (b"X-Forwarded-For: ", xff, b", ", self.client_ip, b"\r\nX-Forwarded-Proto: http\r\n\r\n")
+        self._head_ready(r, url, cookie, b"".join(out))
+
+    def _head_ready(self, r: Request, url: bytes, cookie: bytes | None, head: bytes) -> None:
+        """The upstream head of `r` is built: choose where it goes (fixed route, affinity) and send it
+        if it is the request being answered."""
+        plane = self.plane
         routes = plane.routes
         if routes is not None:
             for prefix, backend in routes:
@@ -428,22 +528,6 @@ class ClientConnection(asyncio.Protocol):
                     r.affinity = b""
             if r.affinity is None and url.startswith(AFFINITY_PATH):
                 r.affinity = b""
-        if te is not None:  # the body is re-chunked as it is forwarded
-            r.chunked = r.has_body = True
-            out += (b"Transfer-Encoding: ", te, b"\r\n")
-        elif clen is not None and clen != b"0":
-            r.has_body = True
-        if p.should_upgrade():
-            if method == b"CONNECT" or upgrade is None:
-                self._bad_request(405 if method == b"CONNECT" else 400, "unsupported upgrade or CONNECT")
-                return
-            r.upgrade = upgrade
-            r.keep_alive = False  # after an upgrade the connection is no longer HTTP
-            out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
-        ip = self.client_ip
-        out += (b"X-Forwarded-For: ", ip if xff is None else xff + b", " + ip,
-                b"\r\nX-Forwarded-Proto: http\r\n\r\n")
-        head = b"".join(out)
         r.unsent = [head]
         r.unsent_size = r.replay_size = len(head)
         r.replay = [head] if r.replay_size <= plane.replay_max else None
@@ -672,7 +756,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("plane", "backend", "transport", "parser", "req", "client", "out", "reason", "hdrs",
                  "reused", "read_paused", "got_bytes", "head_sent", "tunnel", "until_close", "chunk_out",
-                 "interim", "discard", "flushed", "hold")
+                 "interim", "discard", "flushed", "hold", "remaining")
 
     def __init__(self, plane: DataPlane, backend: Backend) -> None:
         self.plane = plane
@@ -695,13 +779,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunk_out = False
         self.interim = False
         self.discard = False  # the parser expects a body that will not come (HEAD): replace it
-
-    def bind(self, r: Request) -> None:
-        self.req = r
-        self.client = r.conn
-        self.got_bytes = self.head_sent = self.until_close = self.chunk_out = self.flushed = self.hold = False
-        if r.conn.write_paused:
-            self.pause_reading()
+        self.remaining = 0  # body bytes still to pass through after a fast-path head
 
     def unbind(self) -> None:
         self.req = None
@@ -765,9 +843,14 @@ class UpstreamConnection(asyncio.Protocol):
         r = self.req
         assert r is not None
         client.deadline = self.plane.time() + self.plane.t_read
+        if self.remaining:
+            self._pass_body(client, r, data)
+            return
         if not self.got_bytes:
             self.got_bytes = True  # the server is alive: no first-byte deadline; replay kept until flushed
             client.dkind = _UPSTREAM
+            if self._fast_response(client, r, data):
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -882,6 +965,42 @@ class UpstreamConnection(asyncio.Protocol):
             self.out.append(b"0\r\n\r\n")
         self._complete(r, self.parser.should_keep_alive())
 
+    # -- the fast path ---------------------------------------------------------------------------
+
+    def _fast_response(self, client: ClientConnection, r: Request, data: bytes) -> bool:
+        """The first read of an answer holding a plain head with Content-Length and at least the start
+        of its body (or all of an empty one): passed on as it came. False (nothing done) when it needs
+        the parser's path: an unusual head, a HEAD or upgrade request, or a connection to close."""
+        if r.method == b"HEAD" or r.upgrade is not None or not r.keep_alive or not r.http11 or client.read_eof:
+            return False
+        clen, end = fast_response_head(data)
+        body = len(data) - end
+        if clen < 0 or body > clen or (body == 0 and clen):
+            return False  # a head alone waits in the parser's path until its body starts (see `hold`)
+        aff = r.affinity
+        if aff is not None and aff != self.backend.name_b:
+            data = b"%b%b\r\n%b" % (data[:end - 2], self.backend.set_cookie, data[end:])
+        self.flushed = self.head_sent = True
+        if not client.closed:
+            client.transport.write(data)
+        if body < clen:
+            self.remaining = clen - body
+        else:
+            self._complete(r, True)
+        return True
+
+    def _pass_body(self, client: ClientConnection, r: Request, data: bytes) -> None:
+        """More of a fast-path answer's body."""
+        rem = self.remaining
+        extra = len(data) > rem  # more than it announced: the rest cannot be trusted as a next answer
+        if extra:
+            data = data[:rem]
+        if not client.closed:
+            client.transport.write(data)
+        self.remaining = rem - len(data)
+        if not self.remaining:
+            self._complete(r, not extra)
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _flush(self, client: ClientConnection) -> None:
@@ -970,6 +1089,7 @@ class DataPlane:
         self.t_read = settings.upstream_read_timeout
         self.t_first_byte = settings.first_byte_timeout
         self.replay_max = settings.replay_max
+        self.header_max = settings.header_max_bytes
         pool.slow_start = settings.slow_start
         pool.data_plane = self
         pool.listeners.append(self._on_state_change)
@@ -1101,14 +1221,20 @@ class DataPlane:
         self._attach(r, up)
 
     def _attach(self, r: Request, up: UpstreamConnection) -> None:
+        """Bind `up` to `r` and send what `r` has for it."""
         r.upstream = up
-        up.bind(r)
+        conn = up.client = r.conn
+        up.req = r
+        up.got_bytes = up.head_sent = up.until_close = up.chunk_out = up.flushed = up.hold = False
+        up.remaining = 0
+        if conn.write_paused:
+            up.pause_reading()
         unsent = r.unsent
         r.unsent = None
         r.unsent_size = 0
         # before writing: the write may report a full buffer at once, which must stay reported
-        if r.conn.block & _BACKPRESSURE:
-            r.conn._resume(_BACKPRESSURE)
+        if conn.block & _BACKPRESSURE:
+            conn._resume(_BACKPRESSURE)
         if unsent:
             if len(unsent) == 1:
                 up.transport.write(unsent[0])  # type: ignore[union-attr]
