@@ -324,6 +324,7 @@ class Request:
     replay: list[bytes] | None = None  # every byte sent so far, while small and retry is possible
     replay_size = 0
     safe = False  # may be sent again after a server got it: idempotent, or has an Idempotency-Key
+    plain = False  # keep-alive HTTP/1.1, neither HEAD nor upgrade: its answer may take the fast path
     affinity: bytes | None = None  # the ctops_srv cookie (b"" if none) when affinity applies
     route: Backend | None = None  # a fixed backend by path prefix (no balancing, no health)
     started = 0.0  # first dispatched (loop time)
@@ -415,8 +416,9 @@ class ClientConnection(asyncio.Protocol):
             head = _request_heads.get(data) or fast_request_head(data)
             if head is not None:
                 r = self.cur = Request(self)
-                r.method = head[0]
+                r.method = method = head[0]
                 r.safe = r.complete = True
+                r.plain = method == b"GET"
                 self._head_ready(r, head[1], head[2], data[:-2] + self.forwarded)
                 return
         self.read_len = len(data)
@@ -503,6 +505,7 @@ class ClientConnection(asyncio.Protocol):
             r.upgrade = upgrade
             r.keep_alive = False  # after an upgrade the connection is no longer HTTP
             out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+        r.plain = r.keep_alive and r.http11 and r.upgrade is None and method != b"HEAD"
         if xff is None:
             out.append(self.forwarded)
         else:
@@ -842,15 +845,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         r = self.req
         assert r is not None
+        if not self.got_bytes:
+            self.got_bytes = True  # the server is alive: no first-byte deadline; replay kept until flushed
+            client.dkind = _UPSTREAM
+            if r.plain and not client.read_eof and self._fast_response(client, r, data):
+                return
         client.deadline = self.plane.time() + self.plane.t_read
         if self.remaining:
             self._pass_body(client, r, data)
             return
-        if not self.got_bytes:
-            self.got_bytes = True  # the server is alive: no first-byte deadline; replay kept until flushed
-            client.dkind = _UPSTREAM
-            if self._fast_response(client, r, data):
-                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -968,11 +971,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- the fast path ---------------------------------------------------------------------------
 
     def _fast_response(self, client: ClientConnection, r: Request, data: bytes) -> bool:
-        """The first read of an answer holding a plain head with Content-Length and at least the start
-        of its body (or all of an empty one): passed on as it came. False (nothing done) when it needs
-        the parser's path: an unusual head, a HEAD or upgrade request, or a connection to close."""
-        if r.method == b"HEAD" or r.upgrade is not None or not r.keep_alive or not r.http11 or client.read_eof:
-            return False
+        """The first read of an answer to a `plain` request, holding a plain head with Content-Length and
+        at least the start of its body (or all of an empty one): passed on as it came. False (nothing
+        done) when it needs the parser's path."""
         clen, end = fast_response_head(data)
         body = len(data) - end
         if clen < 0 or body > clen or (body == 0 and clen):
@@ -985,6 +986,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport.write(data)
         if body < clen:
             self.remaining = clen - body
+            client.deadline = self.plane.time() + self.plane.t_read
         else:
             self._complete(r, True)
         return True
