@@ -260,12 +260,13 @@ _FAST_RESPONSE = re.compile(rb"HTTP/1\.1 (?!204|304)([2-5]\d\d) " + _VALUE + rb"
 # the match. Bounded in entries and in the size of a head remembered.
 _MEMO_ENTRIES = 4096
 _MEMO_HEAD_MAX = 2048
-_request_heads: dict[bytes, tuple[bytes, bytes, bytes | None]] = {}
+_request_heads: dict[bytes, tuple[bytes, bytes, bytes | None, bytes]] = {}
 _response_heads: dict[bytes, int] = {}
 
 
-def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None] | None:
-    """(method, target, cookies) when `data` is exactly one plain GET or HEAD head, else None."""
+def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] | None:
+    """(method, target, cookies, the head without its final CRLF) when `data` is exactly one plain
+    GET or HEAD head, else None."""
     hit = _request_heads.get(data)
     if hit is not None:
         return hit
@@ -273,7 +274,7 @@ def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None] | None:
     if m is None:
         return None
     cookies = _COOKIES.findall(m.group(3))
-    hit = (m.group(1), m.group(2), b"; ".join(cookies) if cookies else None)
+    hit = (m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, data[:-2])
     if len(data) <= _MEMO_HEAD_MAX:
         if len(_request_heads) >= _MEMO_ENTRIES:
             _request_heads.clear()
@@ -281,13 +282,8 @@ def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None] | None:
     return hit
 
 
-def fast_response_head(data: bytes) -> tuple[int, int]:
-    """(content length, head size) when `data` starts with a plain answer's head, else (-1, 0)."""
-    end = data.find(b"\r\n\r\n", 0, _MEMO_HEAD_MAX)
-    if end < 0:
-        return -1, 0
-    end += 4
-    head = data[:end]
+def fast_response_length(head: bytes) -> int:
+    """The Content-Length of a plain answer's `head` (up to its blank line), else -1."""
     clen = _response_heads.get(head)
     if clen is None:
         m = _FAST_RESPONSE.fullmatch(head)
@@ -295,7 +291,7 @@ def fast_response_head(data: bytes) -> tuple[int, int]:
         if len(_response_heads) >= _MEMO_ENTRIES:
             _response_heads.clear()
         _response_heads[head] = clen
-    return clen, end
+    return clen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +415,7 @@ class ClientConnection(asyncio.Protocol):
                 r.method = method = head[0]
                 r.safe = r.complete = True
                 r.plain = method == b"GET"
-                self._head_ready(r, head[1], head[2], data[:-2] + self.forwarded)
+                self._head_ready(r, head[1], head[2], head[3] + self.forwarded)
                 return
         self.read_len = len(data)
         try:
@@ -974,7 +970,13 @@ class UpstreamConnection(asyncio.Protocol):
         """The first read of an answer to a `plain` request, holding a plain head with Content-Length and
         at least the start of its body (or all of an empty one): passed on as it came. False (nothing
         done) when it needs the parser's path."""
-        clen, end = fast_response_head(data)
+        end = data.find(b"\r\n\r\n", 0, _MEMO_HEAD_MAX) + 4
+        if end == 3:
+            return False
+        head = data[:end]
+        clen = _response_heads.get(head)
+        if clen is None:
+            clen = fast_response_length(head)
         body = len(data) - end
         if clen < 0 or body > clen or (body == 0 and clen):
             return False  # a head alone waits in the parser's path until its body starts (see `hold`)

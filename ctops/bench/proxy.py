@@ -29,7 +29,7 @@ from ctops.procs import sigterm_as_interrupt
 
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
-ROUNDS = 2  # measured runs per proxy, alternating
+ROUNDS = 5  # measured runs per proxy, in pairs, alternating which goes first
 WARMUP_S = 2.0
 TARGET_THROUGHPUT = 0.9  # dispatcher req/s >= 0.9 x HAProxy's
 TARGET_P99 = 1.2  # dispatcher p99 <= 1.2 x HAProxy's
@@ -263,21 +263,30 @@ def _mean(results: list[WrkResult]) -> WrkResult:
                      round(sum(r.cpu_us_per_request for r in results) / n, 1))
 
 
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
 def measure(duration: float, connections: int) -> dict:
+    """Pairs of runs, one per proxy back to back (the order alternating between pairs). The ratios are
+    the medians of the pairs' ratios: a burst of noise from the machine spoils one pair, not the result."""
     bench = Bench(duration, connections)
     try:
         ports = bench.start()
         for name in ("haproxy", "dispatcher"):
             bench.load(ports[name][0], duration=WARMUP_S)
         runs: dict[str, list[WrkResult]] = {"haproxy": [], "dispatcher": []}
-        for _ in range(ROUNDS):
-            for name in ("haproxy", "dispatcher"):
+        for i in range(ROUNDS):
+            for name in ("haproxy", "dispatcher") if i % 2 == 0 else ("dispatcher", "haproxy"):
                 runs[name].append(bench.load(*ports[name], duration=duration))
     finally:
         bench.stop()
     hap, disp = _mean(runs["haproxy"]), _mean(runs["dispatcher"])
-    throughput = disp.requests_per_s / hap.requests_per_s if hap.requests_per_s else 0.0
-    p99 = disp.p99_ms / hap.p99_ms if hap.p99_ms else float("inf")
+    pairs = list(zip(runs["haproxy"], runs["dispatcher"], strict=True))
+    throughput = _median([d.requests_per_s / h.requests_per_s if h.requests_per_s else 0.0 for h, d in pairs])
+    p99 = _median([d.p99_ms / h.p99_ms if h.p99_ms else float("inf") for h, d in pairs])
     return {
         "setup": {"duration_s": duration, "connections": connections, "rounds": ROUNDS, "wrk_threads": 1,
                   "pinning": {"proxy": " ".join(bench.pin_proxy) or "none", "load": " ".join(bench.pin_load) or "none"},
@@ -285,7 +294,9 @@ def measure(duration: float, connections: int) -> dict:
         "haproxy": asdict(hap),
         "dispatcher": asdict(disp),
         "runs": {k: [asdict(r) for r in v] for k, v in runs.items()},
-        "ratios": {"throughput": round(throughput, 3), "p99": round(p99, 3)},
+        "pair_ratios": [{"throughput": round(d.requests_per_s / h.requests_per_s, 3) if h.requests_per_s else 0.0,
+                         "p99": round(d.p99_ms / h.p99_ms, 3) if h.p99_ms else None} for h, d in pairs],
+        "ratios": {"throughput": round(throughput, 3), "p99": round(p99, 3), "of": "median of the pairs' ratios"},
         "targets": {"throughput_min": TARGET_THROUGHPUT, "p99_max": TARGET_P99},
         "met": throughput >= TARGET_THROUGHPUT and p99 <= TARGET_P99 and disp.errors == 0,
     }
@@ -301,15 +312,22 @@ def render(result: dict) -> str:
     hap, disp, ratios = result["haproxy"], result["dispatcher"], result["ratios"]
     s = result["setup"]
     lines = [
-        f"proxy benchmark: wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s x {s['rounds']} rounds, "
+        f"proxy benchmark: wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s x {s['rounds']} pairs, "
         f"2 hello backends, HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}",
         "",
-        f"{'':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}{'CPU us/req':>12}",
+        f"{'mean':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}{'CPU us/req':>12}",
         *(f"{name:<12}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['errors']:>9}"
           f"{r['cpu_us_per_request']:>12.1f}" for name, r in (("haproxy", hap), ("dispatcher", disp))),
         "",
-        f"throughput ratio (dispatcher/haproxy) {ratios['throughput']:.2f}   target >= {TARGET_THROUGHPUT}",
-        f"p99 ratio        (dispatcher/haproxy) {ratios['p99']:.2f}   target <= {TARGET_P99}",
+        "pair  haproxy req/s  dispatcher req/s  ratio   haproxy p99  dispatcher p99  ratio",
+        *(f"{i + 1:>4}{h['requests_per_s']:>15,.0f}{d['requests_per_s']:>18,.0f}{pr['throughput']:>7.2f}"
+          f"{h['p99_ms']:>11.2f} ms{d['p99_ms']:>13.2f} ms{pr['p99'] or 0:>7.2f}"
+          for i, (h, d, pr) in enumerate(zip(result["runs"]["haproxy"], result["runs"]["dispatcher"],
+                                             result["pair_ratios"], strict=True))),
+        "",
+        f"throughput ratio (dispatcher/haproxy, median of pairs) {ratios['throughput']:.2f}"
+        f"   target >= {TARGET_THROUGHPUT}",
+        f"p99 ratio        (dispatcher/haproxy, median of pairs) {ratios['p99']:.2f}   target <= {TARGET_P99}",
         f"targets met: {'yes' if result['met'] else 'NO'}",
     ]
     return "\n".join(lines)
