@@ -533,10 +533,7 @@ class ClientConnection(asyncio.Protocol):
         r.ready = True
         plane.requests += 1
         if r is self.cur:
-            now = plane.time()
-            self.dkind = _UPSTREAM
-            self.deadline = now + plane.t_read
-            plane.dispatch(r, now)
+            plane.dispatch(r, plane.time())
 
     def _head_too_big(self, hdrs: list[tuple[bytes, bytes]]) -> bool:
         size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in hdrs)
@@ -631,10 +628,7 @@ class ClientConnection(asyncio.Protocol):
             while self.cur is None and self.queue and not self.closed:
                 r = self.cur = self.queue.popleft()
                 if r.ready:
-                    now = self.plane.time()
-                    self.dkind = _UPSTREAM
-                    self.deadline = now + self.plane.t_read
-                    self.plane.dispatch(r, now)
+                    self.plane.dispatch(r, self.plane.time())
                 else:  # its head is still arriving
                     self.dkind = _HEADER
                     self.deadline = self.plane.time() + self.plane.t_header
@@ -1183,13 +1177,19 @@ class DataPlane:
         r.conn.respond_error(r, 503, message, retry_after=1, extra={"retry_after_s": 1, "tries": r.tries})
 
     def _forward(self, r: Request, b: Backend, fresh: bool = False, now: float = 0.0) -> None:
+        """Send `r` to `b` on an idle connection, else a new one (`fresh`: a new one in any case). The
+        client's deadline: the first byte of an answer for a safe request, else the whole upstream
+        read timeout, set when the request is first dispatched."""
         r.backend = b
         b.outstanding += 1
-        if self.t_first_byte and r.safe and r.route is None:
-            conn = r.conn
-            if r is conn.cur:
+        conn = r.conn
+        if r is conn.cur:
+            if self.t_first_byte and r.safe and r.route is None:
                 conn.dkind = _FIRST_BYTE
                 conn.deadline = (now or self.time()) + self.t_first_byte
+            elif not fresh:
+                conn.dkind = _UPSTREAM
+                conn.deadline = now + self.t_read
         if not fresh:
             idle = self.upstreams.idle.get(b)
             while idle:  # the most recently used live connection: the least likely to have timed out

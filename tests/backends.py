@@ -16,6 +16,7 @@ and which upstream connection answered):
   /close-before               closes without answering
   /once                       answers, then closes the connection when the next request arrives
   /hop                        a response carrying hop-by-hop headers
+  /raw?kind=K                 an answer written byte for byte (see RAW): split, overlong, duplicate length
   /flaky?key=K[&head=1]       closes without answering (or after a head) the first time it sees K
   /drip                       a chunked response: one chunk, then the rest once /release is asked
   /release                    lets every waiting /drip finish
@@ -33,6 +34,15 @@ import sys
 from urllib.parse import parse_qs, urlsplit
 
 CHUNK = 64 * 1024
+# /raw?kind=K: the answer's bytes, each part written after a pause
+RAW = {
+    "split": [b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhel", b"lo, ", b"world"],
+    "overlong": [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA"],
+    "overlong-split": [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", b"loEXTRA"],
+    "dup-length": [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"],
+    "head-then-body": [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello"],
+    "hop-last": [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kept: yes\r\nkeep-alive: timeout=5\r\n\r\nhello"],
+}
 _conn_ids = itertools.count(1)
 STATS = {"requests": 0, "truncated_bodies": 0, "connections": 0}
 FLAKY_SEEN: set[str] = set()
@@ -152,6 +162,16 @@ async def serve_http(name: str, reader: asyncio.StreamReader, writer: asyncio.St
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
                 await writer.drain()
                 return
+            if path == "/raw":  # answers written byte for byte, some of them odd
+                conn_hdr = b"X-Conn-Id: %d\r\n" % conn_id
+                parts = RAW[q.get("kind", "")]
+                writer.write(parts[0].replace(b"\r\n", b"\r\n" + conn_hdr, 1))
+                for part in parts[1:]:
+                    await writer.drain()
+                    await asyncio.sleep(0.05)  # separate reads for the proxy
+                    writer.write(part)
+                await writer.drain()
+                continue
             if path == "/slow":
                 await asyncio.sleep(int(q.get("ms", "1000")) / 1000)
             keep = True

@@ -469,9 +469,9 @@ def test_hop_by_hop_headers_removed_and_forwarded_headers_added(backends: Backen
             r = await c.request("GET", "/headers", headers=(
                 ("Connection", "keep-alive, X-Private"), ("Keep-Alive", "timeout=5"), ("X-Private", "1"),
                 ("Proxy-Authorization", "Basic eA=="), ("TE", "trailers"), ("X-Forwarded-For", "10.1.2.3"),
-                ("X-Forwarded-Proto", "https"), ("X-Kept", "yes")))
+                ("X-Forwarded-Proto", "https"), ("X-Kept", "yes"), ("PROXY-CONNECTION", "keep-alive")))
             seen = {k.lower(): v for k, v in json.loads(r.body)["headers"]}
-            for hop in ("connection", "keep-alive", "x-private", "proxy-authorization", "te"):
+            for hop in ("connection", "keep-alive", "x-private", "proxy-authorization", "te", "proxy-connection"):
                 assert hop not in seen, hop
             assert seen["x-kept"] == "yes" and seen["host"] == "test"
             assert seen["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
@@ -481,6 +481,32 @@ def test_hop_by_hop_headers_removed_and_forwarded_headers_added(backends: Backen
             for hop in ("keep-alive", "x-hop-private", "proxy-authenticate", "connection"):
                 assert hop not in r.headers, hop
             assert r.headers["x-end-to-end"] == "kept"
+            c.close()
+
+    run(scenario)
+
+
+def test_answers_relayed_whole_or_cut_to_their_length(backends: Backends) -> None:
+    """Plain answers pass through as they came (even across reads); one that sends more than its
+    Content-Length or repeats it never reaches a client as another answer, and its connection is dropped."""
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            c = await Client.open(plane.port)
+            for kind in ("split", "head-then-body"):
+                r = await c.request("GET", f"/raw?kind={kind}")
+                assert r.status == 200 and r.body == (b"hello, world" if kind == "split" else b"hello"), kind
+            r = await c.request("GET", "/raw?kind=hop-last")
+            assert r.body == b"hello" and r.headers["x-kept"] == "yes" and "keep-alive" not in r.headers
+            for kind in ("overlong", "overlong-split"):
+                r = await c.request("GET", f"/raw?kind={kind}")
+                assert r.status == 200 and r.body == b"hello", kind
+                after = await c.request("GET", "/hello")  # the same client connection: the next answer is its own
+                assert after.status == 200 and after.body == b"hello from a", kind
+                assert after.headers["x-conn-id"] != r.headers["x-conn-id"], kind  # the talkative one was dropped
+            r = await c.request("GET", "/raw?kind=dup-length")
+            assert r.status == 502
+            r = await c.request("GET", "/hello")
+            assert r.status == 200 and r.body == b"hello from a"
             c.close()
 
     run(scenario)
