@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -69,6 +70,9 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
     ops = asyncio.create_task(serve_asgi(wrap(create_ops_app(rt), dep.limits.ops_body_max_bytes),
                                          ops_host, ops_port, stop))
     log.info("dispatcher %s: data on %s, ops on %s", spec.name, spec.data, spec.ops)
+    # what start-up made lives as long as the process: out of the cyclic GC's sight, so collections
+    # stay short and do not show in the data plane's tail latency
+    gc.freeze()
     await asyncio.wait({ops, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     watch.stop()

@@ -77,6 +77,8 @@ class WrkResult:
 
 def serve(port: int, backends: list[str]) -> None:
 
+    import gc
+
     import uvloop
 
     from ctops.config import parse
@@ -89,6 +91,7 @@ def serve(port: int, backends: list[str]) -> None:
     async def main() -> None:
         pool = ServerPool(dep.servers, initial_health="up")
         server = await start_data_plane(pool, "127.0.0.1", port, ProxySettings.from_deployment(dep))
+        gc.freeze()  # as the dispatcher does once started (dispatcher/main.py)
         async with server:
             await server.serve_forever()
 
