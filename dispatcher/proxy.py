@@ -1194,7 +1194,7 @@ class DataPlane:
             idle = self.upstreams.idle.get(b)
             while idle:  # the most recently used live connection: the least likely to have timed out
                 up = idle.pop()
-                if up.transport is not None and not up.transport.is_closing():
+                if not up.transport.is_closing():  # type: ignore[union-attr]  (pooled ones are connected)
                     self._attach(r, up)  # type: ignore[arg-type]
                     return
         task = self.loop.create_task(self._open(b))
