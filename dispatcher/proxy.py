@@ -533,7 +533,7 @@ class ClientConnection(asyncio.Protocol):
         r.ready = True
         plane.requests += 1
         if r is self.cur:
-            plane.dispatch(r, plane.time())
+            plane.dispatch(r, plane.now)
 
     def _head_too_big(self, hdrs: list[tuple[bytes, bytes]]) -> bool:
         size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in hdrs)
@@ -617,7 +617,7 @@ class ClientConnection(asyncio.Protocol):
             self._advance()
         else:
             self.dkind = _IDLE
-            self.deadline = self.plane.time() + self.plane.t_idle
+            self.deadline = self.plane.now + self.plane.t_idle
 
     def _advance(self) -> None:
         """Start the next pipelined request, or wait for one."""
@@ -1082,6 +1082,9 @@ class DataPlane:
         self.failures: dict[str, int] = {}  # why: no_server, retries_exhausted, unsafe_not_retried, ...
         # flattened for the per-request path
         self.time = time.monotonic
+        # the time as of the last sweep: deadlines are only checked then, so the per-request path reads
+        # this instead of the clock (a deadline may fall due up to one sweep early)
+        self.now = 0.0
         self.t_header = settings.client_header_timeout
         self.t_idle = settings.client_idle_timeout
         self.t_read = settings.upstream_read_timeout
@@ -1103,6 +1106,7 @@ class DataPlane:
     async def start(self, host: str, port: int) -> asyncio.AbstractServer:
         self.loop = asyncio.get_running_loop()
         self.time = self.loop.time
+        self.now = self.time()
         self.server = await self.loop.create_server(lambda: ClientConnection(self), host, port,
                                                     backlog=2048, reuse_address=True)
         self._sweeper = self.loop.create_task(self._sweep())
@@ -1136,7 +1140,7 @@ class DataPlane:
         tick = min(max(shortest / 5, 0.02), 0.5)
         while self.server is None or self.server.is_serving() or self.conns:
             await asyncio.sleep(tick)
-            now = self.loop.time()
+            now = self.now = self.loop.time()
             for conn in [c for c in self.conns if 0.0 < c.deadline <= now]:
                 try:
                     conn.on_timeout()
