@@ -11,7 +11,7 @@ import pytest
 from ctops.localcluster import Cluster, wait_for
 from ctops.redis_embed import EmbeddedRedis
 
-__all__ = ["Cluster", "wait_for", "make_cluster", "running_dispatcher"]
+__all__ = ["Cluster", "wait_for", "make_cluster", "running_dispatcher", "host", "process"]
 
 
 @pytest.fixture
@@ -37,3 +37,15 @@ def running_dispatcher(make_cluster: Callable[..., Cluster]) -> Cluster:
     c = make_cluster()
     c.start_all()
     return c
+
+
+def host(c: Cluster, name: str) -> dict:
+    """A host as the dispatcher reports it."""
+    return next(h for h in c.state()["hosts"] if h["name"] == name)
+
+
+def process(c: Cluster, host_name: str, i: int = 0) -> dict:
+    """The host's i-th supervised process, or {} while its agent has not reported it yet (a first
+    heartbeat may come before the processes are started)."""
+    procs = host(c, host_name)["processes"]
+    return procs[i] if len(procs) > i else {}

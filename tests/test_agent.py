@@ -6,11 +6,7 @@ from __future__ import annotations
 import signal
 
 from ctops.procs import pid_alive
-from tests.cluster import Cluster, wait_for
-
-
-def host(c: Cluster, name: str) -> dict:
-    return next(h for h in c.state()["hosts"] if h["name"] == name)
+from tests.cluster import Cluster, host, process, wait_for
 
 
 def test_heartbeats_carry_metrics_and_process_status(make_cluster) -> None:
@@ -32,10 +28,10 @@ def test_heartbeats_carry_metrics_and_process_status(make_cluster) -> None:
 def test_killed_process_is_started_again(make_cluster) -> None:
     c: Cluster = make_cluster(hosts_with_agents=True)
     c.start_all()
-    old = wait_for("trainer-2 pid", lambda: host(c, "host-2")["processes"][0]["pid"])
+    old = wait_for("trainer-2 pid", lambda: process(c, "host-2").get("pid"))
     import os
     os.kill(old, signal.SIGKILL)
-    p = wait_for("trainer-2 restarted", lambda: (p := host(c, "host-2")["processes"][0])["pid"] not in (None, old)
+    p = wait_for("trainer-2 restarted", lambda: (p := process(c, "host-2")).get("pid") not in (None, old)
                  and p["restarts"] >= 1 and p)
     assert "SIGKILL" in p["last_exit"]
     assert not pid_alive(old)
@@ -59,7 +55,7 @@ def host_b(c: Cluster) -> dict:
 def test_agent_stop_stops_its_processes(make_cluster) -> None:
     c: Cluster = make_cluster(trainers=1, hosts_with_agents=True)
     c.start_all()
-    pid = wait_for("trainer pid", lambda: host(c, "host-1")["processes"][0]["pid"])
+    pid = wait_for("trainer pid", lambda: process(c, "host-1").get("pid"))
     c.children["host-1"].proc.send_signal(signal.SIGTERM)
     c.children["host-1"].proc.wait(15)
     wait_for("trainer stopped with its agent", lambda: not pid_alive(pid), timeout=15)

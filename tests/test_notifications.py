@@ -12,11 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 
 from ctops.redis_embed import free_port
-from tests.cluster import Cluster, wait_for
-
-
-def host(c: Cluster, name: str) -> dict:
-    return next(h for h in c.state()["hosts"] if h["name"] == name)
+from tests.cluster import Cluster, process, wait_for
 
 
 def events(c: Cluster, **params) -> list[dict]:
@@ -28,13 +24,13 @@ def events(c: Cluster, **params) -> list[dict]:
 def test_restart_from_staff_runs_on_the_host_and_is_audited(make_cluster) -> None:
     c: Cluster = make_cluster(trainers=2, hosts_with_agents=True)
     c.start_all()
-    old = wait_for("trainer-1 pid", lambda: host(c, "host-1")["processes"][0]["pid"])
+    old = wait_for("trainer-1 pid", lambda: process(c, "host-1").get("pid"))
     url = c.ops_url() + "/api/v1/hosts/host-1/processes/trainer-1/restart"
     assert httpx.post(url, headers=c.auth("viewer")).status_code == 403
     r = httpx.post(url, headers=c.auth("operator"), timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["ok"] and "restarted" in r.json()["message"] and r.json()["by"] == "test-operator"
-    wait_for("new pid in heartbeat", lambda: host(c, "host-1")["processes"][0]["pid"] not in (None, old))
+    wait_for("new pid in heartbeat", lambda: process(c, "host-1").get("pid") not in (None, old))
     c.wait_state("trainer-1", "up")
     bad = httpx.post(c.ops_url() + "/api/v1/hosts/host-1/processes/nope/restart", headers=c.auth("operator"))
     assert bad.status_code == 404
@@ -49,11 +45,11 @@ def test_restart_from_staff_runs_on_the_host_and_is_audited(make_cluster) -> Non
 def test_killed_process_gives_one_restart_event(make_cluster) -> None:
     c: Cluster = make_cluster(trainers=1, hosts_with_agents=True)
     c.start_all()
-    pid = wait_for("pid", lambda: host(c, "host-1")["processes"][0]["pid"])
+    pid = wait_for("pid", lambda: process(c, "host-1").get("pid"))
     import os
     os.kill(pid, signal.SIGKILL)
     wait_for("restart event", lambda: [e for e in events(c) if e["kind"] == "process_restarted"])
-    wait_for("restarts in heartbeat", lambda: host(c, "host-1")["processes"][0]["restarts"] == 1)
+    wait_for("restarts in heartbeat", lambda: process(c, "host-1").get("restarts") == 1)
     restarts = [e for e in events(c) if e["kind"] == "process_restarted"]
     assert len(restarts) == 1 and "SIGKILL" in restarts[0]["message"] and restarts[0]["source"] == "agent:host-1"
 
