@@ -6,30 +6,37 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo demo-headless test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(PROXY_BUILT)
 
-install: $(STAMP)
+# the data plane compiled in place (setup.py); built again when its source changes, so a stale build
+# never shadows an edit
+PROXY_BUILT := dispatcher/.proxy-built
+$(PROXY_BUILT): dispatcher/proxy.py dispatcher/proxy.pxd $(STAMP)
+	$(BIN)/python setup.py --quiet build_ext --inplace
+	touch $(PROXY_BUILT)
 
-demo: $(STAMP)
+install: $(STAMP) $(PROXY_BUILT)
+
+demo: install
 	$(BIN)/ctops demo
 
-demo-headless: $(STAMP)
+demo-headless: install
 	$(BIN)/ctops demo --headless
 
-lint: $(STAMP)
+lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: $(STAMP)
+test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/ctops bench proxy
 
 clean:
-	rm -rf $(VENV) .ctops .pytest_cache *.egg-info
+	rm -rf $(VENV) .ctops .pytest_cache *.egg-info build dispatcher/proxy.c dispatcher/*.so $(PROXY_BUILT)

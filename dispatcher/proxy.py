@@ -18,6 +18,11 @@ server once more if it is still believed healthy, else another, within `retry_ma
 `Idempotency-Key`) and small enough to have been kept for replay. A safe request left without an
 answer's first byte for `first_byte_timeout` gets its server probed; a failed probe (or the server
 leaving `up` by any other means) moves every safe request waiting there to another server.
+
+Built, this module is compiled by Cython (setup.py), with `proxy.pxd` giving the classes C fields and
+the hot methods C calls; it stays plain Python and is imported as such where it was not built. For
+that the connection classes are asyncio protocols by their methods only: a compiled class cannot
+derive from `asyncio.Protocol`, and the event loops need only the methods.
 """
 
 from __future__ import annotations
@@ -298,49 +303,42 @@ def fast_response_length(head: bytes) -> int:
 
 
 class Request:
-    """One client request on its way through the proxy.
-
-    Its fields start as class attributes, so making one (once per request) sets only `conn`."""
-
-    method = b""
-    ready = False  # head parsed and rewritten: can be dispatched
-    keep_alive = True
-    http11 = True
-    upgrade: bytes | None = None
-    chunked = False
-    has_body = False
-    complete = False  # the whole request has been read from the client
-    answered = False  # the response is done (or being given by the proxy itself)
-    aborted = False  # given up on (client gone, malformed, timed out)
-    backend: Backend | None = None  # counted in backend.outstanding while set
-    upstream: UpstreamConnection | None = None
-    tries = 0
-    unsent: list[bytes] | None = None  # bytes waiting for an upstream connection
-    unsent_size = 0
-    replay: list[bytes] | None = None  # every byte sent so far, while small and retry is possible
-    replay_size = 0
-    safe = False  # may be sent again after a server got it: idempotent, or has an Idempotency-Key
-    plain = False  # keep-alive HTTP/1.1, neither HEAD nor upgrade: its answer may take the fast path
-    affinity: bytes | None = None  # the ctops_srv cookie (b"" if none) when affinity applies
-    route: Backend | None = None  # a fixed backend by path prefix (no balancing, no health)
-    started = 0.0  # first dispatched (loop time)
-    tried: list[Backend] | None = None  # servers that failed this request
-    retried_same = False
+    """One client request on its way through the proxy."""
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
+        self.method = b""
+        self.ready = False  # head parsed and rewritten: can be dispatched
+        self.keep_alive = True
+        self.http11 = True
+        self.upgrade: bytes | None = None
+        self.chunked = False
+        self.has_body = False
+        self.complete = False  # the whole request has been read from the client
+        self.answered = False  # the response is done (or being given by the proxy itself)
+        self.aborted = False  # given up on (client gone, malformed, timed out)
+        self.backend: Backend | None = None  # counted in backend.outstanding while set
+        self.upstream: UpstreamConnection | None = None
+        self.tries = 0
+        self.unsent: list[bytes] | None = None  # bytes waiting for an upstream connection
+        self.unsent_size = 0
+        self.replay: list[bytes] | None = None  # every byte sent so far, while small and retry is possible
+        self.replay_size = 0
+        self.safe = False  # may be sent again after a server got it: idempotent, or has an Idempotency-Key
+        self.plain = False  # keep-alive HTTP/1.1, neither HEAD nor upgrade: its answer may take the fast path
+        self.affinity: bytes | None = None  # the ctops_srv cookie (b"" if none) when affinity applies
+        self.route: Backend | None = None  # a fixed backend by path prefix (no balancing, no health)
+        self.started = 0.0  # first dispatched (loop time)
+        self.tried: list[Backend] | None = None  # servers that failed this request
+        self.retried_same = False
 
     @property
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:  # an asyncio protocol by its methods (see the module's note)
     """A learner's connection: parses requests, hands them to upstreams, writes responses back."""
-
-    __slots__ = ("plane", "parser", "transport", "client_ip", "cur", "queue", "parsing", "url", "hdrs",
-                 "head_bytes", "block", "write_paused", "deadline", "dkind", "tunnel", "upgrading",
-                 "error_after", "closed", "advancing", "read_eof", "read_len", "forwarded")
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -744,12 +742,8 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:  # an asyncio protocol by its methods (see the module's note)
     """A keep-alive connection to a trainer server, bound to one request at a time."""
-
-    __slots__ = ("plane", "backend", "transport", "parser", "req", "client", "out", "reason", "hdrs",
-                 "reused", "read_paused", "got_bytes", "head_sent", "tunnel", "until_close", "chunk_out",
-                 "interim", "discard", "flushed", "hold", "remaining")
 
     def __init__(self, plane: DataPlane, backend: Backend) -> None:
         self.plane = plane

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import uvloop
 
+import dispatcher.proxy
 from ctops.config import ServerSpec
 from dispatcher.pool import ServerPool
 from dispatcher.proxy import ClientConnection, DataPlane, ProxySettings
@@ -32,6 +33,25 @@ _spec = importlib.util.spec_from_file_location("proxy_test_backends", HERE / "ba
 backends_mod = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(backends_mod)  # type: ignore[union-attr]
 pattern = backends_mod.pattern
+
+# Every test runs against the data plane as installed (compiled by setup.py where it could be) and
+# against its source as plain Python, the fallback where it could not.
+_source_spec = importlib.util.spec_from_file_location("dispatcher_proxy_source",
+                                                      HERE.parent / "dispatcher" / "proxy.py")
+proxy_source = importlib.util.module_from_spec(_source_spec)  # type: ignore[arg-type]
+sys.modules[proxy_source.__name__] = proxy_source  # dataclasses look their module up while it runs
+_source_spec.loader.exec_module(proxy_source)  # type: ignore[union-attr]
+BUILDS = {"installed": dispatcher.proxy, "source": proxy_source}
+PLANE = dispatcher.proxy  # the build the running test uses
+
+
+@pytest.fixture(autouse=True, params=list(BUILDS))
+def build(request: pytest.FixtureRequest) -> Iterator[str]:
+    global PLANE
+    PLANE = BUILDS[request.param]
+    yield request.param
+    PLANE = dispatcher.proxy
+
 
 SETTINGS = ProxySettings(client_header_timeout=10, client_idle_timeout=10, upstream_connect_timeout=3,
                          upstream_read_timeout=10, header_max_bytes=16 * 1024, high_water=64 * 1024, pool_size=8)
@@ -77,7 +97,7 @@ def make_pool(ports: dict[str, int], health: str = "up") -> ServerPool:
 
 @asynccontextmanager
 async def proxy(pool: ServerPool, **settings: Any) -> AsyncIterator[DataPlane]:
-    plane = DataPlane(pool, replace(SETTINGS, **settings))
+    plane = PLANE.DataPlane(pool, replace(SETTINGS, **settings))
     await plane.start("127.0.0.1", 0)
     try:
         yield plane
@@ -193,6 +213,14 @@ def sha(data: bytes) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # requests and bodies
+
+
+def test_both_builds_are_tested() -> None:
+    """Where setup.py compiled the data plane, the installed module is the C extension; the other build
+    under test is the source, run as plain Python."""
+    assert Path(proxy_source.__file__).suffix == ".py" and hasattr(proxy_source.Request(None), "__dict__")
+    if Path(dispatcher.proxy.__file__).suffix != ".py":  # compiled: requests are C structs
+        assert not hasattr(dispatcher.proxy.Request(None), "__dict__")
 
 
 def test_get_and_post_with_length_and_chunks(backends: Backends) -> None:
@@ -652,25 +680,26 @@ def _hung_listener() -> socket.socket:
     return srv
 
 
-def test_retry_only_when_safe_after_the_server_got_the_request(backends: Backends) -> None:
-    async def scenario() -> None:
+def test_retry_only_when_safe_after_the_server_got_the_request(backends: Backends, build: str) -> None:
+    async def scenario() -> None:  # /flaky fails once per key, so each build gets its own keys
         pool = make_pool({"a": backends.http["a"]})
         async with proxy(pool) as plane:
             c = await Client.open(plane.port)
             # the server drops the connection without answering: with a key the POST goes again...
-            r = await c.request("POST", "/flaky?key=k1", b"body", headers=(("Idempotency-Key", "k1"),))
+            key = f"k1-{build}"
+            r = await c.request("POST", f"/flaky?key={key}", b"body", headers=(("Idempotency-Key", key),))
             assert r.status == 200 and r.headers["x-backend"] == "a"
             # ...without one it may have been acted on: 502, never sent twice
             pool.get("a").health = "up"  # type: ignore[union-attr]
             c = await Client.open(plane.port)
-            r = await c.request("POST", "/flaky?key=k2", b"body")
+            r = await c.request("POST", f"/flaky?key=k2-{build}", b"body")
             assert r.status == 502
             pool.get("a").health = "up"  # type: ignore[union-attr]
             c = await Client.open(plane.port)
-            r = await c.request("GET", "/flaky?key=k3")  # idempotent: retried
+            r = await c.request("GET", f"/flaky?key=k3-{build}")  # idempotent: retried
             assert r.status == 200
             # a head, then the server dies: the client saw nothing yet, so a safe request still goes again
-            r = await c.request("GET", "/flaky?key=k4&head=1")
+            r = await c.request("GET", f"/flaky?key=k4-{build}&head=1")
             assert r.status == 200 and r.body == b"hello from a"
             counters = plane.counters()
             assert counters["errors_by_kind"]["unsafe_not_retried"] == 1
@@ -783,7 +812,7 @@ def test_fixed_route_streams_and_ignores_pool_health(backends: Backends) -> None
     async def scenario() -> None:
         llm = Backend("llm-pool", "127.0.0.1", backends.http["c"])
         pool = make_pool({"a": backends.http["a"]}, health="down")
-        plane = DataPlane(pool, SETTINGS, routes={b"/llm/": llm})
+        plane = PLANE.DataPlane(pool, SETTINGS, routes={b"/llm/": llm})
         await plane.start("127.0.0.1", 0)
         try:
             c = await Client.open(plane.port)

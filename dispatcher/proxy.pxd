@@ -1,0 +1,55 @@
+# C types for dispatcher/proxy.py when setup.py compiles it with Cython: the classes get C fields and
+# the methods on the per-request path C calls. Keep in step with the attributes set in the classes'
+# __init__ and with the signatures below; the build fails on a mismatch.
+
+cdef class Request
+cdef class ClientConnection
+cdef class UpstreamConnection
+cdef class DataPlane
+
+cdef class Request:
+    cdef public ClientConnection conn
+    cdef public object method, upgrade, backend, unsent, replay, affinity, route, tried
+    cdef public bint ready, keep_alive, http11, chunked, has_body, complete, answered, aborted, safe, plain
+    cdef public bint retried_same
+    cdef public UpstreamConnection upstream
+    cdef public Py_ssize_t tries, unsent_size, replay_size
+    cdef public double started
+
+cdef class ClientConnection:
+    cdef public DataPlane plane
+    cdef public object parser, transport, client_ip, queue, url, hdrs, error_after, forwarded
+    cdef public Request cur, parsing, upgrading
+    cdef public UpstreamConnection tunnel
+    cdef public Py_ssize_t head_bytes, block, dkind, read_len
+    cdef public double deadline
+    cdef public bint write_paused, closed, advancing, read_eof
+    cpdef _head_ready(self, Request r, url, cookie, head)
+    cpdef response_done(self, Request r)
+    cpdef _pause(self, Py_ssize_t why)
+    cpdef _resume(self, Py_ssize_t why)
+
+cdef class UpstreamConnection:
+    cdef public DataPlane plane
+    cdef public object backend, transport, parser, out, reason, hdrs
+    cdef public Request req
+    cdef public ClientConnection client
+    cdef public bint reused, read_paused, got_bytes, head_sent, tunnel, until_close, chunk_out, interim
+    cdef public bint discard, flushed, hold
+    cdef public Py_ssize_t remaining
+    cpdef _fast_response(self, ClientConnection client, Request r, data)
+    cpdef _pass_body(self, ClientConnection client, Request r, data)
+    cpdef _complete(self, Request r, bint reusable)
+    cpdef _flush(self, ClientConnection client)
+
+cdef class DataPlane:
+    cdef public object pool, settings, routes, upstreams, conns, loop, server, _sweeper, _connecting, _probing
+    cdef public object errors, failures, time
+    cdef public Py_ssize_t requests, responses, retries, redispatches, first_byte_timeouts, probes_failed
+    cdef public double t_header, t_idle, t_read, t_first_byte, now
+    cdef public Py_ssize_t replay_max, header_max
+    cdef object __weakref__
+    cpdef dispatch(self, Request r, double now)
+    cpdef _forward(self, Request r, b, bint fresh=*, double now=*)
+    cpdef _attach(self, Request r, UpstreamConnection up)
+    cpdef release_backend(self, Request r)
