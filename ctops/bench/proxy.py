@@ -293,7 +293,7 @@ def measure(duration: float, connections: int) -> dict:
     return {
         "setup": {"duration_s": duration, "connections": connections, "rounds": ROUNDS, "wrk_threads": 1,
                   "pinning": {"proxy": " ".join(bench.pin_proxy) or "none", "load": " ".join(bench.pin_load) or "none"},
-                  "haproxy": _haproxy_version(bench.haproxy)},
+                  "haproxy": _haproxy_version(bench.haproxy), "data_plane": data_plane_build()},
         "haproxy": asdict(hap),
         "dispatcher": asdict(disp),
         "runs": {k: [asdict(r) for r in v] for k, v in runs.items()},
@@ -303,6 +303,15 @@ def measure(duration: float, connections: int) -> dict:
         "targets": {"throughput_min": TARGET_THROUGHPUT, "p99_max": TARGET_P99},
         "met": throughput >= TARGET_THROUGHPUT and p99 <= TARGET_P99 and disp.errors == 0,
     }
+
+
+def data_plane_build() -> str:
+    """Which build of the data plane runs here: compiled by setup.py, or its source as plain Python."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("dispatcher.proxy")
+    origin = (spec.origin or "") if spec else ""
+    return "plain Python" if origin.endswith(".py") else "compiled (Cython)"
 
 
 def _haproxy_version(path: str) -> str:
@@ -316,7 +325,8 @@ def render(result: dict) -> str:
     s = result["setup"]
     lines = [
         f"proxy benchmark: wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s x {s['rounds']} pairs, "
-        f"2 hello backends, HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}",
+        f"2 hello backends, HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}; "
+        f"data plane {s['data_plane']}",
         "",
         f"{'mean':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}{'CPU us/req':>12}",
         *(f"{name:<12}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['errors']:>9}"
