@@ -2,6 +2,10 @@
 # the methods on the per-request path C calls. Keep in step with the attributes set in the classes'
 # __init__ and with the signatures below; the build fails on a mismatch.
 
+cdef Py_ssize_t _PIPELINE, _BACKPRESSURE, _NONE, _HEADER, _IDLE, _UPSTREAM, _FIRST_BYTE
+cdef Py_ssize_t _MEMO_ENTRIES, _MEMO_HEAD_MAX
+cdef dict _request_heads, _response_heads
+
 cdef class Request
 cdef class ClientConnection
 cdef class UpstreamConnection
