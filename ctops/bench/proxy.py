@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -266,12 +267,6 @@ def _mean(results: list[WrkResult]) -> WrkResult:
                      round(sum(r.cpu_us_per_request for r in results) / n, 1))
 
 
-def _median(values: list[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
 def measure(duration: float, connections: int) -> dict:
     """Pairs of runs, one per proxy back to back (the order alternating between pairs). The ratios are
     the medians of the pairs' ratios: a burst of noise from the machine spoils one pair, not the result."""
@@ -288,8 +283,8 @@ def measure(duration: float, connections: int) -> dict:
         bench.stop()
     hap, disp = _mean(runs["haproxy"]), _mean(runs["dispatcher"])
     pairs = list(zip(runs["haproxy"], runs["dispatcher"], strict=True))
-    throughput = _median([d.requests_per_s / h.requests_per_s if h.requests_per_s else 0.0 for h, d in pairs])
-    p99 = _median([d.p99_ms / h.p99_ms if h.p99_ms else float("inf") for h, d in pairs])
+    throughput = statistics.median([d.requests_per_s / h.requests_per_s if h.requests_per_s else 0.0 for h, d in pairs])
+    p99 = statistics.median([d.p99_ms / h.p99_ms if h.p99_ms else float("inf") for h, d in pairs])
     return {
         "setup": {"duration_s": duration, "connections": connections, "rounds": ROUNDS, "wrk_threads": 1,
                   "pinning": {"proxy": " ".join(bench.pin_proxy) or "none", "load": " ".join(bench.pin_load) or "none"},
