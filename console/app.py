@@ -9,7 +9,9 @@ and the tables only touch cells whose text changes.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -48,6 +50,14 @@ EVENTS_PAGE = 200
 EVENT_PAGES_PER_CYCLE = 5  # a burst larger than this is caught up over the next cycles
 PROVIDERS_RETRY_CYCLES = 30  # after a 404 (no LLM pool on this dispatcher), ask again this rarely
 ROOMY = (110, 36)  # from this size on the servers tab also shows the dispatchers and recent events
+
+
+def _discard(data: str) -> None:
+    """Output once the terminal is gone."""
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +142,12 @@ class ConsoleApp(App[int]):
         if self.handle_sighup:
             # terminal gone (SSH dropped): leave through the normal exit path so workers stop
             # and the HTTP client closes, instead of dying mid-write on a dead tty
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.exit)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._terminal_gone)
+            # a hang-up reaches only the session leader (make, tmux's command): a process below it
+            # gets no SIGHUP, so the terminal is also looked at every second
+            fd = sys.__stdin__.fileno() if sys.__stdin__ is not None else -1
+            if fd >= 0 and os.isatty(fd):
+                self.set_interval(1.0, partial(self._check_terminal, fd))
         self.main.query_one(OutageBanner).display = False
         self.main.query_one("#providers-note").display = False
         for mini in self.main.query(".mini"):
@@ -142,6 +157,21 @@ class ConsoleApp(App[int]):
         self.main.query_one(ServersTable).focus()
         self.fetch_whoami()
         self.fetch_state()
+
+    def _check_terminal(self, fd: int) -> None:
+        if not os.isatty(fd):  # a hung-up terminal answers no terminal call
+            self._terminal_gone()
+
+    def _terminal_gone(self) -> None:
+        """Leave without drawing or restoring anything: Textual's output thread dies on a dead
+        terminal, and its shutdown would then wait for ever on the full output queue."""
+        driver = self._driver
+        if driver is not None:
+            driver.write = _discard  # type: ignore[method-assign]
+            driver.flush = _nothing  # type: ignore[method-assign]
+            if hasattr(driver, "_writer_thread"):
+                driver._writer_thread = None  # type: ignore[attr-defined]  # nothing left to stop
+        self.exit()
 
     def on_resize(self, event: Resize) -> None:
         self._fit_layout(event.size.width, event.size.height)

@@ -213,30 +213,66 @@ async def test_moves_on_to_the_next_url_when_one_is_down(cluster: Cluster) -> No
         assert not app.query_one(OutageBanner).display
 
 
+def _wait_for_footer(master: int) -> None:
+    seen = b""
+    deadline = time.monotonic() + 30
+    while b"Drain" not in seen and time.monotonic() < deadline:  # the footer has been drawn
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                seen += os.read(master, 65536)
+            except OSError:
+                break
+    assert b"Drain" in seen, seen[-500:]
+
+
+CONSOLE_ENV = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+
+
 def test_sighup_exits_cleanly(tmp_path: Path) -> None:
     """Terminal gone: the console leaves by its normal exit path and exits 0."""
     master, slave = pty.openpty()
     dead = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
     proc = subprocess.Popen([sys.executable, "-m", "ctops.cli", "console", "--url", dead, "--token", "t"],
-                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
+                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=CONSOLE_ENV,
+                            start_new_session=True)
     os.close(slave)
     try:
-        seen = b""
-        deadline = time.monotonic() + 30
-        while b"Drain" not in seen and time.monotonic() < deadline:  # the footer has been drawn
-            if select.select([master], [], [], 0.2)[0]:
-                try:
-                    seen += os.read(master, 65536)
-                except OSError:
-                    break
-        assert b"Drain" in seen, seen[-500:]
+        _wait_for_footer(master)
         os.close(master)  # the SSH session drops ...
         proc.send_signal(signal.SIGHUP)  # ... and the kernel hangs up
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+
+
+def test_terminal_gone_without_a_sighup_exits_cleanly(tmp_path: Path) -> None:
+    """A hang-up signals only the session leader (here a shell that ignores it, as `make` or tmux's
+    command would not pass it on): the console below it sees the dead terminal itself and exits 0."""
+    import fcntl
+    import termios
+
+    master, slave = pty.openpty()
+    dead = f"http://127.0.0.1:{free_port()}"
+    status = tmp_path / "status"
+    script = f'trap "" HUP; "{sys.executable}" -m ctops.cli console --url {dead} --token t; echo $? > "{status}"'
+
+    def controlling_tty() -> None:  # a session of its own with the pty as its terminal, as a login has
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(["sh", "-c", script], stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                            env=CONSOLE_ENV, preexec_fn=controlling_tty)
+    os.close(slave)
+    try:
+        _wait_for_footer(master)
+        os.close(master)  # the terminal goes away; no SIGHUP reaches the console
+        assert proc.wait(timeout=30) == 0
+        assert status.read_text().strip() == "0"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
