@@ -100,7 +100,7 @@ class ServerPool:
         n = len(order)
         if not n:
             return None
-        if exclude is not None and isinstance(exclude, Backend):
+        if isinstance(exclude, Backend):
             exclude = (exclude,)
         start = self._rr
         self._rr = start + 1 if start + 1 < n else 0

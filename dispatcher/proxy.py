@@ -271,10 +271,7 @@ _response_heads: dict[bytes, int] = {}
 
 def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] | None:
     """(method, target, cookies, the head without its final CRLF) when `data` is exactly one plain
-    GET or HEAD head, else None."""
-    hit = _request_heads.get(data)
-    if hit is not None:
-        return hit
+    GET or HEAD head, else None; remembered. Callers look in `_request_heads` first."""
     m = _FAST_REQUEST.fullmatch(data)
     if m is None:
         return None
@@ -288,14 +285,13 @@ def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] |
 
 
 def fast_response_length(head: bytes) -> int:
-    """The Content-Length of a plain answer's `head` (up to its blank line), else -1."""
-    clen = _response_heads.get(head)
-    if clen is None:
-        m = _FAST_RESPONSE.fullmatch(head)
-        clen = int(m.group(2)) if m is not None else -1
-        if len(_response_heads) >= _MEMO_ENTRIES:
-            _response_heads.clear()
-        _response_heads[head] = clen
+    """The Content-Length of a plain answer's `head` (up to its blank line), else -1; remembered.
+    Callers look in `_response_heads` first."""
+    m = _FAST_RESPONSE.fullmatch(head)
+    clen = int(m.group(2)) if m is not None else -1
+    if len(_response_heads) >= _MEMO_ENTRIES:
+        _response_heads.clear()
+    _response_heads[head] = clen
     return clen
 
 
@@ -1189,12 +1185,10 @@ class DataPlane:
                 conn.dkind = _UPSTREAM
                 conn.deadline = now + self.t_read
         if not fresh:
-            idle = self.upstreams.idle.get(b)
-            while idle:  # the most recently used live connection: the least likely to have timed out
-                up = idle.pop()
-                if not up.transport.is_closing():  # type: ignore[union-attr]  (pooled ones are connected)
-                    self._attach(r, up)  # type: ignore[arg-type]
-                    return
+            up = self.upstreams.acquire(b)
+            if up is not None:
+                self._attach(r, up)  # type: ignore[arg-type]
+                return
         task = self.loop.create_task(self._open(b))
         self._connecting.add(task)
         task.add_done_callback(partial(self._opened, r, b))
