@@ -38,9 +38,10 @@ from pathlib import Path
 
 import httpx
 
-from ctops.bench.proxy import HAPROXY, _ensure_tool, _free_port, _haproxy_version, _wait_port
+from ctops.bench.proxy import HAPROXY, _ensure_tool, _haproxy_version, _wait_port
 from ctops.load import SOLUTIONS, percentile
 from ctops.procs import sigterm_as_interrupt
+from ctops.redis_embed import free_port
 
 HEALTH_BYTES = 150  # health checks are smaller than this; proxied learner requests larger
 TARGETS = ("dispatcher", "haproxy-defaults", "haproxy-tuned")
@@ -233,7 +234,7 @@ def summarize(run: Run) -> dict:
 
 class HAProxy:
     def __init__(self, path: str, tmp: Path, variant: str, servers: dict[str, int]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.sock = str(tmp / f"{variant}.sock")
         extra_defaults, extra_backend, check = HAPROXY_VARIANTS[variant]
         lines = "".join(f"    server {n} 127.0.0.1:{p} {check}\n" for n, p in servers.items())
