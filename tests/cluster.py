@@ -6,12 +6,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from ctops.localcluster import Cluster, wait_for
 from ctops.redis_embed import EmbeddedRedis
 
-__all__ = ["Cluster", "wait_for", "make_cluster", "running_dispatcher", "host", "process"]
+__all__ = ["Cluster", "wait_for", "make_cluster", "running_dispatcher", "host", "process", "events"]
 
 
 @pytest.fixture
@@ -49,3 +50,10 @@ def process(c: Cluster, host_name: str, i: int = 0) -> dict:
     heartbeat may come before the processes are started)."""
     procs = host(c, host_name)["processes"]
     return procs[i] if len(procs) > i else {}
+
+
+def events(c: Cluster, **params: Any) -> list[dict]:
+    """Events from the cluster's stream (up to 1,000)."""
+    r = httpx.get(c.ops_url() + "/api/v1/events", params={"limit": 1000, **params}, headers=c.auth("viewer"))
+    r.raise_for_status()
+    return r.json()

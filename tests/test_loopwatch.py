@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import signal
 
-import httpx
-
-from tests.cluster import Cluster, wait_for
-
-
-def events(c: Cluster) -> list[dict]:
-    return httpx.get(c.ops_url() + "/api/v1/events", params={"limit": 1000}, headers=c.auth("viewer")).json()
+from tests.cluster import Cluster, events, wait_for
 
 
 def test_stalled_health_loop_is_restarted_and_reported(make_cluster) -> None:

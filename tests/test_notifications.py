@@ -12,13 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 
 from ctops.redis_embed import free_port
-from tests.cluster import Cluster, process, wait_for
-
-
-def events(c: Cluster, **params) -> list[dict]:
-    r = httpx.get(c.ops_url() + "/api/v1/events", params={"limit": 1000, **params}, headers=c.auth("viewer"))
-    r.raise_for_status()
-    return r.json()
+from tests.cluster import Cluster, events, process, wait_for
 
 
 def test_restart_from_staff_runs_on_the_host_and_is_audited(make_cluster) -> None:
