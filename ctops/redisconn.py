@@ -10,7 +10,8 @@ to `url`. Either way it logs in as the role's ACL user, whose password comes fro
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -25,6 +26,7 @@ from redis.sentinel import Sentinel, SentinelManagedConnection
 from ctops.config import ConfigError, RedisSettings, split_hostport
 
 Role = Literal["trainer", "dispatcher", "admin"]
+T = TypeVar("T")
 
 # Sentinel needs `down-after-milliseconds` (1 s) plus an election and a promotion: ~2.5 s measured.
 # Sleeps of 20, 40, 80 ... ms capped at 500 ms, 25 times: ~11 s of waiting, plus the tries themselves.
@@ -129,17 +131,25 @@ def sync_client(settings: RedisSettings, role: Role, *, decode_responses: bool =
     return sentinel.master_for(settings.service, db=settings.db, connection_class=_FollowingConnection, **opts)
 
 
-def primary_address(settings: RedisSettings) -> tuple[str, int] | None:
-    """Where the Sentinels say the primary is now (the first that answers); None if none knows."""
-    for host, port in sentinel_addresses(settings):
-        s = redis.Redis(host=host, port=port, **_sentinel_kwargs(settings))
+def ask_sentinels(addresses: list[tuple[str, int]], password: str | None,
+                  ask: Callable[[redis.Redis], T]) -> T | None:
+    """The first answer any Sentinel gives (None from all of them counts as no answer)."""
+    for host, port in addresses:
+        s = redis.Redis(host=host, port=port, password=password, socket_timeout=SENTINEL_TIMEOUT_S,
+                        socket_connect_timeout=SENTINEL_TIMEOUT_S, decode_responses=True)
         try:
-            addr = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", settings.service)
+            answer = ask(s)
         except redis.RedisError:
             continue
         finally:
             s.close()
-        if addr:
-            h, p = addr
-            return (h.decode() if isinstance(h, bytes) else h), int(p)
+        if answer:
+            return answer
     return None
+
+
+def primary_address(addresses: list[tuple[str, int]], password: str | None, service: str) -> tuple[str, int] | None:
+    """Where the Sentinels say the primary is now; None if none knows."""
+    addr = ask_sentinels(addresses, password,
+                         lambda s: s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service))
+    return (addr[0], int(addr[1])) if addr else None
