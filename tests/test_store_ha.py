@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 
 from ctops import redisconn
 from ctops.config import RedisSettings
+from ctops.keys import Keys
 from ctops.procs import pid_alive
 from ctops.redis_embed import EmbeddedRedis, EmbeddedStore
 from tests.cluster import Cluster, wait_for
@@ -142,3 +144,51 @@ def test_primary_killed_under_learner_load_no_learner_request_fails(tmp_path: Pa
                 assert bad not in log, f"{name}: {bad}\n{log[-2000:]}"
     finally:
         c.stop()
+
+
+def epoch_of(c: Cluster, d: str) -> int:
+    return next(x["epoch"] for x in c.state(d)["dispatchers"] if x["name"] == d)
+
+
+def test_epoch_never_goes_backwards_when_the_store_loses_it(make_cluster) -> None:
+    c: Cluster = make_cluster(dispatchers=("A", "B"))
+    c.start_all()
+    lead = wait_for("a leader", lambda: c.state("A")["leader"])
+    before = wait_for("an epoch", lambda: epoch_of(c, lead))
+    k = Keys(c.prefix)
+    with redis.Redis.from_url(c.redis.url) as r:
+        # what a failover that lost the newest writes leaves: no lease, an older epoch
+        r.delete(k.leader)
+        r.set(k.epoch, 0)
+    wait_for("a new term", lambda: c.state("A")["leader"] and max(epoch_of(c, "A"), epoch_of(c, "B")) != before)
+    lead = wait_for("a leader", lambda: c.state("A")["leader"])
+    assert epoch_of(c, lead) > before
+    with redis.Redis.from_url(c.redis.url) as r:
+        assert int(r.get(k.epoch)) > before
+
+
+def test_no_new_leader_until_a_replica_has_the_epoch(tmp_path: Path) -> None:
+    # writes are not refused here (min-replicas-to-write 0), so only the lease's own WAIT can hold B back
+    store = EmbeddedStore(tmp_path / "store", min_replicas=0).start()
+    (tmp_path / "c").mkdir()
+    c = Cluster(tmp_path / "c", store, "ha-epoch", trainers=1, dispatchers=("A", "B"))
+    try:
+        c.start_all()
+        old = wait_for("a leader", lambda: c.state("A")["leader"])
+        new = "B" if old == "A" else "A"
+        replicas = [n for n in store.nodes if n is not store.primary()]
+        for n in replicas:
+            n.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        c.signal(old, signal.SIGKILL)
+        deadline = time.monotonic() + 4  # the lease's TTL is 1 s: without WAIT, B leads within ~1.3 s
+        while time.monotonic() < deadline:
+            st = c.state(new)
+            role = next(x["role"] for x in st["dispatchers"] if x["name"] == new)
+            assert st["leader"] != new and role != "leader", "a term started with its epoch on no replica"
+            time.sleep(0.1)
+        for n in replicas:
+            n.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        wait_for(f"{new} leads once a replica confirms", lambda: c.state(new)["leader"] == new)
+    finally:
+        c.stop()
+        store.stop()
