@@ -45,8 +45,17 @@ def _moved(exc: ResponseError) -> bool:
 
 
 class _FollowingAsyncConnection(AsyncSentinelConnection):
-    """A write refused because this node is no longer the primary (a script's READONLY, or an
-    isolated old primary's NOREPLICAS) means: ask the Sentinels again and retry."""
+    """Asks the Sentinels for the primary on every socket connect, and takes a write refused
+    because this node is no longer the primary (a script's READONLY, or an isolated old
+    primary's NOREPLICAS) as a reason to ask again and retry."""
+
+    async def _connect(self) -> None:
+        # redis-py 8 reconnects a dropped connection through connect_check_health(), which retries
+        # the host it had, not Sentinel's answer: a killed primary's address would be retried
+        # for the whole retry budget while a replica had long been promoted
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super()._connect()
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -59,6 +68,11 @@ class _FollowingAsyncConnection(AsyncSentinelConnection):
 
 
 class _FollowingConnection(SentinelManagedConnection):
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()
+
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)
