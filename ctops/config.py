@@ -127,7 +127,7 @@ class RedisSettings(_Strict):
     # writes that must not be lost (e.g. a new leadership epoch) count only once this many replicas
     # have them (WAIT); unset: 1 with Sentinels (a duplicated store), 0 for one node
     replica_acks: int | None = Field(None, ge=0, le=10)
-    replica_ack_timeout_ms: int = Field(100, ge=1, le=60_000)
+    replica_ack_timeout_ms: int = Field(500, ge=1, le=60_000)
 
     @property
     def acks_needed(self) -> int:

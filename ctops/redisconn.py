@@ -9,12 +9,16 @@ to `url`. Either way it logs in as the role's ACL user, whose password comes fro
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelConnection
@@ -24,6 +28,8 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from ctops.config import ConfigError, RedisSettings, split_hostport
+
+log = logging.getLogger("ctops.redis")
 
 Role = Literal["trainer", "dispatcher", "admin"]
 T = TypeVar("T")
@@ -83,6 +89,57 @@ class _FollowingConnection(SentinelManagedConnection):
             raise
 
 
+class ReplicaNotConfirmed(ResponseError):
+    """A transaction reached the primary but no replica confirmed it in time: a failover now could
+    lose it. The message starts like Redis's own refusal, so callers treat it as the store being away
+    for a moment (a learner's request gets 503 + Retry-After and is sent again)."""
+
+
+@dataclass
+class ConfirmStats:
+    """Per process: transactions that no replica confirmed in time (kept or refused)."""
+
+    unconfirmed: int = 0
+    last_unconfirmed_ms: int | None = None
+
+
+CONFIRM = ConfirmStats()
+# what a role does when no replica confirms a transaction in time:
+# the trainer refuses (the learner's request is retried, so nothing acknowledged can be lost);
+# the dispatcher keeps staff states and audit entries (an action is not undone) and counts them
+_CONFIRM_POLICY: dict[str, Literal["refuse", "report"]] = {"trainer": "refuse", "dispatcher": "report"}
+
+
+class _ConfirmingPipeline(AsyncPipeline):
+    """MULTI/EXEC, then WAIT on the same connection (WAIT counts that connection's writes)."""
+
+    confirm: tuple[int, int, Literal["refuse", "report"]] = (0, 0, "report")
+
+    async def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> Any:
+        result = await super()._execute_transaction(connection, commands, raise_on_error)
+        acks_needed, timeout_ms, policy = self.confirm
+        if acks_needed:
+            await connection.send_command("WAIT", acks_needed, timeout_ms)
+            acks = int(await connection.read_response())
+            if acks < acks_needed:
+                CONFIRM.unconfirmed += 1
+                CONFIRM.last_unconfirmed_ms = int(time.time() * 1000)
+                msg = f"on {acks} replicas after {timeout_ms} ms, {acks_needed} needed"
+                if policy == "refuse":
+                    raise ReplicaNotConfirmed(f"NOREPLICAS write not confirmed by a replica: {msg}")
+                log.warning("a write was kept though no replica confirmed it (%s); a failover now would lose it", msg)
+        return result
+
+
+class _ConfirmingRedis(aioredis.Redis):
+    confirm: tuple[int, int, Literal["refuse", "report"]] = (0, 0, "report")
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _ConfirmingPipeline:
+        p = _ConfirmingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        p.confirm = self.confirm
+        return p
+
+
 def _env(var: str, setting: str) -> str:
     value = os.environ.get(var)
     if not value:
@@ -129,9 +186,16 @@ def async_client(settings: RedisSettings, role: Role, *, decode_responses: bool 
     opts = _common(settings, role, decode_responses, socket_timeout)
     opts["retry"] = AsyncRetry(ExponentialBackoff(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S), RETRIES)
     if not settings.sentinels:
-        return aioredis.Redis.from_url(settings.url, **opts)
-    sentinel = AsyncSentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))
-    return sentinel.master_for(settings.service, db=settings.db, connection_class=_FollowingAsyncConnection, **opts)
+        client: _ConfirmingRedis = _ConfirmingRedis.from_url(settings.url, **opts)
+    else:
+        sentinel = AsyncSentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))
+        client = sentinel.master_for(settings.service, redis_class=_ConfirmingRedis, db=settings.db,
+                                     connection_class=_FollowingAsyncConnection, **opts)
+    if role in _CONFIRM_POLICY:
+        # every MULTI/EXEC transaction (sessions, checkpoints, idempotency outcomes, staff states,
+        # audit) is acknowledged only once a replica has it
+        client.confirm = (settings.acks_needed, settings.replica_ack_timeout_ms, _CONFIRM_POLICY[role])
+    return client
 
 
 def sync_client(settings: RedisSettings, role: Role, *, decode_responses: bool = False,

@@ -192,3 +192,39 @@ def test_no_new_leader_until_a_replica_has_the_epoch(tmp_path: Path) -> None:
     finally:
         c.stop()
         store.stop()
+
+
+def test_writes_wait_for_a_replica_learner_refused_staff_kept(tmp_path: Path) -> None:
+    # min-replicas-to-write 0: Redis itself would accept everything; only WAIT tells the difference
+    store = EmbeddedStore(tmp_path / "store", min_replicas=0).start()
+    (tmp_path / "c").mkdir()
+    c = Cluster(tmp_path / "c", store, "ha-wait", trainers=1)
+    try:
+        c.start_all()
+        base = c.trainer_url("trainer-1")
+        r = httpx.post(base + "/api/sessions", json={"learner": "ada"}, timeout=30)
+        assert r.status_code == 201, r.text
+        sid = r.json()["session_id"]
+        k = Keys(c.prefix)
+        replica_has = [n for n in store.nodes if n is not store.primary() and n.admin().exists(k.session(sid))]
+        assert replica_has, "an acknowledged session is on no replica"
+        replicas = [n for n in store.nodes if n is not store.primary()]
+        for n in replicas:
+            n.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            # a learner is told to retry instead of getting a session a failover could lose
+            r = httpx.post(base + "/api/sessions", json={"learner": "bob"}, timeout=30)
+            assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
+            # a staff action is kept (not undone behind the operator's back) and reported
+            r = httpx.post(c.ops_url() + "/api/v1/servers/trainer-1/drain", headers=c.auth("operator"), timeout=30)
+            assert r.status_code == 200, r.text
+            wait_for("the unconfirmed write reported", lambda: "no replica confirmed it" in c.log("A"))
+        finally:
+            for n in replicas:
+                n.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        r = wait_for("sessions again", lambda: (x := httpx.post(base + "/api/sessions", json={}, timeout=30))
+                     .status_code == 201 and x)
+        assert r.json()["session_id"]
+    finally:
+        c.stop()
+        store.stop()
