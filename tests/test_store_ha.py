@@ -228,3 +228,32 @@ def test_writes_wait_for_a_replica_learner_refused_staff_kept(tmp_path: Path) ->
     finally:
         c.stop()
         store.stop()
+
+
+def test_store_started_again_on_its_workdir_comes_back_as_it_was_left(tmp_path: Path) -> None:
+    first = EmbeddedStore(tmp_path / "store", prefix="rs").start()
+    try:
+        with first.primary().admin() as r:
+            r.set("rs:session:before", "1")
+        first.nodes[0].proc.kill()  # type: ignore[union-attr]
+        wait_for("a replica promoted", lambda: first.primary() is not first.nodes[0], timeout=30)
+        promoted = first.primary()
+        with promoted.admin() as r:
+            r.set("rs:session:after", "2")
+            assert r.execute_command("WAIT", 1, 5000) >= 1
+        ports = [n.port for n in [*first.nodes, *first.sentinels]]
+    finally:
+        first.stop()
+    again = EmbeddedStore(tmp_path / "store", prefix="rs").start()
+    try:
+        assert again.restarted and [n.port for n in [*again.nodes, *again.sentinels]] == ports
+        # the Sentinels' rewritten view: the promoted node is still the primary, the old one follows it
+        assert again.primary().name == promoted.name
+        with again.primary().admin() as r:
+            assert (r.get("rs:session:before"), r.get("rs:session:after")) == (b"1", b"2")
+        wait_for("the old primary back as a replica", lambda: again.nodes[0].admin(decode_responses=True)
+                 .info("replication").get("master_link_status") == "up", timeout=60)
+        with again.nodes[0].admin() as r:
+            assert r.get("rs:session:after") == b"2"
+    finally:
+        again.stop()
