@@ -215,6 +215,8 @@ def test_writes_wait_for_a_replica_learner_refused_staff_kept(tmp_path: Path) ->
             # a learner is told to retry instead of getting a session a failover could lose
             r = httpx.post(base + "/api/sessions", json={"learner": "bob"}, timeout=30)
             assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
+            with store.primary().admin() as admin:  # and staff can see it happened
+                assert int(admin.get(k.store_writes_unconfirmed) or 0) >= 1
             # a staff action is kept (not undone behind the operator's back) and reported
             r = httpx.post(c.ops_url() + "/api/v1/servers/trainer-1/drain", headers=c.auth("operator"), timeout=30)
             assert r.status_code == 200, r.text
