@@ -40,9 +40,9 @@ T = TypeVar("T")
 RETRY_BACKOFF_CAP_S = 0.5
 RETRY_BACKOFF_BASE_S = 0.01
 RETRIES = 25
-# one node: no failover to wait for; one retry rides over a dropped connection, and an outage is
-# answered quickly (503 + Retry-After) instead of after the whole budget
-RETRIES_ONE_NODE = 1
+# one node: no failover to wait for, so an outage is answered at once (503 + Retry-After) instead of
+# after the whole budget; stale idle connections are caught by the health check (PING) anyway
+RETRIES_ONE_NODE = 0
 RETRY_ON = [ConnectionError, TimeoutError, ReadOnlyError]
 SENTINEL_TIMEOUT_S = 0.5
 
