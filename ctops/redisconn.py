@@ -40,9 +40,6 @@ T = TypeVar("T")
 RETRY_BACKOFF_CAP_S = 0.5
 RETRY_BACKOFF_BASE_S = 0.01
 RETRIES = 25
-# one node: no failover to wait for, so an outage is answered at once (503 + Retry-After) instead of
-# after the whole budget; stale idle connections are caught by the health check (PING) anyway
-RETRIES_ONE_NODE = 0
 RETRY_ON = [ConnectionError, TimeoutError, ReadOnlyError]
 SENTINEL_TIMEOUT_S = 0.5
 
@@ -198,10 +195,6 @@ def _common(settings: RedisSettings, role: Role, decode_responses: bool, socket_
     return opts
 
 
-def _retries(settings: RedisSettings) -> int:
-    return RETRIES if settings.sentinels else RETRIES_ONE_NODE
-
-
 def _sentinel_kwargs(settings: RedisSettings) -> dict[str, Any]:
     return {"password": sentinel_password(settings), "socket_timeout": SENTINEL_TIMEOUT_S,
             "socket_connect_timeout": SENTINEL_TIMEOUT_S}
@@ -211,7 +204,7 @@ def async_client(settings: RedisSettings, role: Role, *, decode_responses: bool 
                  socket_timeout: float = 1.0) -> aioredis.Redis:
     """A client of the primary for this role. Make one per process and purpose, at start-up."""
     opts = _common(settings, role, decode_responses, socket_timeout)
-    opts["retry"] = AsyncRetry(ExponentialBackoff(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S), _retries(settings))
+    opts["retry"] = AsyncRetry(ExponentialBackoff(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S), RETRIES)
     if not settings.sentinels:
         client: _ConfirmingRedis = _ConfirmingRedis.from_url(settings.url, **opts)
     else:
@@ -231,7 +224,7 @@ def sync_client(settings: RedisSettings, role: Role, *, decode_responses: bool =
                 socket_timeout: float = 1.0) -> redis.Redis:
     """The same for the CLI and tests."""
     opts = _common(settings, role, decode_responses, socket_timeout)
-    opts["retry"] = Retry(ExponentialBackoff(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S), _retries(settings))
+    opts["retry"] = Retry(ExponentialBackoff(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S), RETRIES)
     if not settings.sentinels:
         return redis.Redis.from_url(settings.url, **opts)
     sentinel = Sentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))
