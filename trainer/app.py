@@ -67,7 +67,7 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis_client or connect(deployment.redis.url)
+        client = redis_client or connect(deployment.redis)
         app.state.store = Store(client, keys, server_name)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
         reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
