@@ -482,7 +482,8 @@ def _tests(exercise: Exercise, events: list[dict]) -> list[TestResult]:
 def interpret(exercise: Exercise, events: list[dict], err: bytes, returncode: int | None, wall_hit: bool,
               overflow: bool, oom_kills: int, limits: Limits) -> RunResult:
     tests = _tests(exercise, events)
-    load = next((e for e in events if e.get("event") == "load"), None)
+    # any failed load counts: forged load lines could otherwise hide the harness's own
+    load = next((e for e in events if e.get("event") == "load" and not e.get("ok")), None)
     done = any(e.get("event") == "done" for e in events)
     limits_hit = {e.get("limit") for e in events} - {None}
     stderr = err.decode(errors="replace")
@@ -507,7 +508,7 @@ def interpret(exercise: Exercise, events: list[dict], err: bytes, returncode: in
         return result("error", f"your code tried to write a file larger than {FILE_SIZE_MAX // (1024 * 1024)} MB")
     if overflow and not done:
         return result("error", f"your program printed more than {limits.output_max_bytes} bytes and was stopped")
-    if load is not None and not load.get("ok"):
+    if load is not None:
         return result("error", str(load.get("message") or "your code could not be loaded")[:1000])
     if returncode is not None and returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
