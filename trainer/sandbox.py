@@ -219,7 +219,7 @@ async def _uid_slot() -> AsyncIterator[int | None]:
 
 
 def _child_setup(limits: Limits, uid: int | None, conf: Confinement,  # noqa: ANN202 - runs in the child
-                 cgroup: RunCgroup | None):                               # between fork and exec
+                 cgroup: RunCgroup | None, scratch: Path):                # between fork and exec
     cpu = limits.cpu_seconds
     mem = limits.memory_mb * 1024 * 1024
     nproc = limits.max_processes
@@ -228,6 +228,9 @@ def _child_setup(limits: Limits, uid: int | None, conf: Confinement,  # noqa: AN
         os.nice(10)  # the server's own event loop keeps priority over learners' code
         if cgroup is not None:
             cgroup.enter()
+        # here rather than cwd=: the scratch directory is out of sight once /tmp is private, and
+        # uvloop (the trainer's loop) calls this before changing to cwd, unlike asyncio's own loop
+        os.chdir(scratch)
         if conf.network == "namespace" or conf.files == "namespace":
             # private /tmp and /dev/shm get the run's memory limit: what is written there is memory
             confine.enter_namespaces(conf.network == "namespace", conf.files == "namespace", mem)
@@ -401,8 +404,8 @@ async def _run_in(scratch: Path, exercise: Exercise, limits: Limits, uid: int | 
         proc = await asyncio.create_subprocess_exec(
             interpreter(uid is not None), "-I", "-S", "-B", HARNESS_ARG, str(results_w),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            cwd=scratch, env=ENV, start_new_session=True, pass_fds=(results_w,),
-            preexec_fn=_child_setup(limits, uid, conf, cgroup),
+            env=ENV, start_new_session=True, pass_fds=(results_w,),
+            preexec_fn=_child_setup(limits, uid, conf, cgroup, scratch),
         )
     except BaseException:
         os.close(results_r)
