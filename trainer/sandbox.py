@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,20 +138,22 @@ class Confinement:
 
 
 _confinements: dict[tuple, Confinement] = {}
+_detecting = threading.Lock()
 
 
 def confinement(limits: Limits) -> Confinement:
     """Probe (once per setting, then remembered) and log what confines runs here. Blocking."""
     root = os.geteuid() == 0
     key = (limits.network, limits.budget, limits.allow_unconfined, root)
-    if key not in _confinements:
-        _confinements[key] = c = _detect(limits, root)
-        log.info("sandbox: %s", c.describe())
-        for note in c.notes:
-            log.warning("sandbox: %s", note)
-        if c.refused:
-            log.error("sandbox: learner code will not be run: %s", c.refused)
-    return _confinements[key]
+    with _detecting:  # runs' threads may ask at once; probe and log once
+        if key not in _confinements:
+            _confinements[key] = c = _detect(limits, root)
+            log.info("sandbox: %s", c.describe())
+            for note in c.notes:
+                log.warning("sandbox: %s", note)
+            if c.refused:
+                log.error("sandbox: learner code will not be run: %s", c.refused)
+        return _confinements[key]
 
 
 def _detect(limits: Limits, root: bool) -> Confinement:
