@@ -6,8 +6,10 @@ import asyncio
 import ctypes
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,7 +17,8 @@ import redis
 from ctops.config import Sandbox
 from ctops.redis_embed import EmbeddedRedis
 from tests.common import FIZZBUZZ_GOOD as GOOD
-from trainer import sandbox
+from trainer import confine, sandbox
+from trainer.budget import RunCgroup
 from trainer.exercises import EXERCISES
 from trainer.serve import PR_SET_DUMPABLE
 
@@ -325,3 +328,40 @@ async def test_unconfined_code_is_refused_unless_allowed() -> None:
     allowed = unconfined.model_copy(update={"allow_unconfined": True})
     assert sandbox.confinement(allowed).refused is None
     assert (await sandbox.run(FIZZ, GOOD, allowed)).verdict == "passed"
+
+
+def test_leftovers_of_a_killed_server_are_reclaimed_once_no_run_holds_their_uid() -> None:
+    conf = sandbox.confinement(LIMITS)
+    if os.geteuid() != 0:
+        pytest.skip("per-run uids, and so leftovers to reclaim, exist only when the server is root")
+    uid, lock = sandbox._acquire_uid()
+    try:
+        # what a server SIGKILLed mid-run leaves: its run's scratch directory and cgroup
+        scratch = Path(tempfile.mkdtemp(prefix="ctops-sbx-"))
+        os.chown(scratch, uid, uid)
+        cgroup = None
+        if conf.budget != "rlimit":
+            cgroup = RunCgroup.create(conf.budget, list(conf.cgroup_bases), f"ctops-sbx-{uid}", 64 << 20, 4)
+        sandbox.reclaim_leftovers(conf)
+        assert scratch.exists(), "a run holding the uid keeps its files"
+    finally:
+        os.close(lock)
+    sandbox.reclaim_leftovers(conf)
+    assert not scratch.exists()
+    assert cgroup is None or not any(d.exists() for d in cgroup.dirs)
+
+
+def test_without_mount_namespaces_a_runs_files_are_swept_from_the_shared_dirs() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the sweep knows a run's files by its uid, which exists only when the server is root")
+    uid, lock = sandbox._acquire_uid()
+    try:
+        mine, other = (Path(f"/dev/shm/ctops-sbx-sweep-{uuid.uuid4().hex}") for _ in range(2))
+        mine.write_text("left by the run")
+        os.chown(mine, uid, uid)
+        other.write_text("not the run's")
+        confine.sweep_files(uid)
+        assert not mine.exists() and other.exists()
+    finally:
+        os.close(lock)
+        other.unlink(missing_ok=True)

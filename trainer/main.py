@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
                      context={"server": args.name})
     # probed and logged once, here: what confines learner code, or why it will not be run (sessions
     # and health are still served; submissions then end in an error naming the reason)
-    sandbox.confinement(deployment.sandbox)
+    conf = sandbox.confinement(deployment.sandbox)
+    sandbox.reclaim_leftovers(conf)
     host, port = spec.address
     app = create_app(deployment, args.name)
     if os.environ.get("CTOPS_TRAINER_DEBUG") == "1":

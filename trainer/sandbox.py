@@ -208,6 +208,38 @@ def _acquire_uid() -> tuple[int, int]:
     raise RuntimeError("no free sandbox uid: all are in use or hold leftover processes")
 
 
+def reclaim_leftovers(conf: Confinement) -> None:
+    """Remove what the runs of a server killed mid-run left behind: scratch directories and cgroups,
+    each known by its run's uid, taken only while that uid's lock is free (no run holds it)."""
+    if os.geteuid() != 0:
+        return
+    scratch: dict[int, list[Path]] = {}
+    for d in Path(tempfile.gettempdir()).glob("ctops-sbx-*"):
+        with contextlib.suppress(OSError):
+            if UID_BASE <= (owner := d.stat().st_uid) < UID_BASE + UID_SLOTS:
+                scratch.setdefault(owner, []).append(d)
+    cgroups = {int(d.name.removeprefix("ctops-sbx-")) for b in conf.cgroup_bases for d in b.glob("ctops-sbx-*")
+               if d.name.removeprefix("ctops-sbx-").isdigit()}
+    LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+    for uid in set(scratch) | cgroups:
+        fd = os.open(LOCK_DIR / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            for d in scratch.get(uid, []):
+                shutil.rmtree(d, ignore_errors=True)
+            if uid in cgroups:
+                cg = RunCgroup(conf.budget, [b / f"ctops-sbx-{uid}" for b in conf.cgroup_bases])
+                cg.kill()
+                with contextlib.suppress(OSError):
+                    cg.remove()
+        finally:
+            os.close(fd)
+
+
 @contextlib.asynccontextmanager
 async def _uid_slot() -> AsyncIterator[int | None]:
     """An unused uid for this run while the server is root; None when it is not."""
