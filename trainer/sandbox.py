@@ -406,7 +406,7 @@ async def run(exercise: Exercise, code: str, limits: Limits) -> RunResult:
         cgroup = None
         try:
             cgroup = await asyncio.to_thread(_make_cgroup, conf, uid, limits)
-            out, err, events, returncode, wall_hit, overflow = await _run_in(
+            err, events, returncode, wall_hit, overflow = await _run_in(
                 scratch, exercise, limits, uid, conf, cgroup)
             oom_kills = cgroup.oom_kills() if cgroup is not None else 0
         finally:
@@ -432,8 +432,9 @@ async def _send(stdin: asyncio.StreamWriter, data: bytes) -> None:
 
 
 async def _run_in(scratch: Path, exercise: Exercise, limits: Limits, uid: int | None, conf: Confinement,
-                  cgroup: RunCgroup | None) -> tuple[bytes, bytes, list[dict], int | None, bool, bool]:
-    """(stdout, stderr, events from the results pipe, exit status, wall time hit, output overflowed)."""
+                  cgroup: RunCgroup | None) -> tuple[bytes, list[dict], int | None, bool, bool]:
+    """(stderr, events from the results pipe, exit status, wall time hit, output overflowed). The
+    learner's stdout is read only to be capped: it carries no results."""
     results_r, results_w = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -494,7 +495,7 @@ async def _run_in(scratch: Path, exercise: Exercise, limits: Limits, uid: int | 
             e = json.loads(line)
             if isinstance(e, dict):
                 events.append(e)
-    return bytes(out), bytes(err), events, proc.returncode, wall_hit, overflow
+    return bytes(err), events, proc.returncode, wall_hit, overflow
 
 
 def _tests(exercise: Exercise, events: list[dict]) -> list[TestResult]:
