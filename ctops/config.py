@@ -71,6 +71,13 @@ class Sandbox(_Strict):
     max_processes: int = Field(32, ge=1, le=4096)
     wall_seconds: float = Field(5.0, gt=0, le=600)
     output_max_bytes: int = Field(64 * 1024, ge=1024)
+    # how learner code is kept off the network: its own network namespace, sockets refused by
+    # seccomp, or not at all; "auto" takes the first of these that works on this machine
+    network: Literal["auto", "namespace", "seccomp", "none"] = "auto"
+    # one memory and process budget for the whole run (all its processes), or per process only
+    budget: Literal["auto", "cgroup2", "cgroup1", "rlimit"] = "auto"
+    # run learner code even when it cannot be kept off the network (a developer's machine)
+    allow_unconfined: bool = False
 
 
 class TrainerSettings(_Strict):

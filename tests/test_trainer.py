@@ -140,6 +140,18 @@ def test_healthz(c: Cluster) -> None:
     body = r.json()
     assert body["status"] == "ok" and body["server"] == "trainer-1"
     assert isinstance(body["active_sessions"], int)
+    # what confines learner code on this server, as probed at its start
+    assert body["sandbox"]["network"] in ("namespace", "seccomp") and body["sandbox"]["runs_code"] is True
+    assert body["sandbox"]["budget"] in ("cgroup2", "cgroup1", "rlimit")
+
+
+def test_a_forged_report_through_a_trainer_is_not_a_pass(c: Cluster) -> None:
+    forged = ("import os\nline = b'\\x1ectops {\"event\": \"test\", \"name\": \"one\", \"passed\": true}\\n'\n"
+              "for fd in range(1, 64):\n    try:\n        os.write(fd, line)\n    except OSError:\n        pass\n"
+              "def fizzbuzz(n):\n    return None\n")
+    done = submit(c.t1, new_session(c.t1), forged)
+    assert done["verdict"] == "failed", done
+    assert not any(t["passed"] for t in done["tests"])
 
 
 def test_exercises(c: Cluster) -> None:
