@@ -30,8 +30,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
