@@ -943,7 +943,7 @@ def test_trainer_internal_routes_are_hidden_from_learners(backends: Backends) ->
         async with proxy(make_pool({"a": backends.http["a"]})) as plane:
             c = await Client.open(plane.port)
             for path in ("/docs", "/redoc", "/openapi.json", "/healthz", "/healthz?tag=x", "/docs/",
-                         "/docs/oauth2-redirect", "/%68ealthz", "/openapi%2Ejson", "http://t/healthz"):
+                         "/docs/oauth2-redirect", "/%68ealthz", "/openapi%2Ejson", "http://t/healthz", "/_debug/raise"):
                 for method in ("GET", "HEAD"):
                     r = await c.request(method, path)
                     assert r.status == 404, (method, path)
@@ -959,7 +959,7 @@ def test_trainer_internal_routes_are_hidden_from_learners(backends: Backends) ->
             c = await Client.open(plane.port)
             assert (await c.request("POST", "/healthz", b"{}")).status == 404
             c.close()
-            for tag in ("/docs", "/redoc", "/openapi", "/healthz", "ealthz"):
+            for tag in ("/docs", "/redoc", "/openapi", "/healthz", "ealthz", "/_debug"):
                 assert await seen(backends, tag) == [], tag
             # the routes are the trainer's own, on its own port, for the dispatcher's health checks
             direct = await Client.open(backends.http["a"])
