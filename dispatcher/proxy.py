@@ -215,6 +215,9 @@ def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bo
         if kind == _COPY:
             if drop is None or name.lower() not in drop:
                 out += (name, b": ", value, b"\r\n")
+        elif kind == _HOST:
+            hosts += 1
+            out += (name, b": ", value, b"\r\n")
         elif kind == _CLEN:
             clen = value
             out += (name, b": ", value, b"\r\n")
@@ -223,9 +226,6 @@ def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bo
             out += (name, b": ", value, b"\r\n")
         elif kind == _IDEM:
             idem = True
-            out += (name, b": ", value, b"\r\n")
-        elif kind == _HOST:
-            hosts += 1
             out += (name, b": ", value, b"\r\n")
         elif kind == _CONNECTION:
             conn = value if conn is None else conn + b", " + value
