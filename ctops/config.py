@@ -144,6 +144,14 @@ class RedisSettings(_Strict):
     sentinel_password_env: str | None = Field(None, min_length=1)
     # address ("host:port") -> node name, for status and chaos; unnamed nodes show as host:port
     nodes: dict[str, str] = Field(default_factory=dict)
+    # writes that must not be lost (e.g. a new leadership epoch) count only once this many replicas
+    # have them (WAIT); unset: 1 with Sentinels (a duplicated store), 0 for one node
+    replica_acks: int | None = Field(None, ge=0, le=10)
+    replica_ack_timeout_ms: int = Field(500, ge=1, le=60_000)
+
+    @property
+    def acks_needed(self) -> int:
+        return self.replica_acks if self.replica_acks is not None else (1 if self.sentinels else 0)
 
     @model_validator(mode="before")
     @classmethod
