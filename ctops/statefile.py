@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -25,13 +26,22 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
-def write(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+def write_private(path: str | os.PathLike[str], text: str) -> None:
+    """Write a file that holds secrets: mode 0600 from its creation (never readable by others, not
+    even briefly), replacing any older file atomically so readers never see a half-written one."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.chmod(tmp, 0o600)  # it holds tokens
-    tmp.replace(p)  # readers never see a half-written file
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(p)
+
+
+def write(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+    write_private(path, json.dumps(doc, indent=2))  # it holds tokens
 
 
 def ops_urls(doc: dict[str, Any]) -> list[str]:
