@@ -267,13 +267,14 @@ def test_deeply_nested_json_is_a_400_and_the_dispatcher_stays_up(disp: Cluster) 
         httpx.post(f"{url}/api/7/envelope/", content=bomb + b"\n", headers=sentry),
         httpx.post(f"{url}/api/7/store/", content=bomb, headers=sentry),
         # under the interpreter's limit but over ours: refused by depth, not by the stack
-        httpx.post(f"{url}/api/7/store/", content=b'{"extra": {"a": ' + b"[" * 200 + b"]" * 200 + b"}}",
-                   headers=sentry),
+        httpx.post(f"{url}/api/7/store/", headers=sentry, content=b'{"event_id": "%s", "message": "m", "extra": '
+                   b'{"a": %s}}' % (uuid.uuid4().hex.encode(), b"[" * 200 + b"]" * 200)),
         httpx.post(f"{url}/api/v1/exceptions", content=b'{"events": ' + bomb + b"}", headers=h),
         httpx.post(f"{url}/api/v1/heartbeat", content=bomb, headers=h),
     ]
     assert [r.status_code for r in cases] == [400] * len(cases), [r.text[:200] for r in cases]
     assert all(set(r.json()) == {"error", "detail"} for r in cases)
+    assert "nested deeper than 64 levels" in cases[3].json()["error"]
     assert httpx.get(f"{url}/api/v1/whoami", headers=disp.auth("viewer")).status_code == 200
 
 
