@@ -330,3 +330,8 @@ def test_a_chunked_oversized_body_is_refused_by_the_trainer_and_the_ops_api(runn
                                 {"Authorization": f"Bearer {c.tokens['agent']}"})
     assert status == 413 and json.loads(body)["error"].startswith("request body over")
     assert c.state()["leader"] == "A"
+    # the LLM pool behind the data port: the same limit code, in OpenAI's error shape
+    status, body = send_chunked(c.data_url(), "/llm/v1/chat/completions", 4 * 1024 * 1024, {})
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    models = httpx.get(c.data_url() + "/llm/v1/models", timeout=5)
+    assert models.status_code == 200 and models.json()["data"]
