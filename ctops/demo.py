@@ -40,7 +40,22 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
-def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[str, str]) -> dict[str, Any]:
+def agent_token_env(host: str) -> str:
+    return "CTOPS_AGENT_TOKEN_" + host.upper().replace("-", "_")
+
+
+PEER_TOKEN_ENV = "CTOPS_PEER_TOKEN"
+
+
+def new_tokens() -> dict[str, Any]:
+    """Staff tokens, one agent token per host and the dispatchers' peer credential. `agent` (host-1's)
+    stays for scripts written before agent tokens were bound to hosts."""
+    agents = {f"host-{i}": new_token() for i in range(1, HOSTS + 1)}
+    return {"operator": new_token(), "viewer": new_token(), "agent": agents["host-1"], "agents": agents,
+            "peer": new_token()}
+
+
+def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[str, Any]) -> dict[str, Any]:
     """The deployment file the demo's processes read, and the addresses it chose."""
     disp = [{"name": n, "data": f"127.0.0.1:{ports.take()}", "ops": f"127.0.0.1:{ports.take()}"} for n in DISPATCHERS]
     trainers = [{"name": f"trainer-{i}", "port": ports.take(), "host": f"host-{i}"} for i in range(1, HOSTS + 1)]
@@ -69,22 +84,27 @@ def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[
         'affinity_key_env = "CTOPS_AFFINITY_KEY"',
     ]
     for d in disp:
-        out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"']
+        out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"',
+                f'peer_token_env = "{PEER_TOKEN_ENV}"']
     for t in trainers:
         out += ["", "[[servers]]", f'name = "{t["name"]}"', f'url = "http://127.0.0.1:{t["port"]}"',
                 f'host = "{t["host"]}"']
     for t in trainers:
         cmd = ctops_argv("trainer", "--config", str(path.resolve()), "--name", t["name"])
-        out += ["", "[[agents]]", f'name = "{t["host"]}"', "", "[[agents.processes]]", f'name = "{t["name"]}"',
+        out += ["", "[[agents]]", f'name = "{t["host"]}"', f'token_env = "{agent_token_env(t["host"])}"', "",
+                "[[agents.processes]]", f'name = "{t["name"]}"',
                 f"command = {_toml_list(cmd)}", "[agents.processes.liveness]", 'kind = "http"',
                 f'url = "http://127.0.0.1:{t["port"]}/healthz"', "interval_ms = 500", "timeout_ms = 400",
                 "failures = 2"]
     for prio, p in enumerate(llm, start=1):
         out += ["", "[[llm_providers]]", f'name = "{p["name"]}"', f'base_url = "http://127.0.0.1:{p["port"]}/v1"',
                 'model = "gpt-4"', 'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 5000"]
-    for role, tok in tokens.items():
-        out += ["", "[[tokens]]", f'name = "demo-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tok)}"']
-    statefile.write_private(path, "\n".join(out) + "\n")
+    for role in ("operator", "viewer", "peer"):
+        out += ["", "[[tokens]]", f'name = "demo-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tokens[role])}"']
+    for host, tok in tokens["agents"].items():
+        out += ["", "[[tokens]]", f'name = "demo-agent-{host}"', 'role = "agent"', f'host = "{host}"',
+                f'sha256 = "{hash_token(tok)}"']
+    statefile.write_private(path, "\n".join(out) + "\n")  # it holds token hashes
     return {"dispatchers": disp, "trainers": trainers, "llm": llm}
 
 
@@ -129,12 +149,12 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
                           ports=[ports.take() for _ in range(6)]).start()
     children: list[Child] = []
     try:
-        tokens = {"operator": new_token(), "viewer": new_token(), "agent": new_token()}
+        tokens = new_tokens()
         cfg = work / "demo.toml"
         layout = write_deployment(cfg, store.toml(PREFIX), ports, tokens)
         from trainer.fake_llm import CONTROL_TOKEN_ENV  # noqa: PLC0415 - keeps `ctops --help` fast
 
-        env = {"CTOPS_DEMO_LLM_KEY": "demo-key", "CTOPS_AGENT_TOKEN": tokens["agent"],
+        env = {"CTOPS_DEMO_LLM_KEY": "demo-key",
                "CTOPS_LLM_CLIENT_KEY": new_token(),
                # signs the dispatchers' affinity cookies (both must share it); switches the fakes' modes
                "CTOPS_AFFINITY_KEY": new_token(), CONTROL_TOKEN_ENV: new_token(),
@@ -147,10 +167,13 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
                                   str(logs / f"llm-{p['name']}.log"), env))
         for d in layout["dispatchers"]:
             children.append(spawn(d["name"], ctops_argv("dispatcher", "--config", str(cfg), "--name", d["name"]),
-                                  str(logs / f"dispatcher-{d['name']}.log"), env_dispatcher))
+                                  str(logs / f"dispatcher-{d['name']}.log"),
+                                  {**env_dispatcher, PEER_TOKEN_ENV: tokens["peer"]}))
         for t in layout["trainers"]:
+            # each agent (and the trainer it starts) holds only its own host's token
             children.append(spawn(t["host"], ctops_argv("agent", "--config", str(cfg), "--name", t["host"]),
-                                  str(logs / f"agent-{t['host']}.log"), env_agent))
+                                  str(logs / f"agent-{t['host']}.log"),
+                                  {**env_agent, agent_token_env(t["host"]): tokens["agents"][t["host"]]}))
         ops = [f"http://{d['ops']}" for d in layout["dispatchers"]]
         st = asyncio.run(_wait_ready(ops, tokens["viewer"], HOSTS, HOSTS, timeout=60))
     except BaseException:
