@@ -54,20 +54,38 @@ def previous_run(work: Path, base_port: int) -> dict[str, Any]:
     try:
         doc = json.loads((work / LAST_RUN).read_text())
         ports = [int(p) for p in doc["ports"]]
-        tokens = {r: str(doc["tokens"][r]) for r in ("operator", "viewer", "agent")}
-        llm_key = str(doc["llm_client_key"])
+        tokens, keys = doc["tokens"], {k: str(doc["keys"][k]) for k in ("llm_client", "affinity")}
     except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    fresh = new_tokens()  # tokens of another shape (an older version wrote them) are not reused
+    if not isinstance(tokens, dict) or set(tokens) != set(fresh) or set(tokens.get("agents") or {}) != set(
+            fresh["agents"]):
         return {}
     if doc.get("base_port") != base_port or not all(port_free("127.0.0.1", p) for p in ports):
         return {}
-    return {"ports": ports, "tokens": tokens, "llm_client_key": llm_key}
+    return {"ports": ports, "tokens": tokens, "keys": keys}
 
 
 def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
-def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[str, str]) -> dict[str, Any]:
+def agent_token_env(host: str) -> str:
+    return "CTOPS_AGENT_TOKEN_" + host.upper().replace("-", "_")
+
+
+PEER_TOKEN_ENV = "CTOPS_PEER_TOKEN"
+
+
+def new_tokens() -> dict[str, Any]:
+    """Staff tokens, one agent token per host and the dispatchers' peer credential. `agent` (host-1's)
+    stays for scripts written before agent tokens were bound to hosts."""
+    agents = {f"host-{i}": new_token() for i in range(1, HOSTS + 1)}
+    return {"operator": new_token(), "viewer": new_token(), "agent": agents["host-1"], "agents": agents,
+            "peer": new_token()}
+
+
+def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[str, Any]) -> dict[str, Any]:
     """The deployment file the demo's processes read, and the addresses it chose."""
     disp = [{"name": n, "data": f"127.0.0.1:{ports.take()}", "ops": f"127.0.0.1:{ports.take()}"} for n in DISPATCHERS]
     trainers = [{"name": f"trainer-{i}", "port": ports.take(), "host": f"host-{i}"} for i in range(1, HOSTS + 1)]
@@ -90,24 +108,33 @@ def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[
         "[llm]",
         "# the pool on the data port asks its clients (the trainers) for this key",
         'client_key_env = "CTOPS_LLM_CLIENT_KEY"',
+        "",
+        "[proxy]",
+        "# signs the affinity cookie; both dispatchers share it, so a session keeps its server across a failover",
+        'affinity_key_env = "CTOPS_AFFINITY_KEY"',
     ]
     for d in disp:
-        out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"']
+        out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"',
+                f'peer_token_env = "{PEER_TOKEN_ENV}"']
     for t in trainers:
         out += ["", "[[servers]]", f'name = "{t["name"]}"', f'url = "http://127.0.0.1:{t["port"]}"',
                 f'host = "{t["host"]}"']
     for t in trainers:
         cmd = ctops_argv("trainer", "--config", str(path.resolve()), "--name", t["name"])
-        out += ["", "[[agents]]", f'name = "{t["host"]}"', "", "[[agents.processes]]", f'name = "{t["name"]}"',
+        out += ["", "[[agents]]", f'name = "{t["host"]}"', f'token_env = "{agent_token_env(t["host"])}"', "",
+                "[[agents.processes]]", f'name = "{t["name"]}"',
                 f"command = {_toml_list(cmd)}", "[agents.processes.liveness]", 'kind = "http"',
                 f'url = "http://127.0.0.1:{t["port"]}/healthz"', "interval_ms = 500", "timeout_ms = 400",
                 "failures = 2"]
     for prio, p in enumerate(llm, start=1):
         out += ["", "[[llm_providers]]", f'name = "{p["name"]}"', f'base_url = "http://127.0.0.1:{p["port"]}/v1"',
                 'model = "gpt-4"', 'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 5000"]
-    for role, tok in tokens.items():
-        out += ["", "[[tokens]]", f'name = "demo-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tok)}"']
-    statefile.write_private(path, "\n".join(out) + "\n")
+    for role in ("operator", "viewer", "peer"):
+        out += ["", "[[tokens]]", f'name = "demo-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tokens[role])}"']
+    for host, tok in tokens["agents"].items():
+        out += ["", "[[tokens]]", f'name = "demo-agent-{host}"', 'role = "agent"', f'host = "{host}"',
+                f'sha256 = "{hash_token(tok)}"']
+    statefile.write_private(path, "\n".join(out) + "\n")  # it holds token hashes
     return {"dispatchers": disp, "trainers": trainers, "llm": llm}
 
 
@@ -149,18 +176,24 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
     previous = previous_run(work, args.base_port)
     ports = Ports(args.base_port, previous.get("ports"))
     # the duplicated store: a primary, two replicas and three Sentinels, locked with fresh passwords
+    # (or, restarted on this workdir, with those of the last run: see EmbeddedStore)
     store = EmbeddedStore(work / "redis", secrets_=StoreSecrets.generate(), prefix=PREFIX,
                           ports=[ports.take() for _ in range(6)]).start()
     children: list[Child] = []
     try:
-        tokens = previous.get("tokens") or {"operator": new_token(), "viewer": new_token(), "agent": new_token()}
-        llm_key = previous.get("llm_client_key") or new_token()
+        tokens = previous.get("tokens") or new_tokens()
+        keys = previous.get("keys") or {"llm_client": new_token(), "affinity": new_token()}
         cfg = work / "demo.toml"
         layout = write_deployment(cfg, store.toml(PREFIX), ports, tokens)
         statefile.write_private(work / LAST_RUN, json.dumps({"base_port": args.base_port, "ports": ports.taken,
-                                                             "tokens": tokens, "llm_client_key": llm_key}))
-        env = {"CTOPS_DEMO_LLM_KEY": "demo-key", "CTOPS_AGENT_TOKEN": tokens["agent"],
-               "CTOPS_LLM_CLIENT_KEY": llm_key,
+                                                             "tokens": tokens, "keys": keys}))
+        from trainer.fake_llm import CONTROL_TOKEN_ENV  # noqa: PLC0415 - keeps `ctops --help` fast
+
+        env = {"CTOPS_DEMO_LLM_KEY": "demo-key",
+               "CTOPS_LLM_CLIENT_KEY": keys["llm_client"],
+               # signs the dispatchers' affinity cookies (both must share it: learners' cookies stay
+               # good across a restart too); switches the fakes' modes
+               "CTOPS_AFFINITY_KEY": keys["affinity"], CONTROL_TOKEN_ENV: new_token(),
                "CTOPS_LOG_DIR": str(logs), "PYTHONUNBUFFERED": "1"}
         # each process gets only its own role's Redis password (agents pass theirs on to the trainers)
         env_dispatcher = env | store.secrets.env(("dispatcher",))
@@ -170,10 +203,13 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
                                   str(logs / f"llm-{p['name']}.log"), env))
         for d in layout["dispatchers"]:
             children.append(spawn(d["name"], ctops_argv("dispatcher", "--config", str(cfg), "--name", d["name"]),
-                                  str(logs / f"dispatcher-{d['name']}.log"), env_dispatcher))
+                                  str(logs / f"dispatcher-{d['name']}.log"),
+                                  {**env_dispatcher, PEER_TOKEN_ENV: tokens["peer"]}))
         for t in layout["trainers"]:
+            # each agent (and the trainer it starts) holds only its own host's token
             children.append(spawn(t["host"], ctops_argv("agent", "--config", str(cfg), "--name", t["host"]),
-                                  str(logs / f"agent-{t['host']}.log"), env_agent))
+                                  str(logs / f"agent-{t['host']}.log"),
+                                  {**env_agent, agent_token_env(t["host"]): tokens["agents"][t["host"]]}))
         ops = [f"http://{d['ops']}" for d in layout["dispatchers"]]
         st = asyncio.run(_wait_ready(ops, tokens["viewer"], HOSTS, HOSTS, timeout=60))
     except BaseException:

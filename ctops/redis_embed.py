@@ -49,9 +49,36 @@ def find_redis_server() -> str:
 _handed_out: set[int] = set()
 
 
+_port_range: range | None = None
+
+
+def use_port_range(lo: int, hi: int) -> None:
+    """Hand out ports from LO..HI only, in this process. Parallel test workers each get their own
+    range below the kernel's ephemeral ports, so two workers never pick the same port in the moment
+    between choosing it and a child process binding it. Not inherited by child processes."""
+    global _port_range
+    _port_range = range(lo, hi + 1)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free now, and never one this process handed out before: ports are taken by child
     processes only later, and the kernel may offer a just-released port again meanwhile."""
+    ports = _port_range
+    if ports is not None:
+        for port in ports:
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
+                return port
+        raise RuntimeError(f"no free port left in {ports.start}-{ports.stop - 1}")
     while True:
         with socket.socket() as s:
             s.bind((host, 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -25,20 +26,22 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
-def write(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
-    write_private(path, json.dumps(doc, indent=2))  # it holds tokens and the store's passwords
-
-
 def write_private(path: str | os.PathLike[str], text: str) -> None:
-    """Replace a file with one only its owner can read, never readable by others even briefly."""
+    """Write a file that holds secrets: mode 0600 from its creation (never readable by others, not
+    even briefly), replacing any older file atomically so readers never see a half-written one."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(tmp, 0o600)
-    tmp.replace(p)  # readers never see a half-written file
+    tmp.replace(p)
+
+
+def write(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+    write_private(path, json.dumps(doc, indent=2))  # it holds tokens
 
 
 def redis_nodes(doc: dict[str, Any]) -> list[dict[str, Any]]:

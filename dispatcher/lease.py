@@ -88,6 +88,7 @@ class Lease:
         self._renewed_at = 0.0  # monotonic time of the last successful renewal (its start)
         self.on_change = on_change
         self.refused_writes = 0
+        self._rechecking = False
         self.ticks = 0  # progress, for the loop watch
         self.replica_acks = replica_acks
         # WAIT must fit in a tick, which is bounded by the renew interval
@@ -117,6 +118,26 @@ class Lease:
         if self.is_leader:
             log.warning("%s steps down: %s", self.name, why)
             self._set(False, self.epoch, None)
+
+    def recheck(self, why: str) -> None:
+        """Someone claims a newer term (a peer's heartbeat): ask the lease, not the claimant. Steps
+        down only if Redis shows the lease is no longer this dispatcher's at its epoch, so no message
+        on the ops port can make a leader with a valid lease let go."""
+        if not self.is_leader or self._rechecking:
+            return
+        self._rechecking = True
+        asyncio.get_running_loop().create_task(self._recheck(why))
+
+    async def _recheck(self, why: str) -> None:
+        try:
+            cur = await asyncio.wait_for(self.r.get(self.k.leader), timeout=self.renew_ms / 1000)
+        except (RedisError, OSError, TimeoutError):
+            return  # cut off from Redis: the TTL rule in tick() decides, as for any leader
+        finally:
+            self._rechecking = False
+        holder = cur.decode() if isinstance(cur, bytes) else cur
+        if self.is_leader and holder != f"{self.name}|{self.epoch}":
+            self.demote(f"{why}; the lease is {holder or 'free'}")
 
     async def tick(self) -> None:
         started = time.monotonic()

@@ -33,7 +33,13 @@ def test_headless_demo_status_chaos_and_clean_stop(tmp_path: Path) -> None:
         assert all(t["url"] and t["pid"] for t in doc["trainers"])
         assert len(doc["agents"]) == 3 and len(doc["llm_providers"]) == 2
         assert doc["redis"]["url"].startswith("redis://") and doc["redis"]["pid"]
-        assert set(doc["tokens"]) == {"operator", "viewer", "agent"}
+        assert {"operator", "viewer", "agent", "agents", "peer"} <= set(doc["tokens"])
+        # one token per host; `agent` is host-1's, for scripts written before that
+        assert set(doc["tokens"]["agents"]) == {"host-1", "host-2", "host-3"}
+        assert doc["tokens"]["agent"] == doc["tokens"]["agents"]["host-1"]
+        assert len(set(doc["tokens"]["agents"].values())) == 3
+        assert state_file.stat().st_mode & 0o777 == 0o600
+        assert Path(doc["config"]).stat().st_mode & 0o777 == 0o600
         # the duplicated store, all of it in the state file; files with secrets are the owner's only
         nodes = {n["name"]: n for n in doc["redis"]["nodes"]}
         assert {n: v["role"] for n, v in nodes.items()} == {

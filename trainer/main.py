@@ -21,17 +21,16 @@ def run(args: argparse.Namespace) -> int:
     harden()
     sandbox.become_subreaper()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
-    # exceptions go to the dispatchers (the agent's token), spooled next to the deployment file meanwhile
+    # exceptions go to the dispatchers (the host's agent token), spooled next to the deployment file meanwhile
     capture.from_env("trainer", spec.host or socket.gethostname(),
                      default_urls=[d.ops_url for d in deployment.dispatchers],
-                     default_token=os.environ.get("CTOPS_AGENT_TOKEN"),
+                     default_token=os.environ.get(deployment.host_token_env(spec.host)),
                      default_spool=Path(args.config).resolve().parent / "spool" / f"trainer-{args.name}",
                      context={"server": args.name})
-    try:
-        sandbox.interpreter(os.geteuid() == 0)
-    except RuntimeError as exc:
-        # still serve sessions and health; submissions will fail with this reason until it is fixed
-        logging.getLogger("trainer").error("sandbox unusable: %s", exc)
+    # probed and logged once, here: what confines learner code, or why it will not be run (sessions
+    # and health are still served; submissions then end in an error naming the reason)
+    conf = sandbox.confinement(deployment.sandbox)
+    sandbox.reclaim_leftovers(conf)
     host, port = spec.address
     app = create_app(deployment, args.name)
     if os.environ.get("CTOPS_TRAINER_DEBUG") == "1":
