@@ -35,6 +35,7 @@ from ctops.wire import (
 from dispatcher.llm.routes import llm_router
 from dispatcher.pool import now_ms
 from dispatcher.runtime import Runtime
+from dispatcher.store_routes import store_router
 
 log = logging.getLogger("ctops.dispatcher.ops")
 
@@ -285,6 +286,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
     app.include_router(exceptions_router(rt, require))
     if rt.llm is not None:
         app.include_router(llm_router(rt.llm, require, rt.store.audit, rt.spec.name))
+    app.include_router(store_router(rt.storewatch, require, rt.store.audit, rt.spec.name))
     return app
 
 
