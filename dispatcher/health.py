@@ -31,7 +31,9 @@ class CheckResult:
     ok: bool
     error: str | None = None
     active_sessions: int | None = None
-    store_unavailable: bool = False  # the server answered, and said it cannot reach the shared store
+    # the server answered, and said it cannot reach the shared store: alive (so the data plane's
+    # probe of a slow request does not evacuate it), and in rotation unless the store is only its problem
+    store_unavailable: bool = False
 
 
 async def check_once(b: Backend, timeout: float) -> CheckResult:
@@ -69,7 +71,7 @@ async def check_once(b: Backend, timeout: float) -> CheckResult:
     if status != 200:
         if status == 503 and isinstance(doc, dict) and doc.get("status") == STORE_UNAVAILABLE:
             why = str(doc.get("store_error") or "no answer")[:200]
-            return CheckResult(False, f"server cannot reach the shared store: {why}", sessions, True)
+            return CheckResult(True, f"server cannot reach the shared store: {why}", sessions, True)
         return CheckResult(False, f"health check answered HTTP {status}")
     return CheckResult(True, None, sessions)
 
@@ -112,8 +114,10 @@ class HealthChecker:
         r = await check_once(b, self.timeout)
         if r.store_unavailable:
             self.store_blind.add(b.name)
-            if not self.store_reachable():
-                r = CheckResult(True, None, r.active_sessions)  # a shared outage: the server itself is fine
+            if self.store_reachable():
+                r = CheckResult(False, r.error, r.active_sessions, True)  # the store is only this server's problem
+            else:
+                r = CheckResult(True, None, r.active_sessions, True)  # a shared outage: the server itself is fine
         else:
             self.store_blind.discard(b.name)
         apply_result(self.pool, b, r, self.fall, self.rise)

@@ -1,0 +1,80 @@
+"""A store (Redis) outage does not cascade (issue 11, item 5): with Redis frozen for ~5 s, agents
+restart no trainer, the dispatcher keeps every server in rotation and says "shared state
+unavailable" (not "host or network down"), learners' requests that need no store are served, those
+that need it get a 503 with Retry-After, no host is reported lost, and everything resumes by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from ctops.redis_embed import EmbeddedRedis
+from tests.cluster import Cluster, events, wait_for
+
+FREEZE_S = 5.0
+
+
+@contextmanager
+def frozen(redis: EmbeddedRedis) -> Iterator[float]:
+    assert redis.pid is not None
+    os.kill(redis.pid, signal.SIGSTOP)
+    try:
+        yield time.monotonic()
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+
+
+def running(c: Cluster) -> dict[str, tuple[int, int]]:
+    """Supervised process -> (pid, restarts), for those running."""
+    return {p["name"]: (p["pid"], p["restarts"]) for h in c.state()["hosts"] for p in h["processes"]
+            if p["state"] == "running"}
+
+
+def test_frozen_redis_restarts_nothing_and_is_reported_as_shared_state(
+        make_cluster: Callable[..., Cluster], redis_server: EmbeddedRedis) -> None:
+    c = make_cluster(hosts_with_agents=True)
+    c.start_all()
+    before = wait_for("three supervised trainers running", lambda: len(r := running(c)) == 3 and r, 60)
+    assert all(restarts == 0 for _, restarts in before.values())
+    wait_for("the store seen steadily", lambda: c.state()["store"]["available"], 30)
+    with httpx.Client(base_url=c.data_url(), timeout=10) as learner:
+        sid = learner.post("/api/sessions", json={"learner": "ada"}).json()["session_id"]
+        last_event = events(c)[-1]["id"]
+        seen: list[dict[str, Any]] = []
+        with frozen(redis_server) as t0:
+            st = wait_for("shared state unavailable", lambda: (s := c.state())["store"]["available"] is False and s,
+                          15)
+            assert "shared state unavailable" in st["store"]["diagnosis"]
+            wait_for("servers diagnosed as shared state unavailable",
+                     lambda: {s["diagnosis"] for s in c.state()["servers"]} == {"shared state unavailable"}, 10)
+            # learners: what needs no store is served; what needs it is a clear 503 to retry
+            for _ in range(6):
+                r = learner.get("/api/exercises")
+                assert r.status_code == 200, r.text
+            r = learner.get(f"/api/sessions/{sid}")
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            while time.monotonic() - t0 < FREEZE_S:
+                seen.append(c.state())
+                time.sleep(0.2)
+        # through the outage the dispatcher routed on what it knew: no server out, no host lost
+        assert {s["state"] for st in seen for s in st["servers"]} == {"up"}
+        assert {h["state"] for st in seen for h in st["hosts"]} <= {"alive", "late"}
+        wait_for("the store back", lambda: c.state()["store"]["available"], 30)
+        wait_for("learners served from the store again", lambda: learner.get(f"/api/sessions/{sid}").status_code
+                 == 200, 30)
+        assert learner.post("/api/sessions", json={"learner": "grace"}).status_code == 201
+    wait_for("diagnosis ok again", lambda: {s["diagnosis"] for s in c.state()["servers"]} == {"ok"}, 30)
+    wait_for("hosts alive", lambda: {h["state"] for h in c.state()["hosts"]} == {"alive"}, 30)
+    assert running(c) == before  # same pids, no restart
+    kinds = wait_for("store_unavailable and store_back events",
+                     lambda: (k := [e["kind"] for e in events(c, after=last_event)])
+                     and {"store_unavailable", "store_back"} <= set(k) and k, 30)
+    assert kinds.index("store_unavailable") < kinds.index("store_back")
+    assert not {"host_lost", "server_down", "server_suspect", "process_restarted"} & set(kinds), kinds
