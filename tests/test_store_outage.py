@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from ctops.procs import ctops_argv
 from ctops.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, events, wait_for
 
@@ -60,6 +62,9 @@ def test_frozen_redis_restarts_nothing_and_is_reported_as_shared_state(
                 assert r.status_code == 200, r.text
             r = learner.get(f"/api/sessions/{sid}")
             assert r.status_code == 503 and r.headers["retry-after"], r.text
+            check = subprocess.run(ctops_argv("status", "--url", c.ops_url(), "--token", c.viewer_token),
+                                   capture_output=True, text=True, timeout=60)
+            assert check.returncode == 2 and "store unavailable" in check.stdout.splitlines()[-1], check.stdout
             while time.monotonic() - t0 < FREEZE_S:
                 seen.append(c.state())
                 time.sleep(0.2)
