@@ -264,7 +264,7 @@ class StoreWatch:
                                             int(mr[0].get("config-epoch", "0") or 0)))
         return best[0], best[1]
 
-    async def _primary_round(self, addr: tuple[str, int]) -> dict[tuple[str, int], tuple[str, int]]:
+    async def _primary_round(self, addr: tuple[str, int]) -> dict[tuple[str, int], tuple[str, int]] | None:
         c = self._client(addr, "primary")
         async with asyncio.timeout(TIMEOUT_S):
             await c.ping()
@@ -273,7 +273,7 @@ class StoreWatch:
             async with asyncio.timeout(TIMEOUT_S):
                 info = await c.execute_command("INFO", "replication")
         except (RedisError, OSError, TimeoutError):
-            return {}  # lag is a detail (the role may not be allowed INFO); the store answered
+            return None  # a detail (the role may not be allowed INFO): the Sentinels' view stands in
         return parse_replication(_s(info) if not isinstance(info, dict) else
                                  "\n".join(f"{k}:{_flat(v)}" for k, v in info.items()))
 
@@ -286,7 +286,7 @@ class StoreWatch:
 
     async def round(self) -> None:
         self.checked_ms = now_ms()
-        replication: dict[tuple[str, int], tuple[str, int]] = {}
+        replication: dict[tuple[str, int], tuple[str, int]] | None = None
         if self.mode == "single":
             addr = self._single_addr()
             self.primary, self.primary_addr = self.node_name(addr), addr
@@ -338,18 +338,20 @@ class StoreWatch:
             log.warning("store primary changed: %s -> %s (epoch %d)", old_name, self.primary, epoch)
         self.config_epoch = epoch
 
-    def _replica_view(self, r: dict[str, str], replication: dict[tuple[str, int], tuple[str, int]]) -> StoreReplicaView:
+    def _replica_view(self, r: dict[str, str],
+                      replication: dict[tuple[str, int], tuple[str, int]] | None) -> StoreReplicaView:
         try:
             addr = (r["ip"], int(r["port"]))
         except (KeyError, ValueError):
             return StoreReplicaView(name=r.get("name", "?"), state="unknown")
-        seen = replication.get(addr)
+        seen = replication.get(addr) if replication is not None else None
         if _down(r):
             state = "down"
-        elif r.get("master-link-status", "ok") != "ok" or (seen is not None and seen[0] != "online"):
-            state = "syncing"
+        elif replication is not None:
+            # the primary's own list is current; a Sentinel refreshes a replica's link state only every 10 s
+            state = "up" if seen is not None and seen[0] == "online" else "syncing"
         else:
-            state = "up"
+            state = "up" if r.get("master-link-status", "ok") == "ok" else "syncing"
         lag = seen[1] * 1000 if seen is not None else None
         return StoreReplicaView(name=self.node_name(addr) or "?", state=state, lag_ms=lag,  # type: ignore[arg-type]
                                 address=f"{addr[0]}:{addr[1]}")

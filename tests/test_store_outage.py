@@ -16,9 +16,10 @@ from typing import Any
 
 import httpx
 
-from ctops.procs import ctops_argv
-from ctops.redis_embed import EmbeddedRedis
+from ctops.procs import ctops_argv, spawn
+from ctops.redis_embed import EmbeddedRedis, free_port
 from tests.cluster import Cluster, events, wait_for
+from tests.test_notifications import Receiver
 
 FREEZE_S = 5.0
 
@@ -42,6 +43,10 @@ def running(c: Cluster) -> dict[str, tuple[int, int]]:
 def test_frozen_redis_restarts_nothing_and_is_reported_as_shared_state(
         make_cluster: Callable[..., Cluster], redis_server: EmbeddedRedis) -> None:
     c = make_cluster(hosts_with_agents=True)
+    rx = Receiver()
+    with open(c.config, "a") as f:
+        f.write(f'[[webhooks]]\nname = "ops"\nurl = "http://127.0.0.1:{rx.port}/hook"\nmin_severity = "info"\n')
+    rx.up()
     c.start_all()
     before = wait_for("three supervised trainers running", lambda: len(r := running(c)) == 3 and r, 60)
     assert all(restarts == 0 for _, restarts in before.values())
@@ -50,12 +55,16 @@ def test_frozen_redis_restarts_nothing_and_is_reported_as_shared_state(
         sid = learner.post("/api/sessions", json={"learner": "ada"}).json()["session_id"]
         last_event = events(c)[-1]["id"]
         seen: list[dict[str, Any]] = []
+
+        def sample() -> dict[str, Any]:
+            seen.append(c.state())
+            return seen[-1]
+
         with frozen(redis_server) as t0:
-            st = wait_for("shared state unavailable", lambda: (s := c.state())["store"]["available"] is False and s,
-                          15)
+            st = wait_for("shared state unavailable", lambda: (s := sample())["store"]["available"] is False and s, 15)
             assert "shared state unavailable" in st["store"]["diagnosis"]
             wait_for("servers diagnosed as shared state unavailable",
-                     lambda: {s["diagnosis"] for s in c.state()["servers"]} == {"shared state unavailable"}, 10)
+                     lambda: {s["diagnosis"] for s in sample()["servers"]} == {"shared state unavailable"}, 10)
             # learners: what needs no store is served; what needs it is a clear 503 to retry
             for _ in range(6):
                 r = learner.get("/api/exercises")
@@ -66,8 +75,9 @@ def test_frozen_redis_restarts_nothing_and_is_reported_as_shared_state(
                                    capture_output=True, text=True, timeout=60)
             assert check.returncode == 2 and "store unavailable" in check.stdout.splitlines()[-1], check.stdout
             while time.monotonic() - t0 < FREEZE_S:
-                seen.append(c.state())
+                sample()
                 time.sleep(0.2)
+            sample()
         # through the outage the dispatcher routed on what it knew: no server out, no host lost
         assert {s["state"] for st in seen for s in st["servers"]} == {"up"}
         assert {h["state"] for st in seen for h in st["hosts"]} <= {"alive", "late"}
@@ -83,3 +93,31 @@ def test_frozen_redis_restarts_nothing_and_is_reported_as_shared_state(
                      and {"store_unavailable", "store_back"} <= set(k) and k, 30)
     assert kinds.index("store_unavailable") < kinds.index("store_back")
     assert not {"host_lost", "server_down", "server_suspect", "process_restarted"} & set(kinds), kinds
+    # and staff are told through the webhook too
+    delivered = wait_for("store events at the webhook", lambda: {e["kind"]: e for e in rx.events()
+                                                                 if e["kind"].startswith("store_")}, 30)
+    assert delivered["store_unavailable"]["severity"] == "critical"
+    assert "shared state unavailable" in delivered["store_unavailable"]["message"]
+    rx.down()
+
+
+def test_a_server_that_alone_cannot_reach_the_store_leaves_rotation(make_cluster: Callable[..., Cluster]) -> None:
+    """The other side of the rule: when the dispatcher reaches the store and one server does not, the
+    problem is that server's, and learners must not be sent there."""
+    c = make_cluster()
+    # trainer-3 runs from a copy of the deployment whose Redis address answers nothing
+    bad = c.root / "cut-off.toml"
+    bad.write_text(c.config.read_text().replace(c.redis.url, f"redis://127.0.0.1:{free_port()}/0"))
+    for name in ("primary", "secondary", "trainer-1", "trainer-2"):
+        c.start(name)
+    c.children["trainer-3"] = spawn("trainer-3", ctops_argv("trainer", "--config", str(bad), "--name", "trainer-3"),
+                                    str(c.root / "logs" / "trainer-3.log"), c.env)
+    c.start("A")
+    s = c.wait_state("trainer-3", "down")
+    assert "cannot reach the shared store" in s["last_error"]
+    c.wait_state("trainer-1", "up")
+    c.wait_state("trainer-2", "up")
+    assert c.state()["store"]["available"] is True
+    # new learners (no session cookie yet) are spread over the servers that can serve them
+    served = {httpx.post(c.data_url() + "/api/sessions", json={}, timeout=10).json()["server"] for _ in range(9)}
+    assert served == {"trainer-1", "trainer-2"}
