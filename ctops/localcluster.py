@@ -6,6 +6,7 @@ end; callers talk to them over HTTP exactly as staff, agents and learners would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ import httpx
 
 from ctops.auth import hash_token, new_token
 from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops.redis_embed import EmbeddedRedis, EmbeddedStore, free_port, redis_toml
 
 T = TypeVar("T")
 
@@ -43,7 +44,8 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, ev
 @dataclass
 class Cluster:
     root: Path
-    redis: EmbeddedRedis
+    # one locked node (fast; the standard test cluster) or the duplicated store with Sentinels
+    redis: EmbeddedRedis | EmbeddedStore
     prefix: str
     trainers: int = 3
     dispatchers: tuple[str, ...] = ("A",)
@@ -59,9 +61,13 @@ class Cluster:
         self.ports |= {f"{d}.ops": free_port() for d in self.dispatchers}
         self.ports |= {f"trainer-{i}": free_port() for i in range(1, self.trainers + 1)}
         self.ports |= {p: free_port() for p in ("primary", "secondary")}
+        # the cluster's own ACL users, limited to its key prefix (many clusters share the test Redis)
+        tag = hashlib.sha1(self.prefix.encode()).hexdigest()[:10]
+        self.redis_users = self.redis.add_service_users(self.prefix, tag)
         self.config = self.root / "ctops.toml"
         self.config.write_text(self._toml())
-        self.env = {"CTOPS_AGENT_TOKEN": self.tokens["agent"], "CTOPS_DEMO_LLM_KEY": "k", "PYTHONUNBUFFERED": "1"}
+        self.env = {"CTOPS_AGENT_TOKEN": self.tokens["agent"], "CTOPS_DEMO_LLM_KEY": "k", "PYTHONUNBUFFERED": "1",
+                    **self.redis.secrets.env()}
 
     # --- deployment file -----------------------------------------------------------------------
     @property
@@ -73,7 +79,7 @@ class Cluster:
                    "fall": 2, "rise": 2, "heartbeat_timeout_ms": 2000,
                    # short, so that freezing a dispatcher in a test also shows it does not exit on thaw
                    "loop_blocked_exit_ms": 2000, **self.timings}
-        out = ['cluster = "test"', "[redis]", f'url = "{self.redis.url}"', f'prefix = "{self.prefix}"', "[timings]"]
+        out = ['cluster = "test"', self._redis_toml(), "[timings]"]
         out += [f"{k} = {v}" for k, v in timings.items()]
         for d in self.dispatchers:
             out += ["[[dispatchers]]", f'name = "{d}"', f'data = "127.0.0.1:{self.ports[d + ".data"]}"',
@@ -94,6 +100,11 @@ class Cluster:
         for role, tok in self.tokens.items():
             out += ["[[tokens]]", f'name = "test-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tok)}"']
         return "\n".join(out) + "\n" + (self.extra_toml.strip() + "\n" if self.extra_toml else "")
+
+    def _redis_toml(self) -> str:
+        if isinstance(self.redis, EmbeddedStore):
+            return self.redis.toml(self.prefix, self.redis_users)
+        return redis_toml(self.prefix, url=f"redis://{self.redis.address}/0", usernames=self.redis_users)
 
     # --- processes -----------------------------------------------------------------------------
     def start(self, name: str) -> Child:

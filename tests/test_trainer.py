@@ -137,10 +137,23 @@ def submit(base: str, sid: str, code: str, exercise: str = "fizzbuzz") -> dict:
 def test_healthz_and_readyz(c: Cluster) -> None:
     r = httpx.get(c.t1 + "/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "server": "trainer-1"}
+    live = r.json()
+    assert live["status"] == "ok" and live["server"] == "trainer-1" and "active_sessions" not in live
+    # what confines learner code on this server, as probed at its start
+    assert live["sandbox"]["network"] in ("namespace", "seccomp") and live["sandbox"]["runs_code"] is True
+    assert live["sandbox"]["budget"] in ("cgroup2", "cgroup1", "rlimit")
     body = httpx.get(c.t1 + "/readyz").json()
     assert body["status"] == "ok" and body["store"] == "ok" and body["server"] == "trainer-1"
     assert isinstance(body["active_sessions"], int)
+
+
+def test_a_forged_report_through_a_trainer_is_not_a_pass(c: Cluster) -> None:
+    forged = ("import os\nline = b'\\x1ectops {\"event\": \"test\", \"name\": \"one\", \"passed\": true}\\n'\n"
+              "for fd in range(1, 64):\n    try:\n        os.write(fd, line)\n    except OSError:\n        pass\n"
+              "def fizzbuzz(n):\n    return None\n")
+    done = submit(c.t1, new_session(c.t1), forged)
+    assert done["verdict"] == "failed", done
+    assert not any(t["passed"] for t in done["tests"])
 
 
 def test_exercises(c: Cluster) -> None:

@@ -25,7 +25,7 @@ from redis.asyncio.client import Pipeline
 
 from ctops.config import Deployment
 from ctops.keys import Keys
-from trainer import review
+from trainer import review, sandbox
 from trainer.exercises import EXERCISES
 from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprint
 from trainer.lease import Lease
@@ -80,13 +80,14 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis_client or connect(deployment.redis.url)
+        client = redis_client or connect(deployment.redis)
         app.state.store = Store(client, keys, server_name)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
         reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
         app.state.worker = Worker(app.state.store, keys, server_name, deployment, reviewer, runs)
         app.state.idem = Idempotency(client, keys, server_name, deployment.trainer)
         app.state.worker.start_loops()
+        app.state.sandbox = (await asyncio.to_thread(sandbox.confinement, deployment.sandbox)).to_dict()
         app.state.probe = StoreProbe(app.state.store)
         await app.state.probe.start()
         try:
@@ -134,10 +135,10 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
                             headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
     @app.get("/healthz")
-    async def healthz() -> JSONResponse:
+    async def healthz(request: Request) -> JSONResponse:
         """Liveness: this process answers. Never touches Redis: a store outage must not get healthy
         servers restarted by their agents."""
-        return JSONResponse({"status": "ok", "server": server_name})
+        return JSONResponse({"status": "ok", "server": server_name, "sandbox": request.app.state.sandbox})
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
