@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--name", default="fake")
     f.add_argument("--mode", default="ok", help="ok | 500 | 429 | hang | slow")
     f.add_argument("--delay-ms", type=int, default=0)
+    f.add_argument("--control-token-env", default="CTOPS_FAKE_LLM_CONTROL_TOKEN",
+                   help="the environment variable holding the token that POST /_fake/* (switching the "
+                        "mode) requires as `Authorization: Bearer`; unset: switching is refused")
 
     c = sub.add_parser("console", help="the staff console (Textual)")
     _cluster_args(c)

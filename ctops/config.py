@@ -65,6 +65,19 @@ class Limits(_Strict):
     replay_max_bytes: int = Field(64 * 1024, ge=0, le=16 * 1024 * 1024)
 
 
+class ProxyConfig(_Strict):
+    """The data plane's own secrets (its limits are under [limits], its timeouts under [timings])."""
+
+    # the environment variable holding the key that signs the affinity cookie; every dispatcher of a
+    # deployment needs the same one, or a session's cookie means nothing to the others. Unset: a
+    # random key per process (and a warning)
+    affinity_key_env: str | None = None
+
+    @property
+    def affinity_key(self) -> bytes:
+        return os.environ.get(self.affinity_key_env, "").encode() if self.affinity_key_env else b""
+
+
 class Sandbox(_Strict):
     cpu_seconds: int = Field(2, ge=1, le=600)
     memory_mb: int = Field(256, ge=16, le=65_536)
@@ -332,6 +345,7 @@ class Deployment(_Strict):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     timings: Timings = Field(default_factory=Timings)
     limits: Limits = Field(default_factory=Limits)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     sandbox: Sandbox = Field(default_factory=Sandbox)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     dispatchers: list[DispatcherSpec] = Field(min_length=1)

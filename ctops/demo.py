@@ -66,6 +66,10 @@ def write_deployment(path: Path, redis_url: str, ports: Ports, tokens: dict[str,
         "[llm]",
         "# the pool on the data port asks its clients (the trainers) for this key",
         'client_key_env = "CTOPS_LLM_CLIENT_KEY"',
+        "",
+        "[proxy]",
+        "# signs the affinity cookie; both dispatchers share it, so a session keeps its server across a failover",
+        'affinity_key_env = "CTOPS_AFFINITY_KEY"',
     ]
     for d in disp:
         out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"']
@@ -126,8 +130,12 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedRedis, dict[st
         tokens = {"operator": new_token(), "viewer": new_token(), "agent": new_token()}
         cfg = work / "demo.toml"
         layout = write_deployment(cfg, redis.url, ports, tokens)
+        from trainer.fake_llm import CONTROL_TOKEN_ENV  # noqa: PLC0415 - keeps `ctops --help` fast
+
         env = {"CTOPS_DEMO_LLM_KEY": "demo-key", "CTOPS_AGENT_TOKEN": tokens["agent"],
                "CTOPS_LLM_CLIENT_KEY": new_token(),
+               # signs the dispatchers' affinity cookies (both must share it); switches the fakes' modes
+               "CTOPS_AFFINITY_KEY": new_token(), CONTROL_TOKEN_ENV: new_token(),
                "CTOPS_LOG_DIR": str(logs), "PYTHONUNBUFFERED": "1"}
         for p in layout["llm"]:
             children.append(spawn(p["name"], ctops_argv("fake-llm", "--port", str(p["port"]), "--name", p["name"]),

@@ -20,6 +20,7 @@ import httpx
 from ctops.auth import hash_token, new_token
 from ctops.procs import Child, ctops_argv, spawn, stop_all
 from ctops.redis_embed import EmbeddedRedis, EmbeddedStore, free_port, redis_toml
+from trainer.fake_llm import CONTROL_TOKEN_ENV, control_token
 
 T = TypeVar("T")
 
@@ -67,7 +68,10 @@ class Cluster:
         self.config = self.root / "ctops.toml"
         self.config.write_text(self._toml())
         self.env = {"CTOPS_AGENT_TOKEN": self.tokens["agent"], "CTOPS_DEMO_LLM_KEY": "k", "PYTHONUNBUFFERED": "1",
-                    **self.redis.secrets.env()}
+                    **self.redis.secrets.env(),
+                    # the fakes' control token (callers send trainer.fake_llm.control_headers()) and the
+                    # key the dispatchers share to sign affinity cookies
+                    CONTROL_TOKEN_ENV: control_token(), "CTOPS_AFFINITY_KEY": new_token()}
 
     # --- deployment file -----------------------------------------------------------------------
     @property
@@ -79,7 +83,8 @@ class Cluster:
                    "fall": 2, "rise": 2, "heartbeat_timeout_ms": 2000,
                    # short, so that freezing a dispatcher in a test also shows it does not exit on thaw
                    "loop_blocked_exit_ms": 2000, **self.timings}
-        out = ['cluster = "test"', self._redis_toml(), "[timings]"]
+        out = ['cluster = "test"', self._redis_toml(), "[proxy]", 'affinity_key_env = "CTOPS_AFFINITY_KEY"',
+               "[timings]"]
         out += [f"{k} = {v}" for k, v in timings.items()]
         for d in self.dispatchers:
             out += ["[[dispatchers]]", f'name = "{d}"', f'data = "127.0.0.1:{self.ports[d + ".data"]}"',
