@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from ctops import redisconn
 from ctops.config import RedisSettings
 from ctops.keys import Keys
 from ctops.wire import Severity, StoreReplicaView, StoreSentinelView, StoreView
@@ -117,13 +117,6 @@ def parse_replication(info: str) -> dict[tuple[str, int], tuple[str, int]]:
     return out
 
 
-def _hostport(s: str, default_port: int) -> tuple[str, int]:
-    host, _, port = s.strip().rpartition(":")
-    if not host:
-        return s.strip().strip("[]"), default_port
-    return host.strip("[]"), int(port)
-
-
 class StoreWatch:
     def __init__(self, settings: RedisSettings, keys: Keys, name: str, is_leader: Callable[[], bool],
                  emit: Emit | None = None, interval: float = INTERVAL_S) -> None:
@@ -131,9 +124,9 @@ class StoreWatch:
         self.is_leader = is_leader
         self.emit = emit
         self.interval = interval
-        self.sentinel_addrs = [_hostport(a, 26379) for a in getattr(settings, "sentinels", None) or []]
-        self.service: str = getattr(settings, "service", None) or "ctops"
-        self.node_names: dict[str, str] = dict(getattr(settings, "nodes", None) or {})
+        self.sentinel_addrs = redisconn.sentinel_addresses(settings)
+        self.service = settings.service
+        self.node_names = dict(settings.nodes)
         self.rounds = 0  # progress, for the loop watch
         self.last_ok: float | None = None  # monotonic: the primary last answered
         self.ok_since: float | None = None  # monotonic: start of the current run of answers
@@ -216,7 +209,7 @@ class StoreWatch:
         c = self._clients.get(key)
         if c is None:
             if kind == "sentinel":
-                c = Redis(host=addr[0], port=addr[1], password=_sentinel_password(self.settings),
+                c = Redis(host=addr[0], port=addr[1], password=redisconn.sentinel_password(self.settings),
                           socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, decode_responses=True)
             elif self.mode == "single":
                 c = Redis.from_url(self.settings.url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
@@ -482,22 +475,6 @@ def _flat(v: Any) -> str:
 
 
 def _credentials(settings: RedisSettings) -> dict[str, str]:
-    """The dispatcher role's ACL user, when the deployment has per-role users ([redis.users])."""
-    users = getattr(settings, "users", None) or {}
-    user = users.get("dispatcher") if isinstance(users, dict) else getattr(users, "dispatcher", None)
-    if user is None:
-        return {}
-    out = {"username": user.username}
-    password = os.environ.get(user.password_env or "") if getattr(user, "password_env", None) else None
-    if password:
-        out["password"] = password
-    return out
-
-
-def _sentinel_password(settings: RedisSettings) -> str | None:
-    try:
-        from ctops import redisconn  # noqa: PLC0415 - the shared client module, where it exists
-    except ImportError:
-        return None
-    fn = getattr(redisconn, "sentinel_password", None)
-    return fn(settings) if fn else None
+    """The dispatcher role's ACL user, when the deployment names one ([redis.users])."""
+    username, password = redisconn.credentials(settings, "dispatcher")
+    return {"username": username, "password": password or ""} if username else {}
