@@ -297,7 +297,8 @@ class StoreWatch:
                     self.error = None
                 except (RedisError, OSError, TimeoutError) as exc:
                     self.error = f"primary {self.primary}: {_why(exc)}"
-            self.replicas = [self._replica_view(r, replication) for r in replicas]
+            # in a stable order for staff (Sentinels list replicas as they learnt them)
+            self.replicas = sorted((self._replica_view(r, replication) for r in replicas), key=lambda v: v.name)
         self._track_availability()
         if self.available():
             await self._sync_unconfirmed()
