@@ -28,6 +28,7 @@ log = logging.getLogger("ctops.dispatcher")
 
 # reads behind GET /api/v1/state give up this soon and fall back to what was read last
 STATE_READ_TIMEOUT_S = 0.5
+SYNC_ROUND_TIMEOUT_S = 2.0
 SHARED_STATE = "shared state unavailable"
 
 
@@ -173,20 +174,25 @@ class Runtime:
             if b is not None and b.admin != state:
                 self.pool.set_admin(b, state, "staff action")
 
+    async def _sync_once(self) -> None:
+        await self.sync_admin_once()
+        if self.lease.still_valid():
+            self._track_hosts(await self.host_views())
+        await self.store.announce(self.spec.name, {
+            "ops_url": self.spec.ops_url, "data_url": self.spec.data_url, "pid": os.getpid(),
+            "role": "leader" if self.lease.still_valid() else "standby",
+            "epoch": self.lease.epoch, "seen_ms": now_ms(),
+        }, ttl_ms=max(5000, self.dep.timings.lease_ttl_ms * 5))
+
     async def sync_loop(self) -> None:
         """Staff actions taken through any dispatcher reach this one within one tick."""
         while True:
             try:
-                await self.sync_admin_once()
-                if self.lease.still_valid():
-                    self._track_hosts(await self.host_views())
-                await self.store.announce(self.spec.name, {
-                    "ops_url": self.spec.ops_url, "data_url": self.spec.data_url, "pid": os.getpid(),
-                    "role": "leader" if self.lease.still_valid() else "standby",
-                    "epoch": self.lease.epoch, "seen_ms": now_ms(),
-                }, ttl_ms=max(5000, self.dep.timings.lease_ttl_ms * 5))
-            except (RedisError, OSError) as exc:
-                log.warning("sync with Redis failed: %s", exc)
+                # bounded: the store client waits out a failover (~11 s of retries), and a round stuck
+                # that long would look like a stalled loop to the loop watch, a false alarm for staff
+                await asyncio.wait_for(self._sync_once(), SYNC_ROUND_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("sync with Redis failed: %s", exc or type(exc).__name__)
             self.sync_rounds += 1
             await asyncio.sleep(0.25)
 
