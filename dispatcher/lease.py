@@ -83,6 +83,8 @@ class Lease:
         self.on_change = on_change
         self.refused_writes = 0
         self.ticks = 0  # progress, for the loop watch
+        # set by the runtime: True while a standby should not try to take the lease (see storewatch)
+        self.hold_off: Callable[[], bool] | None = None
         self._script = redis.register_script(_ACQUIRE_OR_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._fenced = redis.register_script(_FENCED)
@@ -112,6 +114,8 @@ class Lease:
         if self.is_leader and not self.still_valid():
             # frozen or cut off for longer than the TTL: another dispatcher may lead by now
             self.demote("lease not renewed within its TTL")
+        if not self.is_leader and self.hold_off is not None and self.hold_off():
+            return
         try:
             won, epoch, holder = await asyncio.wait_for(
                 self._script(keys=[self.k.leader, self.k.epoch, self.k.handover], args=[self.name, self.ttl_ms]),

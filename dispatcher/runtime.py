@@ -47,6 +47,7 @@ class Runtime:
         self.events = EventLog(redis, self.keys)
         self.storewatch = StoreWatch(dep.redis, self.keys, spec.name, self.lease.still_valid,
                                      emit=self._emit_store_event)
+        self.lease.hold_off = self.storewatch.defer_leadership
         # what was last read from the store, shown (marked by the store's state) while it is away
         self._hosts_raw: dict[str, tuple[Heartbeat | None, int | None]] = {}
         self._dispatchers_raw: dict[str, dict[str, str]] = {}

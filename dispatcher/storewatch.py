@@ -45,6 +45,8 @@ UNAVAILABLE_AFTER_S = 1.0
 # the store must answer this long in a row before a server that says it cannot reach it is blamed
 STEADY_AFTER_S = 2.0
 UNCONFIRMED_EVENT_EVERY_S = 10.0
+# after an outage, a dispatcher that did not lead leaves the lease this long to the one that did
+LEADERSHIP_HOLD_OFF_MS = 1000
 OUTAGES_KEPT = 16
 
 _pending_unconfirmed = 0
@@ -171,6 +173,16 @@ class StoreWatch:
             if hi > lo:
                 total += hi - lo
         return total
+
+    def defer_leadership(self) -> bool:
+        """While the store is away, and for a moment after, only the dispatcher that led when it went
+        away may take the lease: it does so at its first tick once the store is back, and a standby
+        that happened to tick first would make a needless leader change. Had the leader died meanwhile,
+        the standby takes over after the moment."""
+        if self._outage_owner or not self.outages:
+            return False
+        end = self.outages[-1][1]
+        return end is None or now_ms() - end < LEADERSHIP_HOLD_OFF_MS
 
     def view(self) -> StoreView:
         available = self.available()

@@ -130,3 +130,24 @@ def test_a_server_that_alone_cannot_reach_the_store_leaves_rotation(make_cluster
     # new learners (no session cookie yet) are spread over the servers that can serve them
     served = {httpx.post(c.data_url() + "/api/sessions", json={}, timeout=10).json()["server"] for _ in range(9)}
     assert served == {"trainer-1", "trainer-2"}
+
+
+def test_the_leader_keeps_leading_after_a_store_outage(make_cluster: Callable[..., Cluster],
+                                                       redis_server: EmbeddedRedis) -> None:
+    """No leader can renew while the store is away; once it is back, the one that led takes its lease
+    back, rather than whichever dispatcher happens to ask first (a needless leader change)."""
+    c = make_cluster(dispatchers=("A", "B"))
+    c.start_all()
+    leader = wait_for("one leader seen by both", lambda: (ls := {c.state(d)["leader"] for d in c.dispatchers})
+                      and len(ls) == 1 and None not in ls and ls.pop(), 60)
+    wait_for("the store seen steadily by both", lambda: all(c.state(d)["store"]["available"] for d in c.dispatchers))
+    last_event = events(c)[-1]["id"]
+    with frozen(redis_server) as t0:
+        wait_for("the outage seen by both", lambda: not any(c.state(d)["store"]["available"] for d in c.dispatchers),
+                 15)
+        while time.monotonic() - t0 < FREEZE_S:
+            time.sleep(0.2)
+    wait_for(f"{leader} leading again", lambda: all(c.state(d)["leader"] == leader for d in c.dispatchers), 30)
+    wait_for("store_back recorded", lambda: "store_back" in {e["kind"] for e in events(c, after=last_event)}, 30)
+    changes = [e["target"] for e in events(c, after=last_event) if e["kind"] == "leader_changed"]
+    assert set(changes) <= {leader}, changes
