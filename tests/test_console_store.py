@@ -209,6 +209,12 @@ def audit(c: Cluster) -> list[dict[str, str]]:
     return r.json()
 
 
+def store_view(c: Cluster) -> dict[str, Any]:
+    r = httpx.get(f"{c.ops_url()}/api/v1/store", headers=c.auth("viewer"), timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
 def failover_as(c: Cluster, role: str) -> httpx.Response:
     return httpx.post(f"{c.ops_url()}/api/v1/store/failover", headers=c.auth(role), timeout=30)
 
@@ -231,3 +237,5 @@ async def test_one_node_store_on_a_live_cluster(running_dispatcher: Cluster) -> 
     assert failover_as(c, "viewer").status_code == 403
     entry = next(e for e in audit(c) if e["action"] == "store_failover")
     assert entry["who"] == "test-operator" and entry["result"].startswith("refused: this store is one node")
+    view = store_view(c)
+    assert view["mode"] == "single" and view["primary"] == node and view["replicas"] == view["sentinels"] == []
