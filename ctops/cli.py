@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chaos", help="SIGKILL / SIGSTOP / SIGCONT a demo process by name")
     ch.add_argument("action", choices=["kill", "freeze", "thaw"])
-    ch.add_argument("target", help="a name from the state file, e.g. trainer-1, A, host-2, redis")
+    ch.add_argument("target", help="a name from the state file, e.g. trainer-1, A, host-2, redis-2, sentinel-1; "
+                    "or redis-primary, redis-replica-N: the node in that role now")
     ch.add_argument("--state-file", default=DEFAULT_STATE_FILE)
 
     lo = sub.add_parser("load", help="simulated learners against the dispatchers")
