@@ -34,6 +34,7 @@ class CheckResult:
     # the server answered, and said it cannot reach the shared store: alive (so the data plane's
     # probe of a slow request does not evacuate it), and in rotation unless the store is only its problem
     store_unavailable: bool = False
+    writes_unconfirmed: int | None = None  # the server's count of writes no replica confirmed in time
 
 
 async def check_once(b: Backend, timeout: float) -> CheckResult:
@@ -65,15 +66,16 @@ async def check_once(b: Backend, timeout: float) -> CheckResult:
         doc = json.loads(body) if body else {}
     except ValueError:
         pass
-    sessions = None
-    if isinstance(doc, dict) and isinstance(doc.get("active_sessions"), int):
-        sessions = doc["active_sessions"]
+    sessions = unconfirmed = None
+    if isinstance(doc, dict):
+        sessions = doc["active_sessions"] if isinstance(doc.get("active_sessions"), int) else None
+        unconfirmed = doc["writes_unconfirmed"] if isinstance(doc.get("writes_unconfirmed"), int) else None
     if status != 200:
         if status == 503 and isinstance(doc, dict) and doc.get("status") == STORE_UNAVAILABLE:
             why = str(doc.get("store_error") or "no answer")[:200]
-            return CheckResult(True, f"server cannot reach the shared store: {why}", sessions, True)
+            return CheckResult(True, f"server cannot reach the shared store: {why}", sessions, True, unconfirmed)
         return CheckResult(False, f"health check answered HTTP {status}")
-    return CheckResult(True, None, sessions)
+    return CheckResult(True, None, sessions, False, unconfirmed)
 
 
 def apply_result(pool: ServerPool, b: Backend, r: CheckResult, fall: int, rise: int) -> None:
@@ -107,11 +109,14 @@ class HealthChecker:
         # whether this dispatcher itself reaches the store (steadily): see the module doc
         self.store_reachable = store_reachable or (lambda: True)
         self.store_blind: set[str] = set()  # servers whose last check said the store is away
+        self.unconfirmed: dict[str, int] = {}  # per server, as its last readiness answer counted them
         self.rounds = 0  # progress, for the loop watch
         self.stall_for_test = False
 
     async def _check(self, b: Backend) -> None:
         r = await check_once(b, self.timeout)
+        if r.writes_unconfirmed is not None:
+            self.unconfirmed[b.name] = r.writes_unconfirmed
         if r.store_unavailable:
             self.store_blind.add(b.name)
             if self.store_reachable():

@@ -47,7 +47,8 @@ class Runtime:
                            ack_timeout_ms=dep.redis.replica_ack_timeout_ms)
         self.events = EventLog(redis, self.keys)
         self.storewatch = StoreWatch(dep.redis, self.keys, spec.name, self.lease.still_valid,
-                                     emit=self._emit_store_event)
+                                     emit=self._emit_store_event,
+                                     servers_unconfirmed=lambda: sum(self.health.unconfirmed.values()))
         self.lease.hold_off = self.storewatch.defer_leadership
         # what was last read from the store, shown (marked by the store's state) while it is away
         self._hosts_raw: dict[str, tuple[Heartbeat | None, int | None]] = {}

@@ -121,11 +121,15 @@ def parse_replication(info: str) -> dict[tuple[str, int], tuple[str, int]]:
 
 class StoreWatch:
     def __init__(self, settings: RedisSettings, keys: Keys, name: str, is_leader: Callable[[], bool],
-                 emit: Emit | None = None, interval: float = INTERVAL_S) -> None:
+                 emit: Emit | None = None, interval: float = INTERVAL_S,
+                 servers_unconfirmed: Callable[[], int] | None = None) -> None:
         self.settings, self.keys, self.name = settings, keys, name
         self.is_leader = is_leader
         self.emit = emit
         self.interval = interval
+        # trainers count their own (each since its start) and say so in their readiness answers
+        self.servers_unconfirmed = servers_unconfirmed or (lambda: 0)
+        self._confirm_seen = redisconn.CONFIRM.unconfirmed
         self.sentinel_addrs = redisconn.sentinel_addresses(settings)
         self.service = settings.service
         self.node_names = dict(settings.nodes)
@@ -406,6 +410,10 @@ class StoreWatch:
                 self._leader_event(f"store_{kind}_back", "info", f"store {kind} {name} is back ({state})", name)
 
     async def _sync_unconfirmed(self) -> None:
+        # this process's store client counts what it kept unconfirmed (ctops.redisconn.CONFIRM)
+        confirm = redisconn.CONFIRM.unconfirmed
+        note_unconfirmed_write(confirm - self._confirm_seen)
+        self._confirm_seen = confirm
         n = _take_unconfirmed()
         key = self.keys.store_writes_unconfirmed
         c = self._client(self.primary_addr or self._single_addr(), "primary")
@@ -415,6 +423,7 @@ class StoreWatch:
         except (RedisError, OSError, TimeoutError, ValueError):
             note_unconfirmed_write(n)  # counted next time
             return
+        total += self.servers_unconfirmed()
         self.writes_unconfirmed = total
         if self._unconfirmed_seen is None:
             self._unconfirmed_seen = total  # what was counted before this dispatcher started is not news

@@ -125,3 +125,24 @@ async def test_failover_from_the_console_is_confirmed_and_audited(cluster: Clust
     entry = next(e for e in audit(c) if e["action"] == "store_failover")
     assert entry["who"] == "test-operator" and entry["result"].startswith("ok: primary redis-1 -> redis-")
     assert topology(c)[0] in ("redis-2", "redis-3")
+
+
+def test_writes_no_replica_confirmed_are_counted_and_reported(cluster: Cluster, store: EmbeddedStore) -> None:
+    c = cluster
+    start = events(c)[-1]["id"]
+    replicas = [store.node("redis-2"), store.node("redis-3")]
+    for n in replicas:
+        assert n.pid is not None
+        os.kill(n.pid, signal.SIGSTOP)
+    try:
+        # at once, while the primary still counts its replicas as good: the write is taken, its WAIT
+        # times out, and the dispatcher keeps the staff action and counts it
+        r = httpx.post(f"{c.ops_url()}/api/v1/servers/trainer-2/disable", headers=c.auth("operator"), timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        for n in replicas:
+            os.kill(n.pid, signal.SIGCONT)  # type: ignore[arg-type]
+    counted = wait_for("the write counted", lambda: (n := c.state()["store"]["writes_unconfirmed"]) >= 1 and n, 30)
+    reported = wait_for("reported as an event", lambda: [e for e in events(c, after=start)
+                                                          if e["kind"] == "store_writes_unconfirmed"], 30)
+    assert "not confirmed by a replica" in reported[0]["message"] and counted >= 1

@@ -14,6 +14,7 @@ import time
 
 from redis.exceptions import RedisError
 
+from ctops import redisconn
 from trainer.store import Store
 
 log = logging.getLogger("trainer.readiness")
@@ -70,7 +71,9 @@ class StoreProbe:
                 await self._task
 
     def readiness(self, server: str) -> tuple[int, dict]:
-        body: dict = {"server": server, "active_sessions": self.active_sessions}
+        # transactions no replica confirmed in time since this server started (the dispatchers add them up)
+        body: dict = {"server": server, "active_sessions": self.active_sessions,
+                      "writes_unconfirmed": redisconn.CONFIRM.unconfirmed}
         if self.ok:
             return 200, {**body, "status": "ok", "store": "ok"}
         return 503, {**body, "status": "store-unavailable", "store": "unavailable", "store_error": self.error,
