@@ -38,6 +38,7 @@ from dispatcher.llm.routes import llm_router
 from dispatcher.pool import now_ms
 from dispatcher.ratelimit import FailureWindow, retry_after_header
 from dispatcher.runtime import Runtime
+from dispatcher.store_routes import store_router
 
 log = logging.getLogger("ctops.dispatcher.ops")
 
@@ -291,6 +292,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
     app.include_router(exceptions_router(rt, require, authenticate))
     if rt.llm is not None:
         app.include_router(llm_router(rt.llm, require, rt.store.audit, rt.spec.name))
+    app.include_router(store_router(rt.storewatch, require, rt.store.audit, rt.spec.name))
     return app
 
 
