@@ -257,6 +257,23 @@ def test_exception_flood_is_rate_limited_and_groups_are_capped_with_ttls(limited
     r.close()
 
 
+def test_a_huge_event_is_stored_trimmed(disp: Cluster) -> None:
+    huge = event(message="m" * 4000)
+    huge["frames"] = [{"filename": f"/srv/{'d' * 900}/f{i}.py", "module": f"pkg.mod{i}", "function": f"fn{i}",
+                       "lineno": i, "in_app": True, "context_line": "x" * 1000} for i in range(60)]
+    huge["context"] = {f"key{i}": "v" * 500 for i in range(40)}
+    assert len(json.dumps(huge)) > 100_000
+    r = httpx.post(f"{disp.ops_url()}/api/v1/exceptions", json={"events": [huge]}, headers=disp.auth("agent"),
+                   timeout=10)
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    gid = httpx.get(f"{disp.ops_url()}/api/v1/exceptions/groups", headers=disp.auth("viewer")).json()["groups"][0]["id"]
+    latest = httpx.get(f"{disp.ops_url()}/api/v1/exceptions/groups/{gid}", headers=disp.auth("viewer")).json()["latest"]
+    # the innermost frames (where it was raised) are kept, and the trimming is said
+    assert [f["function"] for f in latest["frames"]][-1] == "fn59" and len(latest["frames"]) == 20
+    assert latest["context"]["ctops_trimmed"].startswith("stored trimmed from")
+    assert len(json.dumps(latest)) <= 16 * 1024
+
+
 def test_deeply_nested_json_is_a_400_and_the_dispatcher_stays_up(disp: Cluster) -> None:
     bomb = b"[" * 100_000 + b"]" * 100_000
     h = {**disp.auth("agent"), "Content-Type": "application/json"}
