@@ -65,3 +65,16 @@ def test_ops_api_conforms_to_its_openapi_document(running_dispatcher: Cluster) -
     assert not failures, "\n\n".join(dict.fromkeys(failures))  # each distinct failure once
     # the dispatcher is still there and serving
     assert httpx.get(c.ops_url() + "/api/v1/whoami", headers=c.auth("viewer"), timeout=5).status_code == 200
+
+
+def test_every_error_status_is_declared_in_the_one_error_shape(running_dispatcher: Cluster) -> None:
+    doc = httpx.get(running_dispatcher.ops_url() + "/api/v1/openapi.json", timeout=10).json()
+    assert "HTTPValidationError" not in str(doc)  # FastAPI's own 422 shape is never answered
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            declared = {int(s) for s in op["responses"]}
+            assert {400, 401, 403, 413, 422, 429, 503} <= declared, (method, path, declared)
+            for status, resp in op["responses"].items():
+                if int(status) >= 400:
+                    ref = resp["content"]["application/json"]["schema"]["$ref"]
+                    assert ref.endswith("/ErrorBody"), (method, path, status, ref)
