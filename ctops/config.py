@@ -11,6 +11,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -75,12 +76,32 @@ class Limits(_Strict):
     auth_failures_per_minute: int = Field(10, ge=1, le=100_000)
 
 
+class ProxyConfig(_Strict):
+    """The data plane's own secrets (its limits are under [limits], its timeouts under [timings])."""
+
+    # the environment variable holding the key that signs the affinity cookie; every dispatcher of a
+    # deployment needs the same one, or a session's cookie means nothing to the others. Unset: a
+    # random key per process (and a warning)
+    affinity_key_env: str | None = None
+
+    @property
+    def affinity_key(self) -> bytes:
+        return os.environ.get(self.affinity_key_env, "").encode() if self.affinity_key_env else b""
+
+
 class Sandbox(_Strict):
     cpu_seconds: int = Field(2, ge=1, le=600)
     memory_mb: int = Field(256, ge=16, le=65_536)
     max_processes: int = Field(32, ge=1, le=4096)
     wall_seconds: float = Field(5.0, gt=0, le=600)
     output_max_bytes: int = Field(64 * 1024, ge=1024)
+    # how learner code is kept off the network: its own network namespace, sockets refused by
+    # seccomp, or not at all; "auto" takes the first of these that works on this machine
+    network: Literal["auto", "namespace", "seccomp", "none"] = "auto"
+    # one memory and process budget for the whole run (all its processes), or per process only
+    budget: Literal["auto", "cgroup2", "cgroup1", "rlimit"] = "auto"
+    # run learner code even when it cannot be kept off the network (a developer's machine)
+    allow_unconfined: bool = False
 
 
 class TrainerSettings(_Strict):
@@ -106,15 +127,72 @@ class TrainerSettings(_Strict):
     idempotency_wait_ms: int = Field(10_000, ge=0, le=600_000)
 
 
+class RedisUser(_Strict):
+    """An ACL user of the shared state; the password comes from the environment, never the file."""
+
+    username: str = Field(min_length=1, max_length=128)
+    password_env: str = Field(min_length=1, max_length=128)
+
+
+class RedisUsers(_Strict):
+    # one user per role, so a trainer (which runs learners' code nearby) can touch only its own keys
+    # and no service can run admin commands; a role without a user uses the url's credentials, if any
+    trainer: RedisUser | None = None
+    dispatcher: RedisUser | None = None
+    admin: RedisUser | None = None
+
+
 class RedisSettings(_Strict):
+    # one-node setups; ignored for routing when `sentinels` is set (Sentinel names the primary)
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "ctops"
+    # Sentinel mode: every process asks these where the primary is now and follows it on failover
+    sentinels: list[str] = Field(default_factory=list)
+    service: str = Field("ctops", min_length=1, max_length=128, description="the Sentinel master name")
+    db: int = Field(0, ge=0, le=15)
+    users: RedisUsers = Field(default_factory=RedisUsers)
+    # the Sentinels' own `requirepass`
+    sentinel_password_env: str | None = Field(None, min_length=1)
+    # address ("host:port") -> node name, for status and chaos; unnamed nodes show as host:port
+    nodes: dict[str, str] = Field(default_factory=dict)
+    # writes that must not be lost (e.g. a new leadership epoch) count only once this many replicas
+    # have them (WAIT); unset: 1 with Sentinels (a duplicated store), 0 for one node
+    replica_acks: int | None = Field(None, ge=0, le=10)
+    replica_ack_timeout_ms: int = Field(500, ge=1, le=60_000)
+
+    @property
+    def acks_needed(self) -> int:
+        return self.replica_acks if self.replica_acks is not None else (1 if self.sentinels else 0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sentinel_url(cls, data: object) -> object:
+        """`redis+sentinel://h1:p1,h2:p2/SERVICE[/DB]` is the same as `sentinels`, `service` and `db`."""
+        if not isinstance(data, dict) or not str(data.get("url", "")).startswith("redis+sentinel://"):
+            return data
+        parts = urlsplit(data["url"])
+        path = [p for p in parts.path.split("/") if p]
+        out = {k: v for k, v in data.items() if k != "url"}
+        out.setdefault("sentinels", [hp if ":" in hp.rpartition("]")[2] else f"{hp}:26379"
+                                     for hp in parts.netloc.rpartition("@")[2].split(",") if hp])
+        if path:
+            out.setdefault("service", path[0])
+        if len(path) > 1 and path[1].isdigit():
+            out.setdefault("db", int(path[1]))
+        return out
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-            raise ValueError("must start with redis://, rediss://, unix:// or redis+sentinel://")
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (or redis+sentinel://)")
+        return v
+
+    @field_validator("sentinels")
+    @classmethod
+    def _hostports(cls, v: list[str]) -> list[str]:
+        for hp in v:
+            split_hostport(hp)
         return v
 
 
@@ -302,6 +380,7 @@ class Deployment(_Strict):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     timings: Timings = Field(default_factory=Timings)
     limits: Limits = Field(default_factory=Limits)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     sandbox: Sandbox = Field(default_factory=Sandbox)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     dispatchers: list[DispatcherSpec] = Field(min_length=1)

@@ -6,6 +6,7 @@ end; callers talk to them over HTTP exactly as staff, agents and learners would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -19,7 +20,8 @@ import httpx
 from ctops import statefile
 from ctops.auth import hash_token, new_token
 from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops.redis_embed import EmbeddedRedis, EmbeddedStore, free_port, redis_toml
+from trainer.fake_llm import CONTROL_TOKEN_ENV, control_token
 
 T = TypeVar("T")
 
@@ -53,7 +55,8 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, ev
 @dataclass
 class Cluster:
     root: Path
-    redis: EmbeddedRedis
+    # one locked node (fast; the standard test cluster) or the duplicated store with Sentinels
+    redis: EmbeddedRedis | EmbeddedStore
     prefix: str
     trainers: int = 3
     dispatchers: tuple[str, ...] = ("A",)
@@ -75,9 +78,16 @@ class Cluster:
         self.peer_tokens = {d: new_token() for d in self.dispatchers}
         self.tokens.setdefault("agent", self.agent_tokens["host-1"])
         self.tokens.setdefault("peer", self.peer_tokens[self.dispatchers[0]])
+        # the cluster's own ACL users, limited to its key prefix (many clusters share the test Redis)
+        tag = hashlib.sha1(self.prefix.encode()).hexdigest()[:10]
+        self.redis_users = self.redis.add_service_users(self.prefix, tag)
         self.config = self.root / "ctops.toml"
         statefile.write_private(self.config, self._toml())
         self.env = {"CTOPS_DEMO_LLM_KEY": "k", "PYTHONUNBUFFERED": "1",
+                    **self.redis.secrets.env(),
+                    # the fakes' control token (callers send trainer.fake_llm.control_headers()) and the
+                    # key the dispatchers share to sign affinity cookies
+                    CONTROL_TOKEN_ENV: control_token(), "CTOPS_AFFINITY_KEY": new_token(),
                     **{agent_token_env(h): t for h, t in self.agent_tokens.items()},
                     **{peer_token_env(d): t for d, t in self.peer_tokens.items()}}
 
@@ -95,7 +105,8 @@ class Cluster:
                    "fall": 2, "rise": 2, "heartbeat_timeout_ms": 2000,
                    # short, so that freezing a dispatcher in a test also shows it does not exit on thaw
                    "loop_blocked_exit_ms": 2000, **self.timings}
-        out = ['cluster = "test"', "[redis]", f'url = "{self.redis.url}"', f'prefix = "{self.prefix}"', "[timings]"]
+        out = ['cluster = "test"', self._redis_toml(), "[proxy]", 'affinity_key_env = "CTOPS_AFFINITY_KEY"',
+               "[timings]"]
         out += [f"{k} = {v}" for k, v in timings.items()]
         for d in self.dispatchers:
             out += ["[[dispatchers]]", f'name = "{d}"', f'data = "127.0.0.1:{self.ports[d + ".data"]}"',
@@ -124,6 +135,11 @@ class Cluster:
             out += ["[[tokens]]", f'name = "test-peer-{d}"', 'role = "peer"', f'dispatcher = "{d}"',
                     f'sha256 = "{hash_token(tok)}"']
         return "\n".join(out) + "\n" + (self.extra_toml.strip() + "\n" if self.extra_toml else "")
+
+    def _redis_toml(self) -> str:
+        if isinstance(self.redis, EmbeddedStore):
+            return self.redis.toml(self.prefix, self.redis_users)
+        return redis_toml(self.prefix, url=f"redis://{self.redis.address}/0", usernames=self.redis_users)
 
     # --- processes -----------------------------------------------------------------------------
     def start(self, name: str) -> Child:

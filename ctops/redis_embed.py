@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -11,8 +12,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
+import redis
+
+from ctops import redisacl
 from ctops.procs import die_with_parent
 
 
@@ -41,9 +48,36 @@ def find_redis_server() -> str:
 _handed_out: set[int] = set()
 
 
+_port_range: range | None = None
+
+
+def use_port_range(lo: int, hi: int) -> None:
+    """Hand out ports from LO..HI only, in this process. Parallel test workers each get their own
+    range below the kernel's ephemeral ports, so two workers never pick the same port in the moment
+    between choosing it and a child process binding it. Not inherited by child processes."""
+    global _port_range
+    _port_range = range(lo, hi + 1)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free now, and never one this process handed out before: ports are taken by child
     processes only later, and the kernel may offer a just-released port again meanwhile."""
+    ports = _port_range
+    if ports is not None:
+        for port in ports:
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
+                return port
+        raise RuntimeError(f"no free port left in {ports.start}-{ports.stop - 1}")
     while True:
         with socket.socket() as s:
             s.bind((host, 0))
@@ -54,64 +88,191 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _ping(host: str, port: int) -> bool:
+    """True once the port answers like Redis: PONG, or a refusal to talk without a password."""
     try:
         with socket.create_connection((host, port), timeout=0.2) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            reply = s.recv(64)
+            return reply.startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
 
-class EmbeddedRedis:
-    """A redis-server child process on a loopback port, with its own data directory."""
+def _private_child() -> None:
+    # Sentinel rewrites its config (passwords included) and nodes write AOF files: all private
+    os.umask(0o077)
+    die_with_parent()
 
-    def __init__(self, port: int | None = None, data_dir: str | None = None, host: str = "127.0.0.1") -> None:
+
+def _write_secret(path: Path, text: str) -> None:
+    """Files holding passwords are created 0600 (never readable by others, not even for a moment)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+# environment variables the deployment file names for each role's password (see README)
+PASSWORD_ENV = {"trainer": "CTOPS_REDIS_TRAINER_PASSWORD", "dispatcher": "CTOPS_REDIS_DISPATCHER_PASSWORD",
+                "admin": "CTOPS_REDIS_ADMIN_PASSWORD"}
+SENTINEL_PASSWORD_ENV = "CTOPS_SENTINEL_PASSWORD"
+ADMIN_USER = "ctops-admin"
+REPLICA_USER = "ctops-replica"
+SENTINEL_USER = "ctops-sentinel"
+
+
+@dataclass(frozen=True)
+class StoreSecrets:
+    """The passwords a launched store is locked with: one per ACL user, one for the Sentinels."""
+
+    admin: str
+    trainer: str
+    dispatcher: str
+    replica: str
+    sentinel_user: str  # Sentinel's login on the nodes
+    sentinel: str  # the Sentinels' own requirepass
+
+    @classmethod
+    def generate(cls) -> StoreSecrets:
+        return cls(**{f.name: secrets.token_urlsafe(24) for f in fields(cls)})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, str]) -> StoreSecrets:
+        return cls(**{f.name: str(d[f.name]) for f in fields(cls)})
+
+    def to_dict(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def env(self, roles: tuple[str, ...] = ("trainer", "dispatcher", "admin")) -> dict[str, str]:
+        """What a process of these roles needs in its environment (and the Sentinels' password)."""
+        return {PASSWORD_ENV[r]: getattr(self, r) for r in roles} | {SENTINEL_PASSWORD_ENV: self.sentinel}
+
+
+def service_usernames(tag: str = "") -> dict[str, str]:
+    """Role -> ACL username; a tag keeps several test clusters on one Redis apart."""
+    return {r: f"ctops-{r}{'-' + tag if tag else ''}" for r in ("trainer", "dispatcher")}
+
+
+def redis_toml(prefix: str, url: str | None = None, sentinels: list[str] | None = None, service: str = "ctops",
+               usernames: dict[str, str] | None = None, nodes: dict[str, str] | None = None) -> str:
+    """The [redis] section of a deployment file for a launched store (passwords by env name)."""
+    usernames = usernames or service_usernames()
+    out = ["[redis]", f'prefix = "{prefix}"']
+    if url:
+        out.append(f'url = "{url}"')
+    if sentinels:
+        out += ["sentinels = [" + ", ".join(f'"{s}"' for s in sentinels) + "]", f'service = "{service}"',
+                f'sentinel_password_env = "{SENTINEL_PASSWORD_ENV}"']
+    for role in ("trainer", "dispatcher", "admin"):
+        name = ADMIN_USER if role == "admin" else usernames[role]
+        out += [f"[redis.users.{role}]", f'username = "{name}"', f'password_env = "{PASSWORD_ENV[role]}"']
+    if nodes:
+        out.append("[redis.nodes]")
+        out += [f'"{addr}" = "{name}"' for addr, name in nodes.items()]
+    return "\n".join(out) + "\n"
+
+
+class EmbeddedRedis:
+    """A redis-server child process on a loopback port, with its own data directory, always locked:
+    the default user is off; admin, replication and Sentinel users (and, given a prefix, the
+    service users for it) come from an ACL file. `url` is an admin URL with its credentials."""
+
+    def __init__(self, port: int | None = None, data_dir: str | None = None, host: str = "127.0.0.1", *,
+                 secrets_: StoreSecrets | None = None, prefix: str | None = None,
+                 replica_of: tuple[str, int] | None = None, appendonly: bool = False, min_replicas: int = 0,
+                 name: str = "redis-1") -> None:
         self.host = host
         self.port = port or free_port(host)
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="ctops-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.secrets = secrets_ or StoreSecrets.generate()
+        self.prefix, self.replica_of, self.appendonly, self.min_replicas = prefix, replica_of, appendonly, min_replicas
+        self.name = name
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://{ADMIN_USER}:{self.secrets.admin}@{self.host}:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def _acl_lines(self) -> list[str]:
+        s = self.secrets
+        lines = ["user default off resetpass -@all",
+                 redisacl.acl_line(ADMIN_USER, s.admin, redisacl.ADMIN_RULES),
+                 redisacl.acl_line(REPLICA_USER, s.replica, redisacl.REPLICA_RULES),
+                 redisacl.acl_line(SENTINEL_USER, s.sentinel_user, redisacl.SENTINEL_RULES)]
+        if self.prefix is not None:
+            for role, username in service_usernames().items():
+                lines.append(redisacl.acl_line(username, getattr(s, role),
+                                               redisacl.service_rules(role, self.prefix)))  # type: ignore[arg-type]
+        return lines
+
+    def _config(self) -> str:
+        d = self.data_dir
+        lines = [f"bind {self.host}", f"port {self.port}", f"dir {d}", "daemonize no", "protected-mode yes",
+                 f"logfile {os.path.join(d, 'redis.log')}", f"aclfile {os.path.join(d, 'users.acl')}",
+                 'save ""', f"appendonly {'yes' if self.appendonly else 'no'}", "appendfsync everysec",
+                 f"masteruser {REPLICA_USER}", f"masterauth {self.secrets.replica}",
+                 # a replica that stops acknowledging for 2 s no longer counts towards writes
+                 "repl-diskless-sync-delay 0", "repl-ping-replica-period 1"]
+        if self.min_replicas:
+            # an old primary cut off from every replica refuses writes instead of losing them
+            lines += [f"min-replicas-to-write {self.min_replicas}", "min-replicas-max-lag 2"]
+        if self.replica_of:
+            lines.append(f"replicaof {self.replica_of[0]} {self.replica_of[1]}")
+        return "\n".join(lines) + "\n"
+
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
-        args = [
-            find_redis_server(),
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--dir", self.data_dir,
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--logfile", os.path.join(self.data_dir, "redis.log"),
-        ]
+        conf = Path(self.data_dir, "redis.conf")
+        # a node restarted on its own directory keeps the config Sentinel may have rewritten (its role)
+        if not conf.exists():
+            _write_secret(Path(self.data_dir, "users.acl"), "\n".join(self._acl_lines()) + "\n")
+            _write_secret(conf, self._config())
+        self._launch([find_redis_server(), str(conf)], timeout)
+        return self
+
+    def _launch(self, args: list[str], timeout: float) -> None:
         # its own session: a Ctrl+C in the terminal must not take Redis away before the processes
         # that use it have stopped; and it dies with its parent, so none is left behind
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
+                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_private_child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                log = Path(self.data_dir, "redis.log")
-                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
-                raise RedisLaunchError(f"redis-server exited with {self.proc.returncode}: {err}{tail}")
+                logs = [p for p in Path(self.data_dir).glob("*.log")]
+                tail = logs[0].read_text(errors="replace")[-500:] if logs else ""
+                raise RedisLaunchError(f"{args[0]} exited with {self.proc.returncode}: {err}{tail}")
             if _ping(self.host, self.port):
-                return self
+                return
             time.sleep(0.02)
         self.stop()
-        raise RedisLaunchError(f"redis-server did not answer PING on {self.host}:{self.port} in {timeout}s")
+        raise RedisLaunchError(f"{self.name} did not answer PING on {self.host}:{self.port} in {timeout}s")
+
+    def admin(self, **kw: Any) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, username=ADMIN_USER, password=self.secrets.admin,
+                           socket_timeout=2, socket_connect_timeout=1, **kw)
+
+    def add_service_users(self, prefix: str, tag: str) -> dict[str, str]:
+        """Trainer and dispatcher users for one key prefix, on this running node; role -> username."""
+        names = service_usernames(tag)
+        with self.admin() as r:
+            for role, username in names.items():
+                r.execute_command("ACL", "SETUSER", *redisacl.setuser_args(
+                    username, getattr(self.secrets, role), redisacl.service_rules(role, prefix)))  # type: ignore[arg-type]
+        return names
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen node cannot act on SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -125,6 +286,181 @@ class EmbeddedRedis:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedSentinel(EmbeddedRedis):
+    """A Sentinel (the same redis-server binary, `--sentinel`) watching the store's primary."""
+
+    def __init__(self, port: int | None, data_dir: str, monitor: tuple[str, int], *, secrets_: StoreSecrets,
+                 service: str = "ctops", quorum: int = 2, name: str = "sentinel-1", host: str = "127.0.0.1") -> None:
+        super().__init__(port, data_dir, host, secrets_=secrets_, name=name)
+        self.monitor, self.service, self.quorum = monitor, service, quorum
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedSentinel:
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        conf = Path(self.data_dir, "sentinel.conf")
+        if not conf.exists():  # Sentinel rewrites its file with what it learnt; a restart keeps that
+            svc = self.service
+            _write_secret(conf, "\n".join([
+                f"bind {self.host}", f"port {self.port}", f"dir {self.data_dir}", "daemonize no",
+                f"logfile {os.path.join(self.data_dir, 'sentinel.log')}",
+                f"requirepass {self.secrets.sentinel}",
+                f"sentinel monitor {svc} {self.monitor[0]} {self.monitor[1]} {self.quorum}",
+                f"sentinel auth-user {svc} {SENTINEL_USER}", f"sentinel auth-pass {svc} {self.secrets.sentinel_user}",
+                # tuned for ~2-3 s failovers (defaults: 30 s and 3 min)
+                f"sentinel down-after-milliseconds {svc} 1000", f"sentinel failover-timeout {svc} 5000",
+                f"sentinel parallel-syncs {svc} 1"]) + "\n")
+        self._launch([find_redis_server(), str(conf), "--sentinel"], timeout)
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, password=self.secrets.sentinel,
+                           socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+
+
+class EmbeddedStore:
+    """The duplicated database: a primary, replicas and Sentinels, all locked, under one workdir.
+
+    Node names are fixed at launch (redis-1 is the first primary); which node is the primary now
+    is Sentinel's answer (`primary()`), and after a failover it is another one."""
+
+    def __init__(self, workdir: str | os.PathLike[str], *, secrets_: StoreSecrets | None = None,
+                 prefix: str | None = None, replicas: int = 2, sentinels: int = 3, service: str = "ctops",
+                 ports: list[int] | None = None, host: str = "127.0.0.1", min_replicas: int = 1) -> None:
+        self.workdir = Path(workdir)
+        self.secrets = secrets_ or StoreSecrets.generate()
+        self.service, self.host = service, host
+        ports = list(ports or [])
+        take = (lambda: ports.pop(0) if ports else free_port(host))  # noqa: E731
+        first = EmbeddedRedis(take(), str(self.workdir / "redis-1"), host, secrets_=self.secrets, prefix=prefix,
+                              appendonly=True, min_replicas=min_replicas, name="redis-1")
+        self.nodes = [first] + [
+            EmbeddedRedis(take(), str(self.workdir / f"redis-{i}"), host, secrets_=self.secrets, prefix=prefix,
+                          replica_of=(host, first.port), appendonly=True, min_replicas=min_replicas,
+                          name=f"redis-{i}")
+            for i in range(2, replicas + 2)]
+        self.sentinels = [EmbeddedSentinel(take(), str(self.workdir / f"sentinel-{i}"), (host, first.port),
+                                           secrets_=self.secrets, service=service, name=f"sentinel-{i}", host=host)
+                          for i in range(1, sentinels + 1)]
+
+    @property
+    def sentinel_addresses(self) -> list[str]:
+        return [s.address for s in self.sentinels]
+
+    @property
+    def node_names(self) -> dict[str, str]:
+        return {n.address: n.name for n in self.nodes} | {s.address: s.name for s in self.sentinels}
+
+    def start(self, timeout: float = 30.0) -> EmbeddedStore:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            for n in self.nodes:
+                n.start()
+            # sentinels started before the replicas are in sync could see no good replica to promote
+            self._wait("replicas in sync", lambda: all(self._link_up(n) for n in self.nodes[1:]), timeout)
+            for s in self.sentinels:
+                s.start()
+            self._wait("Sentinels to see every replica and each other", self._sentinels_ready, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _link_up(self, node: EmbeddedRedis) -> bool:
+        with node.admin(decode_responses=True) as r:
+            info = r.info("replication")
+        return info.get("role") == "master" or info.get("master_link_status") == "up"
+
+    def _sentinels_ready(self) -> bool:
+        for s in self.sentinels:
+            with s.client() as c:
+                m = c.execute_command("SENTINEL", "MASTER", self.service)
+            state = dict(zip(m[::2], m[1::2], strict=False)) if isinstance(m, list) else m
+            if (int(state["num-slaves"]) < len(self.nodes) - 1
+                    or int(state["num-other-sentinels"]) < len(self.sentinels) - 1):
+                return False
+        return True
+
+    @staticmethod
+    def _wait(what: str, probe: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                if probe():
+                    return
+            except (redis.RedisError, OSError, KeyError) as exc:
+                last = exc
+            time.sleep(0.05)
+        raise RedisLaunchError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+    def primary(self) -> EmbeddedRedis:
+        """The node the Sentinels name as primary now (the first that answers)."""
+        for s in self.sentinels:
+            if not s.proc or s.proc.poll() is not None:
+                continue
+            try:
+                with s.client() as c:
+                    addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+            except (redis.RedisError, OSError):
+                continue
+            if addr:
+                for n in self.nodes:
+                    if (n.host, n.port) == (addr[0], int(addr[1])):
+                        return n
+        return self.nodes[0]
+
+    @property
+    def url(self) -> str:
+        """An admin URL of the current primary (tests inspect the state through it)."""
+        return self.primary().url
+
+    @property
+    def pid(self) -> int | None:
+        return self.primary().pid
+
+    def node(self, name: str) -> EmbeddedRedis:
+        for n in [*self.nodes, *self.sentinels]:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def add_service_users(self, prefix: str, tag: str) -> dict[str, str]:
+        """ACL users are not replicated: every node gets them (a replica may be primary tomorrow)."""
+        names: dict[str, str] = {}
+        for n in self.nodes:
+            names = n.add_service_users(prefix, tag)
+        return names
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every node with its role now (primary | replica | sentinel | down), for the state file."""
+        primary = self.primary()
+        out = []
+        for n in self.nodes:
+            alive = bool(n.proc and n.proc.poll() is None)
+            role = "down" if not alive else "primary" if n is primary else "replica"
+            out.append({"name": n.name, "role": role, "url": f"redis://{n.address}", "pid": n.pid})
+        out += [{"name": s.name, "role": "sentinel", "url": s.url, "pid": s.pid} for s in self.sentinels]
+        return out
+
+    def toml(self, prefix: str, usernames: dict[str, str] | None = None) -> str:
+        return redis_toml(prefix, url=f"redis://{self.nodes[0].address}/0", sentinels=self.sentinel_addresses,
+                          service=self.service, usernames=usernames, nodes=self.node_names)
+
+    def stop(self) -> None:
+        # Sentinels first, so that stopping the primary starts no failover
+        for n in [*self.sentinels, *self.nodes]:
+            n.stop()
+
+    def __enter__(self) -> EmbeddedStore:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -44,6 +44,13 @@ def write(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
     write_private(path, json.dumps(doc, indent=2))  # it holds tokens
 
 
+def redis_nodes(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The store's nodes as the demo launched them: redis-1..3 and sentinel-1..3."""
+    redis = doc.get("redis")
+    nodes = redis.get("nodes") if isinstance(redis, dict) else None
+    return [n for n in nodes or [] if isinstance(n, dict) and n.get("name")]
+
+
 def ops_urls(doc: dict[str, Any]) -> list[str]:
     return [d["ops_url"] for d in doc["dispatchers"] if isinstance(d, dict) and d.get("ops_url")]
 
@@ -61,8 +68,11 @@ def find_process(doc: dict[str, Any], name: str) -> tuple[str, dict[str, Any]]:
         for entry in doc.get(section) or []:
             if isinstance(entry, dict) and entry.get("name") == name:
                 return section, entry
+    for node in redis_nodes(doc):
+        if node["name"] == name:
+            return "redis", node
     if name == "redis" and isinstance(doc.get("redis"), dict):
         return "redis", doc["redis"]
     known = [e.get("name") for s in ("dispatchers", "trainers", "agents", "llm_providers")
-             for e in doc.get(s) or [] if isinstance(e, dict)] + ["redis"]
+             for e in doc.get(s) or [] if isinstance(e, dict)] + [n["name"] for n in redis_nodes(doc)] + ["redis"]
     raise StateFileError(f"no process named {name!r} in the state file; known: {', '.join(map(str, known))}")

@@ -13,7 +13,7 @@ import signal
 import uvloop
 from redis.asyncio import Redis
 
-from ctops import config, logs
+from ctops import config, logs, redisconn
 from ctops.config import Deployment, DispatcherSpec, split_hostport
 from ctops.serving import serve_asgi
 from dispatcher.llm.app import start_llm_pool
@@ -28,9 +28,9 @@ log = logging.getLogger("ctops.dispatcher")
 
 
 def redis_client(dep: Deployment, socket_timeout: float = 1.0) -> Redis:
-    # short timeouts: a Redis stall must not stall the loops that decide health and leadership
-    return Redis.from_url(dep.redis.url, socket_timeout=socket_timeout, socket_connect_timeout=1.0,
-                          health_check_interval=5)
+    # short timeouts: a Redis stall must not stall the loops that decide health and leadership;
+    # through Sentinel when configured, so a failover is waited out, not turned into errors
+    return redisconn.async_client(dep.redis, "dispatcher", socket_timeout=socket_timeout)
 
 
 async def serve(dep: Deployment, spec: DispatcherSpec) -> None:

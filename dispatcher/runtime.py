@@ -37,7 +37,8 @@ class Runtime:
         self.llm: LLMPool | None = None  # set once the LLM pool runs
         t = dep.timings
         self.lease = Lease(redis, self.keys, spec.name, t.lease_ttl_ms, t.lease_renew_ms,
-                           on_change=self._on_leadership)
+                           on_change=self._on_leadership, replica_acks=dep.redis.acks_needed,
+                           ack_timeout_ms=dep.redis.replica_ack_timeout_ms)
         self.events = EventLog(redis, self.keys)
         self.commands = CommandRelay(redis_blocking, self.keys)
         # the mutual heartbeat has its own credential (role "peer"), never an agent's

@@ -11,7 +11,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ctops.redis_embed import EmbeddedRedis  # noqa: E402
+from ctops.redis_embed import EmbeddedRedis, use_port_range  # noqa: E402
+
+# each pytest-xdist worker hands out ports from its own range (below the kernel's ephemeral ports,
+# 32768 and up), so workers never race for one
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and _worker[2:].isdigit():
+    use_port_range(12000 + 2500 * int(_worker[2:]), 12000 + 2500 * int(_worker[2:]) + 2499)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from redis.asyncio.client import Pipeline
 from ctops.asgi_limits import BodyLimit
 from ctops.config import Deployment
 from ctops.keys import Keys
-from trainer import review
+from trainer import review, sandbox
 from trainer.exercises import EXERCISES
 from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprint
 from trainer.lease import Lease
@@ -73,13 +73,14 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis_client or connect(deployment.redis.url)
+        client = redis_client or connect(deployment.redis)
         app.state.store = Store(client, keys, server_name)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
         reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
         app.state.worker = Worker(app.state.store, keys, server_name, deployment, reviewer, runs)
         app.state.idem = Idempotency(client, keys, server_name, deployment.trainer)
         app.state.worker.start_loops()
+        app.state.sandbox = (await asyncio.to_thread(sandbox.confinement, deployment.sandbox)).to_dict()
         try:
             yield
         finally:
@@ -116,7 +117,8 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
             # without Redis this server cannot serve any session, so it must not receive users
             return JSONResponse({"status": "redis-unavailable", "server": server_name, "active_sessions": None,
                                  "error": f"{type(exc).__name__}: {exc}"[:300]}, 503)
-        return JSONResponse({"status": "ok", "server": server_name, "active_sessions": n})
+        return JSONResponse({"status": "ok", "server": server_name, "active_sessions": n,
+                             "sandbox": request.app.state.sandbox})
 
     @app.get("/api/exercises")
     async def list_exercises() -> dict:

@@ -3,7 +3,11 @@ what the learner's function returned instead of a bare AssertionError."""
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
+
+# errors ast.literal_eval raises on text that is no plain literal (or nests too deep to parse)
+_UNREADABLE = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +19,17 @@ class Case:
     @property
     def source(self) -> str:
         return f"assert {self.call} == {self.expected}"
+
+    def judge(self, got: str) -> tuple[bool, str]:
+        """(passed, message) for the repr of what the learner's call returned. Only plain literals
+        are read back, so no object of the learner's can decide the comparison."""
+        expected = ast.literal_eval(self.expected)
+        try:
+            if ast.literal_eval(got) == expected:
+                return True, ""
+        except _UNREADABLE:
+            pass
+        return False, f"{self.call} returned {got:.300}, expected {expected!r:.300}"
 
 
 @dataclass(frozen=True, slots=True)

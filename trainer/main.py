@@ -27,11 +27,10 @@ def run(args: argparse.Namespace) -> int:
                      default_token=os.environ.get(deployment.host_token_env(spec.host)),
                      default_spool=Path(args.config).resolve().parent / "spool" / f"trainer-{args.name}",
                      context={"server": args.name})
-    try:
-        sandbox.interpreter(os.geteuid() == 0)
-    except RuntimeError as exc:
-        # still serve sessions and health; submissions will fail with this reason until it is fixed
-        logging.getLogger("trainer").error("sandbox unusable: %s", exc)
+    # probed and logged once, here: what confines learner code, or why it will not be run (sessions
+    # and health are still served; submissions then end in an error naming the reason)
+    conf = sandbox.confinement(deployment.sandbox)
+    sandbox.reclaim_leftovers(conf)
     host, port = spec.address
     app = create_app(deployment, args.name)
     if os.environ.get("CTOPS_TRAINER_DEBUG") == "1":

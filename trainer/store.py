@@ -6,12 +6,12 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.sentinel import Sentinel
 
+from ctops import redisconn
+from ctops.config import RedisSettings
 from ctops.keys import Keys
 
 ACTIVE_WINDOW_MS = 10 * 60 * 1000
@@ -27,22 +27,9 @@ def new_id(kind: str) -> str:
     return f"{kind}_{secrets.token_urlsafe(12)}"
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A client for redis://, rediss://, unix:// or redis+sentinel://h1:p1,h2:p2/SERVICE[/DB]."""
-    opts = {"decode_responses": True, "socket_timeout": 2.0, "socket_connect_timeout": 1.0,
-            "health_check_interval": 10}
-    if not url.startswith("redis+sentinel://"):
-        return aioredis.Redis.from_url(url, **opts)
-    parts = urlsplit(url)
-    hosts = []
-    for hp in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = hp.rpartition(":")
-        hosts.append((host.strip("[]"), int(port or 26379)))
-    path = [p for p in parts.path.split("/") if p]
-    service = path[0] if path else "mymaster"
-    db = int(path[1]) if len(path) > 1 else 0
-    sentinel = Sentinel(hosts, socket_timeout=1.0)
-    return sentinel.master_for(service, db=db, **opts)
+def connect(settings: RedisSettings) -> aioredis.Redis:
+    """The trainer's client: its own ACL user, following the primary through Sentinel if configured."""
+    return redisconn.async_client(settings, "trainer", decode_responses=True, socket_timeout=2.0)
 
 
 class Store:
@@ -53,7 +40,8 @@ class Store:
 
     async def touch(self, sid: str) -> None:
         now = now_ms()
-        async with self.r.pipeline(transaction=True) as p:
+        # not a transaction: activity is no record a learner would miss, so it waits for no replica
+        async with self.r.pipeline(transaction=False) as p:
             p.hset(self.k.session(sid), mapping={"last_activity_ms": now, "last_server": self.server})
             p.expire(self.k.session(sid), TTL_SECONDS)
             p.expire(self.k.session_submissions(sid), TTL_SECONDS)

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp
 from ctops.asgi_limits import BodyLimit
 from ctops.config import Deployment
 from ctops.keys import Keys
-from dispatcher.llm.pool import Answer, Emit, LLMPool, PoolError
+from dispatcher.llm.pool import Answer, Emit, LLMPool, PoolError, client_message, new_ref
 
 log = logging.getLogger("ctops.dispatcher.llm")
 
@@ -84,8 +84,10 @@ async def _relay(pool: LLMPool, answer: Answer) -> AsyncIterator[bytes]:
     except (TimeoutError, OSError, Exception) as exc:  # noqa: B014 - name the usual ones for the reader
         reason = "stalled mid-stream" if isinstance(exc, TimeoutError) else f"broke off: {type(exc).__name__}"
         p.failed(f"stream {reason}")
-        err = {"error": {"message": f"LLM provider {p.name} {reason}", "type": "server_error", "param": None,
-                         "code": "stream_interrupted"}}
+        ref = new_ref()
+        log.warning("LLM request %s: provider %s %s", ref, p.name, reason)
+        err = {"error": {"message": client_message("stream_interrupted", ref), "type": "server_error",
+                         "param": None, "code": "stream_interrupted"}}
         yield f"data: {json.dumps(err)}\n\n".encode()
     finally:
         await answer.aclose()
@@ -99,7 +101,7 @@ def create_llm_app(pool: LLMPool, client_key: str | None = None) -> ASGIApp:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), client_key.encode()):
             return None
-        return openai_error(401, "Incorrect or missing API key for the ctops LLM pool.", code="invalid_api_key")
+        return openai_error(401, "Incorrect or missing API key.", code="invalid_api_key")
 
     async def chat(request: Request) -> Response:
         if (denied := unauthorized(request)) is not None:
@@ -129,8 +131,8 @@ def create_llm_app(pool: LLMPool, client_key: str | None = None) -> ASGIApp:
             {"id": m, "object": "model", "created": 0, "owned_by": "ctops"} for m in pool.models]})
 
     async def not_found(request: Request, _exc: Exception) -> Response:
-        return openai_error(404, f"Unknown path {request.method} {request.url.path}; this is the ctops LLM pool "
-                                 "(POST /llm/v1/chat/completions, GET /llm/v1/models).", code="unknown_url")
+        return openai_error(404, f"Unknown path {request.method} {request.url.path} (try POST "
+                                 "/llm/v1/chat/completions or GET /llm/v1/models).", code="unknown_url")
 
     async def wrong_method(request: Request, _exc: Exception) -> Response:
         return openai_error(405, f"{request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
