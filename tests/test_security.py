@@ -8,6 +8,7 @@ import re
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import pytest
 import redis
 
 from ctops.auth import hash_token, new_token
+from ctops.capture.forwarder import Forwarder
+from ctops.capture.spool import Spool
 from ctops.config import ConfigError, load
 from ctops.keys import Keys
 from tests.cluster import Cluster, wait_for
@@ -255,6 +258,43 @@ def test_exception_flood_is_rate_limited_and_groups_are_capped_with_ttls(limited
     used = sum(r.memory_usage(k) or 0 for k in keys)
     assert used < 2 * 1024 * 1024, used
     r.close()
+
+
+def test_rate_limited_events_from_the_capture_library_are_delayed_not_lost(make_cluster: Callable[..., Cluster],
+                                                                             tmp_path: Path) -> None:
+    c = make_cluster(trainers=1, extra_toml="[limits]\nexceptions_per_s = 40\nexceptions_burst = 50\n")
+    c.start("A")
+    ops_up(c)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    seen = CountingTransport()
+    fw = Forwarder([c.ops_url()], c.tokens["agent"], spool, sender="trainer@host-1", batch_max=50, transport=seen)
+    fw.start()
+    try:
+        for i in range(300):
+            fw.submit(json.dumps(event(func=f"f{i % 7}")).encode())
+        assert fw.flush(timeout=90)
+    finally:
+        fw.close()
+    stats = httpx.get(f"{c.ops_url()}/api/v1/exceptions/stats", headers=c.auth("viewer")).json()
+    assert stats["events"] == 300 and stats["dropped"] == 0 and stats["rejected"] == 0
+    assert seen.statuses[429] > 0  # the limit was hit on the way, and the forwarder kept the events
+    assert fw.sent == 300
+
+
+class CountingTransport(httpx.BaseTransport):
+    """A real HTTP transport that counts the statuses it saw."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.statuses: Counter[int] = Counter()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        r = self.inner.handle_request(request)
+        self.statuses[r.status_code] += 1
+        return r
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def test_a_huge_event_is_stored_trimmed(disp: Cluster) -> None:
