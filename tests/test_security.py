@@ -70,6 +70,11 @@ def test_an_agent_token_speaks_only_for_its_own_host(disp: Cluster) -> None:
     r = redis_of(disp)
     assert r.hget(Keys(disp.prefix).host("host-2"), "hb") is None  # nothing stored for host-2
     r.close()
+    # staff see it: one audit entry per token and host a minute, however often the agent retries
+    audit = httpx.get(f"{url}/api/v1/audit", headers=disp.auth("viewer")).json()
+    refused = [a for a in audit if a["action"] == "scope_refused"]
+    assert len(refused) == 1 and refused[0]["who"] == "test-agent-host-1" and refused[0]["target"] == "host host-2"
+    assert "token is for host host-1" in refused[0]["result"]
     # its own host, and host-2 with host-2's token, are fine
     assert httpx.post(f"{url}/api/v1/heartbeat", json=heartbeat("host-1"),
                       headers=disp.auth("agent:host-1")).status_code == 200
