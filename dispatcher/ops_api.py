@@ -306,6 +306,9 @@ def create_ops_app(rt: Runtime) -> FastAPI:
     app.include_router(exceptions_router(rt, require, authenticate))
     if rt.llm is not None:
         app.include_router(llm_router(rt.llm, require, rt.store.audit, rt.spec.name))
+    # built once now, before the loop guard runs: built on the first request, it stalls the event
+    # loop for ~0.1 s (seconds on a loaded machine), long enough to stall health checks and the lease
+    app.openapi()
     return app
 
 
