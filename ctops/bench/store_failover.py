@@ -25,6 +25,7 @@ import json
 import random
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -88,7 +89,7 @@ class LearnerLoad:
         self.calls.append(Call(kind, start, time.monotonic(), r.status_code < 400, str(r.status_code)))
         return r if r.status_code < 400 else None
 
-    async def learner(self, stop: asyncio.Event) -> None:
+    async def learner(self, stop: threading.Event) -> None:
         async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout) as http:
             sid, made = None, 0
             while not stop.is_set():
@@ -119,18 +120,25 @@ class LearnerLoad:
                         break
 
 
-async def drive(load: LearnerLoad, learners: int, warm_s: float, window_s: float,
-                fault: Callable[[], float] | None) -> tuple[float, float | None]:
-    """Learners for warm_s, then the fault (run in a thread; it returns when it struck), then
-    window_s more. Returns (when the load started, when the fault struck)."""
-    stop = asyncio.Event()
+def drive(load: LearnerLoad, learners: int, warm_s: float, window_s: float,
+          fault: Callable[[], float] | None) -> tuple[float, float | None]:
+    """Learners for warm_s, then the fault (it returns when it struck), then window_s more.
+    Returns (when the load started, when the fault struck). The learners run in a thread of their
+    own: the fault starts processes from this one, and a process started from a thread that ends
+    would die with it (PR_SET_PDEATHSIG)."""
+    stop = threading.Event()
+
+    async def all_learners() -> None:
+        await asyncio.gather(*(load.learner(stop) for _ in range(learners)))
+
+    thread = threading.Thread(target=asyncio.run, args=(all_learners(),), name="learners", daemon=True)
     started = time.monotonic()
-    tasks = [asyncio.create_task(load.learner(stop)) for _ in range(learners)]
-    await asyncio.sleep(warm_s)
-    struck = await asyncio.to_thread(fault) if fault else None
-    await asyncio.sleep(max(0.0, window_s - (time.monotonic() - (struck or time.monotonic()))))
+    thread.start()
+    time.sleep(warm_s)
+    struck = fault() if fault else None
+    time.sleep(max(0.0, window_s - (time.monotonic() - (struck or time.monotonic()))))
     stop.set()
-    await asyncio.gather(*tasks)
+    thread.join(REQUEST_TIMEOUT_S + 5)
     return started, struck
 
 
@@ -233,7 +241,7 @@ def scenario(setup: str, root: Path, *, learners: int = LEARNERS, warm_s: float 
         try:
             c.start_all()
             load = LearnerLoad(c.data_url())
-            started, struck = asyncio.run(drive(load, learners, warm_s, window_s, fault))
+            started, struck = drive(load, learners, warm_s, window_s, fault)
         finally:
             c.stop()
         with _live_admin(store) as admin:
@@ -259,7 +267,7 @@ def wait_cost(root: Path, *, learners: int = LEARNERS, rounds: int = WAIT_ROUNDS
         for i in range(rounds):
             for acks in ((1, 0) if i % 2 == 0 else (0, 1)):  # alternate which goes first
                 load = LearnerLoad(clusters[acks].data_url())
-                started, _ = asyncio.run(drive(load, learners, round_s, 0.0, None))
+                started, _ = drive(load, learners, round_s, 0.0, None)
                 lat[acks] += [c.end - c.start for c in load.calls if c.kind == "submission" and c.ok
                               and c.start >= started + 0.5]
                 failed[acks] += sum(1 for c in load.calls if not c.ok)
@@ -283,27 +291,28 @@ def run(args: argparse.Namespace) -> int:
         wait = wait_cost(root / "wait")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    doc = {"targets": {"failed": TARGET_FAILED, "writes_back_s": TARGET_WRITES_BACK_S, "acknowledged_lost": TARGET_LOST},
+    targets = {"failed": TARGET_FAILED, "writes_back_s": TARGET_WRITES_BACK_S, "acknowledged_lost": TARGET_LOST}
+    doc = {"targets": targets,
            "learners": LEARNERS, "warm_s": WARM_S, "restart_delay_s": RESTART_DELAY_S,
            "request_timeout_s": REQUEST_TIMEOUT_S, "setups": results, "wait_cost": wait}
-    if args.json:
-        print(json.dumps(doc, indent=2))
-        return 0
-    print(f"store failover: {LEARNERS} learners through the dispatcher to 2 trainers, SIGKILL of the primary "
-          f"after {WARM_S:.0f} s; targets: {TARGET_FAILED} failed, writes back ≤ {TARGET_WRITES_BACK_S:.0f} s, "
-          f"{TARGET_LOST} acknowledged lost")
-    print(f"{'setup':<36} {'requests':>8} {'failed':>6} {'writes back':>11} {'acked':>6} {'lost':>5} "
-          f"{'p99 fault':>10} {'p99 before':>10}")
-    for r in results:
-        acked = sum(r["acknowledged"].values())
-        print(f"{r['label']:<36} {r['requests']:>8} {r['failed']:>6} {_fmt(r['writes_back_s'], ' s'):>11} "
-              f"{acked:>6} {r['acknowledged_lost']:>5} {_fmt(r['p99_fault_ms'], ' ms'):>10} "
-              f"{_fmt(r['p99_before_ms'], ' ms'):>10}")
-    for r in results:
-        if r["failures"]:
-            print(f"  {r['setup']}: failures {r['failures']}")
-    a1, a0 = wait["acks_1"], wait["acks_0"]
-    print(f"WAIT cost, steady state (same tuned store, {WAIT_ROUNDS} alternating rounds of {WAIT_ROUND_S:.0f} s): "
-          f"submission p50/p99 {a1['p50_ms']}/{a1['p99_ms']} ms with replica_acks = 1 ({a1['submissions']} submissions), "
-          f"{a0['p50_ms']}/{a0['p99_ms']} ms with 0 ({a0['submissions']})")
+    print(json.dumps(doc, indent=2) if args.json else table(doc))
     return 0
+
+
+def table(doc: dict[str, Any]) -> str:
+    t = doc["targets"]
+    out = [f"store failover: {doc['learners']} learners through the dispatcher to 2 trainers, SIGKILL of the "
+           f"primary after {doc['warm_s']:.0f} s; targets: {t['failed']} failed, writes back ≤ "
+           f"{t['writes_back_s']:.0f} s, {t['acknowledged_lost']} acknowledged lost",
+           f"{'setup':<36} {'requests':>8} {'failed':>6} {'writes back':>11} {'acked':>6} {'lost':>5} "
+           f"{'p99 fault':>10} {'p99 before':>10}"]
+    for r in doc["setups"]:
+        out.append(f"{r['label']:<36} {r['requests']:>8} {r['failed']:>6} {_fmt(r['writes_back_s'], ' s'):>11} "
+                   f"{sum(r['acknowledged'].values()):>6} {r['acknowledged_lost']:>5} "
+                   f"{_fmt(r['p99_fault_ms'], ' ms'):>10} {_fmt(r['p99_before_ms'], ' ms'):>10}")
+    out += [f"  {r['setup']}: failures {r['failures']}" for r in doc["setups"] if r["failures"]]
+    a1, a0 = doc["wait_cost"]["acks_1"], doc["wait_cost"]["acks_0"]
+    out.append(f"WAIT cost, steady state (one tuned store, {WAIT_ROUNDS} alternating rounds of {WAIT_ROUND_S:.0f} s "
+               f"each): submission p50/p99 {a1['p50_ms']}/{a1['p99_ms']} ms with replica_acks = 1 "
+               f"({a1['submissions']} submissions), {a0['p50_ms']}/{a0['p99_ms']} ms with 0 ({a0['submissions']})")
+    return "\n".join(out)
