@@ -19,3 +19,16 @@ def test_smoke_bench_store_failover_tuned_setup_reports_sane_fields(tmp_path: Pa
     # writes came back within the window (a number, not "never"); how fast is the bench's to say
     assert r["writes_back_s"] is not None and r["writes_back_s"] >= 0
     assert r["p99_fault_ms"] is not None
+
+
+def test_store_with_sentinel_defaults_is_what_sentinels_run(tmp_path: Path) -> None:
+    # setup (b) of the bench compares against these; the tuned store stays the default
+    from ctops.redis_embed import EmbeddedStore
+
+    with EmbeddedStore(tmp_path / "store", down_after_ms=30_000, failover_timeout_ms=180_000) as store:
+        for s in store.sentinels:
+            with s.client() as c:
+                m = c.execute_command("SENTINEL", "MASTER", store.service)
+            state = dict(zip(m[::2], m[1::2], strict=False)) if isinstance(m, list) else m
+            assert (int(state["down-after-milliseconds"]), int(state["failover-timeout"])) == (30_000, 180_000)
+    assert EmbeddedStore(tmp_path / "tuned").sentinels[0].down_after_ms == 1000

@@ -51,7 +51,7 @@ RESTART_DELAY_S = 0.3
 REQUEST_TIMEOUT_S = 10.0
 POLL_EVERY_S = 0.1
 SUBMISSIONS_PER_SESSION = 5
-WAIT_ROUNDS, WAIT_ROUND_S = 3, 5.0
+WAIT_ROUNDS, WAIT_ROUND_S = 4, 8.0
 WRITES = ("session", "submission")
 
 SETUPS = {"tuned": "(a) ctops tuned Sentinel + WAIT", "defaults": "(b) Sentinel defaults (30 s)",
