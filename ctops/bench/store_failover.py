@@ -14,7 +14,7 @@ Measured per setup:
   given, read back from the store afterwards (the store of record, not a trainer);
 - p99 of the requests in flight during the fault (the kill until writes were back).
 Also the steady-state cost of WAIT: submission (POST) p50/p99 with `[redis] replica_acks = 1` and
-`= 0` on the same tuned store, alternating ROUNDS times.
+`= 0`: two clusters on one tuned store, loaded in turn WAIT_ROUNDS times each.
 """
 
 from __future__ import annotations
