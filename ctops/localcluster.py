@@ -64,6 +64,8 @@ class Cluster:
     timings: dict[str, int] = field(default_factory=dict)
     # appended to the deployment file as is, e.g. a [trainer] or [sandbox] section
     extra_toml: str = ""
+    # lines added to the [redis] section as is, e.g. "replica_acks = 0"
+    redis_extra: str = ""
     # staff tokens by role; "agent" is host-1's (see agent_tokens) and "peer" dispatcher A's (see peer_tokens)
     tokens: dict[str, str] = field(default_factory=lambda: {r: new_token() for r in ("operator", "viewer")})
     children: dict[str, Child] = field(default_factory=dict)
@@ -138,8 +140,13 @@ class Cluster:
 
     def _redis_toml(self) -> str:
         if isinstance(self.redis, EmbeddedStore):
-            return self.redis.toml(self.prefix, self.redis_users)
-        return redis_toml(self.prefix, url=f"redis://{self.redis.address}/0", usernames=self.redis_users)
+            text = self.redis.toml(self.prefix, self.redis_users)
+        else:
+            text = redis_toml(self.prefix, url=f"redis://{self.redis.address}/0", usernames=self.redis_users)
+        if not self.redis_extra:
+            return text
+        head, _, rest = text.partition("\n")  # right after the "[redis]" line, before its sub-tables
+        return f"{head}\n{self.redis_extra.strip()}\n{rest}"
 
     # --- processes -----------------------------------------------------------------------------
     def start(self, name: str) -> Child:

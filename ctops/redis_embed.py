@@ -308,9 +308,11 @@ class EmbeddedSentinel(EmbeddedRedis):
     """A Sentinel (the same redis-server binary, `--sentinel`) watching the store's primary."""
 
     def __init__(self, port: int | None, data_dir: str, monitor: tuple[str, int], *, secrets_: StoreSecrets,
-                 service: str = "ctops", quorum: int = 2, name: str = "sentinel-1", host: str = "127.0.0.1") -> None:
+                 service: str = "ctops", quorum: int = 2, name: str = "sentinel-1", host: str = "127.0.0.1",
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
         super().__init__(port, data_dir, host, secrets_=secrets_, name=name)
         self.monitor, self.service, self.quorum = monitor, service, quorum
+        self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
 
     @property
     def url(self) -> str:
@@ -328,7 +330,8 @@ class EmbeddedSentinel(EmbeddedRedis):
                 f"sentinel monitor {svc} {self.monitor[0]} {self.monitor[1]} {self.quorum}",
                 f"sentinel auth-user {svc} {SENTINEL_USER}", f"sentinel auth-pass {svc} {self.secrets.sentinel_user}",
                 # tuned for ~2-3 s failovers (defaults: 30 s and 3 min)
-                f"sentinel down-after-milliseconds {svc} 1000", f"sentinel failover-timeout {svc} 5000",
+                f"sentinel down-after-milliseconds {svc} {self.down_after_ms}",
+                f"sentinel failover-timeout {svc} {self.failover_timeout_ms}",
                 f"sentinel parallel-syncs {svc} 1"]) + "\n")
         self._launch([find_redis_server(), str(conf), "--sentinel"], timeout)
         return self
@@ -351,7 +354,8 @@ class EmbeddedStore:
 
     def __init__(self, workdir: str | os.PathLike[str], *, secrets_: StoreSecrets | None = None,
                  prefix: str | None = None, replicas: int = 2, sentinels: int = 3, service: str = "ctops",
-                 ports: list[int] | None = None, host: str = "127.0.0.1", min_replicas: int = 1) -> None:
+                 ports: list[int] | None = None, host: str = "127.0.0.1", min_replicas: int = 1,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
         self.workdir = Path(workdir)
         self.service, self.host = service, host
         previous = self._previous(replicas + 1 + sentinels)
@@ -368,8 +372,11 @@ class EmbeddedStore:
                           replica_of=(host, first.port), appendonly=True, min_replicas=min_replicas,
                           name=f"redis-{i}")
             for i in range(2, replicas + 2)]
+        # the timings are tuned by default; `ctops bench store-failover` also runs Sentinel's own
+        # defaults (down-after 30000 ms, failover-timeout 180000 ms) for comparison
         self.sentinels = [EmbeddedSentinel(take(), str(self.workdir / f"sentinel-{i}"), (host, first.port),
-                                           secrets_=self.secrets, service=service, name=f"sentinel-{i}", host=host)
+                                           secrets_=self.secrets, service=service, name=f"sentinel-{i}", host=host,
+                                           down_after_ms=down_after_ms, failover_timeout_ms=failover_timeout_ms)
                           for i in range(1, sentinels + 1)]
 
     def _previous(self, count: int) -> tuple[StoreSecrets, list[int]] | None:
