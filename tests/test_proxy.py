@@ -1052,3 +1052,51 @@ def test_affinity_key_comes_from_the_environment_variable_the_config_names(monke
     monkeypatch.delenv("CTOPS_TEST_AFFINITY_KEY")
     PLANE.DataPlane(two, PLANE.ProxySettings.from_deployment(dep))  # unset: a random key, not ""
     assert one.get("a").cookie != two.get("a").cookie  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------
+# every request safe to retry (issue 14)
+
+
+def test_writes_without_a_key_get_one_kept_across_their_tries(backends: Backends, build: str) -> None:
+    async def scenario() -> None:  # /flaky fails once per key, so each build gets its own tags
+        async with proxy(make_pool({"a": backends.http["a"], "b": backends.http["b"]})) as plane:
+            c = await Client.open(plane.port)
+            tag = f"gen-{build}"
+            r = await c.request("POST", f"/flaky?key={tag}", b"submission")
+            assert r.status == 200  # dropped unanswered once, sent again
+            keys = [s["idempotency_key"] for s in await seen(backends, tag)]
+            assert len(keys) == 2 and keys[0] == keys[1], keys  # the same key on both tries
+            assert keys[0].startswith("ctops-") and len(keys[0]) >= 32
+            # each write gets a key of its own; a client's own key passes unchanged; reads get none
+            await c.request("POST", f"/echo?t=gen2-{build}", b"x")
+            await c.request("POST", f"/echo?t=own-{build}", b"x", headers=(("Idempotency-Key", "mine 1"),))
+            await c.request("GET", f"/hello?t=read-{build}")
+            other = [s["idempotency_key"] for s in await seen(backends, f"gen2-{build}")]
+            assert len(other) == 1 and other[0].startswith("ctops-") and other[0] != keys[0]
+            assert [s["idempotency_key"] for s in await seen(backends, f"own-{build}")] == ["mine 1"]
+            assert [s["idempotency_key"] for s in await seen(backends, f"read-{build}")] == [None]
+            c.close()
+
+    run(scenario)
+
+
+def test_connection_after_a_server_error_is_not_reused(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool({"a": backends.http["a"]})
+        async with proxy(pool) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("POST", "/fail-once", b"x")  # the server then closes that connection
+            assert r.status == 500 and r.body == b"failed"
+            failed_conn = r.headers["x-conn-id"]
+            c.close()
+            for i in range(50):  # other learners' writes without keys
+                other = await Client.open(plane.port)
+                r = await other.request("POST", "/echo", b"learner %d" % i)
+                assert r.status == 200 and r.body == b"learner %d" % i
+                assert r.headers["x-conn-id"] != failed_conn
+                other.close()
+            counters = plane.counters()
+            assert counters["retries"] + counters["redispatches"] == 0, counters  # never sent into it
+
+    run(scenario)
