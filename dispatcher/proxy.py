@@ -312,6 +312,42 @@ def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] |
     return hit
 
 
+# A write (a learner's JSON submission) whose head and whole Content-Length body came in one read:
+# group 1 method, 2 target, 3 the header lines; Host, Content-Length, Idempotency-Key and cookies are
+# then counted among these (`_COUNTED`)
+_NOT_FRAMING = _lines_without(_HOP_NAMES + rb"|x-forwarded-for|x-forwarded-proto")
+_FAST_WRITE = re.compile(rb"(POST|PUT|PATCH|DELETE) (/[!-~]*) HTTP/1\.1\r\n(" + _NOT_FRAMING + rb")\r\n")
+_COUNTED = re.compile(rb"^(?i:(host|content-length|idempotency-key|cookie)):[ \t]*([^\r]*?)[ \t]*\r", re.M)
+
+
+def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, bytes | None, bytes, bool] | None:
+    """(method, target, cookies, the head without its final CRLF, has an Idempotency-Key) when `data`
+    is exactly one plain write for a learner's route: one Host, one Content-Length equal to the body
+    that follows the head to the end of `data`, no other framing; else None (the parser decides)."""
+    m = _FAST_WRITE.match(data)
+    if m is None or m.end() > header_max:
+        return None
+    hosts = lengths = 0
+    length = b""
+    key = False
+    cookies = []
+    for name, value in _COUNTED.findall(m.group(3)):
+        lname = name.lower()
+        if lname == b"host":
+            hosts += 1
+        elif lname == b"content-length":
+            lengths += 1
+            length = value
+        elif lname == b"cookie":
+            cookies.append(value)
+        else:
+            key = True
+    if (hosts != 1 or lengths != 1 or not length.isdigit() or len(length) > 15
+            or int(length) != len(data) - m.end() or hidden_path(m.group(2))):
+        return None
+    return m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, data[:m.end() - 2], key
+
+
 def fast_response_length(head: bytes) -> int:
     """The Content-Length of a plain answer's `head` (up to its blank line), else -1; remembered.
     Callers look in `_response_heads` first."""
@@ -466,6 +502,23 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
                 r.plain = method == b"GET"
                 self._head_ready(r, head[1], head[2], head[3] + self.forwarded)
                 return
+            if data[:1] == b"P" or data[:1] == b"D":
+                write = fast_write_request(data, self.plane.header_max)
+                if write is not None:
+                    # head and body forwarded in one write, with our key when the client gave none
+                    # (the same bytes the parser's path would build, see on_headers_complete)
+                    r = self.cur = Request(self)
+                    r.method = method = write[0]
+                    r.safe = r.complete = r.plain = True
+                    head = write[3]
+                    body = data[len(head) + 2:]
+                    r.has_body = len(body) > 0
+                    if method == b"POST":
+                        r.opens = opens_session(method, write[1])
+                    if not write[4] and method not in IDEMPOTENT:
+                        head += b"Idempotency-Key: ctops-%b\r\n" % os.urandom(16).hex().encode()
+                    self._head_ready(r, write[1], write[2], head + self.forwarded + body)
+                    return
         self.read_len = len(data)
         try:
             self.parser.feed_data(data)
