@@ -1157,3 +1157,23 @@ def test_fast_path_for_writes_gives_what_the_parser_gives(backends: Backends) ->
                 assert got[0] == got[1], raw
 
     run(scenario)
+
+
+def test_write_without_a_key_to_a_hung_server_is_answered_by_another(backends: Backends) -> None:
+    hung = _hung_listener()
+
+    async def scenario() -> None:
+        pool = make_pool({"hung": hung.getsockname()[1], "a": backends.http["a"]})
+        # the read timeout is far beyond the test's own limit: only the first-byte deadline can answer
+        async with proxy(pool, first_byte_timeout=0.3, probe_timeout=0.3, upstream_read_timeout=600) as plane:
+            hung_cookie = pool.get("hung").cookie.decode()  # type: ignore[union-attr]
+            c = await Client.open(plane.port)
+            r = await c.request("POST", "/echo", b"submission", headers=(("Cookie", f"ctops_srv={hung_cookie}"),))
+            assert r.status == 200 and r.headers["x-backend"] == "a" and r.body == b"submission"
+            assert plane.counters()["redispatches"] >= 1
+            c.close()
+
+    try:
+        run(scenario)
+    finally:
+        hung.close()
