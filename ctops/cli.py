@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
     b.add_argument("--connections", type=int, default=32)
+    b.add_argument("--mix", choices=["get", "learners"], default="get",
+                   help="proxy: the load, GETs of / or a learners' mix (sessions, submissions, polls)")
     b.add_argument("--events", type=int, default=100_000, help="exceptions: events in the spool to replay")
 
     ex = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming")

@@ -39,8 +39,8 @@ cdef class UpstreamConnection:
     cdef public Request req
     cdef public ClientConnection client
     cdef public bint reused, read_paused, got_bytes, head_sent, tunnel, until_close, chunk_out, interim
-    cdef public bint discard, flushed, hold
-    cdef public Py_ssize_t remaining
+    cdef public bint discard, flushed, hold, failed
+    cdef public Py_ssize_t remaining, fd
     cpdef _fast_response(self, ClientConnection client, Request r, data)
     cpdef _pass_body(self, ClientConnection client, Request r, data)
     cpdef _complete(self, Request r, bint reusable)

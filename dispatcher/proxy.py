@@ -15,9 +15,11 @@ cookie, else the pool's least-outstanding pick) or by a fixed path-prefix route 
 A try that fails before any byte of an answer goes through `DataPlane._failed_try`: the same
 server once more if it is still believed healthy, else another, within `retry_max_tries` and
 `retry_total`; a request the server may have acted on only when safe (idempotent method or an
-`Idempotency-Key`) and small enough to have been kept for replay. A safe request left without an
-answer's first byte for `first_byte_timeout` gets its server probed; a failed probe (or the server
-leaving `up` by any other means) moves every safe request waiting there to another server.
+`Idempotency-Key`) and small enough to have been kept for replay. Every request is safe: a write
+without a key gets one from the proxy (random, in the head every try replays), so the trainer runs it
+at most once whichever servers it reaches. A safe request left without an answer's first byte for
+`first_byte_timeout` gets its server probed; a failed probe (or the server leaving `up` by any other
+means) moves every safe request waiting there to another server.
 
 Built, this module is compiled by Cython (setup.py), with `proxy.pxd` giving the classes C fields and
 the hot methods C calls; it stays plain Python and is imported as such where it was not built. For
@@ -283,7 +285,8 @@ _FAST_REQUEST = re.compile(rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1\r\n("
 _COOKIES = re.compile(rb"^(?i:cookie):[ \t]*([^\r]*?)[ \t]*\r", re.M)
 # group 1 status, 2 content length; the body follows the match
 _NOT_CL = _lines_without(_HOP_NAMES + rb"|content-length")
-_FAST_RESPONSE = re.compile(rb"HTTP/1\.1 (?!204|304)([2-5]\d\d) " + _VALUE + rb"\r\n" + _NOT_CL
+# (a 5xx takes the parser's path: the connection is not kept after it, see `UpstreamConnection.failed`)
+_FAST_RESPONSE = re.compile(rb"HTTP/1\.1 (?!204|304)([2-4]\d\d) " + _VALUE + rb"\r\n" + _NOT_CL
                             + rb"(?i:content-length):[ \t]*(\d{1,15})[ \t]*\r\n" + _NOT_CL + rb"\r\n")
 
 # Heads checked lately, by their exact bytes: the same heads come again and again (a browser's
@@ -308,6 +311,42 @@ def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] |
             _request_heads.clear()
         _request_heads[data] = hit
     return hit
+
+
+# A write (a learner's JSON submission) whose head and whole Content-Length body came in one read:
+# group 1 method, 2 target, 3 the header lines; Host, Content-Length, Idempotency-Key and cookies are
+# then counted among these (`_COUNTED`)
+_NOT_FRAMING = _lines_without(_HOP_NAMES + rb"|x-forwarded-for|x-forwarded-proto")
+_FAST_WRITE = re.compile(rb"(POST|PUT|PATCH|DELETE) (/[!-~]*) HTTP/1\.1\r\n(" + _NOT_FRAMING + rb")\r\n")
+_COUNTED = re.compile(rb"^(?i:(host|content-length|idempotency-key|cookie)):[ \t]*([^\r]*?)[ \t]*\r", re.M)
+
+
+def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, bytes | None, bytes, bool] | None:
+    """(method, target, cookies, the head without its final CRLF, has an Idempotency-Key) when `data`
+    is exactly one plain write for a learner's route: one Host, one Content-Length equal to the body
+    that follows the head to the end of `data`, no other framing; else None (the parser decides)."""
+    m = _FAST_WRITE.match(data)
+    if m is None or m.end() > header_max:
+        return None
+    hosts = lengths = 0
+    length = b""
+    key = False
+    cookies = []
+    for name, value in _COUNTED.findall(m.group(3)):
+        lname = name.lower()
+        if lname == b"host":
+            hosts += 1
+        elif lname == b"content-length":
+            lengths += 1
+            length = value
+        elif lname == b"cookie":
+            cookies.append(value)
+        else:
+            key = True
+    if (hosts != 1 or lengths != 1 or not length.isdigit() or len(length) > 15
+            or int(length) != len(data) - m.end() or hidden_path(m.group(2))):
+        return None
+    return m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, data[:m.end() - 2], key
 
 
 def fast_response_length(head: bytes) -> int:
@@ -369,7 +408,9 @@ class Request:
         self.unsent_size = 0
         self.replay: list[bytes] | None = None  # every byte sent so far, while small and retry is possible
         self.replay_size = 0
-        self.safe = False  # may be sent again after a server got it: idempotent, or has an Idempotency-Key
+        # may be sent again after a server got it: idempotent, or has an Idempotency-Key (the client's or,
+        # for a write without one, ours): every request the proxy forwards is, once its head is built
+        self.safe = False
         self.plain = False  # keep-alive HTTP/1.1, neither HEAD nor upgrade: its answer may take the fast path
         self.affinity: bytes | None = None  # the ctops_srv cookie (b"" if none) when affinity applies
         self.route: Backend | None = None  # a fixed backend by path prefix (no balancing, no health)
@@ -462,6 +503,23 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
                 r.plain = method == b"GET"
                 self._head_ready(r, head[1], head[2], head[3] + self.forwarded)
                 return
+            if data[:1] == b"P" or data[:1] == b"D":
+                write = fast_write_request(data, self.plane.header_max)
+                if write is not None:
+                    # head and body forwarded in one write, with our key when the client gave none
+                    # (the same bytes the parser's path would build, see on_headers_complete)
+                    r = self.cur = Request(self)
+                    r.method = method = write[0]
+                    r.safe = r.complete = r.plain = True
+                    head = write[3]
+                    body = data[len(head) + 2:]
+                    r.has_body = len(body) > 0
+                    if method == b"POST":
+                        r.opens = opens_session(method, write[1])
+                    if not write[4] and method not in IDEMPOTENT:
+                        head += b"Idempotency-Key: ctops-%b\r\n" % os.urandom(16).hex().encode()
+                    self._head_ready(r, write[1], write[2], head + self.forwarded + body)
+                    return
         self.read_len = len(data)
         try:
             self.parser.feed_data(data)
@@ -538,7 +596,12 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
         te, upgrade, xff, clen, cookie, idem, hosts = _copy_headers(hdrs, out, True)
         if hosts > 1 or (hosts == 0 and r.http11):
             self._reject(400, "a request needs exactly one Host header")
-        r.safe = idem or method in IDEMPOTENT
+        r.safe = True
+        if not idem and method not in IDEMPOTENT:
+            # a write without the client's key gets one of ours, kept in the head that is replayed, so
+            # every try of it carries the same key and the trainer executes it at most once
+            # (trainer/idempotency.py): a write can then go again like a read
+            out += (b"Idempotency-Key: ctops-", os.urandom(16).hex().encode(), b"\r\n")
         if te is not None:
             # the one framing a server cannot read differently from us: a single "chunked" coding on
             # HTTP/1.1 without a length. Anything else (repeated, other codings, with Content-Length,
@@ -832,6 +895,10 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
         self.interim = False
         self.discard = False  # the parser expects a body that will not come (HEAD): replace it
         self.remaining = 0  # body bytes still to pass through after a fast-path head
+        # the answer is a server error: the server may be closing this connection as it sent it (an
+        # exception after the answer), so it is not reused whatever its headers say
+        self.failed = False
+        self.fd = -1  # the socket, to look for an EOF before the connection is reused (see UpstreamPool)
 
     def unbind(self) -> None:
         self.req = None
@@ -855,6 +922,9 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(high=self.plane.settings.high_water)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.plane.upstreams.discard(self)
@@ -963,6 +1033,7 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
             out.append(b"\r\n")
             self.out.append(b"".join(out))
             return
+        self.failed = status >= 500
         out = [_status_line(status, self.reason)]
         te, upgrade, _, clen, _, _, _ = _copy_headers(hdrs, out, False)
         aff = r.affinity
@@ -993,7 +1064,7 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
         self.out.append(b"".join(out))
         self.head_sent = True
         if self.discard:
-            self._complete(r, p.should_keep_alive())
+            self._complete(r, p.should_keep_alive() and not self.failed)
         elif not self.tunnel:
             self.hold = True
 
@@ -1015,7 +1086,7 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
             return
         if self.chunk_out:
             self.out.append(b"0\r\n\r\n")
-        self._complete(r, self.parser.should_keep_alive())
+        self._complete(r, self.parser.should_keep_alive() and not self.failed)
 
     # -- the fast path ---------------------------------------------------------------------------
 
@@ -1302,7 +1373,7 @@ class DataPlane:
         r.upstream = up
         conn = up.client = r.conn
         up.req = r
-        up.got_bytes = up.head_sent = up.until_close = up.chunk_out = up.flushed = up.hold = False
+        up.got_bytes = up.head_sent = up.until_close = up.chunk_out = up.flushed = up.hold = up.failed = False
         up.remaining = 0
         if conn.write_paused:
             up.pause_reading()

@@ -15,6 +15,8 @@ and which upstream connection answered):
   /close-mid                  promises 1 MB, sends 1000 bytes, closes
   /close-before               closes without answering
   /once                       answers, then closes the connection when the next request arrives
+  /fail-once                  answers 500 (keep-alive by its headers), then closes the connection when
+                              the next request arrives, unanswered (a server failing after its answer)
   /hop                        a response carrying hop-by-hop headers
   /raw?kind=K                 an answer written byte for byte (see RAW): split, overlong, duplicate length
   /flaky?key=K[&head=1]       closes without answering (or after a head) the first time it sees K
@@ -129,7 +131,8 @@ async def serve_http(name: str, reader: asyncio.StreamReader, writer: asyncio.St
             headers = {k.strip().lower(): v.strip() for k, v in pairs}
             if "x-forwarded-for" in headers:
                 SEEN.append({"line": lines[0], "transfer_encoding": [v.strip() for k, v in pairs
-                                                                     if k.strip().lower() == "transfer-encoding"]})
+                                                                     if k.strip().lower() == "transfer-encoding"],
+                             "idempotency_key": headers.get("idempotency-key")})
             url = urlsplit(target)
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
             if headers.get("expect", "").lower() == "100-continue":
@@ -202,12 +205,14 @@ async def serve_http(name: str, reader: asyncio.StreamReader, writer: asyncio.St
                 keep = await write_response(writer, 200, json.dumps(doc).encode(), std)
             elif path == "/stats":
                 keep = await write_response(writer, 200, json.dumps(STATS).encode(), std)
+            elif path == "/fail-once":
+                await write_response(writer, 500, b"failed", std)
             elif method == "HEAD":  # the length of the GET body, and no body
                 size = len(f"hello from {name}")
                 await write_response(writer, 200, b"", std + [("Content-Length", str(size))], "none")
             else:
                 await write_response(writer, 200, f"hello from {name}".encode(), std)
-            if path == "/once":
+            if path in ("/once", "/fail-once"):
                 close_on_next = True
             if not keep or headers.get("connection", "").lower() == "close":
                 return

@@ -98,3 +98,43 @@ def test_draining_server_keeps_its_sessions_and_takes_no_new_ones(make_cluster: 
         for _ in range(8):  # new learners (no cookie) never land there
             r = httpx.post(f"{c.data_url()}/api/sessions", json={}, timeout=20)
             assert r.status_code == 201 and r.json()["server"] != home
+
+
+def test_posts_without_keys_to_a_frozen_server_complete_elsewhere_exactly_once(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """Submissions without an Idempotency-Key in flight to a server that freezes are answered by
+    another server while it is still frozen, and none is stored twice once it thaws and reads them."""
+    c = make_cluster()
+    c.start_all()
+    n = 8
+    with httpx.Client(base_url=c.data_url(), timeout=30) as learner:
+        exercise = learner.get("/api/exercises").json()["exercises"][0]["id"]
+        r = learner.post("/api/sessions", json={"learner": "frozen"})
+        assert r.status_code == 201
+        sid, home = r.json()["session_id"], r.json()["server"]
+        cookies = dict(learner.cookies)
+
+    async def submit_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=c.data_url(), timeout=30, cookies=cookies) as a:
+            return list(await asyncio.gather(*(
+                a.post(f"/api/sessions/{sid}/submissions", json={"exercise_id": exercise, "code": f"# try {i}\n"})
+                for i in range(n))))
+
+    c.signal(home, signal.SIGSTOP)  # the session sticks to it: the submissions go there first
+    try:
+        answers = asyncio.run(submit_all())
+        # all answered while the server is still frozen: by another one, none failed
+        assert [a.status_code for a in answers] == [202] * n, [a.text for a in answers]
+        assert all(a.json()["server"] != home for a in answers)
+        ids = {a.json()["submission_id"] for a in answers}
+        assert len(ids) == n
+    finally:
+        c.signal(home, signal.SIGCONT)
+    c.wait_state(home, "up")
+    # the thawed server now reads the requests it was sent while frozen: they carry the keys the
+    # dispatcher gave them, so it replays the stored outcomes instead of storing them again
+    time.sleep(3)
+    with httpx.Client(base_url=c.data_url(), timeout=30) as learner:
+        stored = learner.get(f"/api/sessions/{sid}").json()["submissions"]
+    stored_ids = [s["submission_id"] if isinstance(s, dict) else s for s in stored]
+    assert sorted(stored_ids) == sorted(ids)

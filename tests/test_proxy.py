@@ -434,13 +434,18 @@ def test_upstream_closing_mid_response_cuts_the_client(backends: Backends) -> No
 
 def test_upstream_closing_before_responding_gives_502(backends: Backends) -> None:
     async def scenario() -> None:
-        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+        async with proxy(make_pool({"a": backends.http["a"]}), replay_max=1024) as plane:
             c = await Client.open(plane.port)
-            # a POST the server may have acted on is not sent again
-            r = await c.request("POST", "/close-before", b"x")
+            # a POST too big to have been kept for replay is not sent again
+            r = await c.request("POST", "/close-before", b"x" * 2048)
             assert r.status == 502 and "error" in json.loads(r.body)
             assert r.headers["content-type"] == "application/json"
-            # a GET is, but there is no other server: 503 with Retry-After
+            # a small one is (it carries an Idempotency-Key), as is a GET, but there is no other
+            # server: 503 with Retry-After
+            plane.pool.get("a").health = "up"  # type: ignore[union-attr]
+            c = await Client.open(plane.port)
+            r = await c.request("POST", "/close-before", b"x")
+            assert r.status == 503 and r.headers["retry-after"] == "1"
             plane.pool.get("a").health = "up"  # type: ignore[union-attr]
             c = await Client.open(plane.port)
             r = await c.request("GET", "/close-before")
@@ -460,10 +465,10 @@ def test_dead_pooled_connection_is_retried_for_idempotent_requests(backends: Bac
             assert r.headers["x-conn-id"] != first.headers["x-conn-id"] and r.headers["x-conn-requests"] == "1"
             assert pool.get("a").state == "up"  # type: ignore[union-attr]
 
-            # a POST may have been acted on: it is not sent twice
+            # so is a POST without a key: the proxy gave it one, so the server runs it once at most
             await c.request("GET", "/once")
             r = await c.request("POST", "/echo", b"once only")
-            assert r.status == 502
+            assert r.status == 200 and r.body == b"once only"
             c.close()
 
     run(scenario)
@@ -709,10 +714,15 @@ def test_retry_only_when_safe_after_the_server_got_the_request(backends: Backend
             key = f"k1-{build}"
             r = await c.request("POST", f"/flaky?key={key}", b"body", headers=(("Idempotency-Key", key),))
             assert r.status == 200 and r.headers["x-backend"] == "a"
-            # ...without one it may have been acted on: 502, never sent twice
+            # ...without one, too (the proxy gives it a key); too big to replay, it may have been
+            # acted on: 502, never sent twice
             pool.get("a").health = "up"  # type: ignore[union-attr]
             c = await Client.open(plane.port)
             r = await c.request("POST", f"/flaky?key=k2-{build}", b"body")
+            assert r.status == 200
+            pool.get("a").health = "up"  # type: ignore[union-attr]
+            c = await Client.open(plane.port)
+            r = await c.request("POST", f"/flaky?key=k5-{build}", b"b" * (plane.replay_max + 1))
             assert r.status == 502
             pool.get("a").health = "up"  # type: ignore[union-attr]
             c = await Client.open(plane.port)
@@ -1042,3 +1052,128 @@ def test_affinity_key_comes_from_the_environment_variable_the_config_names(monke
     monkeypatch.delenv("CTOPS_TEST_AFFINITY_KEY")
     PLANE.DataPlane(two, PLANE.ProxySettings.from_deployment(dep))  # unset: a random key, not ""
     assert one.get("a").cookie != two.get("a").cookie  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------
+# every request safe to retry (issue 14)
+
+
+def test_writes_without_a_key_get_one_kept_across_their_tries(backends: Backends, build: str) -> None:
+    async def scenario() -> None:  # /flaky fails once per key, so each build gets its own tags
+        async with proxy(make_pool({"a": backends.http["a"], "b": backends.http["b"]})) as plane:
+            c = await Client.open(plane.port)
+            tag = f"gen-{build}"
+            r = await c.request("POST", f"/flaky?key={tag}", b"submission")
+            assert r.status == 200  # dropped unanswered once, sent again
+            keys = [s["idempotency_key"] for s in await seen(backends, tag)]
+            assert len(keys) == 2 and keys[0] == keys[1], keys  # the same key on both tries
+            assert keys[0].startswith("ctops-") and len(keys[0]) >= 32
+            # each write gets a key of its own; a client's own key passes unchanged; reads get none
+            await c.request("POST", f"/echo?t=gen2-{build}", b"x")
+            await c.request("POST", f"/echo?t=own-{build}", b"x", headers=(("Idempotency-Key", "mine 1"),))
+            await c.request("GET", f"/hello?t=read-{build}")
+            other = [s["idempotency_key"] for s in await seen(backends, f"gen2-{build}")]
+            assert len(other) == 1 and other[0].startswith("ctops-") and other[0] != keys[0]
+            assert [s["idempotency_key"] for s in await seen(backends, f"own-{build}")] == ["mine 1"]
+            assert [s["idempotency_key"] for s in await seen(backends, f"read-{build}")] == [None]
+            c.close()
+
+    run(scenario)
+
+
+def test_connection_after_a_server_error_is_not_reused(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool({"a": backends.http["a"]})
+        async with proxy(pool) as plane:
+            c = await Client.open(plane.port)
+            r = await c.request("POST", "/fail-once", b"x")  # the server then closes that connection
+            assert r.status == 500 and r.body == b"failed"
+            failed_conn = r.headers["x-conn-id"]
+            c.close()
+            for i in range(50):  # other learners' writes without keys
+                other = await Client.open(plane.port)
+                r = await other.request("POST", "/echo", b"learner %d" % i)
+                assert r.status == 200 and r.body == b"learner %d" % i
+                assert r.headers["x-conn-id"] != failed_conn
+                other.close()
+            counters = plane.counters()
+            assert counters["retries"] + counters["redispatches"] == 0, counters  # never sent into it
+
+    run(scenario)
+
+
+_JSON = b'{"exercise_id": "fizzbuzz", "code": "' + b"x = 1\\n" * 300 + b'"}'
+# (request bytes, whether they fit the fast path for writes, how many answers they get)
+_WRITES = [
+    (b"POST /headers HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+     % (len(_JSON), _JSON), True, 1),
+    (b"POST /echo?mode=chunked HTTP/1.1\r\nContent-Length: %d\r\nHost: t\r\n\r\n%b" % (len(_JSON), _JSON), True, 1),
+    (b"POST /headers HTTP/1.1\r\nHost: t\r\nIdempotency-Key: learner-key-1\r\nContent-Length: 2\r\n\r\n{}", True, 1),
+    (b"PUT /headers HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}", True, 1),
+    (b"POST /headers HTTP/1.1\r\nhost: t\r\ncookie: a=1\r\ncontent-length: 2\r\nCookie: ctops_session=s1\r\n\r\n{}",
+     True, 1),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", True, 1),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nHost: u\r\nContent-Length: 2\r\n\r\n{}", False, 1),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}", False, 1),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", False, 1),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}GET /hello HTTP/1.1\r\nHost: t\r\n\r\n", False, 2),
+    (b"POST /headers HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 10.1.1.1\r\nContent-Length: 2\r\n\r\n{}", False, 1),
+    (b"POST /_debug/raise HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}", False, 1),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", False, 1),
+    (b"POST /echo HTTP/1.0\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}", False, 1),
+]
+
+
+def _normalized(r: Response) -> tuple:
+    """An answer with what differs between two identical requests (connection ids, our random
+    Idempotency-Key's value) replaced."""
+    headers = [(k, "*" if k.lower() in ("x-conn-id", "x-conn-requests") else v) for k, v in r.raw_headers]
+    body: Any = r.body
+    if r.headers.get("content-type") == "application/json" and body.startswith(b'{"method"'):
+        doc = json.loads(body)
+        doc["headers"] = [[k, "generated" if k.lower() == "idempotency-key" and v.startswith("ctops-") else v]
+                          for k, v in doc["headers"]]
+        body = doc
+    return r.status, headers, body
+
+
+def test_fast_path_for_writes_gives_what_the_parser_gives(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            for raw, fast, answers in _WRITES:
+                assert (PLANE.fast_write_request(raw, SETTINGS.header_max_bytes) is not None) == fast, raw
+                end = raw.index(b"\r\n\r\n") + 4
+                got = []
+                for parts in ([raw], [raw[:end], raw[end:]]):  # one read (fast path), else the parser's
+                    c = await Client.open(plane.port)
+                    for i, part in enumerate(parts):
+                        if i:
+                            await asyncio.sleep(0.05)  # a read of its own for the proxy
+                        if part:
+                            await c.send(part)
+                    got.append([_normalized(await c.response(raw.split(b" ", 1)[0].decode()))
+                                for _ in range(answers)])
+                    c.close()
+                assert got[0] == got[1], raw
+
+    run(scenario)
+
+
+def test_write_without_a_key_to_a_hung_server_is_answered_by_another(backends: Backends) -> None:
+    hung = _hung_listener()
+
+    async def scenario() -> None:
+        pool = make_pool({"hung": hung.getsockname()[1], "a": backends.http["a"]})
+        # the read timeout is far beyond the test's own limit: only the first-byte deadline can answer
+        async with proxy(pool, first_byte_timeout=0.3, probe_timeout=0.3, upstream_read_timeout=600) as plane:
+            hung_cookie = pool.get("hung").cookie.decode()  # type: ignore[union-attr]
+            c = await Client.open(plane.port)
+            r = await c.request("POST", "/echo", b"submission", headers=(("Cookie", f"ctops_srv={hung_cookie}"),))
+            assert r.status == 200 and r.headers["x-backend"] == "a" and r.body == b"submission"
+            assert plane.counters()["redispatches"] >= 1
+            c.close()
+
+    try:
+        run(scenario)
+    finally:
+        hung.close()
