@@ -612,6 +612,11 @@ class Supervisor:
                     log.error("%s %s; killing it", item.spec.name, item.kill_reason)
                     self._killpg(item, signal.SIGKILL)
                     return
+                if not in_grace:
+                    # confirm a failure at once rather than an interval later: a hang is then caught
+                    # in about interval + failures x timeout
+                    item.check_due = now
+                    return
             item.check_due = now + spec.interval_ms / 1000
             return
         if now >= item.check_due and item.kill_reason is None:
