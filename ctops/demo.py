@@ -81,7 +81,8 @@ def write_deployment(path: Path, redis_url: str, ports: Ports, tokens: dict[str,
         out += ["", "[[agents]]", f'name = "{t["host"]}"', "", "[[agents.processes]]", f'name = "{t["name"]}"',
                 f"command = {_toml_list(cmd)}",
                 "# the agent holds the port (connections wait across a restart) and keeps a spare ready",
-                f'listen = "127.0.0.1:{t["port"]}"', "warm_spare = true", "[agents.processes.liveness]", 'kind = "http"',
+                f'listen = "127.0.0.1:{t["port"]}"', "warm_spare = true",
+                "[agents.processes.liveness]", 'kind = "http"',
                 f'url = "http://127.0.0.1:{t["port"]}/healthz"', "interval_ms = 250", "timeout_ms = 400",
                 "failures = 2"]
     for prio, p in enumerate(llm, start=1):

@@ -86,6 +86,9 @@ def wait_for_handover() -> None:
         try:
             ctl.sendall(READY)
             log.info("warm spare ready (pid %d); waiting for the handover", os.getpid())
+        except OSError:
+            pass  # told to go before it was ready: the supervisor has closed its end, the word waits
+        try:
             word = ctl.recv(1)
         except OSError as exc:
             word = b""
