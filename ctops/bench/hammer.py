@@ -70,15 +70,20 @@ class Hammer:
 
 
 def serving_pid(port: int, path: str = "/healthz", timeout: float = 5.0) -> int | None:
-    """The pid of the process that answers a request on `port` (the one holding the accepted
-    connection), whichever of several processes sharing the listening socket that is."""
+    """The pid of the process that answers a request on `port`, whichever of several processes
+    sharing the listening socket that is: the request is held back after its first line, while
+    the process that accepted the connection is looked up, then completed and must be answered."""
     with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
         s.settimeout(timeout)
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n\r\n".encode())
-        if not s.recv(16):
-            return None
+        s.sendall(f"GET {path} HTTP/1.1\r\n".encode())
         mine = s.getsockname()[:2]
-        for c in psutil.net_connections("tcp4"):
-            if c.laddr and c.raddr and c.laddr.port == port and tuple(c.raddr) == mine and c.pid:
-                return c.pid
-    return None
+        pid = None
+        deadline = time.monotonic() + timeout
+        while pid is None and time.monotonic() < deadline:
+            pid = next((c.pid for c in psutil.net_connections("tcp4") if c.pid and c.laddr and c.raddr
+                        and c.laddr.port == port and tuple(c.raddr) == mine), None)
+            if pid is None:
+                time.sleep(0.02)  # still in the backlog: nobody has accepted it yet
+        s.sendall(f"Host: {LOOPBACK}:{port}\r\nConnection: close\r\n\r\n".encode())
+        head = s.recv(16)
+    return pid if head.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2")) else None
