@@ -8,6 +8,8 @@ import os
 import socket
 from pathlib import Path
 
+import httpx
+
 from ctops import capture
 from ctops.config import load
 from trainer import sandbox
@@ -21,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     harden()
     sandbox.become_subreaper()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
+    # its TLS setup (the CA bundle) is paid now, before a warm spare waits
+    capture_transport = httpx.HTTPTransport()
 
     def start_capture() -> None:
         # exceptions go to the dispatchers (the agent's token), spooled next to the deployment file
@@ -29,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                          default_urls=[d.ops_url for d in deployment.dispatchers],
                          default_token=os.environ.get("CTOPS_AGENT_TOKEN"),
                          default_spool=Path(args.config).resolve().parent / "spool" / f"trainer-{args.name}",
-                         context={"server": args.name})
+                         context={"server": args.name}, forwarder_kw={"transport": capture_transport})
 
     # probed and logged once, here: what confines learner code, or why it will not be run (sessions
     # and health are still served; submissions then end in an error naming the reason)
