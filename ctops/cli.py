@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the cluster as the leading dispatcher sees it")
     _cluster_args(st)
     st.add_argument("--json", action="store_true")
+    st.add_argument("--quiet", "-q", action="store_true",
+                    help="print nothing; the exit code says it: 0 healthy, 1 degraded, 2 critical, 3 unknown")
 
     ch = sub.add_parser("chaos", help="SIGKILL / SIGSTOP / SIGCONT a demo process by name")
     ch.add_argument("action", choices=["kill", "freeze", "thaw"])
-    ch.add_argument("target", help="a name from the state file, e.g. trainer-1, A, host-2, redis")
+    ch.add_argument("target", help="a name from the state file, e.g. trainer-1, A, host-2, redis-2, sentinel-1; "
+                    "or redis-primary, redis-replica-N: the node in that role now")
     ch.add_argument("--state-file", default=DEFAULT_STATE_FILE)
 
     lo = sub.add_parser("load", help="simulated learners against the dispatchers")

@@ -17,17 +17,20 @@ from typing import Annotated
 
 import httpx
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exc
 from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from redis.asyncio.client import Pipeline
 
+from ctops.asgi_limits import BodyLimit
 from ctops.config import Deployment
 from ctops.keys import Keys
 from trainer import review, sandbox
 from trainer.exercises import EXERCISES
 from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprint
 from trainer.lease import Lease
+from trainer.readiness import StoreProbe
 from trainer.review import Reviewer
 from trainer.store import Store, connect, new_id, now_ms
 from trainer.work import Worker, step
@@ -38,7 +41,8 @@ CODE_MAX_BYTES = 64 * 1024
 # JSON escaping can double a body's size relative to the code it carries
 BODY_MAX_BYTES = 3 * CODE_MAX_BYTES
 COOKIE = "ctops_session"
-HEALTH_REDIS_TIMEOUT = 1.0
+# what a learner is told when a request needs the shared store and it does not answer
+STORE_RETRY_AFTER_S = 2
 WAIT_MAX_SECONDS = 60.0
 WAIT_POLL_SECONDS = 0.1
 IdemKey = Annotated[str | None, Header(alias=HEADER)]
@@ -46,6 +50,11 @@ IdemKey = Annotated[str | None, Header(alias=HEADER)]
 
 async def _fingerprint(request: Request) -> str:
     return fingerprint(request.method, request.url.path, await request.body())
+
+
+def _error_shape(status: int, message: str) -> dict:
+    """The trainer's errors are FastAPI's shape, {"detail": ...}."""
+    return {"detail": f"request body too large (limit {BODY_MAX_BYTES} bytes)" if status == 413 else message}
 
 
 class SessionCreate(BaseModel):
@@ -57,6 +66,16 @@ class SubmissionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     exercise_id: StrictStr = Field(min_length=1, max_length=64)
     code: StrictStr
+
+
+# answers of a store that is away for the moment: starting, failing over, or short of replicas
+_AWAY_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN")
+
+
+def store_away(exc: Exception) -> bool:
+    if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError | redis_exc.ReadOnlyError):
+        return True
+    return isinstance(exc, redis_exc.ResponseError) and str(exc).startswith(_AWAY_REPLIES)
 
 
 def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.Redis | None = None) -> FastAPI:
@@ -78,9 +97,12 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         app.state.idem = Idempotency(client, keys, server_name, deployment.trainer)
         app.state.worker.start_loops()
         app.state.sandbox = (await asyncio.to_thread(sandbox.confinement, deployment.sandbox)).to_dict()
+        app.state.probe = StoreProbe(app.state.store)
+        await app.state.probe.start()
         try:
             yield
         finally:
+            await app.state.probe.stop()
             await app.state.worker.stop()
             await app.state.http.aclose()
             if redis_client is None:
@@ -97,12 +119,8 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
     def idem(request: Request) -> Idempotency:
         return request.app.state.idem
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):  # noqa: ANN001, ANN202
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > BODY_MAX_BYTES:
-            return JSONResponse({"detail": f"request body too large (limit {BODY_MAX_BYTES} bytes)"}, 413)
-        return await call_next(request)
+    # counts chunked bodies too: a body without Content-Length is cut off at the limit, not buffered whole
+    app.add_middleware(BodyLimit, max_bytes=BODY_MAX_BYTES, error=_error_shape)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -110,16 +128,28 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
         return JSONResponse({"detail": "internal server error", "error_id": error_id, "server": server_name}, 500)
 
+    @app.exception_handler(aioredis.RedisError)
+    async def store_unavailable(request: Request, exc: aioredis.RedisError) -> JSONResponse:
+        if not store_away(exc):
+            return await internal_error(request, exc)
+        # the shared store is away (an outage or a failover): a clear answer the learner can retry,
+        # not an internal error
+        log.warning("shared store unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "shared state temporarily unavailable; retry shortly", "server": server_name,
+                             "retry_after_s": STORE_RETRY_AFTER_S}, 503,
+                            headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
-        try:
-            n = await asyncio.wait_for(store(request).active_sessions(), HEALTH_REDIS_TIMEOUT)
-        except (TimeoutError, aioredis.RedisError, OSError) as exc:
-            # without Redis this server cannot serve any session, so it must not receive users
-            return JSONResponse({"status": "redis-unavailable", "server": server_name, "active_sessions": None,
-                                 "error": f"{type(exc).__name__}: {exc}"[:300]}, 503)
-        return JSONResponse({"status": "ok", "server": server_name, "active_sessions": n,
-                             "sandbox": request.app.state.sandbox})
+        """Liveness: this process answers. Never touches Redis: a store outage must not get healthy
+        servers restarted by their agents."""
+        return JSONResponse({"status": "ok", "server": server_name, "sandbox": request.app.state.sandbox})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness for the dispatcher's checks: the store as last probed in the background (no wait)."""
+        status, body = request.app.state.probe.readiness(server_name)
+        return JSONResponse(body, status)
 
     @app.get("/api/exercises")
     async def list_exercises() -> dict:

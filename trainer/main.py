@@ -27,11 +27,11 @@ def run(args: argparse.Namespace) -> int:
     capture_transport = httpx.HTTPTransport()
 
     def start_capture() -> None:
-        # exceptions go to the dispatchers (the agent's token), spooled next to the deployment file
+        # exceptions go to the dispatchers (the host's agent token), spooled next to the deployment file
         # meanwhile; a warm spare starts this only when it takes over (one process holds the spool)
         capture.from_env("trainer", spec.host or socket.gethostname(),
                          default_urls=[d.ops_url for d in deployment.dispatchers],
-                         default_token=os.environ.get("CTOPS_AGENT_TOKEN"),
+                         default_token=os.environ.get(deployment.host_token_env(spec.host)),
                          default_spool=Path(args.config).resolve().parent / "spool" / f"trainer-{args.name}",
                          context={"server": args.name}, forwarder_kw={"transport": capture_transport})
 

@@ -40,7 +40,8 @@ class Store:
 
     async def touch(self, sid: str) -> None:
         now = now_ms()
-        async with self.r.pipeline(transaction=True) as p:
+        # not a transaction: activity is no record a learner would miss, so it waits for no replica
+        async with self.r.pipeline(transaction=False) as p:
             p.hset(self.k.session(sid), mapping={"last_activity_ms": now, "last_server": self.server})
             p.expire(self.k.session(sid), TTL_SECONDS)
             p.expire(self.k.session_submissions(sid), TTL_SECONDS)

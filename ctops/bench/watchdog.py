@@ -29,7 +29,7 @@ import psutil
 from ctops.auth import hash_token, new_token
 from ctops.bench.hammer import Hammer, get, serving_pid
 from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops.redis_embed import EmbeddedRedis, free_port, redis_toml
 
 HANG_CAP_S = 10.0
 # the demo's trainer liveness (ctops/demo.py), for both programs
@@ -152,6 +152,7 @@ failures = {LIVENESS['failures']}
 [[tokens]]
 name = "agent"
 role = "agent"
+host = "host-1"
 sha256 = "{hash_token(agent_tok)}"
 """)
     return cfg, agent_tok
@@ -186,14 +187,16 @@ def run_ctops(root: Path, redis: EmbeddedRedis, prog: Program, reps: int, listen
 
 def demo_trainer(root: Path, redis: EmbeddedRedis) -> Program:
     """The demo's trainer-1: the demo's own deployment file (ctops/demo.py) against this Redis."""
-    from ctops.demo import Ports, write_deployment  # noqa: PLC0415 - only this part needs it
+    from ctops.demo import PREFIX, Ports, agent_token_env, new_tokens, write_deployment  # noqa: PLC0415
 
     cfg = root / "demo.toml"
-    tokens = {"operator": new_token(), "viewer": new_token(), "agent": new_token()}
-    layout = write_deployment(cfg, redis.url, Ports(0), tokens)
+    tokens = new_tokens()
+    users = redis.add_service_users(PREFIX, "bench")
+    layout = write_deployment(cfg, redis_toml(PREFIX, url=f"redis://{redis.address}/0", usernames=users), Ports(0),
+                              tokens)
     t = layout["trainers"][0]
-    env = {"CTOPS_AGENT_TOKEN": tokens["agent"], "CTOPS_DEMO_LLM_KEY": "bench", "CTOPS_LLM_CLIENT_KEY": new_token(),
-           "PYTHONUNBUFFERED": "1"}
+    env = {**redis.secrets.env(("trainer",)), agent_token_env(t["host"]): tokens["agents"][t["host"]],
+           "CTOPS_DEMO_LLM_KEY": "bench", "CTOPS_LLM_CLIENT_KEY": new_token(), "PYTHONUNBUFFERED": "1"}
     return Program("trainer", ctops_argv("trainer", "--config", str(cfg), "--name", t["name"]), t["port"], "/healthz",
                    env)
 
