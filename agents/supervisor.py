@@ -14,6 +14,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -25,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agents import handdown
 from agents.probes import ProbeResult, probe
 from agents.sdnotify import NotifyListener
 from ctops.config import ProcessSpec
@@ -53,6 +55,16 @@ def describe_exit(code: int) -> str:
 
 
 @dataclass(eq=False)
+class Spare:
+    """A process started ahead of need, imported and waiting on the shared socket for its turn."""
+
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+    handover: socket.socket
+    ready: bool = False  # it said it is set up and waiting
+
+
+@dataclass(eq=False)
 class Supervised:
     spec: ProcessSpec
     state: ProcessState = "stopped"
@@ -75,6 +87,10 @@ class Supervised:
     stop_deadline: float | None = None  # SIGKILL after this, when stopping gracefully
     notify: NotifyListener | None = None
     waiters: list[tuple[Command, Future[str]]] = field(default_factory=list)
+    listener: socket.socket | None = None  # spec.listen, bound by the agent and handed to each process
+    spare: Spare | None = None
+    spare_due: float = 0.0  # a spare that died is started again no sooner than this
+    spare_failures: int = 0
 
     @property
     def pid(self) -> int | None:
@@ -140,6 +156,12 @@ class Supervisor:
                                 loop_restarts=self.loop_restarts)
         return procs, wd
 
+    def spare(self, name: str) -> dict | None:
+        """The warm spare of a process, if one is started: its pid and whether it is waiting."""
+        with self.lock:
+            sp = self.items[name].spare
+            return None if sp is None or sp.proc.returncode is not None else {"pid": sp.proc.pid, "ready": sp.ready}
+
     def freeze_checker_for_test(self) -> None:
         """Test hook: the current checker stops beating, as if stuck in a call that never returns."""
         self._freeze_generation = self.generation
@@ -153,7 +175,10 @@ class Supervisor:
         self._wake()
         deadline = time.monotonic() + timeout
         for item in self.items.values():
+            with self.lock:
+                self._dismiss_spare(item)
             self._terminate_blocking(item, deadline)
+            self._close_listener(item)
             if item.notify:
                 item.notify.close()
         self.probes.shutdown(wait=False, cancel_futures=True)
@@ -241,6 +266,10 @@ class Supervisor:
                 wanted[item.pidfd] = item
             if item.notify is not None:
                 wanted[item.notify.fileno()] = item
+            if item.spare is not None:
+                wanted[item.spare.pidfd] = item
+                if not item.spare.ready:  # until it says ready; then the channel is quiet until we speak
+                    wanted[item.spare.handover.fileno()] = item
         for fd in list(registered):
             if fd not in wanted:
                 with contextlib.suppress(KeyError, ValueError, OSError):
@@ -258,6 +287,7 @@ class Supervisor:
         due += [i.check_due for i in self.items.values()
                 if i.pid and i.check is None and i.spec.liveness.kind != "none"]
         due += [i.stop_deadline for i in self.items.values() if i.stop_deadline is not None]
+        due += [i.spare_due for i in self.items.values() if self._spare_wanted(i)]
         soonest = min(due, default=now + TICK)
         return max(0.0, min(TICK, soonest - now))
 
@@ -271,6 +301,7 @@ class Supervisor:
             name, action, fut = self._commands.popleft()
             self._apply_command(self.items[name], action, fut, now)
         for item in self.items.values():
+            self._reap_spare(item, now)
             self._reap(item, now)
             if item.state == "backoff" and item.wanted and now >= item.next_start:
                 self._spawn(item, now)
@@ -281,6 +312,8 @@ class Supervisor:
             if item.stop_deadline is not None and item.pid and now >= item.stop_deadline:
                 self._killpg(item, signal.SIGKILL)
                 item.stop_deadline = None
+            if self._spare_wanted(item) and now >= item.spare_due:
+                self._start_spare(item, now)
 
     def _apply_command(self, item: Supervised, action: Command, fut: Future[str], now: float) -> None:
         if action == "start":
@@ -296,6 +329,9 @@ class Supervisor:
             return
         if action == "stop":
             item.wanted = False
+            # a stopped server refuses connections rather than letting them wait for nobody
+            self._dismiss_spare(item)
+            self._close_listener(item)
             if not item.pid:
                 item.state = "stopped"
                 fut.set_result("already stopped")
@@ -303,7 +339,9 @@ class Supervisor:
             self._graceful_stop(item, now, "stopped by staff")
             item.waiters.append((action, fut))
             return
-        # restart: a graceful stop, then the reaper starts it again at once
+        # restart: a graceful stop, then the reaper starts it again at once. A fresh process, not the
+        # spare: staff restart to pick up a change, which a spare started earlier would not have
+        self._dismiss_spare(item)
         item.wanted = True
         item.restart_times.clear()
         if not item.pid:
@@ -321,12 +359,11 @@ class Supervisor:
         self._killpg(item, signal.SIGCONT)  # a frozen process would never see the SIGTERM
         item.stop_deadline = now + item.spec.stop_grace_ms / 1000
 
-    def _spawn(self, item: Supervised, now: float) -> None:
+    def _launch(self, item: Supervised, spare: bool) -> handdown.Launch:
         spec = item.spec
         env = {**os.environ, **spec.env}
         if item.notify:
             env["NOTIFY_SOCKET"] = item.notify.path
-            item.notify.last_ping = None
         out = subprocess.DEVNULL
         fh = None
         if self.log_dir:
@@ -334,18 +371,34 @@ class Supervisor:
             fh = open(os.path.join(self.log_dir, f"{spec.name}.log"), "ab")  # noqa: SIM115
             out = fh  # type: ignore[assignment]
         try:
-            item.proc = subprocess.Popen(spec.command, env=env, cwd=spec.cwd, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=out, start_new_session=True)
+            if spec.listen and item.listener is None:
+                item.listener = handdown.bind(spec.listen)
+            return handdown.launch(spec.command, env, spec.cwd, out, spec.name, item.listener, spare)
+        finally:
+            if fh:
+                fh.close()
+
+    def _spawn(self, item: Supervised, now: float) -> None:
+        spec = item.spec
+        if item.spare is not None and self._promote(item, now):
+            return
+        if item.notify:
+            item.notify.last_ping = None
+        try:
+            item.proc = self._launch(item, spare=False).proc
         except OSError as exc:
             item.proc = None
             item.last_exit = f"cannot start: {exc.strerror or exc}"
             log.error("cannot start %s: %s", spec.name, exc)
             self._schedule_restart(item, now, quick=True)
             return
-        finally:
-            if fh:
-                fh.close()
         item.pidfd = os.pidfd_open(item.proc.pid)
+        self._adopt(item, now)
+        log.info("started %s (pid %d)", spec.name, item.proc.pid)
+
+    def _adopt(self, item: Supervised, now: float) -> None:
+        """item.proc is the process now serving: judge it from scratch."""
+        spec = item.spec
         item.started_at = now
         item.ever_alive = False
         item.check_failures = 0
@@ -355,7 +408,104 @@ class Supervisor:
         item.state = "running" if kind == "none" else "starting"
         # probe soon after start so a restarted server is back in service quickly
         item.check_due = now + min(0.05, spec.liveness.interval_ms / 1000)
-        log.info("started %s (pid %d)", spec.name, item.proc.pid)
+
+    # --- the warm spare ------------------------------------------------------------------------
+    def _spare_wanted(self, item: Supervised) -> bool:
+        # started once the active process is up, so the two do not compete for the CPU at start
+        return (item.spec.warm_spare and item.spare is None and item.wanted and self.running
+                and item.state == "running" and item.pid is not None and item.stop_deadline is None)
+
+    def _start_spare(self, item: Supervised, now: float) -> None:
+        try:
+            launch = self._launch(item, spare=True)
+        except OSError as exc:
+            self._spare_failed(item, now, f"cannot start: {exc.strerror or exc}")
+            return
+        assert launch.handover is not None
+        item.spare = Spare(launch.proc, os.pidfd_open(launch.proc.pid), launch.handover)
+        log.info("started a warm spare for %s (pid %d)", item.spec.name, launch.proc.pid)
+
+    def _spare_failed(self, item: Supervised, now: float, reason: str) -> None:
+        item.spare_failures += 1
+        delay = min(max(1000, item.spec.backoff_initial_ms) * 2 ** (item.spare_failures - 1),
+                    max(1000, item.spec.backoff_max_ms)) / 1000
+        item.spare_due = now + delay
+        log.warning("warm spare of %s %s; next one in %.1fs", item.spec.name, reason, delay)
+        if item.spare_failures == 1:  # once per run of failures, not at every retry
+            self._event("spare_failed", item.spec.name, "warning",
+                        f"warm spare of {item.spec.name} {reason}; restarts will be cold until one starts")
+
+    def _reap_spare(self, item: Supervised, now: float) -> None:
+        sp = item.spare
+        if sp is None:
+            return
+        if not sp.ready:
+            try:
+                word = sp.handover.recv(16)
+            except (BlockingIOError, InterruptedError):
+                word = None
+            except OSError:
+                word = b""
+            if word:
+                sp.ready = handdown.READY in word
+                if sp.ready:
+                    item.spare_failures = 0
+            elif word == b"" and sp.proc.poll() is None:
+                # it dropped the channel but lives on: it could never be told to take over
+                self._dismiss_spare(item)
+                self._spare_failed(item, now, "closed its handover channel")
+                return
+        if sp.proc.poll() is None:
+            return
+        self._close_spare(item)
+        self._spare_failed(item, now, describe_exit(sp.proc.returncode))
+
+    def _close_spare(self, item: Supervised) -> None:
+        sp, item.spare = item.spare, None
+        if sp is None:
+            return
+        with contextlib.suppress(OSError):
+            os.close(sp.pidfd)
+        sp.handover.close()
+
+    def _dismiss_spare(self, item: Supervised) -> None:
+        """End the spare (closing its channel tells it to exit; SIGKILL makes sure)."""
+        sp = item.spare
+        if sp is None:
+            return
+        self._close_spare(item)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(sp.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sp.proc.wait(1)
+
+    def _promote(self, item: Supervised, now: float) -> bool:
+        """The spare takes over at once; False if it is gone (then a fresh process is started)."""
+        sp = item.spare
+        assert sp is not None
+        try:
+            if sp.proc.poll() is not None:
+                raise ProcessLookupError
+            sp.handover.setblocking(True)
+            sp.handover.sendall(handdown.GO)
+        except OSError:
+            self._dismiss_spare(item)
+            return False
+        item.spare = None
+        sp.handover.close()
+        item.proc, item.pidfd = sp.proc, sp.pidfd
+        if item.notify:
+            item.notify.last_ping = None
+        self._adopt(item, now)
+        item.spare_due = now
+        log.info("warm spare of %s took over (pid %d)%s", item.spec.name, sp.proc.pid,
+                 "" if sp.ready else " before it was ready")
+        return True
+
+    def _close_listener(self, item: Supervised) -> None:
+        if item.listener is not None:
+            item.listener.close()
+            item.listener = None
 
     def _reap(self, item: Supervised, now: float) -> None:
         if item.proc is None or item.proc.poll() is None:
@@ -389,6 +539,8 @@ class Supervisor:
         if restart == "never" or (restart == "on-failure" and code == 0 and not item.kill_reason):
             item.state = "stopped"
             item.wanted = False
+            self._dismiss_spare(item)
+            self._close_listener(item)
             return
         if item.staff_restart:
             item.staff_restart = False
@@ -416,6 +568,8 @@ class Supervisor:
         if len(item.restart_times) >= spec.crashloop_restarts:
             item.state = "fatal"
             item.wanted = False
+            self._dismiss_spare(item)
+            self._close_listener(item)
             msg = (f"{spec.name} restarted {len(item.restart_times)} times in {window:.0f}s; "
                    f"giving up (last: {item.last_exit})")
             log.error(msg)
@@ -457,6 +611,11 @@ class Supervisor:
                     item.kill_reason = f"hung: liveness failed {item.check_failures}x ({result.error})"
                     log.error("%s %s; killing it", item.spec.name, item.kill_reason)
                     self._killpg(item, signal.SIGKILL)
+                    return
+                if not in_grace:
+                    # confirm a failure at once rather than an interval later: a hang is then caught
+                    # in about interval + failures x timeout
+                    item.check_due = now
                     return
             item.check_due = now + spec.interval_ms / 1000
             return

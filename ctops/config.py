@@ -274,6 +274,26 @@ class ProcessSpec(_Strict):
     # this many restarts within the window and the process is `fatal`: no more restarts
     crashloop_restarts: int = Field(5, ge=1, le=1000)
     crashloop_window_ms: int = Field(30_000, ge=100, le=86_400_000)
+    # "host:port" the agent binds and hands to the process as fd 3 (LISTEN_FDS=1, as systemd's socket
+    # activation), so connections wait in the backlog across a restart instead of being refused
+    listen: str | None = None
+    # keep a second process started, imported and waiting with the socket, told to take over at once
+    # when the active one exits or is killed as hung (needs `listen` and a server that understands
+    # CTOPS_HANDOVER_FD, as `ctops trainer` does)
+    warm_spare: bool = False
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_hostport(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
+        return v
+
+    @model_validator(mode="after")
+    def _spare_needs_listen(self) -> ProcessSpec:
+        if self.warm_spare and self.listen is None:
+            raise ValueError("warm_spare needs listen (the spare waits on the socket the agent holds)")
+        return self
 
 
 class AgentSpec(_Strict):

@@ -123,8 +123,11 @@ def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[
         cmd = ctops_argv("trainer", "--config", str(path.resolve()), "--name", t["name"])
         out += ["", "[[agents]]", f'name = "{t["host"]}"', f'token_env = "{agent_token_env(t["host"])}"', "",
                 "[[agents.processes]]", f'name = "{t["name"]}"',
-                f"command = {_toml_list(cmd)}", "[agents.processes.liveness]", 'kind = "http"',
-                f'url = "http://127.0.0.1:{t["port"]}/healthz"', "interval_ms = 500", "timeout_ms = 400",
+                f"command = {_toml_list(cmd)}",
+                "# the agent holds the port (connections wait across a restart) and keeps a spare ready",
+                f'listen = "127.0.0.1:{t["port"]}"', "warm_spare = true",
+                "[agents.processes.liveness]", 'kind = "http"',
+                f'url = "http://127.0.0.1:{t["port"]}/healthz"', "interval_ms = 250", "timeout_ms = 400",
                 "failures = 2"]
     for prio, p in enumerate(llm, start=1):
         out += ["", "[[llm_providers]]", f'name = "{p["name"]}"', f'base_url = "http://127.0.0.1:{p["port"]}/v1"',

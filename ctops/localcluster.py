@@ -121,6 +121,7 @@ class Cluster:
             if self.hosts_with_agents:
                 cmd = ", ".join(f'"{a}"' for a in ctops_argv("trainer", "--config", str(self.config), "--name", name))
                 out += ["[[agents.processes]]", f'name = "{name}"', f"command = [{cmd}]",
+                        f'listen = "127.0.0.1:{self.ports[name]}"', "warm_spare = true",
                         "[agents.processes.liveness]", 'kind = "http"',
                         f'url = "http://127.0.0.1:{self.ports[name]}/healthz"', "interval_ms = 300"]
         for prio, p in enumerate(("primary", "secondary"), start=1):

@@ -12,6 +12,8 @@ import contextlib
 import uvicorn
 from starlette.types import ASGIApp
 
+from ctops import listenfds
+
 
 async def serve_asgi(app: ASGIApp, host: str, port: int, stop: asyncio.Event) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
@@ -20,7 +22,9 @@ async def serve_asgi(app: ASGIApp, host: str, port: int, stop: asyncio.Event) ->
                             # they retry on another dispatcher anyway
                             timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server._serve())  # noqa: SLF001 - serve() would install signal handlers
+    # a listening socket handed down by a supervisor (LISTEN_FDS) for this address, else our own
+    sock = listenfds.take(host, port)
+    task = asyncio.create_task(server._serve([sock] if sock else None))  # noqa: SLF001 - serve() installs signal handlers
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:

@@ -3,8 +3,13 @@ started again; a dead dispatcher in the agent's list is skipped for the next tha
 
 from __future__ import annotations
 
+import os
 import signal
 
+import psutil
+import pytest
+
+from ctops.bench.hammer import Hammer, serving_pid
 from ctops.procs import pid_alive
 from tests.cluster import Cluster, host, process, wait_for
 
@@ -59,3 +64,32 @@ def test_agent_stop_stops_its_processes(make_cluster) -> None:
     c.children["host-1"].proc.send_signal(signal.SIGTERM)
     c.children["host-1"].proc.wait(15)
     wait_for("trainer stopped with its agent", lambda: not pid_alive(pid), timeout=15)
+
+
+def trainer_processes(c: Cluster, agent: str) -> set[int]:
+    """The agent's trainer children: the active one and its warm spare."""
+    return {p.pid for p in psutil.Process(c.children[agent].pid).children() if p.status() != psutil.STATUS_ZOMBIE}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_supervised_trainer_restarts_without_refusing_a_connection(make_cluster, sig: signal.Signals) -> None:
+    """The agent holds the trainer's port and a warm spare: while the trainer is killed (or frozen,
+    then killed as hung) no connection to its port is refused, and the spare answers."""
+    c: Cluster = make_cluster(trainers=1, hosts_with_agents=True)
+    c.start_all()
+    port = c.ports["trainer-1"]
+    active = wait_for("trainer-1 running", lambda: (p := process(c, "host-1")).get("state") == "running" and p["pid"])
+    spare = wait_for("a warm spare next to it", lambda: (others := trainer_processes(c, "host-1") - {active})
+                     and others.pop())
+    assert serving_pid(port) == active
+    with Hammer(port) as hammer:
+        wait_for("answers before the fault", lambda: hammer.counts["ok"] >= 5)
+        os.kill(active, sig)
+        wait_for("the spare answering", lambda: serving_pid(port) == spare, timeout=60)
+        ok_after = hammer.counts["ok"]
+        wait_for("answers after the takeover", lambda: hammer.counts["ok"] >= ok_after + 5)
+    assert hammer.counts["refused"] == 0, hammer.counts
+    p = wait_for("the agent reports the spare as trainer-1", lambda: (p := process(c, "host-1"))["pid"] == spare and p)
+    assert p["restarts"] == 1 and ("hung" in p["last_exit"]) == (sig == signal.SIGSTOP)
+    wait_for("the old trainer gone", lambda: not pid_alive(active))
+    c.wait_state("trainer-1", "up")

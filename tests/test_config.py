@@ -45,6 +45,10 @@ def test_good_file_loads(tmp_path: Path) -> None:
     ('cluster = "t"\n', "dispatchers"),
     (GOOD + '\n[[tokens]]\nname = "x"\nrole = "root"\nsha256 = "' + "0" * 64 + '"\n', "tokens[0](x).role"),
     (GOOD + '\n[[servers]]\nname = "trainer-1"\nurl = "http://127.0.0.1:1"\n', "servers"),
+    (GOOD + '\n[[agents]]\nname = "h"\n[[agents.processes]]\nname = "web"\ncommand = ["x"]\nlisten = "8101"\n',
+     "agents[0](h).processes[0](web).listen"),
+    (GOOD + '\n[[agents]]\nname = "h"\n[[agents.processes]]\nname = "web"\ncommand = ["x"]\nwarm_spare = true\n',
+     "agents[0](h).processes[0](web)"),
 ])
 def test_bad_setting_is_named_with_the_file(tmp_path: Path, text: str, setting: str) -> None:
     path = write(tmp_path, text)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from agents.supervisor import Supervisor
+from ctops.bench.hammer import Hammer, get
 from ctops.config import LivenessSpec, ProcessSpec
 from ctops.procs import pid_alive
 from ctops.redis_embed import free_port
@@ -171,3 +174,127 @@ def test_watchdog_sleeps_between_checks(make_sup) -> None:
     after = resource.getrusage(resource.RUSAGE_SELF)
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert used < 0.5, f"watchdog used {used:.2f}s of CPU in 2s while idle"
+
+
+# a server that takes the socket the agent hands down (or binds its own), waits for its turn when
+# it is a warm spare, then answers every GET with its pid
+HANDDOWN_PROGRAM = """
+import http.server, os, sys
+from ctops import listenfds
+port = int(sys.argv[1])
+sock = listenfds.take("127.0.0.1", port)
+listenfds.wait_for_handover()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = str(os.getpid()).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", port), H, bind_and_activate=sock is None)
+if sock is not None:
+    srv.socket.close()
+    srv.socket = sock
+srv.serve_forever()
+"""
+
+
+def handdown_program(port: int, warm_spare: bool = True) -> ProcessSpec:
+    return ProcessSpec(name="web", command=[sys.executable, "-c", HANDDOWN_PROGRAM, str(port)],
+                       listen=f"127.0.0.1:{port}", warm_spare=warm_spare,
+                       liveness=LivenessSpec(kind="http", url=f"http://127.0.0.1:{port}/", interval_ms=200,
+                                             timeout_ms=300, failures=2))
+
+
+def answered_by(port: int) -> int:
+    return int(httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text)
+
+
+def ready_spare(sup: Supervisor) -> dict:
+    return wait_for("a ready warm spare", lambda: (s := sup.spare("web")) and s["ready"] and s)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_spare_takes_over_and_no_connection_is_refused(make_sup, sig: signal.Signals) -> None:
+    port = free_port()
+    sup = make_sup(handdown_program(port))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    spare = ready_spare(sup)
+    assert spare["pid"] != p["pid"]
+    # while the active one is healthy the spare never answers
+    assert {answered_by(port) for _ in range(20)} == {p["pid"]}
+    with Hammer(port, "/") as hammer:
+        wait_for("some answers before the fault", lambda: hammer.counts["ok"] >= 5)
+        os.kill(p["pid"], sig)
+        q = wait_for("the spare took over", lambda: (q := proc(sup))["pid"] == spare["pid"] and q)
+        wait_for("the spare answering", lambda: answered_by(port) == spare["pid"])
+        ok_after = hammer.counts["ok"]
+        wait_for("answers after the takeover", lambda: hammer.counts["ok"] >= ok_after + 5)
+    assert hammer.counts["refused"] == 0, hammer.counts
+    assert q["restarts"] == 1 and ("SIGKILL" in q["last_exit"])
+    if sig == signal.SIGSTOP:
+        assert "hung" in q["last_exit"]
+    # and a new spare is made ready for the next time
+    assert ready_spare(sup)["pid"] not in (p["pid"], spare["pid"])
+
+
+def test_without_a_spare_connections_wait_for_the_restart(make_sup) -> None:
+    port = free_port()
+    sup = make_sup(handdown_program(port, warm_spare=False))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    assert sup.spare("web") is None
+    with Hammer(port, "/") as hammer:
+        wait_for("answers", lambda: hammer.counts["ok"] >= 5)
+        os.kill(p["pid"], signal.SIGKILL)
+        q = wait_for("restarted", lambda: (q := proc(sup))["pid"] not in (None, p["pid"]) and q)
+        wait_for("answering", lambda: answered_by(port) == q["pid"])
+    assert hammer.counts["refused"] == 0, hammer.counts
+
+
+def test_stopped_listening_process_refuses_and_start_listens_again(make_sup) -> None:
+    port = free_port()
+    sup = make_sup(handdown_program(port))
+    wait_for("running", lambda: proc(sup)["state"] == "running")
+    spare = ready_spare(sup)
+    assert "stopped" in sup.command("web", "stop").result(10)
+    # no process and no spare: the port refuses rather than keeping clients waiting for nobody
+    assert get(port, "/") == "refused" and sup.spare("web") is None
+    wait_for("spare gone", lambda: not pid_alive(spare["pid"]))
+    sup.command("web", "start").result(10)
+    q = wait_for("running", lambda: (q := proc(sup))["state"] == "running" and q)
+    assert answered_by(port) == q["pid"]
+
+
+def test_staff_restart_starts_a_fresh_process_not_the_spare(make_sup) -> None:
+    port = free_port()
+    sup = make_sup(handdown_program(port))
+    p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    spare = ready_spare(sup)
+    assert "restarted" in sup.command("web", "restart").result(10)
+    q = wait_for("running", lambda: (q := proc(sup))["state"] == "running" and q["pid"] != p["pid"] and q)
+    assert q["pid"] != spare["pid"]
+    wait_for("old spare gone", lambda: not pid_alive(spare["pid"]))
+
+
+def test_a_socket_handed_to_another_pid_is_not_taken() -> None:
+    """LISTEN_PID naming another process: the socket on fd 3 is not this server's to take, so it
+    binds its own port (here taken by that very socket, so it fails to start rather than serve)."""
+    port = free_port()
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.bind(("127.0.0.1", port))
+    other.listen()
+    env = {**os.environ, "LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid())}
+    child = subprocess.Popen(["/bin/sh", "-c", 'exec 3<&0 0</dev/null; exec "$@"', "sh", sys.executable, "-c",
+                              HANDDOWN_PROGRAM, str(port)], stdin=other.fileno(), env=env,
+                             stderr=subprocess.PIPE)
+    try:
+        _, err = child.communicate(timeout=30)
+        assert child.returncode != 0 and b"Address already in use" in err
+    finally:
+        child.kill()
+        child.wait()
+        other.close()

@@ -83,12 +83,15 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
     keys = Keys(prefix=deployment.redis.prefix)
     # more parallel runs than cores would only make every learner wait longer for the CPU limit
     runs = asyncio.Semaphore(max(2, os.cpu_count() or 2))
+    # built here, not at startup: loading the CA bundle costs tens of ms, which a warm spare pays
+    # before it waits rather than after it is told to take over
+    tls = httpx.create_ssl_context()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis_client or connect(deployment.redis)
         app.state.store = Store(client, keys, server_name)
-        app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+        app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64), verify=tls)
         reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
         app.state.worker = Worker(app.state.store, keys, server_name, deployment, reviewer, runs)
         app.state.idem = Idempotency(client, keys, server_name, deployment.trainer)

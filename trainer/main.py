@@ -8,6 +8,8 @@ import os
 import socket
 from pathlib import Path
 
+import httpx
+
 from ctops import capture
 from ctops.config import load
 from trainer import sandbox
@@ -21,12 +23,18 @@ def run(args: argparse.Namespace) -> int:
     harden()
     sandbox.become_subreaper()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
-    # exceptions go to the dispatchers (the host's agent token), spooled next to the deployment file meanwhile
-    capture.from_env("trainer", spec.host or socket.gethostname(),
-                     default_urls=[d.ops_url for d in deployment.dispatchers],
-                     default_token=os.environ.get(deployment.host_token_env(spec.host)),
-                     default_spool=Path(args.config).resolve().parent / "spool" / f"trainer-{args.name}",
-                     context={"server": args.name})
+    # its TLS setup (the CA bundle) is paid now, before a warm spare waits
+    capture_transport = httpx.HTTPTransport()
+
+    def start_capture() -> None:
+        # exceptions go to the dispatchers (the host's agent token), spooled next to the deployment file
+        # meanwhile; a warm spare starts this only when it takes over (one process holds the spool)
+        capture.from_env("trainer", spec.host or socket.gethostname(),
+                         default_urls=[d.ops_url for d in deployment.dispatchers],
+                         default_token=os.environ.get(deployment.host_token_env(spec.host)),
+                         default_spool=Path(args.config).resolve().parent / "spool" / f"trainer-{args.name}",
+                         context={"server": args.name}, forwarder_kw={"transport": capture_transport})
+
     # probed and logged once, here: what confines learner code, or why it will not be run (sessions
     # and health are still served; submissions then end in an error naming the reason)
     conf = sandbox.confinement(deployment.sandbox)
@@ -37,4 +45,4 @@ def run(args: argparse.Namespace) -> int:
         from trainer.debug import add_debug_routes  # noqa: PLC0415 - never loaded in production
 
         add_debug_routes(app)
-    return serve(app, host, port)
+    return serve(app, host, port, on_start=start_capture)
