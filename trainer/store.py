@@ -1,4 +1,11 @@
-"""Sessions and submissions in Redis, so any trainer server sharing the Redis can serve any session."""
+"""Sessions and submissions in Redis, so any trainer server sharing the Redis can serve any session.
+
+Every record is sealed (`ctops.envelope`) and checked on every read. A damaged one is set aside and
+replaced (`ctops.integrity.contain`): a submission by the newest intact copy among its last
+`HISTORY` checkpoints, else, like a session, by a tombstone naming the quarantine entry, which the
+API answers with a clear error to that learner only. Records written before envelopes are read as
+they are and sealed on their next write.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,16 @@ from redis.asyncio.client import Pipeline
 
 from ctops import redisconn
 from ctops.config import RedisSettings
+from ctops.envelope import Corrupt, unseal
+from ctops.integrity import SESSION, SUBMISSION, contain, read_hash, read_json, seal_hash, seal_json
 from ctops.keys import Keys
 
 ACTIVE_WINDOW_MS = 10 * 60 * 1000
 # sessions and their results are kept for a week after the last activity
 TTL_SECONDS = 7 * 24 * 3600
+# intact checkpoints kept per submission, to repair a damaged one from
+HISTORY = 3
+_INT_FIELDS = ("created_ms", "last_activity_ms")
 
 
 def now_ms() -> int:
@@ -32,17 +44,74 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
     return redisconn.async_client(settings, "trainer", decode_responses=True, socket_timeout=2.0)
 
 
+def connect_raw(settings: RedisSettings) -> aioredis.Redis:
+    """The same user without decoding: records are read as bytes, so that damaged bytes are found
+    by the integrity check instead of failing inside the client."""
+    return redisconn.async_client(settings, "trainer", decode_responses=False, socket_timeout=2.0)
+
+
+def raw_twin(client: aioredis.Redis) -> aioredis.Redis:
+    """A bytes client to the same server as a given client (tests hand the app their own)."""
+    kwargs = {**client.connection_pool.connection_kwargs, "decode_responses": False}
+    return aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+        connection_class=client.connection_pool.connection_class, **kwargs))
+
+
+def damaged_submission(sub_id: str, sid: str, qid: str) -> dict:
+    return {"submission_id": sub_id, "session_id": sid, "status": "failed", "verdict": "error",
+            "damaged": qid, "tests": [], "steps": [], "review": {"status": "none", "text": "", "provider": None},
+            "message": "this submission's stored record was damaged and has been set aside for staff; "
+                       "submit your code again"}
+
+
 class Store:
-    def __init__(self, client: aioredis.Redis, keys: Keys, server: str) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, server: str, raw: aioredis.Redis | None = None) -> None:
         self.r = client
+        self.raw = raw or raw_twin(client)
         self.k = keys
         self.server = server
 
+    # --- sessions -------------------------------------------------------------------------------
+    async def _read_session(self, sid: str) -> tuple[dict, int] | None:
+        key = self.k.session(sid)
+        for _ in range(3):
+            try:
+                got = await read_hash(self.raw, key, SESSION)
+            except Corrupt:
+                tomb = await self._contain_session(sid)
+                if tomb is None:
+                    continue  # rewritten meanwhile: read again
+                return tomb, 0
+            if got is None:
+                return None
+            fields, gen, _legacy = got
+            return fields, gen
+        return None
+
+    async def _contain_session(self, sid: str) -> dict | None:
+        key = self.k.session(sid)
+        tomb: dict = {}
+
+        def replace(p: Pipeline, qid: str) -> None:
+            tomb.update(session_id=sid, damaged=qid)
+            p.hset(key, mapping=seal_hash(key, SESSION, tomb, 0))
+            p.expire(key, TTL_SECONDS)
+
+        done = await contain(self.raw, self.k, key, SESSION, lambda c: read_hash(c, key, SESSION),
+                             reader=self.server, session=sid, replace=replace)
+        return tomb if done else None
+
     async def touch(self, sid: str) -> None:
         now = now_ms()
-        async with self.r.pipeline(transaction=True) as p:
-            p.hset(self.k.session(sid), mapping={"last_activity_ms": now, "last_server": self.server})
-            p.expire(self.k.session(sid), TTL_SECONDS)
+        got = await self._read_session(sid)
+        key = self.k.session(sid)
+        async with self.raw.pipeline(transaction=True) as p:
+            if got is not None and "damaged" not in got[0]:
+                fields = {**got[0], "last_activity_ms": now, "last_server": self.server}
+                # written whole: a partial HSET would break the hash's checksum
+                p.delete(key)
+                p.hset(key, mapping=seal_hash(key, SESSION, fields, got[1] + 1))
+            p.expire(key, TTL_SECONDS)
             p.expire(self.k.session_submissions(sid), TTL_SECONDS)
             p.zadd(self.k.server_sessions(self.server), {sid: now})
             p.zremrangebyscore(self.k.server_sessions(self.server), "-inf", now - ACTIVE_WINDOW_MS)
@@ -58,35 +127,60 @@ class Store:
         session = {"session_id": sid, "learner": learner or "", "created_ms": now, "created_by": self.server,
                    "last_activity_ms": now, "last_server": self.server}
 
+        key = self.k.session(sid)
+
         def writes(p: Pipeline) -> None:
-            p.hset(self.k.session(sid), mapping=session)
+            p.hset(key, mapping=seal_hash(key, SESSION, session, 0))
             p.expire(self.k.session(sid), TTL_SECONDS)
             p.zadd(self.k.server_sessions(self.server), {sid: now})
 
         return session, writes
 
     async def get_session(self, sid: str) -> dict | None:
-        raw = await self.r.hgetall(self.k.session(sid))
-        if not raw:
+        """The session, or None; a damaged one comes back as {"session_id", "damaged": quarantine id}."""
+        got = await self._read_session(sid)
+        if got is None:
             return None
-        for f in ("created_ms", "last_activity_ms"):
-            if f in raw:
-                raw[f] = int(raw[f])
-        return raw
+        fields = got[0]
+        for f in _INT_FIELDS:
+            if f in fields and fields[f].lstrip("-").isdigit():
+                fields[f] = int(fields[f])  # type: ignore[assignment]
+        return fields
 
     async def session_submissions(self, sid: str) -> list[dict]:
-        ids = await self.r.lrange(self.k.session_submissions(sid), 0, -1)
+        ids = [i.decode() for i in await self.raw.lrange(self.k.session_submissions(sid), 0, -1)]
         if not ids:
             return []
-        raws = await self.r.mget([self.k.submission(i) for i in ids])
-        return [json.loads(r) for r in raws if r]
+        out = []
+        for sub_id, raw in zip(ids, await self.raw.mget([self.k.submission(i) for i in ids]), strict=True):
+            if raw is None:
+                continue
+            try:
+                rec = unseal(self.k.submission(sub_id), raw, SUBMISSION)
+                sub = json.loads(rec.payload) if rec else None
+            except (Corrupt, ValueError):
+                sub = await self.get_submission(sub_id, sid)
+            if isinstance(sub, dict):
+                out.append(sub)
+        return out
+
+    async def owns(self, sid: str, sub_id: str) -> bool:
+        return await self.raw.lpos(self.k.session_submissions(sid), sub_id) is not None
 
     def submission_writes(self, sub: dict, new: bool = False) -> Callable[[Pipeline], None]:
         """Every step of a submission is written whole, so another server can resume from the last one.
         A new submission is also listed as open work until it is done."""
 
+        sub["generation"] = sub.get("generation", 0) + 1
+        key = self.k.submission(sub["submission_id"])
+        sealed = seal_json(key, SUBMISSION, sub, sub["generation"])
+        history = self.k.submission_history(sub["submission_id"])
+
         def writes(p: Pipeline) -> None:
-            p.set(self.k.submission(sub["submission_id"]), json.dumps(sub), ex=TTL_SECONDS)
+            p.set(key, sealed, ex=TTL_SECONDS)
+            p.lpush(history, sealed)
+            p.ltrim(history, 0, HISTORY - 1)
+            p.expire(history, TTL_SECONDS)
             if new:
                 p.rpush(self.k.session_submissions(sub["session_id"]), sub["submission_id"])
                 p.expire(self.k.session_submissions(sub["session_id"]), TTL_SECONDS)
@@ -94,6 +188,56 @@ class Store:
 
         return writes
 
-    async def get_submission(self, sub_id: str) -> dict | None:
-        raw = await self.r.get(self.k.submission(sub_id))
-        return json.loads(raw) if raw else None
+    async def get_submission(self, sub_id: str, sid: str = "") -> dict | None:
+        """The submission, checked; a damaged one is repaired from its newest intact checkpoint,
+        else replaced by a failed tombstone (`"damaged"`: the quarantine id) and closed."""
+        key = self.k.submission(sub_id)
+        for _ in range(3):
+            try:
+                got = await read_json(self.raw, key, SUBMISSION)
+            except Corrupt:
+                pass
+            else:
+                return got[0] if got else None
+            result = await self._contain_submission(sub_id, sid)
+            if result is not None:
+                return result
+        return None
+
+    async def _contain_submission(self, sub_id: str, sid: str) -> dict | None:
+        key = self.k.submission(sub_id)
+        good = await self._intact_checkpoint(sub_id)
+        result: dict = {}
+        if good is not None:
+            sealed, result = good
+
+            def replace(p: Pipeline, _qid: str) -> None:
+                p.set(key, sealed, ex=TTL_SECONDS)
+        else:
+            def replace(p: Pipeline, qid: str) -> None:
+                result.update(damaged_submission(sub_id, sid, qid))
+                p.set(key, seal_json(key, SUBMISSION, result, 0), ex=TTL_SECONDS)
+                # nobody is to work on it any more: the learner is told to submit again
+                p.zrem(self.k.submissions_open, sub_id)
+                p.zrem(self.k.reviews_pending, sub_id)
+
+        done = await contain(self.raw, self.k, key, SUBMISSION, lambda c: read_json(c, key, SUBMISSION),
+                             reader=self.server, session=sid or str(result.get("session_id", "")),
+                             replace=replace, repaired=good is not None)
+        return result if done else None
+
+    async def _intact_checkpoint(self, sub_id: str) -> tuple[bytes, dict] | None:
+        key = self.k.submission(sub_id)
+        try:
+            copies = await self.raw.lrange(self.k.submission_history(sub_id), 0, HISTORY - 1)
+        except aioredis.ResponseError:
+            return None  # the history itself holds the wrong type: nothing to repair from
+        for raw in copies:
+            try:
+                rec = unseal(key, raw, SUBMISSION)
+                obj = json.loads(rec.payload) if rec else None
+            except (Corrupt, ValueError):
+                continue
+            if isinstance(obj, dict) and not rec.legacy:  # type: ignore[union-attr]
+                return raw, obj
+        return None
