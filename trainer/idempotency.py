@@ -28,7 +28,7 @@ from redis.asyncio.client import Pipeline
 
 from ctops.config import TrainerSettings
 from ctops.envelope import Corrupt
-from ctops.integrity import IDEMPOTENCY, contain, read_json, seal_json
+from ctops.integrity import IDEMPOTENCY, contain_idempotency, read_idempotency, seal_json
 from ctops.keys import Keys
 from trainer.lease import Lease, LeaseLost
 
@@ -120,35 +120,15 @@ class Idempotency:
         """The claim or outcome at `rkey`; a damaged one is set aside and tombstoned first."""
         for _ in range(3):
             try:
-                got = await read_json(self.r, rkey, IDEMPOTENCY)
+                got = await read_idempotency(self.r, rkey)
             except Corrupt:
                 pass
             else:
-                if got is None:
-                    return None
-                obj = got[0]
-                if obj.get("state") in ("pending", "done", "damaged"):
-                    return obj
-            tomb = await self._contain(rkey)
+                return got[0] if got else None
+            tomb = await contain_idempotency(self.r, self.k, rkey, self.server)
             if tomb is not None:
                 return tomb
         return None
-
-    async def _contain(self, rkey: str) -> dict | None:
-        tomb: dict = {}
-        ttl_s = self.settings.idempotency_ttl_s
-
-        def replace(p: Pipeline, qid: str) -> None:
-            tomb.update(state="damaged", quarantine=qid)
-            p.set(rkey, seal_json(rkey, IDEMPOTENCY, tomb, 0), ex=ttl_s)
-
-        async def check(c: object) -> None:
-            got = await read_json(c, rkey, IDEMPOTENCY)
-            if got is not None and got[0].get("state") not in ("pending", "done", "damaged"):
-                raise Corrupt(rkey, "schema", "not an idempotency claim or outcome")
-
-        done = await contain(self.r, self.k, rkey, IDEMPOTENCY, check, reader=self.server, replace=replace)
-        return tomb if done else None
 
     async def _execute(self, claim: Lease, prepare: Prepare, rkey: str) -> Outcome | None:
         fp = json.loads(claim.token)["fingerprint"]

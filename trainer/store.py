@@ -2,7 +2,7 @@
 
 Every record is sealed (`ctops.envelope`) and checked on every read. A damaged one is set aside and
 replaced (`ctops.integrity.contain`): a submission by the newest intact copy among its last
-`HISTORY` checkpoints, else, like a session, by a tombstone naming the quarantine entry, which the
+`ctops.integrity.HISTORY` checkpoints, else, like a session, by a tombstone naming the quarantine entry, which the
 API answers with a clear error to that learner only. Records written before envelopes are read as
 they are and sealed on their next write.
 """
@@ -20,14 +20,22 @@ from redis.asyncio.client import Pipeline
 from ctops import redisconn
 from ctops.config import RedisSettings
 from ctops.envelope import Corrupt, unseal
-from ctops.integrity import SESSION, SUBMISSION, contain, read_hash, read_json, seal_hash, seal_json
+from ctops.integrity import (
+    HISTORY,
+    SESSION,
+    SUBMISSION,
+    contain_session,
+    contain_submission,
+    read_hash,
+    read_json,
+    seal_hash,
+    seal_json,
+)
 from ctops.keys import Keys
 
 ACTIVE_WINDOW_MS = 10 * 60 * 1000
 # sessions and their results are kept for a week after the last activity
 TTL_SECONDS = 7 * 24 * 3600
-# intact checkpoints kept per submission, to repair a damaged one from
-HISTORY = 3
 _INT_FIELDS = ("created_ms", "last_activity_ms")
 
 
@@ -57,13 +65,6 @@ def raw_twin(client: aioredis.Redis) -> aioredis.Redis:
         connection_class=client.connection_pool.connection_class, **kwargs))
 
 
-def damaged_submission(sub_id: str, sid: str, qid: str) -> dict:
-    return {"submission_id": sub_id, "session_id": sid, "status": "failed", "verdict": "error",
-            "damaged": qid, "tests": [], "steps": [], "review": {"status": "none", "text": "", "provider": None},
-            "message": "this submission's stored record was damaged and has been set aside for staff; "
-                       "submit your code again"}
-
-
 class Store:
     def __init__(self, client: aioredis.Redis, keys: Keys, server: str, raw: aioredis.Redis | None = None) -> None:
         self.r = client
@@ -78,7 +79,7 @@ class Store:
             try:
                 got = await read_hash(self.raw, key, SESSION)
             except Corrupt:
-                tomb = await self._contain_session(sid)
+                tomb = await contain_session(self.raw, self.k, sid, self.server)
                 if tomb is None:
                     continue  # rewritten meanwhile: read again
                 return tomb, 0
@@ -87,19 +88,6 @@ class Store:
             fields, gen, _legacy = got
             return fields, gen
         return None
-
-    async def _contain_session(self, sid: str) -> dict | None:
-        key = self.k.session(sid)
-        tomb: dict = {}
-
-        def replace(p: Pipeline, qid: str) -> None:
-            tomb.update(session_id=sid, damaged=qid)
-            p.hset(key, mapping=seal_hash(key, SESSION, tomb, 0))
-            p.expire(key, TTL_SECONDS)
-
-        done = await contain(self.raw, self.k, key, SESSION, lambda c: read_hash(c, key, SESSION),
-                             reader=self.server, session=sid, replace=replace)
-        return tomb if done else None
 
     async def touch(self, sid: str) -> None:
         now = now_ms()
@@ -199,45 +187,7 @@ class Store:
                 pass
             else:
                 return got[0] if got else None
-            result = await self._contain_submission(sub_id, sid)
+            result = await contain_submission(self.raw, self.k, sub_id, sid, self.server)
             if result is not None:
                 return result
-        return None
-
-    async def _contain_submission(self, sub_id: str, sid: str) -> dict | None:
-        key = self.k.submission(sub_id)
-        good = await self._intact_checkpoint(sub_id)
-        result: dict = {}
-        if good is not None:
-            sealed, result = good
-
-            def replace(p: Pipeline, _qid: str) -> None:
-                p.set(key, sealed, ex=TTL_SECONDS)
-        else:
-            def replace(p: Pipeline, qid: str) -> None:
-                result.update(damaged_submission(sub_id, sid, qid))
-                p.set(key, seal_json(key, SUBMISSION, result, 0), ex=TTL_SECONDS)
-                # nobody is to work on it any more: the learner is told to submit again
-                p.zrem(self.k.submissions_open, sub_id)
-                p.zrem(self.k.reviews_pending, sub_id)
-
-        done = await contain(self.raw, self.k, key, SUBMISSION, lambda c: read_json(c, key, SUBMISSION),
-                             reader=self.server, session=sid or str(result.get("session_id", "")),
-                             replace=replace, repaired=good is not None)
-        return result if done else None
-
-    async def _intact_checkpoint(self, sub_id: str) -> tuple[bytes, dict] | None:
-        key = self.k.submission(sub_id)
-        try:
-            copies = await self.raw.lrange(self.k.submission_history(sub_id), 0, HISTORY - 1)
-        except aioredis.ResponseError:
-            return None  # the history itself holds the wrong type: nothing to repair from
-        for raw in copies:
-            try:
-                rec = unseal(key, raw, SUBMISSION)
-                obj = json.loads(rec.payload) if rec else None
-            except (Corrupt, ValueError):
-                continue
-            if isinstance(obj, dict) and not rec.legacy:  # type: ignore[union-attr]
-                return raw, obj
         return None
