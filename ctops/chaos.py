@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 import sys
@@ -34,6 +35,8 @@ async def live_trainer_pid(doc: dict, name: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "corrupt":
+        return importlib.import_module("ctops.corrupt").run(args)
     try:
         doc = statefile.read(args.state_file)
         section, entry = statefile.find_process(doc, args.target)

@@ -362,3 +362,27 @@ async def quarantine_items(r: aioredis.Redis, keys: Keys, limit: int = 500) -> l
         if await r.exists(keys.quarantine_item(f["qid"])):
             out.append(f)
     return out
+
+
+class NotQuarantined(Exception):
+    """No quarantined record by that id (never, or discarded or restored since)."""
+
+
+async def release(r: aioredis.Redis, keys: Keys, qid: str, *, restore: bool, actor: str) -> dict[str, str]:
+    """Discard a quarantined record, or put its damaged bytes back at its key (to examine it, or
+    when the check itself was wrong); either way audited, and the item is gone afterwards."""
+    item = await r.hgetall(keys.quarantine_item(qid))
+    if not item:
+        raise NotQuarantined(f"nothing quarantined as {qid!r}")
+    f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in item.items()}
+    key = f["key"].decode() if isinstance(f["key"], bytes) else f["key"]
+    async with r.pipeline(transaction=True) as p:
+        if restore:
+            ttl = int(f.get("ttl_ms", b"0") or 0)
+            p.restore(key, max(ttl, 0), f["dump"], replace=True)
+        p.delete(keys.quarantine_item(qid))
+        p.xadd(keys.audit, {"ts_ms": now_ms(), "who": actor, "role": "admin",
+                            "action": "quarantine-restore" if restore else "quarantine-discard", "target": key,
+                            "result": f"ok ({qid})", "via": "ctops store"}, maxlen=LOG_MAXLEN, approximate=True)
+        await p.execute()
+    return {"qid": qid, "key": key, "action": "restore" if restore else "discard"}
