@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
+from ctops.procs import ctops_argv
 from ctops.redis_embed import EmbeddedRedis
+from ctops.redisacl import glob_escape
 from tests.cluster import Cluster, wait_for
 from tests.trainer_cluster import (
     GOOD,
@@ -235,3 +241,85 @@ def test_records_written_before_envelopes_are_read_and_upgraded(c: Cluster) -> N
     with rclient(c) as r:
         assert "_env" in r.hgetall(keys(c).session(sid))  # sealed by the touch that followed
     assert not quarantined(c, keys(c).session(sid))
+
+
+def cli(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ctops_argv(*args, "--config", str(c.config)), capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **c.env})
+
+
+def test_store_verify_finds_damage_nobody_read_and_repair_contains_it(c: Cluster) -> None:
+    base, sid, sub_id = done_submission(c)
+    key = keys(c).submission(sub_id)
+    session_key = keys(c).session(sid)
+    for k in (key, session_key):
+        r = cli(c, "chaos", "corrupt", k)
+        assert r.returncode == 0 and f"corrupt {k}" in r.stdout, r.stderr
+    found = cli(c, "store", "verify", "--json")
+    assert found.returncode == 1, found.stderr
+    report = json.loads(found.stdout)
+    damaged = {d["key"]: d for d in report["damaged"]}
+    assert damaged[key]["result"] == "corrupt" and damaged[session_key]["result"] == "corrupt"
+    assert report["by_kind"]["submission"]["corrupt"] >= 1 and report["checked"] >= 2
+    assert not quarantined(c, key)  # verify alone changes nothing
+    fixed = cli(c, "store", "verify", "--repair", "--json")
+    report = json.loads(fixed.stdout)
+    damaged = {d["key"]: d for d in report["damaged"]}
+    assert damaged[key]["result"] == "repaired" and damaged[session_key]["result"] == "quarantined"
+    assert quarantined(c, key)[0]["reader"] == "ctops store verify"
+    again = cli(c, "store", "verify", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["corrupt"] == 0, again.stdout
+    got = httpx.get(f"{base}/api/sessions/{sid}", timeout=30)
+    assert got.status_code == 410 and got.json()["error"] == "session_damaged"
+    # staff discard the quarantined session record: audited, and gone from the list
+    qid = quarantined(c, session_key)[0]["qid"]
+    assert qid in cli(c, "store", "quarantine", "list").stdout
+    assert cli(c, "store", "quarantine", "discard", qid).returncode == 0
+    assert qid not in cli(c, "store", "quarantine", "list").stdout
+    with rclient(c) as r:
+        audit = r.xrevrange(keys(c).audit, count=1)[0][1]
+    assert audit["action"] == "quarantine-discard" and audit["target"] == session_key
+
+
+def test_backup_under_load_then_wipe_and_restore_brings_back_every_acknowledged_record(
+        c: Cluster, tmp_path: Path) -> None:
+    acked = [done_submission(c)[1:] for _ in range(3)]
+    stop = threading.Event()
+    during: list[tuple[str, str]] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            during.append(done_submission(c)[1:])
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        wait_for("load to run", lambda: len(during) >= 1, 60)
+        acked += list(during)
+        path = tmp_path / "state.ctb"
+        b = cli(c, "store", "backup", str(path))
+        assert b.returncode == 0, b.stderr
+    finally:
+        stop.set()
+        t.join(120)
+    expected = {sub_id: stored(c, sub_id) for _sid, sub_id in acked}
+    # a damaged file and a non-empty store are refused, with a clear message
+    bad = tmp_path / "bad.ctb"
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0x01
+    bad.write_bytes(bytes(data))
+    refused = cli(c, "store", "restore", str(bad))
+    assert refused.returncode == 1 and "damaged" in refused.stderr
+    busy = cli(c, "store", "restore", str(path))
+    assert busy.returncode == 1 and "already holds keys" in busy.stderr
+    with raw(c) as r:  # every record gone
+        for k in list(r.scan_iter(match=glob_escape(c.prefix) + ":*", count=1000)):
+            r.delete(k)
+    restored = cli(c, "store", "restore", str(path))
+    assert restored.returncode == 0, restored.stderr
+    for sid, sub_id in acked:
+        base = c.trainer_url("trainer-2")
+        view = httpx.get(f"{base}/api/sessions/{sid}", timeout=30)
+        assert view.status_code == 200, view.text
+        assert any(s["submission_id"] == sub_id for s in view.json()["submissions"])
+        assert stored(c, sub_id) == expected[sub_id]
