@@ -1,0 +1,26 @@
+"""What a trainer set aside reaches staff: the leading dispatcher turns each quarantine entry into
+one `record_corrupt` event naming the key, the kind and the learner's session."""
+
+from __future__ import annotations
+
+import httpx
+import redis
+
+from ctops.keys import Keys
+from tests.cluster import Cluster, events, wait_for
+
+
+def test_a_damaged_session_becomes_one_staff_event_naming_key_and_session(running_dispatcher: Cluster) -> None:
+    c = running_dispatcher
+    base = c.trainer_url("trainer-1")
+    sid = httpx.post(base + "/api/sessions", json={"learner": "ada"}, timeout=30).json()["session_id"]
+    key = Keys(prefix=c.prefix).session(sid)
+    with redis.Redis.from_url(c.redis.url) as r:
+        r.hset(key, "learner", b"\xff")
+    for _ in range(3):
+        assert httpx.get(f"{base}/api/sessions/{sid}", timeout=30).status_code == 410
+    found = wait_for("a record_corrupt event", lambda: [e for e in events(c) if e["kind"] == "record_corrupt"], 30)
+    [event] = found
+    assert event["target"] == key and f"session {sid}" in event["message"] and "damaged session record" in \
+        event["message"]
+    assert event["severity"] == "critical"
