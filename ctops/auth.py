@@ -1,4 +1,9 @@
-"""Bearer tokens with roles. Only SHA-256 hashes are configured; tokens themselves stay secret."""
+"""Bearer tokens with roles. Only SHA-256 hashes are configured; tokens themselves stay secret.
+
+Scopes: an agent token is bound to one host (`host`) and may heartbeat and take commands only for
+it; an agent token without a host may only send exceptions. A peer token (dispatchers' mutual
+heartbeat) may be bound to one dispatcher (`dispatcher`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from ctops.config import Deployment, Role
 
 # what each role may do; operator includes everything a viewer may
 ROLE_GRANTS: dict[Role, frozenset[str]] = {
-    "agent": frozenset({"agent"}),
+    "agent": frozenset({"agent", "ingest"}),
+    "peer": frozenset({"peer"}),
     "viewer": frozenset({"read"}),
     "operator": frozenset({"read", "act"}),
 }
@@ -21,9 +27,26 @@ ROLE_GRANTS: dict[Role, frozenset[str]] = {
 class Principal:
     name: str
     role: Role
+    host: str | None = None  # agent tokens: the host they speak for
+    dispatcher: str | None = None  # peer tokens: the dispatcher they speak for
 
     def may(self, grant: str) -> bool:
+        if grant == "agent" and self.role == "agent" and self.host is None:
+            return False  # a host-less agent token only reports exceptions
         return grant in ROLE_GRANTS[self.role]
+
+    def refusal(self, grant: str) -> str:
+        """Why this principal may not do `grant`, in words an operator can act on."""
+        if grant == "agent" and self.role == "agent" and self.host is None:
+            return (f"agent token {self.name!r} is bound to no host; it may only send exceptions "
+                    "(set host in its [[tokens]] entry)")
+        return f"role {self.role!r} may not do this"
+
+    def speaks_for_host(self, host: str) -> bool:
+        return self.role == "agent" and self.host == host
+
+    def speaks_for_dispatcher(self, name: str) -> bool:
+        return self.role == "peer" and self.dispatcher in (None, name)
 
 
 def hash_token(token: str) -> str:
@@ -36,7 +59,7 @@ def new_token() -> str:
 
 class TokenBook:
     def __init__(self, deployment: Deployment) -> None:
-        self._by_hash = {t.sha256: Principal(t.name, t.role) for t in deployment.tokens}
+        self._by_hash = {t.sha256: Principal(t.name, t.role, t.host, t.dispatcher) for t in deployment.tokens}
 
     def lookup(self, token: str) -> Principal | None:
         digest = hash_token(token)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--name", default="fake")
     f.add_argument("--mode", default="ok", help="ok | 500 | 429 | hang | slow")
     f.add_argument("--delay-ms", type=int, default=0)
+    f.add_argument("--control-token-env", default="CTOPS_FAKE_LLM_CONTROL_TOKEN",
+                   help="the environment variable holding the token that POST /_fake/* (switching the "
+                        "mode) requires as `Authorization: Bearer`; unset: switching is refused")
 
     c = sub.add_parser("console", help="the staff console (Textual)")
     _cluster_args(c)
@@ -62,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chaos", help="SIGKILL / SIGSTOP / SIGCONT a demo process by name; corrupt a record")
     ch.add_argument("action", choices=["kill", "freeze", "thaw", "corrupt"])
     ch.add_argument("target", nargs="?", default="",
-                    help="a name from the state file, e.g. trainer-1, A, host-2, redis; for corrupt: a Redis key")
+                    help="a name from the state file, e.g. trainer-1, A, host-2, redis-2, sentinel-1; "
+                    "or redis-primary, redis-replica-N: the node in that role now; for corrupt: a Redis key")
     ch.add_argument("--state-file", default=DEFAULT_STATE_FILE)
     ch.add_argument("--random", metavar="KIND", help="corrupt: a random record of this kind (session, ...)")
     ch.add_argument("--config", default=None, help="corrupt: deployment TOML (default: the demo's)")

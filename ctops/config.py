@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Role = Literal["agent", "viewer", "operator"]
+Role = Literal["agent", "peer", "viewer", "operator"]
 
 
 class ConfigError(Exception):
@@ -63,6 +63,29 @@ class Limits(_Strict):
     retry_max_tries: int = Field(4, ge=1, le=20)
     # request bytes kept to send again; a larger request is never retried once sent
     replay_max_bytes: int = Field(64 * 1024, ge=0, le=16 * 1024 * 1024)
+    # exception ingest, per token: events per second sustained, and the burst a spool replay may use
+    exceptions_per_s: float = Field(100.0, gt=0, le=1_000_000)
+    exceptions_burst: int = Field(2_000, ge=1, le=10_000_000)
+    # groups kept; past it the oldest resolved group goes first, then the oldest
+    exceptions_max_groups: int = Field(5_000, ge=10, le=1_000_000)
+    # a group (and its recent events) not seen for this long is forgotten
+    exceptions_ttl_s: int = Field(30 * 86_400, ge=60, le=365 * 86_400)
+    exceptions_stream_max: int = Field(20_000, ge=100, le=1_000_000)
+    # failed authentications per client address per minute; past it, 429 until the minute is over
+    auth_failures_per_minute: int = Field(10, ge=1, le=100_000)
+
+
+class ProxyConfig(_Strict):
+    """The data plane's own secrets (its limits are under [limits], its timeouts under [timings])."""
+
+    # the environment variable holding the key that signs the affinity cookie; every dispatcher of a
+    # deployment needs the same one, or a session's cookie means nothing to the others. Unset: a
+    # random key per process (and a warning)
+    affinity_key_env: str | None = None
+
+    @property
+    def affinity_key(self) -> bytes:
+        return os.environ.get(self.affinity_key_env, "").encode() if self.affinity_key_env else b""
 
 
 class Sandbox(_Strict):
@@ -131,6 +154,14 @@ class RedisSettings(_Strict):
     sentinel_password_env: str | None = Field(None, min_length=1)
     # address ("host:port") -> node name, for status and chaos; unnamed nodes show as host:port
     nodes: dict[str, str] = Field(default_factory=dict)
+    # writes that must not be lost (e.g. a new leadership epoch) count only once this many replicas
+    # have them (WAIT); unset: 1 with Sentinels (a duplicated store), 0 for one node
+    replica_acks: int | None = Field(None, ge=0, le=10)
+    replica_ack_timeout_ms: int = Field(500, ge=1, le=60_000)
+
+    @property
+    def acks_needed(self) -> int:
+        return self.replica_acks if self.replica_acks is not None else (1 if self.sentinels else 0)
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +202,8 @@ class DispatcherSpec(_Strict):
     # run on becoming leader / on ceasing to lead, e.g. to move a floating address; see README
     on_promote: list[str] = Field(default_factory=list)
     on_demote: list[str] = Field(default_factory=list)
+    # this dispatcher's credential for the mutual heartbeat (a [[tokens]] entry with role "peer")
+    peer_token_env: str = "CTOPS_PEER_TOKEN"
 
     @field_validator("data", "ops")
     @classmethod
@@ -325,6 +358,20 @@ class TokenSpec(_Strict):
     name: str = Field(min_length=1, max_length=64, description="who holds the token, for the audit log")
     role: Role
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # role "agent": the one host (an [[agents]] name) this token may heartbeat and take commands for.
+    # An agent token without a host may only send exceptions (a service's reporting key, e.g. a
+    # Sentry DSN on a machine without an agent).
+    host: str | None = Field(None, min_length=1, max_length=64)
+    # role "peer": the one dispatcher this token may speak for in the mutual heartbeat; unset: any
+    dispatcher: str | None = Field(None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _scope_fits_role(self) -> TokenSpec:
+        if self.host is not None and self.role != "agent":
+            raise ValueError(f"host is only for role \"agent\" tokens (this one is {self.role!r})")
+        if self.dispatcher is not None and self.role != "peer":
+            raise ValueError(f"dispatcher is only for role \"peer\" tokens (this one is {self.role!r})")
+        return self
 
 
 class Deployment(_Strict):
@@ -332,6 +379,7 @@ class Deployment(_Strict):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     timings: Timings = Field(default_factory=Timings)
     limits: Limits = Field(default_factory=Limits)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     sandbox: Sandbox = Field(default_factory=Sandbox)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     dispatchers: list[DispatcherSpec] = Field(min_length=1)
@@ -350,6 +398,14 @@ class Deployment(_Strict):
                 if item.name in seen:
                     raise ValueError(f"{field}: name {item.name!r} is used twice")
                 seen.add(item.name)
+        agents, dispatchers = {a.name for a in self.agents}, {d.name for d in self.dispatchers}
+        for t in self.tokens:
+            if t.host is not None and t.host not in agents:
+                raise ValueError(f"tokens({t.name}).host: no [[agents]] entry named {t.host!r}; "
+                                 f"known: {sorted(agents)}")
+            if t.dispatcher is not None and t.dispatcher not in dispatchers:
+                raise ValueError(f"tokens({t.name}).dispatcher: no [[dispatchers]] entry named {t.dispatcher!r}; "
+                                 f"known: {sorted(dispatchers)}")
         return self
 
     def dispatcher(self, name: str) -> DispatcherSpec:
@@ -369,6 +425,11 @@ class Deployment(_Strict):
             if a.name == name:
                 return a
         raise ConfigError(f"no agent named {name!r}; known: {[a.name for a in self.agents]}")
+
+    def host_token_env(self, host: str) -> str:
+        """The variable holding the agent token of `host`; a trainer started by that agent inherits it
+        and sends its exceptions with it."""
+        return next((a.token_env for a in self.agents if a.name == host), AgentSpec.model_fields["token_env"].default)
 
     def providers_by_priority(self) -> list[LLMProviderSpec]:
         return sorted(self.llm_providers, key=lambda p: p.priority)

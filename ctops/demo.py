@@ -16,7 +16,7 @@ from typing import Any
 from ctops import statefile
 from ctops.auth import hash_token, new_token
 from ctops.procs import Child, ctops_argv, sigterm_as_interrupt, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops.redis_embed import EmbeddedStore, StoreSecrets, free_port
 
 HOSTS = 3
 DISPATCHERS = ("A", "B")
@@ -40,7 +40,22 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
-def write_deployment(path: Path, redis_url: str, ports: Ports, tokens: dict[str, str]) -> dict[str, Any]:
+def agent_token_env(host: str) -> str:
+    return "CTOPS_AGENT_TOKEN_" + host.upper().replace("-", "_")
+
+
+PEER_TOKEN_ENV = "CTOPS_PEER_TOKEN"
+
+
+def new_tokens() -> dict[str, Any]:
+    """Staff tokens, one agent token per host and the dispatchers' peer credential. `agent` (host-1's)
+    stays for scripts written before agent tokens were bound to hosts."""
+    agents = {f"host-{i}": new_token() for i in range(1, HOSTS + 1)}
+    return {"operator": new_token(), "viewer": new_token(), "agent": agents["host-1"], "agents": agents,
+            "peer": new_token()}
+
+
+def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[str, Any]) -> dict[str, Any]:
     """The deployment file the demo's processes read, and the addresses it chose."""
     disp = [{"name": n, "data": f"127.0.0.1:{ports.take()}", "ops": f"127.0.0.1:{ports.take()}"} for n in DISPATCHERS]
     trainers = [{"name": f"trainer-{i}", "port": ports.take(), "host": f"host-{i}"} for i in range(1, HOSTS + 1)]
@@ -49,10 +64,7 @@ def write_deployment(path: Path, redis_url: str, ports: Ports, tokens: dict[str,
         "# written by `ctops demo`; see README for a deployment file of your own",
         'cluster = "demo"',
         "",
-        "[redis]",
-        f'url = "{redis_url}"',
-        'prefix = "ctops:demo"',
-        "",
+        redis_section,
         "[timings]",
         "heartbeat_interval_ms = 1000",
         "health_interval_ms = 500",
@@ -66,24 +78,33 @@ def write_deployment(path: Path, redis_url: str, ports: Ports, tokens: dict[str,
         "[llm]",
         "# the pool on the data port asks its clients (the trainers) for this key",
         'client_key_env = "CTOPS_LLM_CLIENT_KEY"',
+        "",
+        "[proxy]",
+        "# signs the affinity cookie; both dispatchers share it, so a session keeps its server across a failover",
+        'affinity_key_env = "CTOPS_AFFINITY_KEY"',
     ]
     for d in disp:
-        out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"']
+        out += ["", "[[dispatchers]]", f'name = "{d["name"]}"', f'data = "{d["data"]}"', f'ops = "{d["ops"]}"',
+                f'peer_token_env = "{PEER_TOKEN_ENV}"']
     for t in trainers:
         out += ["", "[[servers]]", f'name = "{t["name"]}"', f'url = "http://127.0.0.1:{t["port"]}"',
                 f'host = "{t["host"]}"']
     for t in trainers:
         cmd = ctops_argv("trainer", "--config", str(path.resolve()), "--name", t["name"])
-        out += ["", "[[agents]]", f'name = "{t["host"]}"', "", "[[agents.processes]]", f'name = "{t["name"]}"',
+        out += ["", "[[agents]]", f'name = "{t["host"]}"', f'token_env = "{agent_token_env(t["host"])}"', "",
+                "[[agents.processes]]", f'name = "{t["name"]}"',
                 f"command = {_toml_list(cmd)}", "[agents.processes.liveness]", 'kind = "http"',
                 f'url = "http://127.0.0.1:{t["port"]}/healthz"', "interval_ms = 500", "timeout_ms = 400",
                 "failures = 2"]
     for prio, p in enumerate(llm, start=1):
         out += ["", "[[llm_providers]]", f'name = "{p["name"]}"', f'base_url = "http://127.0.0.1:{p["port"]}/v1"',
                 'model = "gpt-4"', 'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 5000"]
-    for role, tok in tokens.items():
-        out += ["", "[[tokens]]", f'name = "demo-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tok)}"']
-    path.write_text("\n".join(out) + "\n")
+    for role in ("operator", "viewer", "peer"):
+        out += ["", "[[tokens]]", f'name = "demo-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tokens[role])}"']
+    for host, tok in tokens["agents"].items():
+        out += ["", "[[tokens]]", f'name = "demo-agent-{host}"', 'role = "agent"', f'host = "{host}"',
+                f'sha256 = "{hash_token(tok)}"']
+    statefile.write_private(path, "\n".join(out) + "\n")  # it holds token hashes
     return {"dispatchers": disp, "trainers": trainers, "llm": llm}
 
 
@@ -115,34 +136,49 @@ async def _wait_ready(urls: list[str], token: str, servers: int, hosts: int, tim
     raise TimeoutError(f"cluster not ready after {timeout:.0f}s: {last}")
 
 
-def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedRedis, dict[str, Any]]:
+PREFIX = "ctops:demo"
+
+
+def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[str, Any]]:
     work = Path(args.workdir).resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ports = Ports(args.base_port)
-    redis = EmbeddedRedis(port=ports.take(), data_dir=str(work / "redis")).start()
+    # the duplicated store: a primary, two replicas and three Sentinels, locked with fresh passwords
+    store = EmbeddedStore(work / "redis", secrets_=StoreSecrets.generate(), prefix=PREFIX,
+                          ports=[ports.take() for _ in range(6)]).start()
     children: list[Child] = []
     try:
-        tokens = {"operator": new_token(), "viewer": new_token(), "agent": new_token()}
+        tokens = new_tokens()
         cfg = work / "demo.toml"
-        layout = write_deployment(cfg, redis.url, ports, tokens)
-        env = {"CTOPS_DEMO_LLM_KEY": "demo-key", "CTOPS_AGENT_TOKEN": tokens["agent"],
+        layout = write_deployment(cfg, store.toml(PREFIX), ports, tokens)
+        from trainer.fake_llm import CONTROL_TOKEN_ENV  # noqa: PLC0415 - keeps `ctops --help` fast
+
+        env = {"CTOPS_DEMO_LLM_KEY": "demo-key",
                "CTOPS_LLM_CLIENT_KEY": new_token(),
+               # signs the dispatchers' affinity cookies (both must share it); switches the fakes' modes
+               "CTOPS_AFFINITY_KEY": new_token(), CONTROL_TOKEN_ENV: new_token(),
                "CTOPS_LOG_DIR": str(logs), "PYTHONUNBUFFERED": "1"}
+        # each process gets only its own role's Redis password (agents pass theirs on to the trainers)
+        env_dispatcher = env | store.secrets.env(("dispatcher",))
+        env_agent = env | store.secrets.env(("trainer",))
         for p in layout["llm"]:
             children.append(spawn(p["name"], ctops_argv("fake-llm", "--port", str(p["port"]), "--name", p["name"]),
                                   str(logs / f"llm-{p['name']}.log"), env))
         for d in layout["dispatchers"]:
             children.append(spawn(d["name"], ctops_argv("dispatcher", "--config", str(cfg), "--name", d["name"]),
-                                  str(logs / f"dispatcher-{d['name']}.log"), env))
+                                  str(logs / f"dispatcher-{d['name']}.log"),
+                                  {**env_dispatcher, PEER_TOKEN_ENV: tokens["peer"]}))
         for t in layout["trainers"]:
+            # each agent (and the trainer it starts) holds only its own host's token
             children.append(spawn(t["host"], ctops_argv("agent", "--config", str(cfg), "--name", t["host"]),
-                                  str(logs / f"agent-{t['host']}.log"), env))
+                                  str(logs / f"agent-{t['host']}.log"),
+                                  {**env_agent, agent_token_env(t["host"]): tokens["agents"][t["host"]]}))
         ops = [f"http://{d['ops']}" for d in layout["dispatchers"]]
         st = asyncio.run(_wait_ready(ops, tokens["viewer"], HOSTS, HOSTS, timeout=60))
     except BaseException:
         stop_all(children)
-        redis.stop()
+        store.stop()
         raise
     pids = {c.name: c.pid for c in children}
     proc_pids = {p["name"]: p["pid"] for h in st["hosts"] for p in h["processes"]}
@@ -157,13 +193,21 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedRedis, dict[st
         "trainers": [{"name": t["name"], "url": f"http://127.0.0.1:{t['port']}", "pid": proc_pids.get(t["name"]),
                       "host": t["host"]} for t in layout["trainers"]],
         "agents": [{"name": t["host"], "pid": pids[t["host"]]} for t in layout["trainers"]],
-        "redis": {"url": redis.url, "pid": redis.pid},
+        "redis": redis_doc(store),
         "llm_providers": [{"name": p["name"], "url": f"http://127.0.0.1:{p['port']}/v1", "pid": pids[p["name"]]}
                           for p in layout["llm"]],
         "tokens": tokens,
         "logs": str(logs),
     }
-    return children, redis, doc
+    return children, store, doc
+
+
+def redis_doc(store: EmbeddedStore) -> dict[str, Any]:
+    """The state file's `redis`: the primary now (`url` is an admin URL), every node, and what the CLI
+    needs to reach the store as admin through the Sentinels (the file is 0600: it holds tokens too)."""
+    primary = store.primary()
+    return {"url": primary.url, "pid": primary.pid, "nodes": store.describe(), "prefix": PREFIX,
+            "sentinels": store.sentinel_addresses, "service": store.service, "secrets": store.secrets.to_dict()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,9 +217,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    print("ctops demo: starting Redis, 2 fake LLM providers, dispatchers A and B, 3 hosts…", file=sys.stderr)
+    print("ctops demo: starting Redis (primary, 2 replicas, 3 Sentinels), 2 fake LLM providers, "
+          "dispatchers A and B, 3 hosts…", file=sys.stderr)
     try:
-        children, redis, doc = start(args)
+        children, store, doc = start(args)
     except KeyboardInterrupt:
         return 130
     except (TimeoutError, OSError, RuntimeError) as exc:
@@ -202,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
         # agents first: they stop the trainers they supervise
         stop_all([c for c in children if c.name.startswith("host-")])
         stop_all([c for c in children if not c.name.startswith("host-")])
-        redis.stop()
+        store.stop()  # every node it started, whichever is primary now
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.state_file)
         print("ctops demo: stopped", file=sys.stderr)

@@ -17,11 +17,22 @@ from typing import Any, TypeVar
 
 import httpx
 
+from ctops import statefile
 from ctops.auth import hash_token, new_token
 from ctops.procs import Child, ctops_argv, spawn, stop_all
 from ctops.redis_embed import EmbeddedRedis, EmbeddedStore, free_port, redis_toml
+from trainer.fake_llm import CONTROL_TOKEN_ENV, control_token
 
 T = TypeVar("T")
+
+
+def agent_token_env(host: str) -> str:
+    """The variable an agent (and the trainers it starts) reads its host's token from."""
+    return "CTOPS_AGENT_TOKEN_" + host.upper().replace("-", "_")
+
+
+def peer_token_env(dispatcher: str) -> str:
+    return "CTOPS_PEER_TOKEN_" + dispatcher.upper().replace("-", "_")
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, every: float = 0.1) -> T:
@@ -53,7 +64,8 @@ class Cluster:
     timings: dict[str, int] = field(default_factory=dict)
     # appended to the deployment file as is, e.g. a [trainer] or [sandbox] section
     extra_toml: str = ""
-    tokens: dict[str, str] = field(default_factory=lambda: {r: new_token() for r in ("operator", "viewer", "agent")})
+    # staff tokens by role; "agent" is host-1's (see agent_tokens) and "peer" dispatcher A's (see peer_tokens)
+    tokens: dict[str, str] = field(default_factory=lambda: {r: new_token() for r in ("operator", "viewer")})
     children: dict[str, Child] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,34 +73,49 @@ class Cluster:
         self.ports |= {f"{d}.ops": free_port() for d in self.dispatchers}
         self.ports |= {f"trainer-{i}": free_port() for i in range(1, self.trainers + 1)}
         self.ports |= {p: free_port() for p in ("primary", "secondary")}
+        # each agent its own token, bound to its host; each dispatcher its own peer credential
+        self.agent_tokens = {h: new_token() for h in self.host_names}
+        self.peer_tokens = {d: new_token() for d in self.dispatchers}
+        self.tokens.setdefault("agent", self.agent_tokens["host-1"])
+        self.tokens.setdefault("peer", self.peer_tokens[self.dispatchers[0]])
         # the cluster's own ACL users, limited to its key prefix (many clusters share the test Redis)
         tag = hashlib.sha1(self.prefix.encode()).hexdigest()[:10]
         self.redis_users = self.redis.add_service_users(self.prefix, tag)
         self.config = self.root / "ctops.toml"
-        self.config.write_text(self._toml())
-        self.env = {"CTOPS_AGENT_TOKEN": self.tokens["agent"], "CTOPS_DEMO_LLM_KEY": "k", "PYTHONUNBUFFERED": "1",
-                    **self.redis.secrets.env()}
+        statefile.write_private(self.config, self._toml())
+        self.env = {"CTOPS_DEMO_LLM_KEY": "k", "PYTHONUNBUFFERED": "1",
+                    **self.redis.secrets.env(),
+                    # the fakes' control token (callers send trainer.fake_llm.control_headers()) and the
+                    # key the dispatchers share to sign affinity cookies
+                    CONTROL_TOKEN_ENV: control_token(), "CTOPS_AFFINITY_KEY": new_token(),
+                    **{agent_token_env(h): t for h, t in self.agent_tokens.items()},
+                    **{peer_token_env(d): t for d, t in self.peer_tokens.items()}}
 
     # --- deployment file -----------------------------------------------------------------------
     @property
     def server_names(self) -> list[str]:
         return [f"trainer-{i}" for i in range(1, self.trainers + 1)]
 
+    @property
+    def host_names(self) -> list[str]:
+        return [f"host-{i}" for i in range(1, self.trainers + 1)]
+
     def _toml(self) -> str:
         timings = {"heartbeat_interval_ms": 300, "health_interval_ms": 200, "health_timeout_ms": 300,
                    "fall": 2, "rise": 2, "heartbeat_timeout_ms": 2000,
                    # short, so that freezing a dispatcher in a test also shows it does not exit on thaw
                    "loop_blocked_exit_ms": 2000, **self.timings}
-        out = ['cluster = "test"', self._redis_toml(), "[timings]"]
+        out = ['cluster = "test"', self._redis_toml(), "[proxy]", 'affinity_key_env = "CTOPS_AFFINITY_KEY"',
+               "[timings]"]
         out += [f"{k} = {v}" for k, v in timings.items()]
         for d in self.dispatchers:
             out += ["[[dispatchers]]", f'name = "{d}"', f'data = "127.0.0.1:{self.ports[d + ".data"]}"',
-                    f'ops = "127.0.0.1:{self.ports[d + ".ops"]}"']
+                    f'ops = "127.0.0.1:{self.ports[d + ".ops"]}"', f'peer_token_env = "{peer_token_env(d)}"']
         for i, name in enumerate(self.server_names, start=1):
             out += ["[[servers]]", f'name = "{name}"', f'url = "http://127.0.0.1:{self.ports[name]}"',
                     f'host = "host-{i}"']
         for i, name in enumerate(self.server_names, start=1):
-            out += ["[[agents]]", f'name = "host-{i}"']
+            out += ["[[agents]]", f'name = "host-{i}"', f'token_env = "{agent_token_env(f"host-{i}")}"']
             if self.hosts_with_agents:
                 cmd = ", ".join(f'"{a}"' for a in ctops_argv("trainer", "--config", str(self.config), "--name", name))
                 out += ["[[agents.processes]]", f'name = "{name}"', f"command = [{cmd}]",
@@ -97,8 +124,16 @@ class Cluster:
         for prio, p in enumerate(("primary", "secondary"), start=1):
             out += ["[[llm_providers]]", f'name = "{p}"', f'base_url = "http://127.0.0.1:{self.ports[p]}/v1"',
                     'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 3000"]
-        for role, tok in self.tokens.items():
-            out += ["[[tokens]]", f'name = "test-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tok)}"']
+        for role in ("operator", "viewer"):
+            if role in self.tokens:
+                out += ["[[tokens]]", f'name = "test-{role}"', f'role = "{role}"',
+                        f'sha256 = "{hash_token(self.tokens[role])}"']
+        for h, tok in self.agent_tokens.items():
+            out += ["[[tokens]]", f'name = "test-agent-{h}"', 'role = "agent"', f'host = "{h}"',
+                    f'sha256 = "{hash_token(tok)}"']
+        for d, tok in self.peer_tokens.items():
+            out += ["[[tokens]]", f'name = "test-peer-{d}"', 'role = "peer"', f'dispatcher = "{d}"',
+                    f'sha256 = "{hash_token(tok)}"']
         return "\n".join(out) + "\n" + (self.extra_toml.strip() + "\n" if self.extra_toml else "")
 
     def _redis_toml(self) -> str:
@@ -150,7 +185,11 @@ class Cluster:
         return self.tokens["viewer"]
 
     def auth(self, role: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.tokens[role]}"}
+        """Bearer header for a role ("agent" is host-1's token, "peer" the first dispatcher's), or for
+        one host's agent ("agent:host-2") or one dispatcher's peer credential ("peer:B")."""
+        kind, _, which = role.partition(":")
+        tok = (self.agent_tokens[which] if kind == "agent" else self.peer_tokens[which]) if which else self.tokens[role]
+        return {"Authorization": f"Bearer {tok}"}
 
     def state(self, d: str = "A") -> dict[str, Any]:
         r = httpx.get(f"{self.ops_url(d)}/api/v1/state", headers=self.auth("viewer"), timeout=5)

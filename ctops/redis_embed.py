@@ -334,17 +334,18 @@ class EmbeddedStore:
 
     def __init__(self, workdir: str | os.PathLike[str], *, secrets_: StoreSecrets | None = None,
                  prefix: str | None = None, replicas: int = 2, sentinels: int = 3, service: str = "ctops",
-                 ports: list[int] | None = None, host: str = "127.0.0.1") -> None:
+                 ports: list[int] | None = None, host: str = "127.0.0.1", min_replicas: int = 1) -> None:
         self.workdir = Path(workdir)
         self.secrets = secrets_ or StoreSecrets.generate()
         self.service, self.host = service, host
         ports = list(ports or [])
         take = (lambda: ports.pop(0) if ports else free_port(host))  # noqa: E731
         first = EmbeddedRedis(take(), str(self.workdir / "redis-1"), host, secrets_=self.secrets, prefix=prefix,
-                              appendonly=True, min_replicas=1, name="redis-1")
+                              appendonly=True, min_replicas=min_replicas, name="redis-1")
         self.nodes = [first] + [
             EmbeddedRedis(take(), str(self.workdir / f"redis-{i}"), host, secrets_=self.secrets, prefix=prefix,
-                          replica_of=(host, first.port), appendonly=True, min_replicas=1, name=f"redis-{i}")
+                          replica_of=(host, first.port), appendonly=True, min_replicas=min_replicas,
+                          name=f"redis-{i}")
             for i in range(2, replicas + 2)]
         self.sentinels = [EmbeddedSentinel(take(), str(self.workdir / f"sentinel-{i}"), (host, first.port),
                                            secrets_=self.secrets, service=service, name=f"sentinel-{i}", host=host)

@@ -9,11 +9,16 @@ to `url`. Either way it logs in as the role's ACL user, whose password comes fro
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Literal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelConnection
@@ -24,7 +29,10 @@ from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from ctops.config import ConfigError, RedisSettings, split_hostport
 
+log = logging.getLogger("ctops.redis")
+
 Role = Literal["trainer", "dispatcher", "admin"]
+T = TypeVar("T")
 
 # Sentinel needs `down-after-milliseconds` (1 s) plus an election and a promotion: ~2.5 s measured.
 # Sleeps of 20, 40, 80 ... ms capped at 500 ms, 25 times: ~11 s of waiting, plus the tries themselves.
@@ -43,8 +51,17 @@ def _moved(exc: ResponseError) -> bool:
 
 
 class _FollowingAsyncConnection(AsyncSentinelConnection):
-    """A write refused because this node is no longer the primary (a script's READONLY, or an
-    isolated old primary's NOREPLICAS) means: ask the Sentinels again and retry."""
+    """Asks the Sentinels for the primary on every socket connect, and takes a write refused
+    because this node is no longer the primary (a script's READONLY, or an isolated old
+    primary's NOREPLICAS) as a reason to ask again and retry."""
+
+    async def _connect(self) -> None:
+        # redis-py 8 reconnects a dropped connection through connect_check_health(), which retries
+        # the host it had, not Sentinel's answer: a killed primary's address would be retried
+        # for the whole retry budget while a replica had long been promoted
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super()._connect()
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -57,6 +74,11 @@ class _FollowingAsyncConnection(AsyncSentinelConnection):
 
 
 class _FollowingConnection(SentinelManagedConnection):
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()
+
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)
@@ -65,6 +87,57 @@ class _FollowingConnection(SentinelManagedConnection):
                 self.disconnect()
                 raise ConnectionError(f"the node refused a write ({exc}); asking Sentinel again") from exc
             raise
+
+
+class ReplicaNotConfirmed(ResponseError):
+    """A transaction reached the primary but no replica confirmed it in time: a failover now could
+    lose it. The message starts like Redis's own refusal, so callers treat it as the store being away
+    for a moment (a learner's request gets 503 + Retry-After and is sent again)."""
+
+
+@dataclass
+class ConfirmStats:
+    """Per process: transactions that no replica confirmed in time (kept or refused)."""
+
+    unconfirmed: int = 0
+    last_unconfirmed_ms: int | None = None
+
+
+CONFIRM = ConfirmStats()
+# what a role does when no replica confirms a transaction in time:
+# the trainer refuses (the learner's request is retried, so nothing acknowledged can be lost);
+# the dispatcher keeps staff states and audit entries (an action is not undone) and counts them
+_CONFIRM_POLICY: dict[str, Literal["refuse", "report"]] = {"trainer": "refuse", "dispatcher": "report"}
+
+
+class _ConfirmingPipeline(AsyncPipeline):
+    """MULTI/EXEC, then WAIT on the same connection (WAIT counts that connection's writes)."""
+
+    confirm: tuple[int, int, Literal["refuse", "report"]] = (0, 0, "report")
+
+    async def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> Any:
+        result = await super()._execute_transaction(connection, commands, raise_on_error)
+        acks_needed, timeout_ms, policy = self.confirm
+        if acks_needed:
+            await connection.send_command("WAIT", acks_needed, timeout_ms)
+            acks = int(await connection.read_response())
+            if acks < acks_needed:
+                CONFIRM.unconfirmed += 1
+                CONFIRM.last_unconfirmed_ms = int(time.time() * 1000)
+                msg = f"on {acks} replicas after {timeout_ms} ms, {acks_needed} needed"
+                if policy == "refuse":
+                    raise ReplicaNotConfirmed(f"NOREPLICAS write not confirmed by a replica: {msg}")
+                log.warning("a write was kept though no replica confirmed it (%s); a failover now would lose it", msg)
+        return result
+
+
+class _ConfirmingRedis(aioredis.Redis):
+    confirm: tuple[int, int, Literal["refuse", "report"]] = (0, 0, "report")
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _ConfirmingPipeline:
+        p = _ConfirmingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        p.confirm = self.confirm
+        return p
 
 
 def _env(var: str, setting: str) -> str:
@@ -113,9 +186,16 @@ def async_client(settings: RedisSettings, role: Role, *, decode_responses: bool 
     opts = _common(settings, role, decode_responses, socket_timeout)
     opts["retry"] = AsyncRetry(ExponentialBackoff(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S), RETRIES)
     if not settings.sentinels:
-        return aioredis.Redis.from_url(settings.url, **opts)
-    sentinel = AsyncSentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))
-    return sentinel.master_for(settings.service, db=settings.db, connection_class=_FollowingAsyncConnection, **opts)
+        client: _ConfirmingRedis = _ConfirmingRedis.from_url(settings.url, **opts)
+    else:
+        sentinel = AsyncSentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))
+        client = sentinel.master_for(settings.service, redis_class=_ConfirmingRedis, db=settings.db,
+                                     connection_class=_FollowingAsyncConnection, **opts)
+    if role in _CONFIRM_POLICY:
+        # every MULTI/EXEC transaction (sessions, checkpoints, idempotency outcomes, staff states,
+        # audit) is acknowledged only once a replica has it
+        client.confirm = (settings.acks_needed, settings.replica_ack_timeout_ms, _CONFIRM_POLICY[role])
+    return client
 
 
 def sync_client(settings: RedisSettings, role: Role, *, decode_responses: bool = False,
@@ -129,17 +209,25 @@ def sync_client(settings: RedisSettings, role: Role, *, decode_responses: bool =
     return sentinel.master_for(settings.service, db=settings.db, connection_class=_FollowingConnection, **opts)
 
 
-def primary_address(settings: RedisSettings) -> tuple[str, int] | None:
-    """Where the Sentinels say the primary is now (the first that answers); None if none knows."""
-    for host, port in sentinel_addresses(settings):
-        s = redis.Redis(host=host, port=port, **_sentinel_kwargs(settings))
+def ask_sentinels(addresses: list[tuple[str, int]], password: str | None,
+                  ask: Callable[[redis.Redis], T]) -> T | None:
+    """The first answer any Sentinel gives (None from all of them counts as no answer)."""
+    for host, port in addresses:
+        s = redis.Redis(host=host, port=port, password=password, socket_timeout=SENTINEL_TIMEOUT_S,
+                        socket_connect_timeout=SENTINEL_TIMEOUT_S, decode_responses=True)
         try:
-            addr = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", settings.service)
+            answer = ask(s)
         except redis.RedisError:
             continue
         finally:
             s.close()
-        if addr:
-            h, p = addr
-            return (h.decode() if isinstance(h, bytes) else h), int(p)
+        if answer:
+            return answer
     return None
+
+
+def primary_address(addresses: list[tuple[str, int]], password: str | None, service: str) -> tuple[str, int] | None:
+    """Where the Sentinels say the primary is now; None if none knows."""
+    addr = ask_sentinels(addresses, password,
+                         lambda s: s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service))
+    return (addr[0], int(addr[1])) if addr else None

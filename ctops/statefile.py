@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -25,13 +26,29 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
-def write(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+def write_private(path: str | os.PathLike[str], text: str) -> None:
+    """Write a file that holds secrets: mode 0600 from its creation (never readable by others, not
+    even briefly), replacing any older file atomically so readers never see a half-written one."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.chmod(tmp, 0o600)  # it holds tokens
-    tmp.replace(p)  # readers never see a half-written file
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(p)
+
+
+def write(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+    write_private(path, json.dumps(doc, indent=2))  # it holds tokens
+
+
+def redis_nodes(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The store's nodes as the demo launched them: redis-1..3 and sentinel-1..3."""
+    redis = doc.get("redis")
+    nodes = redis.get("nodes") if isinstance(redis, dict) else None
+    return [n for n in nodes or [] if isinstance(n, dict) and n.get("name")]
 
 
 def ops_urls(doc: dict[str, Any]) -> list[str]:
@@ -51,8 +68,11 @@ def find_process(doc: dict[str, Any], name: str) -> tuple[str, dict[str, Any]]:
         for entry in doc.get(section) or []:
             if isinstance(entry, dict) and entry.get("name") == name:
                 return section, entry
+    for node in redis_nodes(doc):
+        if node["name"] == name:
+            return "redis", node
     if name == "redis" and isinstance(doc.get("redis"), dict):
         return "redis", doc["redis"]
     known = [e.get("name") for s in ("dispatchers", "trainers", "agents", "llm_providers")
-             for e in doc.get(s) or [] if isinstance(e, dict)] + ["redis"]
+             for e in doc.get(s) or [] if isinstance(e, dict)] + [n["name"] for n in redis_nodes(doc)] + ["redis"]
     raise StateFileError(f"no process named {name!r} in the state file; known: {', '.join(map(str, known))}")

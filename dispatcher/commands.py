@@ -39,10 +39,15 @@ class CommandRelay:
         return CommandReply.model_validate_json(got[1])
 
     async def next_for(self, host: str, wait_s: float) -> CommandRequest | None:
-        got = await self.r.blpop([self.k.commands(host)], timeout=wait_s)
-        if got is None:
+        if wait_s < 0.001:
+            # BLPOP's timeout 0 (and anything under Redis's 1 ms resolution) means "wait forever"
+            raw = await self.r.lpop(self.k.commands(host))
+        else:
+            got = await self.r.blpop([self.k.commands(host)], timeout=wait_s)
+            raw = got[1] if got is not None else None
+        if raw is None:
             return None
-        return CommandRequest.model_validate(json.loads(got[1]))
+        return CommandRequest.model_validate(json.loads(raw))
 
     async def reply(self, cmd_id: str, reply: CommandReply) -> None:
         pipe = self.r.pipeline(transaction=True)

@@ -11,13 +11,15 @@ import logging
 import re
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
+from ctops.asgi_limits import BodyLimit
 from ctops.auth import Principal
 from ctops.wire import (
     ActionResult,
@@ -34,17 +36,35 @@ from ctops.wire import (
 )
 from dispatcher.llm.routes import llm_router
 from dispatcher.pool import now_ms
+from dispatcher.ratelimit import FailureWindow, retry_after_header
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger("ctops.dispatcher.ops")
 
 COMMAND_WAIT_S = 15.0
+COMMAND_POLL_MAX_MS = 30_000
+AUTH_AUDIT_MAX_PER_MINUTE = 200
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _CMD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 ACTIONS: dict[str, Literal["enabled", "draining", "disabled"]] = {
     "drain": "draining", "disable": "disabled", "enable": "enabled",
 }
+
+# what any route may answer besides its own result; each route adds the ones only it can give
+_ERR = {"model": ErrorBody}
+COMMON_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {**_ERR, "description": "body is not JSON, or too deeply nested"},
+    401: {**_ERR, "description": "missing or unknown token"},
+    403: {**_ERR, "description": "the token's role or scope does not allow this"},
+    413: {**_ERR, "description": "request body over the limit"},
+    422: {**_ERR, "description": "invalid request; detail names the fields"},
+    429: {**_ERR, "description": "too many requests (see Retry-After)"},
+    503: {**_ERR, "description": "shared state (Redis) unavailable; retry after Retry-After"},
+}
+_404 = {404: {**_ERR, "description": "no such item"}}
+_409 = {409: {**_ERR, "description": "the action does not apply in the current state"}}
+_504 = {504: {**_ERR, "description": "the action did not complete in time"}}
 
 
 class ApiError(Exception):
@@ -53,63 +73,12 @@ class ApiError(Exception):
         self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
 
-class BodyLimit:
-    """Refuse bodies over the limit with 413 before the app sees them, whether or not a
-    Content-Length was sent (a chunked body is counted as it arrives)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit():
-                    await _error(send, 400, "invalid Content-Length")
-                    return
-                if int(value) > self.max_bytes:
-                    await _error(send, 413, f"request body over {self.max_bytes} bytes")
-                    return
-        # read the whole body here (ops bodies are small) so an oversized one never reaches the app,
-        # whose body parsing would turn any error into a generic 400
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            seen += len(msg.get("body", b""))
-            if seen > self.max_bytes:
-                await _error(send, 413, f"request body over {self.max_bytes} bytes")
-                return
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-async def _error(send: Send, status: int, error: str) -> None:
-    body = ErrorBody(error=error).model_dump_json().encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 def create_ops_app(rt: Runtime) -> FastAPI:
     app = FastAPI(title="ctops ops API", version="1", openapi_url="/api/v1/openapi.json",
-                  docs_url="/api/v1/docs", redoc_url=None)
+                  docs_url="/api/v1/docs", redoc_url=None, responses=COMMON_RESPONSES)
+    bearer = HTTPBearer(auto_error=False, description="a token from the deployment's [[tokens]]")
+    auth_failures = FailureWindow(60.0)
+    auth_limit = rt.dep.limits.auth_failures_per_minute
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -127,7 +96,13 @@ def create_ops_app(rt: Runtime) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(ErrorBody(error=str(exc.detail)).model_dump(), exc.status_code)
+        # keeps the router's headers, e.g. Allow on a 405
+        return JSONResponse(ErrorBody(error=str(exc.detail)).model_dump(), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # only a body nested deeper than the interpreter's stack gets here
+        return JSONResponse(ErrorBody(error="request body is nested too deeply").model_dump(), 400)
 
     @app.exception_handler(RedisError)
     async def _redis(_: Request, exc: RedisError) -> JSONResponse:
@@ -135,31 +110,62 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         return JSONResponse(ErrorBody(error="shared state (Redis) unavailable").model_dump(), 503,
                             headers={"Retry-After": "1"})
 
-    def principal(request: Request) -> Principal:
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        who = rt.tokens.lookup(token.strip())
+    async def refused(request: Request, why: str) -> ApiError:
+        """A failed authentication: counted per client address and audited (never the token).
+        Past the limit the address gets 429 until its minute is over, and is audited once more."""
+        addr = request.client.host if request.client else "unknown"
+        n, left = auth_failures.fail(addr)
+        # many addresses at once must not flush the audit log either: past a total, only the log line
+        total, _ = auth_failures.fail("*")
+        if n <= auth_limit + 1 and total <= AUTH_AUDIT_MAX_PER_MINUTE:
+            blocked = n > auth_limit
+            log.warning("failed authentication from %s on %s %s: %s%s", addr, request.method, request.url.path,
+                        why, " (limit reached)" if blocked else "")
+            try:
+                await rt.store.audit("-", "-", "auth_blocked" if blocked else "auth_failed", f"address {addr}",
+                                     f"{why} on {request.method} {request.url.path}"
+                                     + (f"; {n - 1} failures this minute, refused for {left:.0f}s" if blocked else ""),
+                                     rt.spec.name)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot audit a failed authentication: %s", exc)
+        if n > auth_limit:
+            return ApiError(429, "too many failed authentications from this address",
+                            detail={"retry_after_s": int(retry_after_header(left))},
+                            headers={"Retry-After": retry_after_header(left)})
+        return ApiError(401, why, headers={"WWW-Authenticate": "Bearer"})
+
+    async def authenticate(request: Request, token: str | None, why_missing: str) -> Principal:
+        # a valid token always passes, even from an address over the limit: tokens are 192-bit
+        # random, so the limit is about noise, and a shared (NAT) address must not lock out agents
+        who = rt.tokens.lookup(token) if token else None
         if who is None:
-            raise ApiError(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+            raise await refused(request, "invalid token" if token else why_missing)
         return who
+
+    async def principal(request: Request,
+                        cred: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Principal:
+        token = cred.credentials.strip() if cred is not None and cred.scheme.lower() == "bearer" else ""
+        return await authenticate(request, token, "missing bearer token")
 
     def require(grant: str):
         def dep(who: Annotated[Principal, Depends(principal)]) -> Principal:
             if not who.may(grant):
-                raise ApiError(403, f"role {who.role!r} may not do this", detail={"needs": grant})
+                raise ApiError(403, who.refusal(grant), detail={"needs": grant})
             return who
         return dep
 
-    responses = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+    def for_host(who: Principal, host: str) -> None:
+        if not who.speaks_for_host(host):
+            raise ApiError(403, f"agent token {who.name!r} is for host {who.host!r}, not {host!r}",
+                           detail={"token_host": who.host, "host": host})
 
-    @app.get("/api/v1/whoami", responses=responses)
+    @app.get("/api/v1/whoami")
     async def whoami(who: Annotated[Principal, Depends(principal)]) -> dict[str, str]:
         return {"name": who.name, "role": who.role}
 
-    @app.post("/api/v1/heartbeat", response_model=HeartbeatAck, responses={**responses, 404: {"model": ErrorBody}})
-    async def heartbeat(hb: Heartbeat, _: Annotated[Principal, Depends(require("agent"))]) -> HeartbeatAck:
+    @app.post("/api/v1/heartbeat", response_model=HeartbeatAck, responses=_404)
+    async def heartbeat(hb: Heartbeat, who: Annotated[Principal, Depends(require("agent"))]) -> HeartbeatAck:
+        for_host(who, hb.host)
         if hb.host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {hb.host!r}", detail={"known": sorted(rt.known_hosts)})
         await rt.store.save_heartbeat(hb, now_ms())
@@ -169,19 +175,16 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         url = next((d.ops_url for d in rt.dep.dispatchers if d.name == leader), None)
         return HeartbeatAck(ok=True, leader=leader, leader_ops_url=url)
 
-    @app.get("/api/v1/state", response_model=ClusterState, responses=responses)
+    @app.get("/api/v1/state", response_model=ClusterState)
     async def state(_: Annotated[Principal, Depends(require("read"))]) -> ClusterState:
         return await rt.cluster_state()
 
-    @app.get("/api/v1/audit", responses=responses)
-    async def audit(_: Annotated[Principal, Depends(require("read"))], limit: int = 100) -> list[dict[str, str]]:
-        if not 1 <= limit <= 1000:
-            raise ApiError(422, "invalid request: limit", detail=[{"field": "query.limit",
-                                                                    "message": "must be 1..1000"}])
+    @app.get("/api/v1/audit")
+    async def audit(_: Annotated[Principal, Depends(require("read"))],
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, str]]:
         return await rt.store.read_audit(limit)
 
-    @app.post("/api/v1/servers/{name}/{action}", response_model=ActionResult,
-              responses={**responses, 404: {"model": ErrorBody}})
+    @app.post("/api/v1/servers/{name}/{action}", response_model=ActionResult, responses=_404)
     async def server_action(name: str, action: Literal["drain", "disable", "enable"],
                             who: Annotated[Principal, Depends(require("act"))]) -> ActionResult:
         b = rt.pool.get(name)
@@ -194,14 +197,16 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         await rt.store.audit(who.name, who.role, action, name, f"ok: now {b.state}", rt.spec.name)
         return ActionResult(ok=True, server=name, admin=admin, state=b.state, by=who.name)
 
-    @app.post("/api/v1/peer/heartbeat", response_model=PeerHeartbeat, responses=responses)
-    async def peer_heartbeat(hb: PeerHeartbeat, _: Annotated[Principal, Depends(require("agent"))]) -> PeerHeartbeat:
+    @app.post("/api/v1/peer/heartbeat", response_model=PeerHeartbeat, responses=_404)
+    async def peer_heartbeat(hb: PeerHeartbeat, who: Annotated[Principal, Depends(require("peer"))]) -> PeerHeartbeat:
+        if not who.speaks_for_dispatcher(hb.name):
+            raise ApiError(403, f"peer token {who.name!r} is for dispatcher {who.dispatcher!r}, not {hb.name!r}")
         if hb.name not in {d.name for d in rt.dep.dispatchers}:
             raise ApiError(404, f"unknown dispatcher {hb.name!r}")
         return rt.peers.received(hb)
 
     @app.post("/api/v1/dispatchers/{name}/{action}", response_model=LeadershipResult,
-              responses={**responses, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+              responses={**_404, **_409, **_504})
     async def leadership(name: str, action: Literal["promote", "step-down"],
                          who: Annotated[Principal, Depends(require("act"))]) -> LeadershipResult:
         target = f"dispatcher {name}"
@@ -235,18 +240,16 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         return LeadershipResult(ok=True, action=action, leader_before=before, leader_after=after, epoch=epoch,
                                 by=who.name)
 
-    @app.get("/api/v1/events", response_model=list[Event], responses=responses)
+    @app.get("/api/v1/events", response_model=list[Event])
     async def events(_: Annotated[Principal, Depends(require("read"))], after: str | None = None,
-                     limit: int = 100) -> list[Event]:
-        if not 1 <= limit <= 1000:
-            raise ApiError(422, "invalid request: limit", detail=[{"field": "query.limit", "message": "1..1000"}])
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Event]:
         if after is not None and not _STREAM_ID.match(after):
             raise ApiError(422, "invalid request: after", detail=[{"field": "query.after",
                                                                    "message": "a stream id such as 1700000000000-0"}])
         return await rt.events.read(after, limit)
 
     @app.post("/api/v1/hosts/{host}/processes/{process}/{action}", response_model=CommandResult,
-              responses={**responses, 404: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+              responses={**_404, **_504})
     async def process_action(host: str, process: str, action: Literal["restart", "stop", "start"],
                              who: Annotated[Principal, Depends(require("act"))]) -> CommandResult:
         target = f"{host}/{process}"
@@ -263,17 +266,20 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         return CommandResult(ok=reply.ok, host=host, process=process, action=action, message=reply.message,
                              by=who.name)
 
-    @app.get("/api/v1/agents/{host}/commands", response_model=list[CommandRequest], responses=responses)
-    async def agent_commands(host: str, _: Annotated[Principal, Depends(require("agent"))],
-                             wait_ms: int = 20_000) -> list[CommandRequest]:
+    @app.get("/api/v1/agents/{host}/commands", response_model=list[CommandRequest], responses=_404)
+    async def agent_commands(host: str, who: Annotated[Principal, Depends(require("agent"))],
+                             wait_ms: Annotated[int, Query(ge=0, le=COMMAND_POLL_MAX_MS)] = 20_000
+                             ) -> list[CommandRequest]:
+        for_host(who, host)
         if host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {host!r}")
-        cmd = await rt.commands.next_for(host, max(0.0, min(wait_ms, 30_000)) / 1000)
+        cmd = await rt.commands.next_for(host, wait_ms / 1000)
         return [cmd] if cmd else []
 
-    @app.post("/api/v1/agents/{host}/commands/{cmd_id}/result", responses=responses)
+    @app.post("/api/v1/agents/{host}/commands/{cmd_id}/result", responses=_404)
     async def agent_command_result(host: str, cmd_id: str, reply: CommandReply,
-                                   _: Annotated[Principal, Depends(require("agent"))]) -> dict[str, bool]:
+                                   who: Annotated[Principal, Depends(require("agent"))]) -> dict[str, bool]:
+        for_host(who, host)
         if host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {host!r}")
         if not _CMD_ID.match(cmd_id):
@@ -282,7 +288,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         return {"ok": True}
 
     from dispatcher.exceptions import exceptions_router  # noqa: PLC0415 - it imports ApiError from here
-    app.include_router(exceptions_router(rt, require))
+    app.include_router(exceptions_router(rt, require, authenticate))
     if rt.llm is not None:
         app.include_router(llm_router(rt.llm, require, rt.store.audit, rt.spec.name))
     return app

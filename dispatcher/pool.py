@@ -7,10 +7,17 @@ Balancing: the server with the fewest outstanding requests per unit of weight, t
 rotation (so at low load it is round-robin). Only servers `up` and `enabled` take new work; a
 `draining` one still serves the sessions stuck to it (see the data plane's affinity). A server
 coming back after being down warms up: its weight ramps from 10 % to 100 % over `slow_start` s.
+
+Affinity cookies are `ctops_srv=<server>.<HMAC-SHA256 of the name, truncated>`, signed with a key
+every dispatcher of a deployment shares, so a learner cannot choose a server by writing its name.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -44,14 +51,20 @@ class Backend:
     outstanding: int = 0  # requests in flight through this dispatcher
     warm_since: float = 0.0  # monotonic time it came back up; 0 when not warming up
     been_up: bool = False  # a first "up" (dispatcher start) does not warm up, a comeback does
-    # the data plane's affinity cookie naming this server, as sent and as matched
+    # the data plane's signed affinity cookie naming this server, as matched and as sent (see `sign`)
     name_b: bytes = field(init=False, repr=False)
+    cookie: bytes = field(init=False, repr=False)
     set_cookie: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.name_b = self.name.encode()
         self.been_up = self.been_up or self.health == "up"
-        self.set_cookie = b"Set-Cookie: ctops_srv=%b; Path=/; HttpOnly; SameSite=Lax\r\n" % self.name_b
+        self.sign(os.urandom(32))
+
+    def sign(self, key: bytes) -> None:
+        mac = hmac.new(key, b"ctops_srv:" + self.name_b, hashlib.sha256).digest()[:16]
+        self.cookie = self.name_b + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")
+        self.set_cookie = b"Set-Cookie: ctops_srv=%b; Path=/; HttpOnly; SameSite=Lax\r\n" % self.cookie
 
     @property
     def state(self) -> ServerState:
@@ -80,11 +93,18 @@ class ServerPool:
         self._order = list(self.backends.values())
         # the servers in each rotation, from each start: picking walks one without building it
         self._rotations = [self._order[i:] + self._order[:i] for i in range(len(self._order))]
-        self.by_cookie = {b.name_b: b for b in self._order}
+        self.by_cookie: dict[bytes, Backend] = {}
+        self.set_affinity_key(os.urandom(32))
         self._rr = 0
         self.listeners: list[StateListener] = []
         self.slow_start = 0.0  # seconds over which a returning server's weight ramps up
         self.data_plane: object | None = None  # the DataPlane routing over this pool, once started
+
+    def set_affinity_key(self, key: bytes) -> None:
+        """Sign the servers' affinity cookies with `key`; a cookie signed otherwise matches none."""
+        for b in self._order:
+            b.sign(key)
+        self.by_cookie = {b.cookie: b for b in self._order}
 
     def get(self, name: str) -> Backend | None:
         return self.backends.get(name)

@@ -15,7 +15,7 @@ cdef class Request:
     cdef public ClientConnection conn
     cdef public object method, upgrade, backend, unsent, replay, affinity, route, tried
     cdef public bint ready, keep_alive, http11, chunked, has_body, complete, answered, aborted, safe, plain
-    cdef public bint retried_same
+    cdef public bint retried_same, hidden, opens
     cdef public UpstreamConnection upstream
     cdef public Py_ssize_t tries, unsent_size, replay_size
     cdef public double started

@@ -30,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from urllib.parse import unquote_to_bytes
 
 import httptools
 
@@ -56,6 +58,13 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"
 AFFINITY_PATH = b"/api/sessions"
 AFFINITY_COOKIE = b"ctops_srv="
 SESSION_COOKIE = b"ctops_session="
+# the trainer's own routes (API docs, health details, test hooks): for the dispatcher's checks and for
+# staff on the servers' own ports, not for learners. A path, as the trainer routes it (decoded, with
+# trailing slashes it would redirect), that this matches at its start is answered 404 by the proxy
+_HIDDEN = re.compile(rb"/(?:(?:docs(?:/oauth2-redirect)?|redoc|openapi\.json|healthz)/*|_debug(?=/))(?:[?#/]|\Z)")
+# the second byte of a path `_HIDDEN` could match (or of one percent-encoded): any other is let by at once
+_HIDDEN_SECOND = frozenset({b"d", b"r", b"o", b"h", b"_", b"%"})
+_OPENS_WITH_QUERY = AFFINITY_PATH + b"?"
 
 # why the client's reading is paused (bits)
 _PIPELINE = 1  # a request waits for the one before it, or the connection is being wound up
@@ -80,6 +89,8 @@ class ProxySettings:
     probe_timeout: float = 0.4
     slow_start: float = 3.0
     replay_max: int = 64 * 1024
+    # signs the affinity cookie; empty: a random key per process (see DataPlane)
+    affinity_key: bytes = field(default=b"", repr=False)
 
     @classmethod
     def from_deployment(cls, dep: Deployment) -> ProxySettings:
@@ -98,6 +109,7 @@ class ProxySettings:
             probe_timeout=t.health_timeout_ms / 1000,
             slow_start=t.slow_start_ms / 1000,
             replay_max=lim.replay_max_bytes,
+            affinity_key=dep.proxy.affinity_key,
         )
 
 
@@ -107,6 +119,11 @@ class ProxySettings:
 
 class _BadResponse(Exception):
     """Raised from a response parser callback: the server's answer cannot be relayed."""
+
+
+class _Rejected(Exception):
+    """Raised from a request parser callback once the request has been refused: it stops the parser, so
+    nothing after a refused head (its body, a request hidden behind it) is ever read as a request."""
 
 
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
@@ -122,14 +139,14 @@ def _status_line(code: int, reason: bytes) -> bytes:
     return line
 
 
-_REASONS = {400: b"Bad Request", 405: b"Method Not Allowed", 408: b"Request Timeout",
+_REASONS = {400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
             431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
-            503: b"Service Unavailable", 504: b"Gateway Timeout"}
+            503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}
 
 
 def error_response(status: int, message: str, *, keep_alive: bool, http11: bool = True,
-                   retry_after: int | None = None, extra: dict | None = None) -> bytes:
-    """A complete small JSON error response."""
+                   retry_after: int | None = None, extra: dict | None = None, head_only: bool = False) -> bytes:
+    """A complete small JSON error response (`head_only`: to a HEAD request, its head alone)."""
     body = json.dumps({"error": message, **(extra or {})}).encode()
     head = [_status_line(status, _REASONS.get(status, b"Error")),
             b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)]
@@ -140,13 +157,14 @@ def error_response(status: int, message: str, *, keep_alive: bool, http11: bool 
     elif not http11:
         head.append(b"Connection: keep-alive\r\n")
     head.append(b"\r\n")
-    head.append(body)
+    if not head_only:
+        head.append(body)
     return b"".join(head)
 
 
 # how a header (by its name as sent) is handled; cached per spelling, so the common headers cost
 # one dict lookup instead of lower() and several comparisons
-_COPY, _CONNECTION, _TE, _UPGRADE, _HOP, _CLEN, _COOKIE, _IDEM, _XFF, _XFP = range(10)
+_COPY, _CONNECTION, _TE, _UPGRADE, _HOP, _CLEN, _COOKIE, _IDEM, _HOST, _XFF, _XFP = range(11)
 _KINDS: dict[bytes, int] = {}
 
 
@@ -166,6 +184,8 @@ def _kind(name: bytes) -> int:
         kind = _COOKIE
     elif lname == b"idempotency-key":
         kind = _IDEM
+    elif lname == b"host":
+        kind = _HOST
     elif lname == b"x-forwarded-for":
         kind = _XFF
     elif lname == b"x-forwarded-proto":
@@ -179,14 +199,15 @@ def _kind(name: bytes) -> int:
 
 def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bool,
                   drop: frozenset[bytes] | None = None,
-                  ) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None, bool]:
+                  ) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None, bool, int]:
     """Append the end-to-end headers to `out`. Returns (transfer-encoding, upgrade, x-forwarded-for,
-    content-length, cookie, has an idempotency key); the first three the caller rewrites itself.
-    On requests X-Forwarded-* are the caller's."""
+    content-length, cookie, has an idempotency key, how many Host headers); the first three the caller
+    rewrites itself. On requests X-Forwarded-* are the caller's."""
     mark = len(out)
     kinds = _KINDS
     conn = te = upgrade = xff = clen = cookie = None
     idem = False
+    hosts = 0
     for name, value in hdrs:
         kind = kinds.get(name)
         if kind is None:
@@ -194,6 +215,9 @@ def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bo
         if kind == _COPY:
             if drop is None or name.lower() not in drop:
                 out += (name, b": ", value, b"\r\n")
+        elif kind == _HOST:
+            hosts += 1
+            out += (name, b": ", value, b"\r\n")
         elif kind == _CLEN:
             clen = value
             out += (name, b": ", value, b"\r\n")
@@ -221,7 +245,7 @@ def _copy_headers(hdrs: list[tuple[bytes, bytes]], out: list[bytes], request: bo
         if named:
             del out[mark:]
             return _copy_headers(hdrs, out, request, named)
-    return te, upgrade, xff, clen, cookie, idem
+    return te, upgrade, xff, clen, cookie, idem, hosts
 
 
 def _cookie_value(cookie: bytes, name: bytes) -> bytes | None:
@@ -250,10 +274,11 @@ def _lines_without(names: bytes) -> bytes:
     return rb"(?:(?!(?i:" + names + rb"):)" + _TOKEN + rb":" + _VALUE + rb"\r\n)*"
 
 
-# group 1 method, 2 target, 3 the header lines; cookies are read from these on the fast path
+# group 1 method, 2 target, 3 the header lines (exactly one of them Host); cookies are read from these
+# on the fast path
+_NOT_HOST = _lines_without(_HOP_NAMES + rb"|content-length|x-forwarded-for|x-forwarded-proto|host")
 _FAST_REQUEST = re.compile(rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1\r\n("
-                           + _lines_without(_HOP_NAMES + rb"|content-length|x-forwarded-for|x-forwarded-proto")
-                           + rb")\r\n")
+                           + _NOT_HOST + rb"(?i:host):" + _VALUE + rb"\r\n" + _NOT_HOST + rb")\r\n")
 _COOKIES = re.compile(rb"^(?i:cookie):[ \t]*([^\r]*?)[ \t]*\r", re.M)
 # group 1 status, 2 content length; the body follows the match
 _NOT_CL = _lines_without(_HOP_NAMES + rb"|content-length")
@@ -271,9 +296,9 @@ _response_heads: dict[bytes, int] = {}
 
 def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] | None:
     """(method, target, cookies, the head without its final CRLF) when `data` is exactly one plain
-    GET or HEAD head, else None; remembered. Callers look in `_request_heads` first."""
+    GET or HEAD head for a learner's route, else None; remembered. Callers look in `_request_heads` first."""
     m = _FAST_REQUEST.fullmatch(data)
-    if m is None:
+    if m is None or hidden_path(m.group(2)):
         return None
     cookies = _COOKIES.findall(m.group(3))
     hit = (m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, data[:-2])
@@ -293,6 +318,29 @@ def fast_response_length(head: bytes) -> int:
         _response_heads.clear()
     _response_heads[head] = clen
     return clen
+
+
+def hidden_path(target: bytes) -> bool:
+    """Whether a request target names one of the trainer's internal routes (`_HIDDEN`), however
+    spelled: absolute-form, percent-encoded, with a query or trailing slashes. Most targets are let
+    by on their second byte, so the parser's path pays next to nothing for it."""
+    path = target
+    if path[:1] == b"/":
+        if path[1:2] not in _HIDDEN_SECOND:
+            return False
+    else:  # absolute-form ("http://host/path"), or "*"
+        try:
+            path = httptools.parse_url(target).path or b"/"
+        except httptools.HttpParserInvalidURLError:
+            return False  # the trainer parses targets the same way: it cannot route this one either
+    if b"%" in path:
+        path = unquote_to_bytes(path.split(b"?", 1)[0])
+    return _HIDDEN.match(path) is not None
+
+
+def opens_session(method: bytes, target: bytes) -> bool:
+    """A request creating a session (POST /api/sessions): a draining server takes no new one."""
+    return method == b"POST" and (target == AFFINITY_PATH or target.startswith(_OPENS_WITH_QUERY))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +375,8 @@ class Request:
         self.started = 0.0  # first dispatched (loop time)
         self.tried: list[Backend] | None = None  # servers that failed this request
         self.retried_same = False
+        self.hidden = False  # a trainer-internal route: answered 404 by the proxy, never forwarded
+        self.opens = False  # creates a session (see `opens_session`)
 
     @property
     def idempotent(self) -> bool:
@@ -417,9 +467,10 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(data[exc.args[0]:])
             return
-        except httptools.HttpParserCallbackError:
-            log.exception("data plane: internal error while handling a request")
-            self.abort()
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _Rejected):  # a refusal was answered where it was raised
+                log.exception("data plane: internal error while handling a request")
+                self.abort()
             return
         except httptools.HttpParserError:
             self._bad_request(400, "malformed request")
@@ -474,24 +525,32 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
         hdrs = self.hdrs or []
         self.hdrs = None
         if self.head_bytes + self.read_len > self.plane.settings.header_max_bytes and self._head_too_big(hdrs):
-            self._bad_request(431, "request header too large")
-            return
+            self._reject(431, "request header too large")
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":  # 0.9 (a request line without a version) or 2.0
+            self._reject(505, "unsupported HTTP version")
         method = r.method = p.get_method()
-        r.http11 = p.get_http_version() == "1.1"
+        r.http11 = version == "1.1"
         r.keep_alive = p.should_keep_alive()
         url = self.url
         out = [method, b" ", url, b" HTTP/1.1\r\n"]
-        te, upgrade, xff, clen, cookie, idem = _copy_headers(hdrs, out, True)
+        te, upgrade, xff, clen, cookie, idem, hosts = _copy_headers(hdrs, out, True)
+        if hosts > 1 or (hosts == 0 and r.http11):
+            self._reject(400, "a request needs exactly one Host header")
         r.safe = idem or method in IDEMPOTENT
-        if te is not None:  # the body is re-chunked as it is forwarded
-            r.chunked = r.has_body = True
-            out += (b"Transfer-Encoding: ", te, b"\r\n")
+        if te is not None:
+            # the one framing a server cannot read differently from us: a single "chunked" coding on
+            # HTTP/1.1 without a length. Anything else (repeated, other codings, with Content-Length,
+            # on HTTP/1.0) is how requests are smuggled past a proxy
+            if te.strip().lower() != b"chunked" or clen is not None or not r.http11:
+                self._reject(400, "unsupported Transfer-Encoding")
+            r.chunked = r.has_body = True  # the body is re-chunked as it is forwarded
+            out.append(b"Transfer-Encoding: chunked\r\n")
         elif clen is not None and clen != b"0":
             r.has_body = True
         if p.should_upgrade():
             if method == b"CONNECT" or upgrade is None:
-                self._bad_request(405 if method == b"CONNECT" else 400, "unsupported upgrade or CONNECT")
-                return
+                self._reject(405 if method == b"CONNECT" else 400, "unsupported upgrade or CONNECT")
             r.upgrade = upgrade
             r.keep_alive = False  # after an upgrade the connection is no longer HTTP
             out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
@@ -500,6 +559,9 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
             out.append(self.forwarded)
         else:
             out += (b"X-Forwarded-For: ", xff, b", ", self.client_ip, b"\r\nX-Forwarded-Proto: http\r\n\r\n")
+        if method == b"POST":
+            r.opens = opens_session(method, url)
+        r.hidden = hidden_path(url)
         self._head_ready(r, url, cookie, b"".join(out))
 
     def _head_ready(self, r: Request, url: bytes, cookie: bytes | None, head: bytes) -> None:
@@ -676,8 +738,14 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
         self.plane.errors[status] = self.plane.errors.get(status, 0) + 1
         if not self.closed:
             self.transport.write(error_response(status, message, keep_alive=r.keep_alive and not self.read_eof,
-                                                http11=r.http11, retry_after=retry_after, extra=extra))
+                                                http11=r.http11, retry_after=retry_after, extra=extra,
+                                                head_only=r.method == b"HEAD"))
         self.response_done(r)
+
+    def _reject(self, status: int, message: str) -> None:
+        """Refuse the request whose head is being parsed, from inside a parser callback."""
+        self._bad_request(status, message)
+        raise _Rejected
 
     def _bad_request(self, status: int, message: str) -> None:
         """Nothing after a malformed request can be trusted: answer what came before, then this, then close."""
@@ -895,9 +963,9 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
             self.out.append(b"".join(out))
             return
         out = [_status_line(status, self.reason)]
-        te, upgrade, _, clen, _, _ = _copy_headers(hdrs, out, False)
+        te, upgrade, _, clen, _, _, _ = _copy_headers(hdrs, out, False)
         aff = r.affinity
-        if aff is not None and aff != self.backend.name_b:  # the session sticks to the server that answers
+        if aff is not None and aff != self.backend.cookie:  # the session sticks to the server that answers
             out.append(self.backend.set_cookie)
         if status == 101:
             if r.upgrade is None or upgrade is None:
@@ -965,7 +1033,7 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
         if clen < 0 or body > clen or (body == 0 and clen):
             return False  # a head alone waits in the parser's path until its body starts (see `hold`)
         aff = r.affinity
-        if aff is not None and aff != self.backend.name_b:
+        if aff is not None and aff != self.backend.cookie:
             data = b"%b%b\r\n%b" % (data[:end - 2], self.backend.set_cookie, data[end:])
         self.flushed = self.head_sent = True
         if not client.closed:
@@ -1082,6 +1150,12 @@ class DataPlane:
         self.replay_max = settings.replay_max
         self.header_max = settings.header_max_bytes
         pool.slow_start = settings.slow_start
+        if settings.affinity_key:
+            pool.set_affinity_key(settings.affinity_key)
+        else:
+            pool.set_affinity_key(os.urandom(32))
+            log.warning("no affinity key configured ([proxy] affinity_key_env): a random one for this process, "
+                        "so a session sticks to its server only while this dispatcher serves it")
         pool.data_plane = self
         pool.listeners.append(self._on_state_change)
 
@@ -1142,12 +1216,15 @@ class DataPlane:
 
     def choose_backend(self, r: Request) -> Backend | None:
         """Where a request goes: the server its session sticks to while that one is `up` (even when
-        draining), else the least loaded server taking new work; never one that failed it already."""
+        draining, except for a request opening a new session), else the least loaded server taking new
+        work; never one that failed it already. The cookie is found only when its signature is ours
+        (`ServerPool.by_cookie`): a forged or unsigned one is no cookie at all."""
         tried = r.tried
         aff = r.affinity
         if aff:
             b = self.pool.by_cookie.get(aff)
-            if (b is not None and b.health == "up" and b.admin != "disabled" and b.weight > 0
+            if (b is not None and b.health == "up" and b.weight > 0
+                    and (b.admin == "enabled" or (b.admin == "draining" and not r.opens))
                     and (tried is None or b not in tried)):
                 return b
         # none up: rather a server that failed one check (likely slow, not dead) than a 503
@@ -1157,6 +1234,9 @@ class DataPlane:
 
     def dispatch(self, r: Request, now: float) -> None:
         r.started = now
+        if r.hidden:
+            r.conn.respond_error(r, 404, "not found")
+            return
         if r.route is not None:
             self._forward(r, r.route, False, now)
             return

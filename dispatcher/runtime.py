@@ -37,12 +37,14 @@ class Runtime:
         self.llm: LLMPool | None = None  # set once the LLM pool runs
         t = dep.timings
         self.lease = Lease(redis, self.keys, spec.name, t.lease_ttl_ms, t.lease_renew_ms,
-                           on_change=self._on_leadership)
+                           on_change=self._on_leadership, replica_acks=dep.redis.acks_needed,
+                           ack_timeout_ms=dep.redis.replica_ack_timeout_ms)
         self.events = EventLog(redis, self.keys)
         self.commands = CommandRelay(redis_blocking, self.keys)
-        peer_token = os.environ.get("CTOPS_PEER_TOKEN") or os.environ.get("CTOPS_AGENT_TOKEN")
+        # the mutual heartbeat has its own credential (role "peer"), never an agent's
+        peer_token = os.environ.get(spec.peer_token_env)
         self.peers = Peers(spec.name, dep.dispatchers, peer_token, t.lease_renew_ms / 1000, self.peer_view,
-                           self._newer_leader)
+                           self._newer_leader, spec.peer_token_env)
         self._host_states: dict[str, str] = {}
         self.health = HealthChecker(self.pool, t.health_interval_ms / 1000, t.health_timeout_ms / 1000,
                                     t.fall, t.rise, on_round=self._health_round_done)
@@ -99,7 +101,7 @@ class Runtime:
                              epoch=self.lease.epoch, sent_at_ms=now_ms())
 
     def _newer_leader(self, name: str, epoch: int) -> None:
-        self.lease.demote(f"peer {name} leads at epoch {epoch}")
+        self.lease.recheck(f"peer {name} claims to lead at epoch {epoch}")
 
     def emit_as_leader(self, kind: str, severity: str, message: str, target: str | None) -> None:
         """Derived events come from the leader only, so two dispatchers never report one change twice."""

@@ -50,7 +50,10 @@ class Store:
         return {n: {_s(k): _s(v) for k, v in h.items()} for n, h in zip(names, values, strict=True)}  # type: ignore[misc]
 
     async def set_admin(self, name: str, admin: AdminState) -> None:
-        await self.r.hset(self.k.server(name), mapping={"admin": admin, "admin_since_ms": int(time.time() * 1000)})
+        # a transaction: staff states are confirmed by a replica (ctops.redisconn)
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(self.k.server(name), mapping={"admin": admin, "admin_since_ms": int(time.time() * 1000)})
+            await p.execute()
 
     # --- hosts ---------------------------------------------------------------------------------
     async def save_heartbeat(self, hb: Heartbeat, received_ms: int) -> None:
@@ -100,10 +103,13 @@ class Store:
 
     # --- audit ---------------------------------------------------------------------------------
     async def audit(self, who: str, role: str, action: str, target: str, result: str, via: str) -> None:
-        await self.r.xadd(self.k.audit, {
-            "ts_ms": int(time.time() * 1000), "who": who, "role": role, "action": action,
-            "target": target, "result": result, "via": via,
-        }, maxlen=AUDIT_MAXLEN, approximate=True)
+        # a transaction: audit entries are confirmed by a replica (ctops.redisconn)
+        async with self.r.pipeline(transaction=True) as p:
+            p.xadd(self.k.audit, {
+                "ts_ms": int(time.time() * 1000), "who": who, "role": role, "action": action,
+                "target": target, "result": result, "via": via,
+            }, maxlen=AUDIT_MAXLEN, approximate=True)
+            await p.execute()
 
     async def read_audit(self, count: int) -> list[dict[str, str]]:
         entries = await self.r.xrevrange(self.k.audit, count=count)

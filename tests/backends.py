@@ -21,6 +21,9 @@ and which upstream connection answered):
   /drip                       a chunked response: one chunk, then the rest once /release is asked
   /release                    lets every waiting /drip finish
   /stats                      counters, e.g. requests whose body was cut short
+  /seen?tag=T                 the request lines received through a proxy (with X-Forwarded-For), on
+                              any server, whose target contains T, with their Transfer-Encoding
+                              headers, so tests see what the proxy let through
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ RAW = {
 _conn_ids = itertools.count(1)
 STATS = {"requests": 0, "truncated_bodies": 0, "connections": 0}
 FLAKY_SEEN: set[str] = set()
+SEEN: list[dict] = []  # every request head received: {"line", "transfer_encoding"}
 RELEASE: list[asyncio.Event] = []
 
 
@@ -123,6 +127,9 @@ async def serve_http(name: str, reader: asyncio.StreamReader, writer: asyncio.St
             method, target, version = lines[0].split(" ", 2)
             pairs = [tuple(x.split(":", 1)) for x in lines[1:] if x]
             headers = {k.strip().lower(): v.strip() for k, v in pairs}
+            if "x-forwarded-for" in headers:
+                SEEN.append({"line": lines[0], "transfer_encoding": [v.strip() for k, v in pairs
+                                                                     if k.strip().lower() == "transfer-encoding"]})
             url = urlsplit(target)
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
             if headers.get("expect", "").lower() == "100-continue":
@@ -189,6 +196,10 @@ async def serve_http(name: str, reader: asyncio.StreamReader, writer: asyncio.St
                 hop = [("Connection", "keep-alive, X-Hop-Private"), ("Keep-Alive", "timeout=5"),
                        ("X-Hop-Private", "secret"), ("Proxy-Authenticate", "Basic"), ("X-End-To-End", "kept")]
                 keep = await write_response(writer, 200, b"hop", std + hop)
+            elif path == "/seen":
+                tag = q.get("tag", "")
+                doc = [s for s in SEEN if tag in s["line"] and "/seen?" not in s["line"]]
+                keep = await write_response(writer, 200, json.dumps(doc).encode(), std)
             elif path == "/stats":
                 keep = await write_response(writer, 200, json.dumps(STATS).encode(), std)
             elif method == "HEAD":  # the length of the GET body, and no body

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from ctops.procs import pid_alive
 from tests.cluster import wait_for
 
@@ -31,7 +33,22 @@ def test_headless_demo_status_chaos_and_clean_stop(tmp_path: Path) -> None:
         assert all(t["url"] and t["pid"] for t in doc["trainers"])
         assert len(doc["agents"]) == 3 and len(doc["llm_providers"]) == 2
         assert doc["redis"]["url"].startswith("redis://") and doc["redis"]["pid"]
-        assert set(doc["tokens"]) == {"operator", "viewer", "agent"}
+        assert {"operator", "viewer", "agent", "agents", "peer"} <= set(doc["tokens"])
+        # one token per host; `agent` is host-1's, for scripts written before that
+        assert set(doc["tokens"]["agents"]) == {"host-1", "host-2", "host-3"}
+        assert doc["tokens"]["agent"] == doc["tokens"]["agents"]["host-1"]
+        assert len(set(doc["tokens"]["agents"].values())) == 3
+        assert state_file.stat().st_mode & 0o777 == 0o600
+        assert Path(doc["config"]).stat().st_mode & 0o777 == 0o600
+        # the duplicated store, all of it in the state file; files with secrets are the owner's only
+        nodes = {n["name"]: n for n in doc["redis"]["nodes"]}
+        assert {n: v["role"] for n, v in nodes.items()} == {
+            "redis-1": "primary", "redis-2": "replica", "redis-3": "replica",
+            "sentinel-1": "sentinel", "sentinel-2": "sentinel", "sentinel-3": "sentinel"}
+        assert all(pid_alive(n["pid"]) and n["url"].startswith("redis://") for n in nodes.values())
+        for f in (state_file, Path(doc["config"]), *Path(doc["workdir"], "redis").glob("*/*.conf"),
+                  *Path(doc["workdir"], "redis").glob("*/users.acl")):
+            assert f.stat().st_mode & 0o077 == 0, f
 
         out = ctops("status", "--json", "--state-file", str(state_file))
         assert out.returncode == 0, out.stderr
@@ -58,9 +75,22 @@ def test_headless_demo_status_chaos_and_clean_stop(tmp_path: Path) -> None:
         assert out.returncode == 0 or "is not running" in out.stderr, out.stderr
         assert ctops("chaos", "kill", "nobody", "--state-file", str(state_file)).returncode == 2
 
+        # the primary dies: a replica takes over, learners keep being served, and the next
+        # `kill redis-primary` hits the new primary, not the dead one
+        out = ctops("chaos", "kill", "redis-primary", "--state-file", str(state_file))
+        assert out.returncode == 0 and "redis-1" in out.stdout, out.stdout + out.stderr
+        data = doc["dispatchers"][0]["data_url"]
+        r = httpx.post(data + "/api/sessions", json={"learner": "ada"}, timeout=30)
+        assert r.status_code == 201, r.text
+        wait_for("a replica promoted", lambda: (o := ctops("chaos", "freeze", "redis-primary", "--state-file",
+                                                              str(state_file))).returncode == 0 and o.stdout)
+        frozen_primary = ctops("chaos", "thaw", "redis-primary", "--state-file", str(state_file))
+        assert frozen_primary.returncode == 0
+        assert not pid_alive(nodes["redis-1"]["pid"])
+
         pids = [d["pid"] for d in doc["dispatchers"]] + [a["pid"] for a in doc["agents"]]
         pids += [p["pid"] for p in doc["llm_providers"]] + [doc["redis"]["pid"], frozen]
-        pids += [t["pid"] for t in doc["trainers"]]
+        pids += [t["pid"] for t in doc["trainers"]] + [n["pid"] for n in nodes.values()]
     finally:
         demo.send_signal(signal.SIGTERM)
         code = demo.wait(60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -14,27 +15,37 @@ import pytest
 from ctops.procs import ctops_argv
 from ctops.redis_embed import free_port
 from tests.common import wait_http
+from trainer.fake_llm import CONTROL_TOKEN_ENV, control_headers, control_token
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def start_fake(*extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([*ctops_argv(), "fake-llm", "--port", str(port), "--name", "fake-a", *extra], cwd=ROOT,
+                            env=env)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/_fake/mode", proc)
+    return proc, base
+
+
+def stop_fake(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, "fake-llm should exit cleanly on SIGTERM"
+
+
 @pytest.fixture(scope="module")
 def fake() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([*ctops_argv(), "fake-llm", "--port", str(port), "--name", "fake-a"], cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_fake(env={**os.environ, CONTROL_TOKEN_ENV: control_token()})
     try:
-        wait_http(base + "/_fake/mode", proc)
         yield base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(15)
-    assert code == 0, "fake-llm should exit cleanly on SIGTERM"
+        stop_fake(proc)
 
 
 def set_mode(base: str, mode: str, delay_ms: int | None = None) -> None:
     body: dict = {"mode": mode} if delay_ms is None else {"mode": mode, "delay_ms": delay_ms}
-    r = httpx.post(base + "/_fake/mode", json=body)
+    r = httpx.post(base + "/_fake/mode", json=body, headers=control_headers())
     assert r.status_code == 200, r.text
     assert r.json()["mode"] == mode
 
@@ -102,7 +113,7 @@ def test_mode_slow_answers_after_the_delay(base: str) -> None:
 
 
 def test_bad_mode_is_rejected(base: str) -> None:
-    r = httpx.post(base + "/_fake/mode", json={"mode": "explode"})
+    r = httpx.post(base + "/_fake/mode", json={"mode": "explode"}, headers=control_headers())
     assert r.status_code == 422
     assert httpx.get(base + "/_fake/mode").json()["mode"] == "ok"
 
@@ -142,3 +153,35 @@ def test_openai_package_sees_the_500_as_an_api_error(base: str) -> None:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
 
 
+
+
+def test_switching_the_mode_needs_the_control_token(base: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": control_token()},
+                    {"Authorization": f"Basic {control_token()}"}):
+        for body in ({"mode": "hang"}, {"mode": "explode"}, None):
+            r = httpx.post(base + "/_fake/mode", json=body, headers=headers)
+            assert r.status_code == 401, (headers, body, r.text)
+            assert r.json()["error"] == "control token required"
+    # nothing changed; reading stays open
+    assert httpx.get(base + "/_fake/mode").json()["mode"] == "ok"
+    assert chat(base).status_code == 200
+    assert httpx.get(base + "/_fake/stats").status_code == 200
+
+
+def test_a_fake_started_without_a_token_refuses_every_switch() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in (CONTROL_TOKEN_ENV, "CTOPS_TEST_FAKE_TOKEN")}
+    proc, base = start_fake(env=env)
+    try:
+        r = httpx.post(base + "/_fake/mode", json={"mode": "500"}, headers=control_headers())
+        assert r.status_code == 401
+        assert httpx.get(base + "/_fake/mode").json()["mode"] == "ok"
+    finally:
+        stop_fake(proc)
+    # --control-token-env names another variable
+    proc, base = start_fake("--control-token-env", "CTOPS_TEST_FAKE_TOKEN", env={**env, "CTOPS_TEST_FAKE_TOKEN": "t0k"})
+    try:
+        assert httpx.post(base + "/_fake/mode", json={"mode": "500"}, headers=control_headers()).status_code == 401
+        r = httpx.post(base + "/_fake/mode", json={"mode": "500"}, headers={"Authorization": "Bearer t0k"})
+        assert r.status_code == 200 and r.json()["mode"] == "500"
+    finally:
+        stop_fake(proc)

@@ -15,8 +15,9 @@ def served_by(c: Cluster, n: int = 12) -> Counter[str]:
     seen: Counter[str] = Counter()
     with httpx.Client(base_url=c.data_url(), timeout=10) as client:
         for _ in range(n):
-            r = client.get("/healthz")
-            assert r.status_code == 200, r.text
+            client.cookies.clear()  # no session to stick to: each request is balanced
+            r = client.post("/api/sessions", json={})  # a learner's route (/healthz is not one)
+            assert r.status_code == 201, r.text
             seen[r.json()["server"]] += 1
     return seen
 

@@ -30,6 +30,7 @@ from dispatcher.llm import LLMPoolHandle, start_llm_pool
 from dispatcher.llm.breaker import Breaker
 from dispatcher.llm.routes import llm_router
 from tests.cluster import wait_for
+from trainer.fake_llm import CONTROL_TOKEN_ENV, control_headers, control_token
 
 TIMEOUT_MS = 3000  # each fake's per-try timeout
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,8 @@ TOKENS = {"operator": new_token(), "viewer": new_token()}
 def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     logs = tmp_path_factory.mktemp("llm-fakes")
     ports = {n: free_port() for n in ("primary", "secondary")}
-    children: list[Child] = [spawn(n, ctops_argv("fake-llm", "--port", str(p), "--name", n), str(logs / f"{n}.log"))
+    children: list[Child] = [spawn(n, ctops_argv("fake-llm", "--port", str(p), "--name", n), str(logs / f"{n}.log"),
+                                   {CONTROL_TOKEN_ENV: control_token()})
                              for n, p in ports.items()]
     urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     try:
@@ -60,7 +62,7 @@ def _fakes_ok(request: pytest.FixtureRequest) -> None:
 
 
 def set_mode(url: str, mode: str) -> None:
-    httpx.post(url + "/_fake/mode", json={"mode": mode}, timeout=5).raise_for_status()
+    httpx.post(url + "/_fake/mode", json={"mode": mode}, headers=control_headers(), timeout=5).raise_for_status()
 
 
 def calls(url: str) -> int:

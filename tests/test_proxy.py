@@ -199,6 +199,31 @@ class Client:
         self.writer.close()
 
 
+def affinity_cookie(r: Response) -> str:
+    """The value of the ctops_srv cookie a response sets."""
+    value = r.headers["set-cookie"].split(";")[0]
+    assert value.startswith("ctops_srv="), value
+    return value.removeprefix("ctops_srv=")
+
+
+async def seen(backends: Backends, tag: str) -> list[dict]:
+    """The request heads any backend received whose target contains `tag` (asked of a backend directly)."""
+    c = await Client.open(backends.http["a"])
+    try:
+        return json.loads((await c.request("GET", f"/seen?tag={tag}")).body)
+    finally:
+        c.close()
+
+
+async def refused(port: int, raw: bytes) -> Response:
+    """Send `raw` on a new connection; the proxy's answer, after which it must have closed."""
+    c = await Client.open(port)
+    await c.send(raw)
+    r = await c.response()
+    assert await c.closed_by_peer()
+    return r
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -712,9 +737,10 @@ def test_hung_server_safe_requests_move_on_and_server_leaves_rotation(backends: 
         async with proxy(pool, first_byte_timeout=0.3, probe_timeout=0.3) as plane:
             c = await Client.open(plane.port)
             # sticks to the hung server by cookie; its first byte never comes: probe, move on
-            r = await c.request("GET", "/api/sessions/s1", headers=(("Cookie", "ctops_srv=hung"),))
+            hung_cookie = pool.get("hung").cookie.decode()  # type: ignore[union-attr]
+            r = await c.request("GET", "/api/sessions/s1", headers=(("Cookie", f"ctops_srv={hung_cookie}"),))
             assert r.status == 200 and r.headers["x-backend"] == "a"
-            assert "ctops_srv=a" in r.headers["set-cookie"]  # the session now sticks to "a"
+            assert "ctops_srv=a." in r.headers["set-cookie"]  # the session now sticks to "a"
             assert pool.get("hung").state == "suspect"  # type: ignore[union-attr]
             r = await c.request("POST", "/echo", b"k", headers=(("Idempotency-Key", "x1"),))
             assert r.status == 200 and r.headers["x-backend"] == "a"
@@ -748,8 +774,9 @@ def test_session_affinity_and_draining(backends: Backends) -> None:
             # a new session gets a cookie naming the server that answered
             r = await c.request("POST", "/api/sessions", b"{}")
             home = r.headers["x-backend"]
-            assert f"ctops_srv={home}" in r.headers["set-cookie"]
-            cookie = (("Cookie", f"ctops_session=s1; ctops_srv={home}"),)
+            signed = affinity_cookie(r)
+            assert signed.startswith(f"{home}.")
+            cookie = (("Cookie", f"ctops_session=s1; ctops_srv={signed}"),)
             for _ in range(6):  # it sticks, and the cookie is not sent again
                 r = await c.request("GET", "/api/sessions/s1", headers=cookie)
                 assert r.headers["x-backend"] == home and "set-cookie" not in r.headers
@@ -765,7 +792,7 @@ def test_session_affinity_and_draining(backends: Backends) -> None:
             pool.set_health(pool.get(home), "down")  # type: ignore[arg-type]
             r = await c.request("GET", "/api/sessions/s1", headers=cookie)
             moved = r.headers["x-backend"]
-            assert moved != home and f"ctops_srv={moved}" in r.headers["set-cookie"]
+            assert moved != home and affinity_cookie(r).startswith(f"{moved}.")
             # requests outside sessions get no cookie
             assert "set-cookie" not in (await c.request("GET", "/hello")).headers
             # none up, one suspect (it failed one check: slow rather than dead): it serves, no 503
@@ -828,3 +855,190 @@ def test_fixed_route_streams_and_ignores_pool_health(backends: Backends) -> None
             await plane.close()
 
     run(scenario)
+
+
+# ---------------------------------------------------------------------------------------------
+# strict at the edge (issue 13): framing nginx/HAProxy refuse, internal routes, signed affinity
+
+
+def test_a_request_needs_exactly_one_host(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            bad = [  # fast-path shapes (GET heads) and parser-path ones (a body, an odd header)
+                b"GET /hello?tag=host-none-get HTTP/1.1\r\n\r\n",
+                b"GET /hello?tag=host-two-get HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nhost: b\r\n\r\n",
+                b"POST /echo?tag=host-none-post HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+                b"POST /echo?tag=host-two-post HTTP/1.1\r\nHost: a\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+                b"GET /hello?tag=host-two-10 HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+            ]
+            for raw in bad:
+                r = await refused(plane.port, raw)
+                assert r.status == 400, raw
+                assert json.loads(r.body)["error"] == "a request needs exactly one Host header"
+            assert await seen(backends, "tag=host-") == []
+            # HTTP/1.0 may leave Host out; one Host anywhere among the headers is fine
+            before = len(await seen(backends, "tag=ok-1"))
+            c = await Client.open(plane.port)
+            await c.send(b"GET /hello?tag=ok-10 HTTP/1.0\r\n\r\n")
+            assert (await c.response()).status == 200
+            c = await Client.open(plane.port)
+            await c.send(b"GET /hello?tag=ok-11 HTTP/1.1\r\nAccept: */*\r\nHOST: t\r\nX-Z: 1\r\n\r\n")
+            assert (await c.response()).status == 200
+            c.close()
+            assert len(await seen(backends, "tag=ok-1")) == before + 2
+
+    run(scenario)
+
+
+def test_unsupported_http_versions_get_505(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            for raw in (b"GET /hello?tag=v20 HTTP/2.0\r\nHost: t\r\n\r\n",
+                        b"GET /hello?tag=v09a HTTP/0.9\r\nHost: t\r\n\r\n",
+                        b"GET /hello?tag=v09b\r\n\r\n"):  # an HTTP/0.9 simple request
+                r = await refused(plane.port, raw)
+                assert r.status == 505, raw
+                assert json.loads(r.body) == {"error": "unsupported HTTP version"}
+            r = await refused(plane.port, b"GET /hello?tag=v12 HTTP/1.2\r\nHost: t\r\n\r\n")
+            assert r.status == 400
+            assert await seen(backends, "tag=v") == []
+
+    run(scenario)
+
+
+def test_ambiguous_transfer_encoding_never_reaches_a_server(backends: Backends) -> None:
+    smuggled = b"0\r\n\r\nGET /hello?tag=te-smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
+
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            for te in (b"Transfer-Encoding: gzip, chunked", b"Transfer-Encoding: chunked, chunked",
+                       b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+                       b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity",
+                       b"Transfer-Encoding: identity", b"Transfer-Encoding: xchunked",
+                       b"Transfer-Encoding: chunked\r\nContent-Length: 3"):
+                for version in (b"1.1", b"1.0"):
+                    raw = b"POST /echo?tag=te-bad HTTP/%b\r\nHost: t\r\n%b\r\n\r\n%b" % (version, te, smuggled)
+                    assert (await refused(plane.port, raw)).status == 400, raw
+            # HTTP/1.0 knows no chunks: even a plain "chunked" there is refused
+            raw = b"POST /echo?tag=te-bad HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + smuggled
+            assert (await refused(plane.port, raw)).status == 400
+            assert await seen(backends, "tag=te-bad") == [] and await seen(backends, "te-smuggled") == []
+            # "chunked" in any case, with spaces around it, is the one framing forwarded, as "chunked"
+            before = len(await seen(backends, "tag=te-good"))
+            c = await Client.open(plane.port)
+            for te in (b"chunked", b"Chunked", b"chunked "):
+                await c.send(b"POST /echo?tag=te-good HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: %b\r\n\r\n"
+                             b"2\r\nhi\r\n0\r\n\r\n" % te)
+                r = await c.response()
+                assert r.status == 200 and r.body == b"hi"
+            c.close()
+            got = (await seen(backends, "tag=te-good"))[before:]
+            assert [s["transfer_encoding"] for s in got] == [["chunked"]] * 3
+
+    run(scenario)
+
+
+def test_trainer_internal_routes_are_hidden_from_learners(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with proxy(make_pool({"a": backends.http["a"]})) as plane:
+            c = await Client.open(plane.port)
+            for path in ("/docs", "/redoc", "/openapi.json", "/healthz", "/healthz?tag=x", "/docs/",
+                         "/docs/oauth2-redirect", "/%68ealthz", "/openapi%2Ejson", "http://t/healthz", "/_debug/raise"):
+                for method in ("GET", "HEAD"):
+                    r = await c.request(method, path)
+                    assert r.status == 404, (method, path)
+                    assert method == "HEAD" or json.loads(r.body) == {"error": "not found"}
+                    assert "x-backend" not in r.headers
+                # the connection goes on: learner routes still work on it
+                assert (await c.request("GET", "/hello")).status == 200
+            # pipelined: each answered in its turn
+            await c.send(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\nGET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n"
+                         b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert [(await c.response()).status for _ in range(3)] == [200, 404, 200]
+            c.close()
+            c = await Client.open(plane.port)
+            assert (await c.request("POST", "/healthz", b"{}")).status == 404
+            c.close()
+            for tag in ("/docs", "/redoc", "/openapi", "/healthz", "ealthz", "/_debug"):
+                assert await seen(backends, tag) == [], tag
+            # the routes are the trainer's own, on its own port, for the dispatcher's health checks
+            direct = await Client.open(backends.http["a"])
+            assert (await direct.request("GET", "/healthz")).status == 200
+            direct.close()
+
+    run(scenario)
+
+
+def test_forged_or_foreign_affinity_cookies_are_ignored(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool(backends.http)
+        async with proxy(pool, affinity_key=b"deployment key") as plane:
+            a = pool.get("a")
+            assert a is not None
+            pool.set_admin(a, "draining")  # reachable only through a cookie
+            other = make_pool(backends.http)
+            other.set_affinity_key(b"another deployment")
+            forged = ["a", "a.", "a.AAAAAAAAAAAAAAAAAAAAAA", other.get("a").cookie.decode(),  # type: ignore[union-attr]
+                      a.cookie.decode() + "x", a.cookie.decode().replace("a.", "b.")]
+            c = await Client.open(plane.port)
+            for value in forged:
+                for _ in range(3):
+                    r = await c.request("GET", "/api/sessions/s1", headers=(("Cookie", f"ctops_srv={value}"),))
+                    assert r.status == 200 and r.headers["x-backend"] != "a", value
+                    # the answer sets a cookie signed for the server that answered
+                    assert affinity_cookie(r) == pool.get(r.headers["x-backend"]).cookie.decode()  # type: ignore[union-attr]
+            # a valid cookie keeps its session on the draining server
+            r = await c.request("GET", "/api/sessions/s1", headers=(("Cookie", f"ctops_srv={a.cookie.decode()}"),))
+            assert r.headers["x-backend"] == "a" and "set-cookie" not in r.headers
+            c.close()
+        # another dispatcher with the same key honours the cookie; one with another key does not
+        twin = make_pool(backends.http)
+        async with proxy(twin, affinity_key=b"deployment key") as plane:
+            c = await Client.open(plane.port)
+            for _ in range(3):
+                r = await c.request("GET", "/api/sessions/s1", headers=(("Cookie", f"ctops_srv={a.cookie.decode()}"),))
+                assert r.headers["x-backend"] == "a" and "set-cookie" not in r.headers
+            c.close()
+
+    run(scenario)
+
+
+def test_a_draining_server_takes_no_new_session_through_a_cookie(backends: Backends) -> None:
+    async def scenario() -> None:
+        pool = make_pool(backends.http)
+        async with proxy(pool) as plane:
+            a = pool.get("a")
+            assert a is not None
+            cookie = (("Cookie", f"ctops_session=s1; ctops_srv={a.cookie.decode()}"),)
+            pool.set_admin(a, "draining")
+            c = await Client.open(plane.port)
+            for _ in range(4):
+                # the session it has stays; a new one goes to a server taking new work
+                assert (await c.request("GET", "/api/sessions/s1", headers=cookie)).headers["x-backend"] == "a"
+                r = await c.request("POST", "/api/sessions", b"{}", headers=cookie)
+                assert r.headers["x-backend"] != "a"
+                assert affinity_cookie(r).startswith(r.headers["x-backend"] + ".")
+                r = await c.request("POST", "/api/sessions?x=1", b"{}", headers=cookie)
+                assert r.headers["x-backend"] != "a"
+            pool.set_admin(a, "enabled")
+            assert (await c.request("POST", "/api/sessions", b"{}", headers=cookie)).headers["x-backend"] == "a"
+            c.close()
+
+    run(scenario)
+
+
+def test_affinity_key_comes_from_the_environment_variable_the_config_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctops import config
+
+    dep = config.parse({"dispatchers": [{"name": "A", "data": "127.0.0.1:1", "ops": "127.0.0.1:2"}],
+                        "proxy": {"affinity_key_env": "CTOPS_TEST_AFFINITY_KEY"}})
+    monkeypatch.setenv("CTOPS_TEST_AFFINITY_KEY", "s3cret")
+    settings = PLANE.ProxySettings.from_deployment(dep)
+    assert settings.affinity_key == b"s3cret" and "s3cret" not in repr(settings)
+    one, two = make_pool({"a": 1}), make_pool({"a": 1})
+    PLANE.DataPlane(one, settings)
+    PLANE.DataPlane(two, settings)
+    assert one.get("a").cookie == two.get("a").cookie  # type: ignore[union-attr]
+    monkeypatch.delenv("CTOPS_TEST_AFFINITY_KEY")
+    PLANE.DataPlane(two, PLANE.ProxySettings.from_deployment(dep))  # unset: a random key, not ""
+    assert one.get("a").cookie != two.get("a").cookie  # type: ignore[union-attr]

@@ -20,6 +20,7 @@ from ctops.procs import ctops_argv
 from ctops.redis_embed import EmbeddedRedis, free_port
 from tests.common import FIZZBUZZ_GOOD as GOOD
 from tests.common import wait_http
+from trainer.fake_llm import CONTROL_TOKEN_ENV, control_headers, control_token
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-value-for-ctops-trainer-test"
@@ -80,7 +81,8 @@ timeout_ms = 5000
 """)
     env = {**os.environ, "CTOPS_SECRET_FOR_TEST": SECRET, "CTOPS_TEST_LLM_KEY": "test-key"}
     procs = [
-        subprocess.Popen([*ctops_argv(), "fake-llm", "--port", str(pf), "--name", "fake-a"], cwd=ROOT),
+        subprocess.Popen([*ctops_argv(), "fake-llm", "--port", str(pf), "--name", "fake-a"], cwd=ROOT,
+                         env={**os.environ, CONTROL_TOKEN_ENV: control_token()}),
         subprocess.Popen([*ctops_argv(), "trainer", "--config", str(config), "--name", "trainer-1"], cwd=ROOT,
                          env=env),
         subprocess.Popen([*ctops_argv(), "trainer", "--config", str(config), "--name", "trainer-2"], cwd=ROOT,
@@ -99,9 +101,9 @@ timeout_ms = 5000
 
 @pytest.fixture
 def c(cluster: Cluster) -> Iterator[Cluster]:
-    httpx.post(cluster.fake + "/_fake/mode", json={"mode": "ok"})
+    httpx.post(cluster.fake + "/_fake/mode", json={"mode": "ok"}, headers=control_headers())
     yield cluster
-    httpx.post(cluster.fake + "/_fake/mode", json={"mode": "ok"})
+    httpx.post(cluster.fake + "/_fake/mode", json={"mode": "ok"}, headers=control_headers())
 
 
 def new_session(base: str, learner: str = "ada") -> str:
@@ -200,12 +202,12 @@ def test_correct_and_wrong_solutions_get_results_and_a_review(c: Cluster) -> Non
 
 
 def test_llm_failure_leaves_the_review_pending_then_fills_it(c: Cluster) -> None:
-    httpx.post(c.fake + "/_fake/mode", json={"mode": "500"})
+    httpx.post(c.fake + "/_fake/mode", json={"mode": "500"}, headers=control_headers())
     sid = new_session(c.t1)
     body = submit(c.t1, sid, GOOD)
     assert body["status"] == "done" and body["verdict"] == "passed"
     assert body["review"]["status"] == "pending" and "delayed" in body["review"]["message"]
-    httpx.post(c.fake + "/_fake/mode", json={"mode": "ok"})
+    httpx.post(c.fake + "/_fake/mode", json={"mode": "ok"}, headers=control_headers())
     filled = poll(c.t2, sid, body["submission_id"], timeout=30)
     deadline = time.monotonic() + 30
     while filled["review"]["status"] != "done" and time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from ctops.keys import Keys
 from ctops.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, wait_for
 from tests.common import FIZZBUZZ_GOOD as GOOD
+from trainer.fake_llm import control_headers
 
 # slow enough for a test to kill the server while the tests run, well within the wall limit
 SLOW_GOOD = "import time\ntime.sleep(2.5)\n" + GOOD
@@ -46,7 +47,7 @@ def fake_url(c: Cluster, name: str) -> str:
 
 
 def set_mode(c: Cluster, name: str, mode: str) -> None:
-    r = httpx.post(fake_url(c, name) + "/_fake/mode", json={"mode": mode}, timeout=5)
+    r = httpx.post(fake_url(c, name) + "/_fake/mode", json={"mode": mode}, headers=control_headers(), timeout=5)
     assert r.status_code == 200, r.text
 
 

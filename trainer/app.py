@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from redis.asyncio.client import Pipeline
 
+from ctops.asgi_limits import BodyLimit
 from ctops.config import Deployment
 from ctops.envelope import Corrupt
 from ctops.keys import Keys
@@ -47,6 +48,11 @@ IdemKey = Annotated[str | None, Header(alias=HEADER)]
 
 async def _fingerprint(request: Request) -> str:
     return fingerprint(request.method, request.url.path, await request.body())
+
+
+def _error_shape(status: int, message: str) -> dict:
+    """The trainer's errors are FastAPI's shape, {"detail": ...}."""
+    return {"detail": f"request body too large (limit {BODY_MAX_BYTES} bytes)" if status == 413 else message}
 
 
 class SessionCreate(BaseModel):
@@ -111,12 +117,8 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
     def idem(request: Request) -> Idempotency:
         return request.app.state.idem
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):  # noqa: ANN001, ANN202
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > BODY_MAX_BYTES:
-            return JSONResponse({"detail": f"request body too large (limit {BODY_MAX_BYTES} bytes)"}, 413)
-        return await call_next(request)
+    # counts chunked bodies too: a body without Content-Length is cut off at the limit, not buffered whole
+    app.add_middleware(BodyLimit, max_bytes=BODY_MAX_BYTES, error=_error_shape)
 
     @app.exception_handler(Corrupt)
     async def corrupt_record(request: Request, exc: Corrupt) -> JSONResponse:

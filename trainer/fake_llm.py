@@ -1,11 +1,19 @@
 """`ctops fake-llm`: an OpenAI-compatible provider for the demo and tests whose failure mode can be
-switched at run time (POST /_fake/mode), to show what the service does when the real one fails."""
+switched at run time (POST /_fake/mode), to show what the service does when the real one fails.
+
+Switching is control: it needs `Authorization: Bearer <token>`, the token being in the environment
+variable `--control-token-env` names (CONTROL_TOKEN_ENV by default). Whoever starts fakes makes one
+with `control_token()`, which the fakes inherit, and sends `control_headers()`. Reading the mode
+and the counters (GET /_fake/*) stays open: it changes nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
+import os
 import re
 import secrets
 import sys
@@ -22,6 +30,23 @@ from trainer.serve import serve
 
 Mode = Literal["ok", "500", "429", "hang", "slow"]
 MODEL = "fake-gpt-4"
+CONTROL_TOKEN_ENV = "CTOPS_FAKE_LLM_CONTROL_TOKEN"
+# methods that only read; anything else under /_fake/ is control
+_READ = frozenset({"GET", "HEAD"})
+
+
+def control_token() -> str:
+    """The control token for the fakes this process starts: the one in CONTROL_TOKEN_ENV, made and put
+    there (so children inherit it) the first time it is asked for."""
+    token = os.environ.get(CONTROL_TOKEN_ENV)
+    if not token:
+        token = os.environ[CONTROL_TOKEN_ENV] = secrets.token_urlsafe(24)
+    return token
+
+
+def control_headers() -> dict[str, str]:
+    """What a caller of POST /_fake/mode sends."""
+    return {"Authorization": f"Bearer {control_token()}"}
 
 
 class ModeBody(BaseModel):
@@ -61,10 +86,25 @@ def canned_review(name: str, prompt: str) -> str:
     return f"[{name}] Review of {what}: verdict {outcome}, {counts}. {advice}"
 
 
-def create_app(name: str = "fake", mode: str = "ok", delay_ms: int = 0) -> FastAPI:
+def create_app(name: str = "fake", mode: str = "ok", delay_ms: int = 0, token: str | None = None) -> FastAPI:
+    """`token`: what POST /_fake/* requires (see the module's note); None refuses every such request."""
     app = FastAPI(title=f"fake LLM {name}")
     state = {"mode": ModeBody(mode=mode).mode, "delay_ms": delay_ms}  # validates the start mode
     stats: Counter[str] = Counter()
+    expected = token.encode() if token else None
+
+    @app.middleware("http")
+    async def control_needs_the_token(request: Request, call_next):  # noqa: ANN001, ANN202
+        # before any body parsing, so an unauthenticated caller learns nothing from validation errors
+        if request.url.path.startswith("/_fake/") and request.method not in _READ:
+            scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+            if expected is None or scheme.lower() != "bearer" or not hmac.compare_digest(
+                    sent.strip().encode(), expected):
+                return JSONResponse({"error": "control token required",
+                                     "detail": "send Authorization: Bearer <the token in the variable "
+                                               "--control-token-env names>"}, 401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.get("/_fake/mode")
     async def get_mode() -> dict:
@@ -152,4 +192,8 @@ def run(args: argparse.Namespace) -> int:
     if args.mode not in Mode.__args__:
         print(f"ctops fake-llm: --mode must be one of {', '.join(Mode.__args__)}, not {args.mode!r}", file=sys.stderr)
         return 2
-    return serve(create_app(args.name, args.mode, args.delay_ms), args.host, args.port)
+    var = getattr(args, "control_token_env", None) or CONTROL_TOKEN_ENV
+    token = os.environ.get(var) or None
+    if token is None:
+        print(f"ctops fake-llm: ${var} is not set: switching the mode (POST /_fake/mode) is refused", file=sys.stderr)
+    return serve(create_app(args.name, args.mode, args.delay_ms, token), args.host, args.port)

@@ -21,10 +21,10 @@ def run(args: argparse.Namespace) -> int:
     harden()
     sandbox.become_subreaper()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
-    # exceptions go to the dispatchers (the agent's token), spooled next to the deployment file meanwhile
+    # exceptions go to the dispatchers (the host's agent token), spooled next to the deployment file meanwhile
     capture.from_env("trainer", spec.host or socket.gethostname(),
                      default_urls=[d.ops_url for d in deployment.dispatchers],
-                     default_token=os.environ.get("CTOPS_AGENT_TOKEN"),
+                     default_token=os.environ.get(deployment.host_token_env(spec.host)),
                      default_spool=Path(args.config).resolve().parent / "spool" / f"trainer-{args.name}",
                      context={"server": args.name})
     # probed and logged once, here: what confines learner code, or why it will not be run (sessions

@@ -64,9 +64,14 @@ def prompt(exercise: Exercise, code: str, result: dict) -> str:
     )
 
 
+UNAVAILABLE_MESSAGE = "The automatic review is unavailable. Your test results are complete."
+
+
 def unavailable(reason: str) -> dict:
-    return {"status": "unavailable", "provider": None,
-            "text": f"The automatic review is unavailable ({reason}). Your test results are complete."}
+    """What the learner sees when there is no review to wait for; `reason` (naming providers or
+    settings) is logged, never shown."""
+    log.info("review unavailable: %s", reason)
+    return {"status": "unavailable", "provider": None, "text": UNAVAILABLE_MESSAGE}
 
 
 def pending(attempts: int = 0) -> dict:

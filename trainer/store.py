@@ -93,11 +93,11 @@ class Store:
         now = now_ms()
         got = await self._read_session(sid)
         key = self.k.session(sid)
-        async with self.raw.pipeline(transaction=True) as p:
+        # not a transaction: activity is no record a learner would miss, so it waits for no replica
+        async with self.raw.pipeline(transaction=False) as p:
             if got is not None and "damaged" not in got[0]:
                 fields = {**got[0], "last_activity_ms": now, "last_server": self.server}
-                # written whole: a partial HSET would break the hash's checksum
-                p.delete(key)
+                # every field at once, in one command: a partial HSET would break the hash's checksum
                 p.hset(key, mapping=seal_hash(key, SESSION, fields, got[1] + 1))
             p.expire(key, TTL_SECONDS)
             p.expire(self.k.session_submissions(sid), TTL_SECONDS)

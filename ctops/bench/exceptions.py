@@ -46,6 +46,8 @@ def synthetic_event(rng: random.Random, n_groups: int = 50) -> dict[str, Any]:
 def _deployment(path: Path, redis_url: str, ops: int, data: int, agent_token: str, viewer_token: str) -> None:
     path.write_text("\n".join([
         'cluster = "bench"', "[redis]", f'url = "{redis_url}"', 'prefix = "bench-exc"',
+        # the figure is the dispatcher's capacity, so the per-token ingest limit is lifted
+        "[limits]", "exceptions_per_s = 1000000", "exceptions_burst = 10000000",
         "[[dispatchers]]", 'name = "A"', f'data = "127.0.0.1:{data}"', f'ops = "127.0.0.1:{ops}"',
         "[[tokens]]", 'name = "bench-agent"', 'role = "agent"', f'sha256 = "{hash_token(agent_token)}"',
         "[[tokens]]", 'name = "bench-viewer"', 'role = "viewer"', f'sha256 = "{hash_token(viewer_token)}"',

@@ -34,6 +34,7 @@ import httpx
 from ctops import config
 from ctops.procs import Child, ctops_argv, spawn, stop_all
 from ctops.redis_embed import EmbeddedRedis, free_port
+from trainer.fake_llm import CONTROL_TOKEN_ENV, control_headers, control_token
 
 RATE = 20.0  # requests per second
 MIN_DURATION_S = 20.0
@@ -157,7 +158,8 @@ async def load(call: Call, duration: float, on_switch: Callable[[], Awaitable[No
 
 
 async def set_mode(client: httpx.AsyncClient, url: str, mode: str) -> None:
-    (await client.post(url + "/_fake/mode", json={"mode": mode}, timeout=5)).raise_for_status()
+    r = await client.post(url + "/_fake/mode", json={"mode": mode}, headers=control_headers(), timeout=5)
+    r.raise_for_status()
 
 
 # --- systems -------------------------------------------------------------------------------------------
@@ -312,7 +314,8 @@ def _dist_version(name: str) -> str:
 # --- orchestration ------------------------------------------------------------------------------------
 def start_fakes(logs: Path) -> tuple[dict[str, str], list[Child]]:
     ports = {n: free_port() for n in ("primary", "secondary")}
-    children = [spawn(n, ctops_argv("fake-llm", "--port", str(p), "--name", n), str(logs / f"{n}.log"))
+    children = [spawn(n, ctops_argv("fake-llm", "--port", str(p), "--name", n), str(logs / f"{n}.log"),
+                      {CONTROL_TOKEN_ENV: control_token()})
                 for n, p in ports.items()]
     urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     deadline = time.monotonic() + 30

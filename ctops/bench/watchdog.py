@@ -115,6 +115,7 @@ failures = {LIVENESS['failures']}
 [[tokens]]
 name = "agent"
 role = "agent"
+host = "host-1"
 sha256 = "{hash_token(agent_tok)}"
 """)
     env = {"CTOPS_AGENT_TOKEN": agent_tok}

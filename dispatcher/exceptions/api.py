@@ -8,10 +8,9 @@ neither lost nor doubled. Its id is derived from the stream entry, so a retry st
 
 # no `from __future__ import annotations`: FastAPI must resolve the closures in the annotations
 
-import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -31,17 +30,23 @@ from ctops.capture.wire import (
     TailPage,
 )
 from ctops.wire import ErrorBody
-from dispatcher.exceptions.sentry import EnvelopeError, inflate, parse_envelope, sentry_key, to_event
+from dispatcher.exceptions.sentry import EnvelopeError, inflate, load_json, parse_envelope, sentry_key, to_event
 from dispatcher.exceptions.store import ExceptionStore, Ingested
 from dispatcher.ops_api import ApiError
+from dispatcher.ratelimit import TokenBuckets, retry_after_header
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger("ctops.dispatcher.exceptions")
 
 _GID = r"^[0-9a-f]{16}$"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-_RESPONSES: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+# the ops app declares the errors every route may give; these are the ones only some routes give
+_404: dict[int | str, dict[str, object]] = {404: {"model": ErrorBody, "description": "no such item"}}
+_RESPONSES: dict[int | str, dict[str, object]] = {}
+_SENTRY_RESPONSES: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorBody, "description": "project id is not a Sentry project id"},
+    415: {"model": ErrorBody, "description": "unsupported Content-Encoding"}}
+Authenticate = Callable[[Request, str | None, str], Awaitable[Principal]]
 Status = Literal["unresolved", "acknowledged", "resolved", "muted", "regressed"]
 
 
@@ -55,10 +60,28 @@ def event_matches(q: str, e: ExceptionEvent) -> bool:
     return matches(q, e.type, e.message, e.service, e.host)
 
 
-def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Principal]]) -> APIRouter:
-    store = ExceptionStore(rt.redis, rt.keys.prefix)
+def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Principal]],
+                      authenticate: Authenticate) -> APIRouter:
+    lim = rt.dep.limits
+    store = ExceptionStore(rt.redis, rt.keys.prefix, lim.exceptions_stream_max, lim.exceptions_max_groups,
+                           lim.exceptions_ttl_s)
     router = APIRouter(tags=["exceptions"])
     rt.exceptions = store  # type: ignore[attr-defined] - for benchmarks and tests that hold the runtime
+    # per token: a Sentry DSN's key is a token too, so varying the project buys no extra rate
+    buckets = TokenBuckets(lim.exceptions_per_s, lim.exceptions_burst)
+
+    def admit(who: Principal, events: int, sentry: bool = False) -> None:
+        wait = buckets.take(who.name, max(1, events))
+        if not wait:
+            return
+        retry = retry_after_header(wait)
+        headers = {"Retry-After": retry}
+        if sentry:
+            # Sentry's SDKs read this and stop sending error events for that long (scope: this key)
+            headers["X-Sentry-Rate-Limits"] = f"{retry}:error;default:key"
+        raise ApiError(429, f"exception rate limit of token {who.name!r} reached "
+                            f"({lim.exceptions_per_s:g}/s, burst {lim.exceptions_burst}); retry in {retry}s",
+                       detail={"retry_after_s": int(retry)}, headers=headers)
 
     async def take(events: list[ExceptionEvent], batch: ExceptionBatch | None) -> Ingested:
         done = await store.ingest(events, batch.counters if batch else None)
@@ -71,9 +94,9 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
                 log.warning("cannot record the regression of %s: %s", gid, exc)
         return done
 
-    @router.post("/api/v1/exceptions", response_model=IngestResult,
-                 responses={**_RESPONSES, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
-    async def ingest(batch: ExceptionBatch, _: Annotated[Principal, Depends(require("agent"))]) -> IngestResult:
+    @router.post("/api/v1/exceptions", response_model=IngestResult)
+    async def ingest(batch: ExceptionBatch, who: Annotated[Principal, Depends(require("ingest"))]) -> IngestResult:
+        admit(who, len(batch.events))
         done = await take(batch.events, batch)
         return IngestResult(accepted=done.accepted, duplicates=done.duplicates)
 
@@ -92,7 +115,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
         return await store.stats()
 
     @router.get("/api/v1/exceptions/groups/{gid}", response_model=GroupDetail,
-                responses={**_RESPONSES, 404: {"model": ErrorBody}})
+                responses=_404)
     async def group(gid: str, _: Annotated[Principal, Depends(require("read"))],
                     recent: Annotated[int, Query(ge=0, le=20)] = 20) -> GroupDetail:
         g = await _group_or_404(gid)
@@ -114,7 +137,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
         return TailPage(items=items, cursor=cursor)
 
     @router.post("/api/v1/exceptions/groups/{gid}/{action}", response_model=GroupActionResult,
-                 responses={**_RESPONSES, 404: {"model": ErrorBody}})
+                 responses=_404)
     async def act(gid: str, action: Literal["acknowledge", "resolve", "unresolve", "mute", "assign"],
                   who: Annotated[Principal, Depends(require("act"))],
                   minutes: Annotated[int | None, Query(ge=1, le=7 * 24 * 60)] = None,
@@ -143,11 +166,11 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
         return g
 
     # --- Sentry ---------------------------------------------------------------------------------
-    def sentry_principal(request: Request) -> Principal:
+    async def sentry_principal(request: Request) -> Principal:
         key = sentry_key({k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
-        who = rt.tokens.lookup(key) if key else None
-        if who is None or not who.may("agent"):
-            raise ApiError(401, "missing or unknown sentry_key: the DSN's public key must be an agent token")
+        who = await authenticate(request, key, "missing sentry_key: the DSN's public key must be an agent token")
+        if not who.may("ingest"):
+            raise ApiError(403, f"role {who.role!r} may not send exceptions; the DSN's key must be an agent token")
         return who
 
     async def sentry_events(request: Request, project_id: str, envelope: bool) -> tuple[list[ExceptionEvent], str]:
@@ -156,7 +179,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
         try:
             body = inflate(await request.body(), request.headers.get("content-encoding", ""))
             items = parse_envelope(body)[1] if envelope else [({"type": "event"}, body)]
-            raw = [json.loads(p) for h, p in items if h.get("type") == "event"]
+            raw = [load_json(p) for h, p in items if h.get("type") == "event"]
             events = [ExceptionEvent.model_validate(to_event(ev, project_id)) for ev in raw]
         except EnvelopeError as exc:
             raise ApiError(exc.status, str(exc)) from None
@@ -165,18 +188,20 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
             raise ApiError(400, f"not a usable Sentry event: {str(exc).splitlines()[0]}", detail=detail) from None
         return events, (events[0].event_id.removeprefix("sentry-") if events else "")
 
-    @router.post("/api/{project_id}/envelope/", responses={**_RESPONSES, 400: {"model": ErrorBody}})
+    @router.post("/api/{project_id}/envelope/", responses=_SENTRY_RESPONSES)
     async def sentry_envelope(project_id: str, request: Request,
-                              _: Annotated[Principal, Depends(sentry_principal)]) -> dict[str, str]:
+                              who: Annotated[Principal, Depends(sentry_principal)]) -> dict[str, str]:
         events, first = await sentry_events(request, project_id, envelope=True)
+        admit(who, len(events), sentry=True)
         if events:
             await take(events, None)
         return {"id": first}
 
-    @router.post("/api/{project_id}/store/", responses={**_RESPONSES, 400: {"model": ErrorBody}})
+    @router.post("/api/{project_id}/store/", responses=_SENTRY_RESPONSES)
     async def sentry_store(project_id: str, request: Request,
-                           _: Annotated[Principal, Depends(sentry_principal)]) -> dict[str, str]:
+                           who: Annotated[Principal, Depends(sentry_principal)]) -> dict[str, str]:
         events, first = await sentry_events(request, project_id, envelope=False)
+        admit(who, len(events), sentry=True)
         if events:
             await take(events, None)
         return {"id": first}

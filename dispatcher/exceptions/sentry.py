@@ -12,6 +12,8 @@ from typing import Any
 from ctops.capture.wire import MAX_CONTEXT_KEYS, MAX_CONTEXT_VALUE, MAX_FRAMES, MAX_MESSAGE
 
 MAX_INFLATED = 2 * 1024 * 1024
+# deeper than any event an SDK sends; a bomb of brackets is refused before it reaches the stack limit
+MAX_DEPTH = 64
 _KEY = re.compile(r"sentry_key\s*=\s*([^,\s]+)")
 
 
@@ -55,17 +57,35 @@ def inflate(body: bytes, encoding: str) -> bytes:
     return out
 
 
+def load_json(raw: bytes | str) -> Any:
+    """json.loads that refuses nesting deeper than MAX_DEPTH with a 400 (never a RecursionError)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise EnvelopeError(400, f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > MAX_DEPTH:
+                    raise EnvelopeError(400, f"JSON nested deeper than {MAX_DEPTH} levels")
+                stack.append((child, depth + 1))
+    return value
+
+
 def parse_envelope(body: bytes) -> tuple[dict[str, Any], list[tuple[dict[str, Any], bytes]]]:
     """(envelope header, [(item header, payload)])."""
     try:
         first, _, rest = body.partition(b"\n")
-        header = json.loads(first or b"{}")
+        header = load_json(first or b"{}")
         items = []
         while rest.strip():
             line, _, rest = rest.partition(b"\n")
             if not line.strip():
                 continue
-            ih = json.loads(line)
+            ih = load_json(line)
             if not isinstance(ih, dict):
                 raise ValueError("item header is not an object")
             if "length" in ih:

@@ -22,15 +22,36 @@ from ctops.capture.wire import (
     SenderCounters,
 )
 
-STREAM_MAXLEN = 100_000
-SEEN_TTL_S = 7 * 24 * 3600
+STREAM_MAXLEN = 20_000
+# an event id is remembered this long, so a batch resent (a spool replayed) within it is not counted
+# twice; together with the ingest rate limit this bounds the memory the ids take
+SEEN_TTL_S = 24 * 3600
+MAX_GROUPS = 5_000
+GROUP_TTL_S = 30 * 86_400
+PRUNE_PER_CALL = 100
 RECENT_MAX = 20
 SCAN_MAX = 5000  # groups looked at per list request
 
-# one call per group per batch; the seen keys are built from ARGV[8] (fine outside Redis Cluster)
+# one call per group per batch; the seen keys are built from ARGV[8] and other groups' keys (to
+# forget them) from ARGV[11] (fine outside Redis Cluster). Every key written has a TTL, the number of
+# groups is capped (the oldest resolved group goes first, then the oldest), and so is the stream.
 _INGEST = """
-local g, hosts_k, services_k, recent_k, last_k, count_k, stream_k = unpack(KEYS)
+local g, hosts_k, services_k, recent_k, last_k, count_k, stream_k, resolved_k = unpack(KEYS)
 local gid, now, ttl, maxlen, recent_max, seen = ARGV[1], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local max_groups, gttl, gprefix, prune = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+local function forget(other)
+  local k = gprefix .. other
+  redis.call('DEL', k, k .. ':hosts', k .. ':services', k .. ':recent')
+  redis.call('ZREM', last_k, other)
+  redis.call('ZREM', count_k, other)
+  redis.call('ZREM', resolved_k, other)
+end
+local function oldest(index)
+  for _, other in ipairs(redis.call('ZRANGE', index, 0, 1)) do
+    if other ~= gid then return other end
+  end
+  return nil
+end
 local status = redis.call('HGET', g, 'status')
 local resolved_ms = tonumber(redis.call('HGET', g, 'resolved_ms') or '0')
 local last_ts = tonumber(redis.call('HGET', g, 'last_ms') or '-1')
@@ -38,7 +59,7 @@ local first_ts = tonumber(redis.call('HGET', g, 'first_ms') or '-1')
 local first_s, last_s, last_msg = nil, nil, nil
 local out = {0}
 local added = 0
-for i = 9, #ARGV, 6 do
+for i = 13, #ARGV, 6 do
   local eid, ts_s, host, svc, msg, ev = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local ts = tonumber(ts_s)
   if redis.call('SET', seen .. eid, '1', 'NX', 'EX', ttl) then
@@ -48,7 +69,7 @@ for i = 9, #ARGV, 6 do
     elseif status == 'resolved' and ts > resolved_ms then
       status = 'regressed'
       redis.call('HSET', g, 'status', 'regressed')
-      out[1] = (i - 9) / 6 + 1
+      out[1] = (i - 13) / 6 + 1
     elseif status == 'muted' and now >= tonumber(redis.call('HGET', g, 'mute_until_ms') or '0') then
       status = 'unresolved'
       redis.call('HSET', g, 'status', 'unresolved')
@@ -74,6 +95,25 @@ if added > 0 then
   end
   redis.call('LTRIM', recent_k, 0, recent_max - 1)
   redis.call('ZADD', count_k, count, gid)
+  if status == 'resolved' then
+    if last_s then redis.call('ZADD', resolved_k, last_s, gid) end
+  else
+    redis.call('ZREM', resolved_k, gid)
+  end
+  for _, k in ipairs({g, hosts_k, services_k, recent_k}) do redis.call('EXPIRE', k, gttl) end
+  -- groups not seen for the TTL: their hashes have expired; drop them from the indexes too
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', last_k, '-inf', now - gttl * 1000, 'LIMIT', 0, prune)) do
+    if other ~= gid then forget(other) end
+  end
+  local n = redis.call('ZCARD', last_k)
+  while n > max_groups do
+    local victim = oldest(resolved_k) or oldest(last_k)
+    if not victim then break end
+    forget(victim)
+    n = n - 1
+  end
+  redis.call('XTRIM', stream_k, 'MINID', '~', tostring(now - gttl * 1000))
+  for _, k in ipairs({last_k, count_k, resolved_k, stream_k}) do redis.call('EXPIRE', k, gttl) end
 end
 return out
 """
@@ -120,6 +160,10 @@ class ExcKeys:
         return f"{self.prefix}:exc:groups:count"
 
     @property
+    def resolved(self) -> str:
+        return f"{self.prefix}:exc:groups:resolved"
+
+    @property
     def stream(self) -> str:
         return f"{self.prefix}:exc:stream"
 
@@ -136,10 +180,11 @@ class Ingested:
 
 
 class ExceptionStore:
-    def __init__(self, redis: Redis, prefix: str, stream_maxlen: int = STREAM_MAXLEN) -> None:
+    def __init__(self, redis: Redis, prefix: str, stream_maxlen: int = STREAM_MAXLEN, max_groups: int = MAX_GROUPS,
+                 ttl_s: int = GROUP_TTL_S) -> None:
         self.r = redis
         self.k = ExcKeys(prefix)
-        self.stream_maxlen = stream_maxlen
+        self.stream_maxlen, self.max_groups, self.ttl_s = stream_maxlen, max_groups, ttl_s
         self._ingest = redis.register_script(_INGEST)
         self._counters = redis.register_script(_COUNTERS)
 
@@ -158,12 +203,13 @@ class ExceptionStore:
         k = self.k
         for gid, evs in by_group.items():
             args: list[str | int] = [gid, culprits[gid][0], culprits[gid][1], now, SEEN_TTL_S, self.stream_maxlen,
-                                     RECENT_MAX, k.seen("")]
+                                     RECENT_MAX, k.seen(""), self.max_groups, self.ttl_s, k.group(""),
+                                     PRUNE_PER_CALL]
             for e in evs:
                 args += [e.event_id, e.ts_ms, e.host, e.service, e.message[:500],
                          e.model_dump_json(exclude_defaults=True)]
             await self._ingest(keys=[k.group(gid), k.hosts(gid), k.services(gid), k.recent(gid), k.by_last,
-                                     k.by_count, k.stream], args=args, client=pipe)
+                                     k.by_count, k.stream, k.resolved], args=args, client=pipe)
         if counters is not None:
             s = counters.sender
             await self._counters(keys=[self.k.senders], args=[f"{s}|dropped", counters.dropped, f"{s}|corrupt",
@@ -250,13 +296,18 @@ class ExceptionStore:
         if not await self.r.exists(key):
             return None
         now = int(time.time() * 1000)
+        last_ms = int(await self.r.hget(key, "last_ms") or 0)
         pipe = self.r.pipeline(transaction=True)
+        if action in ("acknowledge", "unresolve", "mute"):
+            pipe.zrem(self.k.resolved, gid)
         if action == "acknowledge":
             pipe.hset(key, mapping={"status": "acknowledged"})
             pipe.hdel(key, "mute_until_ms")
         elif action == "resolve":
             pipe.hset(key, mapping={"status": "resolved", "resolved_ms": now})
             pipe.hdel(key, "mute_until_ms")
+            # resolved groups are the first to go when the cap on groups is reached
+            pipe.zadd(self.k.resolved, {gid: last_ms})
         elif action == "unresolve":
             pipe.hset(key, mapping={"status": "unresolved"})
             pipe.hdel(key, "mute_until_ms")

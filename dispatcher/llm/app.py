@@ -21,10 +21,12 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
+from ctops.asgi_limits import BodyLimit
 from ctops.config import Deployment
 from ctops.keys import Keys
-from dispatcher.llm.pool import Answer, Emit, LLMPool, PoolError
+from dispatcher.llm.pool import Answer, Emit, LLMPool, PoolError, client_message, new_ref
 
 log = logging.getLogger("ctops.dispatcher.llm")
 
@@ -37,21 +39,10 @@ def openai_error(status: int, message: str, type_: str = "invalid_request_error"
                         headers=headers)
 
 
-class _TooBig(Exception):
-    pass
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > limit:
-        raise _TooBig
-    chunks, seen = [], 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        if seen > limit:
-            raise _TooBig
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _openai_shape(status: int, message: str) -> dict:
+    code = "request_too_large" if status == 413 else "invalid_request"
+    return {"error": {"message": f"{message[:1].upper()}{message[1:]}.", "type": "invalid_request_error", "param": None,
+                      "code": code}}
 
 
 def _validate(raw: bytes, models: list[str]) -> dict | JSONResponse:
@@ -93,15 +84,16 @@ async def _relay(pool: LLMPool, answer: Answer) -> AsyncIterator[bytes]:
     except (TimeoutError, OSError, Exception) as exc:  # noqa: B014 - name the usual ones for the reader
         reason = "stalled mid-stream" if isinstance(exc, TimeoutError) else f"broke off: {type(exc).__name__}"
         p.failed(f"stream {reason}")
-        err = {"error": {"message": f"LLM provider {p.name} {reason}", "type": "server_error", "param": None,
-                         "code": "stream_interrupted"}}
+        ref = new_ref()
+        log.warning("LLM request %s: provider %s %s", ref, p.name, reason)
+        err = {"error": {"message": client_message("stream_interrupted", ref), "type": "server_error",
+                         "param": None, "code": "stream_interrupted"}}
         yield f"data: {json.dumps(err)}\n\n".encode()
     finally:
         await answer.aclose()
 
 
-def create_llm_app(pool: LLMPool, client_key: str | None = None) -> Starlette:
-    limit = pool.settings.body_max_bytes
+def create_llm_app(pool: LLMPool, client_key: str | None = None) -> ASGIApp:
 
     def unauthorized(request: Request) -> JSONResponse | None:
         if not client_key:
@@ -109,15 +101,13 @@ def create_llm_app(pool: LLMPool, client_key: str | None = None) -> Starlette:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), client_key.encode()):
             return None
-        return openai_error(401, "Incorrect or missing API key for the ctops LLM pool.", code="invalid_api_key")
+        return openai_error(401, "Incorrect or missing API key.", code="invalid_api_key")
 
     async def chat(request: Request) -> Response:
         if (denied := unauthorized(request)) is not None:
             return denied
         try:
-            raw = await _read_body(request, limit)
-        except _TooBig:
-            return openai_error(413, f"The request body is over {limit} bytes.", code="request_too_large")
+            raw = await request.body()  # within the limit: BodyLimit has read and counted it
         except ClientDisconnect:
             return Response(status_code=400)
         body = _validate(raw, pool.models)
@@ -141,16 +131,17 @@ def create_llm_app(pool: LLMPool, client_key: str | None = None) -> Starlette:
             {"id": m, "object": "model", "created": 0, "owned_by": "ctops"} for m in pool.models]})
 
     async def not_found(request: Request, _exc: Exception) -> Response:
-        return openai_error(404, f"Unknown path {request.method} {request.url.path}; this is the ctops LLM pool "
-                                 "(POST /llm/v1/chat/completions, GET /llm/v1/models).", code="unknown_url")
+        return openai_error(404, f"Unknown path {request.method} {request.url.path} (try POST "
+                                 "/llm/v1/chat/completions or GET /llm/v1/models).", code="unknown_url")
 
     async def wrong_method(request: Request, _exc: Exception) -> Response:
         return openai_error(405, f"{request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/llm/v1/chat/completions", chat, methods=["POST"]),
         Route("/llm/v1/models", models, methods=["GET"]),
     ], exception_handlers={404: not_found, 405: wrong_method})
+    return BodyLimit(app, pool.settings.body_max_bytes, error=_openai_shape)
 
 
 @dataclass

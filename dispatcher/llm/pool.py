@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -58,13 +59,37 @@ class Answer:
             await self.response.aclose()
 
 
+# what a client is told when no provider answers, by error code: never which providers there are or
+# how they failed (that is logged, under the reference the client is given)
+CLIENT_MESSAGES = {
+    "rate_limit_exceeded": "The AI service is busy right now. Try again shortly.",
+    "providers_unavailable": "The AI service is unavailable right now. Try again shortly.",
+    "providers_failed": "The AI service could not answer this request. Try again shortly.",
+    "stream_interrupted": "The AI service's answer was interrupted. Try again.",
+}
+
+
+def new_ref() -> str:
+    """A reference a client can quote and staff can find in the dispatcher's log."""
+    return "llm-" + secrets.token_hex(6)
+
+
+def client_message(code: str, ref: str) -> str:
+    return f"{CLIENT_MESSAGES[code]} (reference {ref})"
+
+
 @dataclass
 class PoolError:
     status: int
-    message: str
+    detail: str  # for the log only: names the providers and what each did
     type: str = "server_error"
-    code: str | None = None
+    code: str = "providers_failed"
     headers: dict[str, str] = field(default_factory=dict)
+    ref: str = field(default_factory=new_ref)
+
+    @property
+    def message(self) -> str:
+        return client_message(self.code, self.ref)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
@@ -148,10 +173,10 @@ class LLMPool:
         states = ", ".join(f"{p.name}: {p.state(now)}" for p in self.providers) or "none configured"
         if waits:
             secs = max(1, int(min(waits) + 0.999))
-            return PoolError(429, f"every LLM provider is rate limited ({states})", "requests",
-                             "rate_limit_exceeded", {"Retry-After": str(secs)})
-        return PoolError(503, f"no LLM provider is available ({states})", "server_error", "providers_unavailable",
-                         {"Retry-After": "1"})
+            return self._failed(PoolError(429, f"every LLM provider is rate limited ({states})", "requests",
+                                          "rate_limit_exceeded", {"Retry-After": str(secs)}))
+        return self._failed(PoolError(503, f"no LLM provider is available ({states})", "server_error",
+                                      "providers_unavailable", {"Retry-After": "1"}))
 
     def payload(self, p: Provider, body: dict) -> bytes:
         return json.dumps({**body, "model": p.spec.model}, separators=(",", ":")).encode()
@@ -217,9 +242,15 @@ class LLMPool:
         if not errors:
             return self._unavailable()
         status = 429 if all("429" in e for e in errors) else (504 if "gave up" in errors[-1] else 502)
-        return PoolError(status, "no LLM provider could answer: " + "; ".join(errors),
-                         "requests" if status == 429 else "server_error",
-                         "rate_limit_exceeded" if status == 429 else "providers_failed", {"Retry-After": "1"})
+        return self._failed(PoolError(status, "no LLM provider could answer: " + "; ".join(errors),
+                                      "requests" if status == 429 else "server_error",
+                                      "rate_limit_exceeded" if status == 429 else "providers_failed",
+                                      {"Retry-After": "1"}))
+
+    @staticmethod
+    def _failed(err: PoolError) -> PoolError:
+        log.warning("LLM request %s answered %d: %s", err.ref, err.status, err.detail)
+        return err
 
     def _hedge(self, running: dict[asyncio.Task, _Try], tried: list[str], stream: bool,
                launch: Callable[[], bool]) -> None:
