@@ -11,7 +11,7 @@ from ctops.config import ConfigError
 
 DEFAULT_STATE_FILE = ".ctops/demo.json"
 # `ctops bench NAME` runs ctops.bench.<NAME with - as _>:run
-BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console"]
+BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console", "store"]
 
 # subcommand -> "module:function" taking the parsed arguments and returning an exit code
 HANDLERS = {
