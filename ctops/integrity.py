@@ -152,9 +152,19 @@ def damaged_submission(sub_id: str, sid: str, qid: str) -> dict:
 async def read_idempotency(c: Any, key: str) -> tuple[dict, int, bool] | None:
     """A claim (plain JSON: it doubles as a lease token) or a sealed outcome."""
     got = await read_json(c, key, IDEMPOTENCY)
-    if got is not None and got[0].get("state") not in _IDEM_STATES:
-        raise Corrupt(key, "schema", "not an idempotency claim or outcome")
+    if got is not None:
+        _check_idempotency(key, got[0])
     return got
+
+
+def _check_idempotency(key: str, obj: dict) -> None:
+    """What a replay sends back must be an answer: a status and a JSON object."""
+    state = obj.get("state")
+    if state not in _IDEM_STATES:
+        raise Corrupt(key, "schema", "not an idempotency claim or outcome")
+    if state == "done" and not (isinstance(obj.get("status"), int) and 100 <= obj["status"] <= 599
+                                and isinstance(obj.get("body"), dict) and isinstance(obj.get("headers", {}), dict)):
+        raise Corrupt(key, "schema", "an outcome without a valid status, body or headers")
 
 
 async def intact_checkpoint(r: aioredis.Redis, keys: Keys, sub_id: str) -> tuple[bytes, dict] | None:
@@ -263,8 +273,10 @@ def _check_fetched(kind: str, key: str, value: object) -> None:
         obj = json.loads(rec.payload)
     except ValueError:
         raise Corrupt(key, "json", "the payload is not JSON") from None
-    if not isinstance(obj, dict) or (kind == IDEMPOTENCY and obj.get("state") not in _IDEM_STATES):
+    if not isinstance(obj, dict):
         raise Corrupt(key, "schema", f"not a {kind} record")
+    if kind == IDEMPOTENCY:
+        _check_idempotency(key, obj)
 
 
 @dataclass

@@ -10,6 +10,7 @@ they are and sealed on their next write.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from ctops.integrity import (
     seal_json,
 )
 from ctops.keys import Keys
+
+log = logging.getLogger("trainer.store")
 
 ACTIVE_WINDOW_MS = 10 * 60 * 1000
 # sessions and their results are kept for a week after the last activity
@@ -136,7 +139,12 @@ class Store:
         return fields
 
     async def session_submissions(self, sid: str) -> list[dict]:
-        ids = [i.decode() for i in await self.raw.lrange(self.k.session_submissions(sid), 0, -1)]
+        try:
+            ids = [i.decode(errors="replace") for i in await self.raw.lrange(self.k.session_submissions(sid), 0, -1)]
+        except aioredis.ResponseError as exc:
+            # the index of a session's submissions is no record of its own: the view goes without it
+            log.error("session %s: its submissions list is unreadable (%s); listed as empty", sid, exc)
+            return []
         if not ids:
             return []
         out = []
