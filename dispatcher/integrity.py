@@ -28,6 +28,9 @@ RELAY_BATCH = 100
 # a full pass, then a pause; the rate keeps one pass far below what learners' requests cost Redis
 SCRUB_PAUSE_S = 600.0
 SCRUB_RATE = 5000.0
+# records checked between two yields to the event loop: the data plane shares it, so each slice of
+# checking must stay well under a millisecond
+SCRUB_BATCH = 50
 
 
 def _s(v: object) -> str:
@@ -87,7 +90,7 @@ class IntegrityWatch:
                 continue
             try:
                 report = await integrity.scrub(self.r, self.k, repair=True, reader=f"scrub:{self.name}",
-                                               rate=self.scrub_rate)
+                                               rate=self.scrub_rate, batch=SCRUB_BATCH)
                 await integrity.record_scrub(self.r, self.k, report)
                 self.last_scrub = report
                 log.info("scrub: %d records checked in %d ms, %d repaired, %d quarantined", report.checked,

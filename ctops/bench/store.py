@@ -2,7 +2,7 @@
 
 - per-record write and read of a submission checkpoint, plain JSON against sealed (the envelope,
   plus the copy kept for repair), µs p50/p99;
-- the scrub's rate (records/s) over `--events` records;
+- the scrub's rate (records/s) over `--events` records (default 100,000);
 - a learner-like request loop's p99 (read a session, rewrite it) alone, then while a scrub at the
   leader's default rate runs in another process.
 """
@@ -138,8 +138,9 @@ async def main(records: int, seconds: float) -> dict:
             report["scrub"] = {"records": full.checked, "seconds": round(time.monotonic() - t0, 2),
                                "records_per_s": round(full.checked / max(time.monotonic() - t0, 1e-9))}
             report["learner_alone"] = await learner_p99(r, keys, seconds)
-            q: multiprocessing.Queue = multiprocessing.Queue()
-            proc = multiprocessing.get_context("spawn").Process(
+            ctx = multiprocessing.get_context("spawn")
+            q = ctx.Queue()
+            proc = ctx.Process(
                 target=_scrub_process, args=(node.url, 5000.0, q), daemon=True)
             proc.start()
             await asyncio.sleep(0.5)
@@ -155,8 +156,7 @@ async def main(records: int, seconds: float) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    records = args.events if args.events != 100_000 else 200_000
-    report = asyncio.run(main(records, args.duration))
+    report = asyncio.run(main(args.events, args.duration))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
