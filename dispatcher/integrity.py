@@ -25,7 +25,8 @@ log = logging.getLogger("ctops.dispatcher.integrity")
 
 RELAY_INTERVAL_S = 1.0
 RELAY_BATCH = 100
-# a full pass, then a pause; the rate keeps one pass far below what learners' requests cost Redis
+# a full pass, then a pause ([timings] scrub_interval_ms, scrub_rate); the rate keeps a pass far
+# below what learners' requests cost Redis
 SCRUB_PAUSE_S = 600.0
 SCRUB_RATE = 5000.0
 # records checked between two yields to the event loop: the data plane shares it, so each slice of

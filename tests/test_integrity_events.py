@@ -24,3 +24,22 @@ def test_a_damaged_session_becomes_one_staff_event_naming_key_and_session(runnin
     assert event["target"] == key and f"session {sid}" in event["message"] and "damaged session record" in \
         event["message"]
     assert event["severity"] == "critical"
+
+
+def test_the_leaders_scrub_finds_damage_nobody_read(make_cluster) -> None:  # noqa: ANN001 - fixture
+    c = make_cluster(timings={"scrub_interval_ms": 300})
+    c.start_all()
+    base = c.trainer_url("trainer-1")
+    sid = httpx.post(base + "/api/sessions", json={"learner": "ada"}, timeout=30).json()["session_id"]
+    key = Keys(prefix=c.prefix).session(sid)
+    with redis.Redis.from_url(c.redis.url) as r:
+        r.delete(key)
+        r.rpush(key, "not a session")
+    found = wait_for("the scrub's record_corrupt event",
+                     lambda: [e for e in events(c) if e["kind"] == "record_corrupt" and e["target"] == key], 60)
+    assert "scrub:A" in found[0]["message"] and "set aside" in found[0]["message"]
+    with redis.Redis.from_url(c.redis.url, decode_responses=True) as r:
+        stats = r.hgetall(Keys(prefix=c.prefix).quarantine_stats)
+    assert int(stats["corrupt_found:session"]) == 1 and "last_scrub_ms" in stats
+    r2 = httpx.get(f"{base}/api/sessions/{sid}", timeout=30)
+    assert r2.status_code == 410 and r2.json()["error"] == "session_damaged"
