@@ -18,6 +18,7 @@ import httpx
 import pytest
 import redis
 
+from ctops.integrity import seal_json
 from ctops.procs import ctops_argv
 from ctops.redis_embed import EmbeddedRedis
 from ctops.redisacl import glob_escape
@@ -37,6 +38,7 @@ from tests.trainer_cluster import (
     trainer_cluster,
     wait_until_up,
 )
+from trainer.work import MAX_TAKEOVERS
 
 TOML = """
 [sandbox]
@@ -323,3 +325,24 @@ def test_backup_under_load_then_wipe_and_restore_brings_back_every_acknowledged_
         assert view.status_code == 200, view.text
         assert any(s["submission_id"] == sub_id for s in view.json()["submissions"])
         assert stored(c, sub_id) == expected[sub_id]
+
+
+def test_work_that_keeps_failing_is_marked_failed_after_a_bounded_number_of_takeovers(c: Cluster) -> None:
+    base = c.trainer_url("trainer-1")
+    sid = new_session(base)
+    sub_id = "sub_poisoned"
+    key = keys(c).submission(sub_id)
+    # intact as a record, but no server can work on it (an exercise this build does not have)
+    sub = {"submission_id": sub_id, "session_id": sid, "exercise_id": "no-such-exercise", "status": "received",
+           "code": GOOD, "steps": [], "tests": [], "created_ms": 1}
+    with raw(c) as r:
+        r.set(key, seal_json(key, "submission", sub, 1))
+        r.rpush(keys(c).session_submissions(sid), sub_id)
+        r.zadd(keys(c).submissions_open, {sub_id: 1})
+    done = wait_for("the submission to be given up", lambda: (s := stored(c, sub_id))["status"] == "failed" and s, 60)
+    assert done["failed_reason"] == f"taken over {MAX_TAKEOVERS} times without finishing"
+    got = httpx.get(f"{base}/api/sessions/{sid}/submissions/{sub_id}", timeout=30)
+    assert got.status_code == 200 and got.json()["status"] == "failed" and "submit your code again" in \
+        got.json()["message"]
+    with rclient(c) as r:
+        assert r.zscore(keys(c).submissions_open, sub_id) is None
