@@ -380,7 +380,8 @@ class NotQuarantined(Exception):
     """No quarantined record by that id (never, or discarded or restored since)."""
 
 
-async def release(r: aioredis.Redis, keys: Keys, qid: str, *, restore: bool, actor: str) -> dict[str, str]:
+async def release(r: aioredis.Redis, keys: Keys, qid: str, *, restore: bool, actor: str, role: str = "admin",
+                  via: str = "ctops store") -> dict[str, str]:
     """Discard a quarantined record, or put its damaged bytes back at its key (to examine it, or
     when the check itself was wrong); either way audited, and the item is gone afterwards."""
     item = await r.hgetall(keys.quarantine_item(qid))
@@ -393,8 +394,8 @@ async def release(r: aioredis.Redis, keys: Keys, qid: str, *, restore: bool, act
             ttl = int(f.get("ttl_ms", b"0") or 0)
             p.restore(key, max(ttl, 0), f["dump"], replace=True)
         p.delete(keys.quarantine_item(qid))
-        p.xadd(keys.audit, {"ts_ms": now_ms(), "who": actor, "role": "admin",
+        p.xadd(keys.audit, {"ts_ms": now_ms(), "who": actor, "role": role,
                             "action": "quarantine-restore" if restore else "quarantine-discard", "target": key,
-                            "result": f"ok ({qid})", "via": "ctops store"}, maxlen=LOG_MAXLEN, approximate=True)
+                            "result": f"ok ({qid})", "via": via}, maxlen=LOG_MAXLEN, approximate=True)
         await p.execute()
     return {"qid": qid, "key": key, "action": "restore" if restore else "discard"}

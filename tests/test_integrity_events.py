@@ -43,3 +43,27 @@ def test_the_leaders_scrub_finds_damage_nobody_read(make_cluster) -> None:  # no
     assert int(stats["corrupt_found:session"]) == 1 and "last_scrub_ms" in stats
     r2 = httpx.get(f"{base}/api/sessions/{sid}", timeout=30)
     assert r2.status_code == 410 and r2.json()["error"] == "session_damaged"
+
+
+def test_staff_see_the_quarantine_and_discard_a_record_only_when_confirmed(running_dispatcher: Cluster) -> None:
+    c = running_dispatcher
+    base = c.trainer_url("trainer-2")
+    sid = httpx.post(base + "/api/sessions", json={}, timeout=30).json()["session_id"]
+    key = Keys(prefix=c.prefix).session(sid)
+    with redis.Redis.from_url(c.redis.url) as r:
+        r.hset(key, "created_ms", b"\xc3\x28")
+    assert httpx.get(f"{base}/api/sessions/{sid}", timeout=30).status_code == 410
+    view = httpx.get(c.ops_url() + "/api/v1/store/integrity", headers=c.auth("viewer"), timeout=10).json()
+    assert view["corrupt_found"] == 1 and view["repaired"] == 0
+    [item] = view["quarantined"]
+    assert item["key"] == key and item["session"] == sid
+    url = f"{c.ops_url()}/api/v1/store/quarantine/{item['qid']}/discard"
+    assert httpx.post(url, json={"confirm": item["qid"]}, headers=c.auth("viewer"), timeout=10).status_code == 403
+    unconfirmed = httpx.post(url, json={"confirm": "yes"}, headers=c.auth("operator"), timeout=10)
+    assert unconfirmed.status_code == 409 and "confirm" in unconfirmed.json()["detail"]
+    done = httpx.post(url, json={"confirm": item["qid"]}, headers=c.auth("operator"), timeout=10)
+    assert done.status_code == 200 and done.json()["key"] == key
+    after = httpx.get(c.ops_url() + "/api/v1/store/integrity", headers=c.auth("viewer"), timeout=10).json()
+    assert after["quarantined"] == []
+    audit = httpx.get(c.ops_url() + "/api/v1/audit", headers=c.auth("viewer"), timeout=10).json()
+    assert any(a["action"] == "quarantine-discard" and a["target"] == key and a["role"] == "operator" for a in audit)
