@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from ctops import integrity
 from ctops.auth import Principal
 from ctops.keys import Keys
+from ctops.wire import ErrorBody
 
 
 class Confirm(BaseModel):
@@ -22,15 +23,31 @@ class Confirm(BaseModel):
     confirm: str = Field(max_length=100, description="the quarantine id again, to confirm")
 
 
+class IntegrityView(BaseModel):
+    corrupt_found: int
+    repaired: int
+    last_scrub_ms: int | None
+    quarantined: list[dict[str, str]]
+
+
+class QuarantineActionResult(BaseModel):
+    qid: str
+    key: str
+    action: Literal["discard", "restore"]
+
+
 def integrity_router(redis: Redis, keys: Keys, require: Callable[[str], Callable[..., Principal]],
                      via: str) -> APIRouter:
     router = APIRouter(prefix="/api/v1/store", tags=["store"])
 
-    @router.get("/integrity")
-    async def status(_: Annotated[Principal, Depends(require("read"))]) -> dict:
-        return {**await integrity.summary(redis, keys), "quarantined": await integrity.quarantine_items(redis, keys)}
+    @router.get("/integrity", response_model=IntegrityView)
+    async def status(_: Annotated[Principal, Depends(require("read"))]) -> IntegrityView:
+        return IntegrityView(**await integrity.summary(redis, keys),
+                             quarantined=await integrity.quarantine_items(redis, keys))
 
-    @router.post("/quarantine/{qid}/{action}")
+    @router.post("/quarantine/{qid}/{action}", response_model=QuarantineActionResult,
+                 responses={404: {"model": ErrorBody, "description": "nothing quarantined by that id"},
+                            409: {"model": ErrorBody, "description": "not confirmed: send {\"confirm\": QID}"}})
     async def act(qid: str, action: Literal["discard", "restore"], body: Confirm,
                   who: Annotated[Principal, Depends(require("act"))]) -> JSONResponse:
         if body.confirm != qid:
