@@ -30,18 +30,18 @@ from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 
 from console.client import Action, OpsError, Unreachable, Whoami
 from console.commands import ACTION_TAB, COMMANDS, TABS, available, bindings
-from console.format import split_process_key
+from console.format import split_process_key, store_summary
 from console.messages import ActionDone, ActionFailed, FetchFailed, StateFetched, WhoamiFetched
 from console.prepare import prepare
 from console.screens.confirm import ConfirmAction
 from console.screens.help import HelpScreen
 from console.source import Source
-from console.widgets.banner import OutageBanner
+from console.widgets.banner import OutageBanner, StoreBanner
 from console.widgets.events_log import EventsLog
 from console.widgets.live_table import LiveTable
 from console.widgets.servers_table import ServersTable
 from console.widgets.summary import ClusterSummary
-from console.widgets.tables import DispatchersTable, ProcessesTable, ProvidersTable
+from console.widgets.tables import DispatchersTable, ProcessesTable, ProvidersTable, StoreTable
 from ctops.wire import ClusterState, Event, LLMProviderView
 
 Severity = Literal["information", "warning", "error"]
@@ -111,6 +111,7 @@ class ConsoleApp(App[int]):
     def compose(self) -> ComposeResult:
         yield ClusterSummary(id="summary")
         yield OutageBanner(id="banner")
+        yield StoreBanner(id="store-banner")
         with TabbedContent(id="tabs", initial="tab-servers"):
             for i, (name, title) in enumerate(TABS, start=1):
                 with TabPane(f"{i} {title}", id=f"tab-{name}"):
@@ -135,6 +136,11 @@ class ConsoleApp(App[int]):
         elif name == "llm":
             yield ProvidersTable(id="providers")
             yield Static("", id="providers-note")
+        elif name == "store":
+            yield Static("", id="store-summary")
+            yield StoreTable(id="store-nodes")
+            yield Static("[dim]F fails the store over now: the Sentinels promote a replica. "
+                         "It asks first and is audited.[/dim]", id="store-hint")
 
     def on_mount(self) -> None:
         if self.keymap_overrides:
@@ -149,6 +155,7 @@ class ConsoleApp(App[int]):
             if fd >= 0 and os.isatty(fd):
                 self.set_interval(1.0, partial(self._check_terminal, fd))
         self.main.query_one(OutageBanner).display = False
+        self.main.query_one(StoreBanner).display = False
         self.main.query_one("#providers-note").display = False
         for mini in self.main.query(".mini"):
             mini.can_focus = False
@@ -300,6 +307,7 @@ class ConsoleApp(App[int]):
             for t in self.main.query(DispatchersTable):
                 t.apply(prepared.dispatchers)
             self._apply_providers(msg, prepared.providers)
+            self._apply_store(state, prepared.store, tab == "store")
             self._show_summary()
             self._leadership(previous, state)
             if msg.events:
@@ -326,6 +334,14 @@ class ConsoleApp(App[int]):
         elif msg.providers_error:
             note.update(f"Could not read the LLM providers: {msg.providers_error}")
             note.display = True
+
+    def _apply_store(self, state: ClusterState, rows: dict[str, object], visible: bool) -> None:
+        self.main.query_one(StoreTable).apply(rows, visible=visible)  # type: ignore[arg-type]
+        summary = store_summary(state.store)
+        pane = self.main.query_one("#store-summary", Static)
+        if pane.content != summary:
+            pane.update(summary)
+        self.main.query_one(StoreBanner).show(state.store)
 
     def _leadership(self, previous: ClusterState | None, state: ClusterState) -> None:
         if not self._leader_known:
@@ -541,6 +557,34 @@ class ConsoleApp(App[int]):
 
         self.push_screen(ConfirmAction(f"{action.capitalize()} LLM provider [b]{name}[/b]?", detail,
                                        action.capitalize()), answered)
+
+    def action_store_failover(self) -> None:
+        store = self.cluster.store if self.cluster else None
+        if store is None:
+            self._notice("warning", "No store status", "This dispatcher reports no store status.")
+            return
+        if not store.sentinels:
+            self._notice("warning", "Nothing to fail over to",
+                         f"The store is one node ({store.primary}) without Sentinels or replicas.")
+            return
+        up = [r.name for r in store.replicas if r.state == "up"]
+        detail = (f"Primary now: {store.primary or 'none'}; replicas up: {', '.join(up) or 'none (!)'}.\n"
+                  "The Sentinels promote a replica and the old primary becomes a replica. Writes pause for "
+                  "a few seconds; learners' requests that need the store wait or get a 503 to retry.")
+        if store.failover_in_progress:
+            detail += "\nA failover is already in progress."
+        source = self.source
+
+        async def call() -> ActionDone:
+            r = await source.store_failover()
+            return ActionDone("Store failed over", f"primary {r.primary_before} → {r.primary_after}, by {r.by}.",
+                              "warning")
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.perform("the store", "fail over", "store", call)
+
+        self.push_screen(ConfirmAction("Fail the store over [b]now[/b]?", detail, "Fail over"), answered)
 
     def action_refresh_now(self) -> None:
         self._stop_timer()

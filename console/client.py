@@ -25,6 +25,7 @@ from ctops.wire import (
     LLMPoolView,
     LLMProviderView,
     ServerView,
+    StoreFailoverResult,
 )
 
 __all__ = ["Action", "ConsoleClient", "OpsError", "Unreachable", "Whoami", "parse"]
@@ -43,6 +44,8 @@ _PROVIDERS = TypeAdapter(list[LLMProviderView])
 # the agent long-polls for commands; the dispatcher waits up to 15 s for its answer
 PROCESS_TIMEOUT_S = 25.0
 LEADERSHIP_TIMEOUT_S = 15.0
+# the dispatcher waits up to 15 s for the Sentinels to promote a replica
+STORE_FAILOVER_TIMEOUT_S = 25.0
 
 
 def parse(model: type[M], resp: httpx.Response) -> M:
@@ -124,6 +127,9 @@ class ConsoleClient(OpsClient):
 
     async def provider_action(self, name: str, action: ProviderAction) -> LLMActionResult:
         return parse(LLMActionResult, await self._act(f"/llm/providers/{quote(name, safe='')}/{action}", 10.0))
+
+    async def store_failover(self) -> StoreFailoverResult:
+        return parse(StoreFailoverResult, await self._act("/store/failover", STORE_FAILOVER_TIMEOUT_S))
 
     async def _act(self, path: str, timeout: float) -> httpx.Response:
         return await self._request("POST", path, timeout=timeout)

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 from textual.binding import Binding
 
-# the tabs, in order; their keys are 1..5
+# the tabs, in order; their keys are 1..6
 TABS: tuple[tuple[str, str], ...] = (
     ("servers", "Servers"),
     ("hosts", "Hosts"),
     ("events", "Events"),
     ("dispatchers", "Dispatchers"),
     ("llm", "LLM"),
+    ("store", "Store"),
 )
 TAB_TITLES = dict(TABS)
 
@@ -76,6 +77,10 @@ COMMANDS: tuple[Command, ...] = (
             "Disable the selected LLM provider: it gets no requests until enabled.", tab="llm"),
     Command("console.llm.enable", "e", "provider('enable')", "Enable",
             "Enable the selected LLM provider again.", tab="llm"),
+    # the shared store
+    Command("console.store.failover", "F", "store_failover", "Fail over",
+            "Fail the store over now: the Sentinels promote a replica to primary (SENTINEL FAILOVER).",
+            tab="store"),
     # everywhere
     Command("console.exceptions", "E", "exceptions", "Exceptions",
             "Open exceptions triage: groups, tracebacks, ack / resolve / mute / assign, live tail.", footer=False),

@@ -15,7 +15,7 @@ from datetime import datetime, tzinfo
 
 from rich.text import Text
 
-from ctops.wire import DispatcherView, Event, HostView, LLMProviderView, ProcessMetrics, ServerView
+from ctops.wire import DispatcherView, Event, HostView, LLMProviderView, ProcessMetrics, ServerView, StoreView
 
 # the glyph and the word carry the state without colour (NO_COLOR, monochrome terminals);
 # colours are base ANSI names so they survive 256- and 16-colour terminals
@@ -34,6 +34,7 @@ DIAGNOSIS_STYLE: dict[str, tuple[str, str]] = {
     "agent fault": ("agent fault", "yellow"),
     "starting": ("starting", "cyan"),
     "admin": ("admin", "dim"),
+    "shared state unavailable": ("store away", "bold yellow"),
 }
 
 PROCESS_STYLE: dict[str, tuple[str, str]] = {
@@ -373,6 +374,69 @@ def provider_raw(p: LLMProviderView) -> Raw:
         None if p.p50_ms is None else round(p.p50_ms), None if p.p99_ms is None else round(p.p99_ms),
         round(p.error_rate * 100, 1), p.requests, p.model, p.last_error,
     )
+
+
+# --- the shared store (Redis) ----------------------------------------------------------------------
+
+NODE_STYLE: dict[str, tuple[str, str]] = {
+    "up": ("●", "green"),
+    "syncing": ("◐", "yellow"),
+    "down": ("✖", "bold red"),
+    "unknown": ("?", "dim"),
+}
+ROLE_STYLE: dict[str, str] = {"primary": "bold green", "replica": "", "sentinel": "dim"}
+
+
+def _node_state(v: object) -> Text:
+    glyph, style = NODE_STYLE.get(str(v), ("?", ""))
+    return Text(f"{glyph} {v}", style=style)
+
+
+def _node_role(v: object) -> Text:
+    return Text(("★ " if v == "primary" else "") + str(v), style=ROLE_STYLE.get(str(v), ""))
+
+
+STORE_COLUMNS: tuple[Column, ...] = (
+    Column("name", Text("Node"), 16, _bold),
+    Column("role", Text("Role"), 10, _node_role),
+    Column("state", Text("State"), 10, _node_state),
+    Column("lag", _r("Lag"), 7, _ms),
+    Column("address", Text("Address"), 22, _plain),
+)
+
+
+def store_rows(store: StoreView | None) -> dict[str, Raw]:
+    """Primary first, then replicas and Sentinels, as the serving dispatcher last saw them."""
+    if store is None:
+        return {}
+    rows: dict[str, Raw] = {}
+    if store.primary is not None:
+        rows[store.primary] = (store.primary, "primary", "up" if store.available else "down", None, None)
+    for r in store.replicas:
+        rows[r.name] = (r.name, "replica", r.state, r.lag_ms, r.address)
+    for s in store.sentinels:
+        rows[s.name] = (s.name, "sentinel", s.state, None, s.address)
+    return rows
+
+
+def store_summary(store: StoreView | None) -> Text:
+    if store is None:
+        return Text("This dispatcher reports no store status (an older version?).", style="yellow")
+    parts: list[tuple[str, str]] = [("Store ", ""), (store.mode, "bold"), (" · primary ", ""),
+                                    (store.primary or "NONE", "bold" if store.primary else "bold reverse red")]
+    parts.append((" · ", ""))
+    parts.append(("available", "green") if store.available else ("UNAVAILABLE", "bold reverse red"))
+    if store.failover_in_progress:
+        parts += [(" · ", ""), ("failover in progress", "bold yellow")]
+    when = "never seen" if store.last_failover_ms is None else datetime.fromtimestamp(
+        store.last_failover_ms / 1000, LOCAL_TZ).strftime("%Y-%m-%d %H:%M:%S")
+    parts += [("\nLast failover ", ""), (when, "bold"), (" · writes unconfirmed ", ""),
+              (str(store.writes_unconfirmed), "bold yellow" if store.writes_unconfirmed else "bold")]
+    if store.diagnosis:
+        parts += [("\n", ""), (store.diagnosis, "bold red" if not store.available else "yellow")]
+    elif store.error:
+        parts += [("\n", ""), (store.error, "dim")]
+    return Text.assemble(*parts)
 
 
 # --- events ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ class Prepared:
     processes: dict[str, Raw]
     dispatchers: dict[str, Raw]
     providers: dict[str, Raw] | None
+    store: dict[str, Raw] = field(default_factory=dict)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from console.format import dispatcher_raw, host_rows, provider_raw, server_raw
+from console.format import dispatcher_raw, host_rows, provider_raw, server_raw, store_rows
 from console.messages import Prepared
 from ctops.wire import ClusterState, LLMProviderView
 
@@ -13,4 +13,5 @@ def prepare(state: ClusterState, providers: list[LLMProviderView] | None) -> Pre
         processes=host_rows(state.hosts),
         dispatchers={d.name: dispatcher_raw(d) for d in state.dispatchers},
         providers=None if providers is None else {p.name: provider_raw(p) for p in providers},
+        store=store_rows(state.store),
     )

@@ -21,6 +21,7 @@ from ctops.wire import (
     LeadershipResult,
     LLMActionResult,
     LLMProviderView,
+    StoreFailoverResult,
 )
 
 ADMIN_FOR: dict[str, str] = {"drain": "draining", "disable": "disabled", "enable": "enabled"}
@@ -36,6 +37,7 @@ class Source(Protocol):
     async def process_action(self, host: str, process: str, action: ProcessAction) -> CommandResult: ...
     async def leadership(self, name: str, action: LeadershipAction) -> LeadershipResult: ...
     async def provider_action(self, name: str, action: ProviderAction) -> LLMActionResult: ...
+    async def store_failover(self) -> StoreFailoverResult: ...
     async def aclose(self) -> None: ...
 
 
@@ -131,6 +133,24 @@ class FixedSource:
         mine = next(p for p in out if p.name == name)
         return LLMActionResult(ok=True, provider=name, action=action, by=self.who.name, pinned=pinned,
                                provider_state=mine)
+
+    async def store_failover(self) -> StoreFailoverResult:
+        """As the Sentinels would: the first replica that is up becomes primary, the old one a replica."""
+        self._operator("fail over the store")
+        store = self.current.store
+        if store is None or not store.sentinels:
+            raise OpsError(409, "this store is one node without Sentinels: there is nothing to fail over to")
+        new = next((r for r in store.replicas if r.state == "up"), None)
+        if new is None:
+            raise OpsError(504, "no replica is up to take over")
+        old = store.primary
+        replicas = [r for r in store.replicas if r.name != new.name]
+        if old is not None:
+            replicas.insert(0, new.model_copy(update={"name": old, "lag_ms": 0, "address": None}))
+        self.current = self.current.model_copy(update={"store": store.model_copy(
+            update={"primary": new.name, "replicas": replicas, "last_failover_ms": self.current.now_ms})})
+        self.calls.append(("store_failover",))
+        return StoreFailoverResult(ok=True, primary_before=old, primary_after=new.name, by=self.who.name)
 
     async def aclose(self) -> None:
         return None

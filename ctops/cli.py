@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the cluster as the leading dispatcher sees it")
     _cluster_args(st)
     st.add_argument("--json", action="store_true")
+    st.add_argument("--quiet", "-q", action="store_true",
+                    help="print nothing; the exit code says it: 0 healthy, 1 degraded, 2 critical, 3 unknown")
 
     ch = sub.add_parser("chaos", help="SIGKILL / SIGSTOP / SIGCONT a demo process by name; corrupt a record")
     ch.add_argument("action", choices=["kill", "freeze", "thaw", "corrupt"])

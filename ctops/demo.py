@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 from ctops import statefile
 from ctops.auth import hash_token, new_token
 from ctops.procs import Child, ctops_argv, sigterm_as_interrupt, spawn, stop_all
-from ctops.redis_embed import EmbeddedStore, StoreSecrets, free_port
+from ctops.redis_embed import EmbeddedStore, StoreSecrets, free_port, port_free
 
 HOSTS = 3
 DISPATCHERS = ("A", "B")
@@ -24,16 +25,45 @@ PROVIDERS = ("primary", "secondary")
 
 
 class Ports:
-    """Either consecutive ports from --base-port or free ones, so two demos can run side by side."""
+    """Either consecutive ports from --base-port or free ones, so two demos can run side by side;
+    a restarted demo gets the ports of its previous run again when they are all free."""
 
-    def __init__(self, base: int) -> None:
+    def __init__(self, base: int, previous: list[int] | None = None) -> None:
         self.next = base
+        self.previous = list(previous or [])
+        self.taken: list[int] = []
 
     def take(self) -> int:
-        if self.next:
+        if self.previous:
+            port = self.previous.pop(0)
+        elif self.next:
             self.next += 1
-            return self.next - 1
-        return free_port()
+            port = self.next - 1
+        else:
+            port = free_port()
+        self.taken.append(port)
+        return port
+
+
+LAST_RUN = "demo-last.json"
+
+
+def previous_run(work: Path, base_port: int) -> dict[str, Any]:
+    """Tokens and ports of the last demo in this workdir, if its ports are all free again: staff
+    keep their tokens, and the addresses in their notes stay right."""
+    try:
+        doc = json.loads((work / LAST_RUN).read_text())
+        ports = [int(p) for p in doc["ports"]]
+        tokens, keys = doc["tokens"], {k: str(doc["keys"][k]) for k in ("llm_client", "affinity")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    fresh = new_tokens()  # tokens of another shape (an older version wrote them) are not reused
+    if not isinstance(tokens, dict) or set(tokens) != set(fresh) or set(tokens.get("agents") or {}) != set(
+            fresh["agents"]):
+        return {}
+    if doc.get("base_port") != base_port or not all(port_free("127.0.0.1", p) for p in ports):
+        return {}
+    return {"ports": ports, "tokens": tokens, "keys": keys}
 
 
 def _toml_list(items: list[str]) -> str:
@@ -143,21 +173,27 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
     work = Path(args.workdir).resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    ports = Ports(args.base_port)
+    previous = previous_run(work, args.base_port)
+    ports = Ports(args.base_port, previous.get("ports"))
     # the duplicated store: a primary, two replicas and three Sentinels, locked with fresh passwords
+    # (or, restarted on this workdir, with those of the last run: see EmbeddedStore)
     store = EmbeddedStore(work / "redis", secrets_=StoreSecrets.generate(), prefix=PREFIX,
                           ports=[ports.take() for _ in range(6)]).start()
     children: list[Child] = []
     try:
-        tokens = new_tokens()
+        tokens = previous.get("tokens") or new_tokens()
+        keys = previous.get("keys") or {"llm_client": new_token(), "affinity": new_token()}
         cfg = work / "demo.toml"
         layout = write_deployment(cfg, store.toml(PREFIX), ports, tokens)
+        statefile.write_private(work / LAST_RUN, json.dumps({"base_port": args.base_port, "ports": ports.taken,
+                                                             "tokens": tokens, "keys": keys}))
         from trainer.fake_llm import CONTROL_TOKEN_ENV  # noqa: PLC0415 - keeps `ctops --help` fast
 
         env = {"CTOPS_DEMO_LLM_KEY": "demo-key",
-               "CTOPS_LLM_CLIENT_KEY": new_token(),
-               # signs the dispatchers' affinity cookies (both must share it); switches the fakes' modes
-               "CTOPS_AFFINITY_KEY": new_token(), CONTROL_TOKEN_ENV: new_token(),
+               "CTOPS_LLM_CLIENT_KEY": keys["llm_client"],
+               # signs the dispatchers' affinity cookies (both must share it: learners' cookies stay
+               # good across a restart too); switches the fakes' modes
+               "CTOPS_AFFINITY_KEY": keys["affinity"], CONTROL_TOKEN_ENV: new_token(),
                "CTOPS_LOG_DIR": str(logs), "PYTHONUNBUFFERED": "1"}
         # each process gets only its own role's Redis password (agents pass theirs on to the trainers)
         env_dispatcher = env | store.secrets.env(("dispatcher",))

@@ -121,3 +121,8 @@ class Keys:
     @property
     def llm_control(self) -> str:
         return f"{self.prefix}:llm:control"
+
+    # shared store: writes whose WAIT for a replica timed out, counted by every process (INCR)
+    @property
+    def store_writes_unconfirmed(self) -> str:
+        return f"{self.prefix}:store:writes-unconfirmed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -102,6 +103,17 @@ def _private_child() -> None:
     # Sentinel rewrites its config (passwords included) and nodes write AOF files: all private
     os.umask(0o077)
     die_with_parent()
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on it now (as Redis does: closed connections may linger)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -330,14 +342,23 @@ class EmbeddedStore:
     """The duplicated database: a primary, replicas and Sentinels, all locked, under one workdir.
 
     Node names are fixed at launch (redis-1 is the first primary); which node is the primary now
-    is Sentinel's answer (`primary()`), and after a failover it is another one."""
+    is Sentinel's answer (`primary()`), and after a failover it is another one.
+
+    Started again on the same workdir, it comes back as it was left: the same passwords and ports
+    (from `store.json`), each node's data (AOF) and role as Sentinel last rewrote it, and the
+    Sentinels' view. If one of its ports is taken by now, the old workdir is set aside and a new
+    store starts."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, secrets_: StoreSecrets | None = None,
                  prefix: str | None = None, replicas: int = 2, sentinels: int = 3, service: str = "ctops",
                  ports: list[int] | None = None, host: str = "127.0.0.1", min_replicas: int = 1) -> None:
         self.workdir = Path(workdir)
-        self.secrets = secrets_ or StoreSecrets.generate()
         self.service, self.host = service, host
+        previous = self._previous(replicas + 1 + sentinels)
+        self.restarted = previous is not None
+        if previous is not None:
+            secrets_, ports = previous
+        self.secrets = secrets_ or StoreSecrets.generate()
         ports = list(ports or [])
         take = (lambda: ports.pop(0) if ports else free_port(host))  # noqa: E731
         first = EmbeddedRedis(take(), str(self.workdir / "redis-1"), host, secrets_=self.secrets, prefix=prefix,
@@ -351,6 +372,20 @@ class EmbeddedStore:
                                            secrets_=self.secrets, service=service, name=f"sentinel-{i}", host=host)
                           for i in range(1, sentinels + 1)]
 
+    def _previous(self, count: int) -> tuple[StoreSecrets, list[int]] | None:
+        """The secrets and ports of the store last started here, if it can come back as it was."""
+        try:
+            doc = json.loads((self.workdir / "store.json").read_text())
+            previous = StoreSecrets.from_dict(doc["secrets"]), [int(p) for p in doc["ports"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            previous = None
+        if previous is not None and len(previous[1]) == count and all(port_free(self.host, p) for p in previous[1]):
+            return previous
+        if self.workdir.exists() and any(self.workdir.iterdir()):
+            # files written with other passwords or ports would lock the new nodes out of each other
+            self.workdir.rename(self.workdir.with_name(f"{self.workdir.name}.old-{int(time.time())}"))
+        return None
+
     @property
     def sentinel_addresses(self) -> list[str]:
         return [s.address for s in self.sentinels]
@@ -361,6 +396,8 @@ class EmbeddedStore:
 
     def start(self, timeout: float = 30.0) -> EmbeddedStore:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        _write_secret(self.workdir / "store.json", json.dumps({
+            "secrets": self.secrets.to_dict(), "ports": [n.port for n in [*self.nodes, *self.sentinels]]}))
         try:
             for n in self.nodes:
                 n.start()

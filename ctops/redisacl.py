@@ -17,7 +17,7 @@ ServiceRole = Literal["trainer", "dispatcher"]
 
 # key patterns (after "{prefix}:") of everything in ctops.keys.Keys that trainer/ touches
 TRAINER_KEYS = ("session:*", "submission:*", "submissions:open", "reviews:pending", "idempotency:*",
-                "trainer:*", "server:*:sessions",
+                "trainer:*", "server:*:sessions", "store:writes-unconfirmed",
                 # damaged records a trainer found: set aside, logged and counted (ctops.integrity)
                 "quarantine:*")
 

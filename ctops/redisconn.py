@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import redis
@@ -28,6 +28,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from ctops.config import ConfigError, RedisSettings, split_hostport
+from ctops.keys import Keys
 
 log = logging.getLogger("ctops.redis")
 
@@ -97,10 +98,18 @@ class ReplicaNotConfirmed(ResponseError):
 
 @dataclass
 class ConfirmStats:
-    """Per process: transactions that no replica confirmed in time (kept or refused)."""
+    """Per process: transactions that no replica confirmed in time (kept or refused). Hooks (e.g. the
+    dispatcher's store watch) hear of each one without waiting on Redis."""
 
     unconfirmed: int = 0
     last_unconfirmed_ms: int | None = None
+    hooks: list[Callable[[int], None]] = field(default_factory=list)
+
+    def note(self, n: int = 1) -> None:
+        self.unconfirmed += n
+        self.last_unconfirmed_ms = int(time.time() * 1000)
+        for hook in self.hooks:
+            hook(n)
 
 
 CONFIRM = ConfirmStats()
@@ -110,29 +119,40 @@ CONFIRM = ConfirmStats()
 _CONFIRM_POLICY: dict[str, Literal["refuse", "report"]] = {"trainer": "refuse", "dispatcher": "report"}
 
 
+@dataclass(frozen=True)
+class Confirm:
+    acks: int = 0
+    timeout_ms: int = 0
+    policy: Literal["refuse", "report"] = "report"
+    # the cluster-wide counter this client adds its unconfirmed writes to (None: the hooks count)
+    count_key: str | None = None
+
+
 class _ConfirmingPipeline(AsyncPipeline):
     """MULTI/EXEC, then WAIT on the same connection (WAIT counts that connection's writes)."""
 
-    confirm: tuple[int, int, Literal["refuse", "report"]] = (0, 0, "report")
+    confirm = Confirm()
 
     async def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> Any:
         result = await super()._execute_transaction(connection, commands, raise_on_error)
-        acks_needed, timeout_ms, policy = self.confirm
-        if acks_needed:
-            await connection.send_command("WAIT", acks_needed, timeout_ms)
+        c = self.confirm
+        if c.acks:
+            await connection.send_command("WAIT", c.acks, c.timeout_ms)
             acks = int(await connection.read_response())
-            if acks < acks_needed:
-                CONFIRM.unconfirmed += 1
-                CONFIRM.last_unconfirmed_ms = int(time.time() * 1000)
-                msg = f"on {acks} replicas after {timeout_ms} ms, {acks_needed} needed"
-                if policy == "refuse":
+            if acks < c.acks:
+                CONFIRM.note()
+                if c.count_key:
+                    await connection.send_command("INCR", c.count_key)
+                    await connection.read_response()
+                msg = f"on {acks} replicas after {c.timeout_ms} ms, {c.acks} needed"
+                if c.policy == "refuse":
                     raise ReplicaNotConfirmed(f"NOREPLICAS write not confirmed by a replica: {msg}")
                 log.warning("a write was kept though no replica confirmed it (%s); a failover now would lose it", msg)
         return result
 
 
 class _ConfirmingRedis(aioredis.Redis):
-    confirm: tuple[int, int, Literal["refuse", "report"]] = (0, 0, "report")
+    confirm = Confirm()
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _ConfirmingPipeline:
         p = _ConfirmingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
@@ -193,8 +213,10 @@ def async_client(settings: RedisSettings, role: Role, *, decode_responses: bool 
                                      connection_class=_FollowingAsyncConnection, **opts)
     if role in _CONFIRM_POLICY:
         # every MULTI/EXEC transaction (sessions, checkpoints, idempotency outcomes, staff states,
-        # audit) is acknowledged only once a replica has it
-        client.confirm = (settings.acks_needed, settings.replica_ack_timeout_ms, _CONFIRM_POLICY[role])
+        # audit) is acknowledged only once a replica has it; trainers add what no replica confirmed
+        # to the cluster-wide counter themselves, the dispatcher's store watch does it for its process
+        client.confirm = Confirm(settings.acks_needed, settings.replica_ack_timeout_ms, _CONFIRM_POLICY[role],
+                                 Keys(settings.prefix).store_writes_unconfirmed if role == "trainer" else None)
     return client
 
 

@@ -1,4 +1,9 @@
-"""`ctops status`: the cluster as the leading dispatcher sees it, as a table or as JSON."""
+"""`ctops status`: the cluster as the leading dispatcher sees it, as a table or as JSON.
+
+The exit code follows the monitoring-plugin convention (Nagios, Icinga, Sensu), so the command
+is a check as it is: 0 healthy, 1 degraded, 2 critical, 3 unknown (the state could not be read
+for a reason that says nothing about the cluster: a bad state file, a rejected token).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ import sys
 from ctops import statefile
 from ctops.opsclient import OpsClient, OpsError, Unreachable
 from ctops.wire import ClusterState
+
+OK, DEGRADED, CRITICAL, UNKNOWN = 0, 1, 2, 3
+VERDICT = {OK: "OK", DEGRADED: "DEGRADED", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 
 def target(args: argparse.Namespace, role: str = "viewer") -> tuple[list[str], str | None]:
@@ -30,6 +38,37 @@ async def leader_state(urls: list[str], token: str | None) -> ClusterState:
         await client.aclose()
 
 
+def assess(st: ClusterState) -> tuple[int, list[str]]:
+    """The exit code and its reasons, worst first.
+
+    Critical: no leader, no server up, the store has no primary or does not answer. Degraded: a
+    server not up, a host lost, a dispatcher unhealthy, a store replica or Sentinel not up."""
+    critical: list[str] = []
+    degraded: list[str] = []
+    if not st.leader:
+        critical.append("no leader")
+    if not any(s.state == "up" for s in st.servers):
+        critical.append("no server up")
+    store = st.store
+    if store is not None:
+        if store.primary is None:
+            critical.append("store has no primary")
+        elif not store.available:
+            critical.append(f"store unavailable ({store.primary} not answering)")
+        degraded += [f"store replica {r.name} {r.state}" for r in store.replicas if r.state != "up"]
+        degraded += [f"sentinel {s.name} {s.state}" for s in store.sentinels if s.state != "up"]
+    degraded += [f"{s.name} {s.state}" for s in st.servers if s.state != "up"]
+    degraded += [f"host {h.name} lost" for h in st.hosts if h.state == "lost"]
+    degraded += [f"dispatcher {d.name} unhealthy" for d in st.dispatchers if not d.healthy]
+    if critical:
+        return CRITICAL, critical + degraded
+    return (DEGRADED, degraded) if degraded else (OK, [])
+
+
+def verdict_line(code: int, reasons: list[str]) -> str:
+    return f"status: {VERDICT[code]}" + (f" - {'; '.join(reasons)}" if reasons else "")
+
+
 def render(st: ClusterState) -> str:
     lines = [f"cluster {st.cluster}: leader {st.leader or '-'} (served by {st.served_by})", "", "dispatchers:"]
     for d in st.dispatchers:
@@ -39,6 +78,12 @@ def render(st: ClusterState) -> str:
         age = f"{s.heartbeat_age_ms} ms" if s.heartbeat_age_ms is not None else "-"
         why = f"{s.diagnosis}: {s.diagnosis_detail}" if s.diagnosis_detail else s.diagnosis
         lines.append(f"  {s.name:<12} {s.state:<9} {s.active_sessions:>8}  {s.host:<8} {age:>8}  {why}")
+    if st.store is not None:
+        lines += ["", _store_line(st)]
+        nodes = [(r.name, "replica", r.state, r.lag_ms) for r in st.store.replicas]
+        nodes += [(s.name, "sentinel", s.state, None) for s in st.store.sentinels]
+        for name, role, state, lag in nodes:
+            lines.append(f"  {name:<12} {role:<9} {state:<8}" + (f" lag {lag} ms" if lag is not None else ""))
     lines += ["", f"  {'host':<12} {'state':<9} {'hb age':>8}  processes"]
     for h in st.hosts:
         age = f"{h.heartbeat_age_ms} ms" if h.heartbeat_age_ms is not None else "-"
@@ -47,21 +92,42 @@ def render(st: ClusterState) -> str:
     return "\n".join(lines)
 
 
+def _store_line(st: ClusterState) -> str:
+    s = st.store
+    assert s is not None
+    state = "available" if s.available else "UNAVAILABLE"
+    line = f"store ({s.mode}): primary {s.primary or 'NONE'}, {state}, writes unconfirmed {s.writes_unconfirmed}"
+    if s.failover_in_progress:
+        line += ", failover in progress"
+    if s.diagnosis:
+        line += f"\n  {s.diagnosis}"
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
+    quiet = getattr(args, "quiet", False)
+
+    def fail(code: int, message: str) -> int:
+        if not quiet:
+            print(f"ctops status: {message}", file=sys.stderr)
+        return code
+
     try:
         urls, token = target(args)
         st = asyncio.run(leader_state(urls, token))
     except statefile.StateFileError as exc:
-        print(f"ctops status: {exc}", file=sys.stderr)
-        return 2
+        return fail(UNKNOWN, str(exc))
     except Unreachable as exc:
-        print(f"ctops status: no dispatcher answered: {exc}", file=sys.stderr)
-        return 1
+        return fail(CRITICAL, f"no dispatcher answered: {exc}")
     except OpsError as exc:
-        print(f"ctops status: {exc}", file=sys.stderr)
-        return 1
+        # a dispatcher that answers 5xx is in trouble; 401/403/404 say nothing about the cluster
+        return fail(CRITICAL if exc.status >= 500 else UNKNOWN, str(exc))
+    code, reasons = assess(st)
+    if quiet:
+        return code
     if args.json:
         print(json.dumps(st.model_dump(mode="json"), indent=2))
     else:
         print(render(st))
-    return 0
+        print(verdict_line(code, reasons))
+    return code

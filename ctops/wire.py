@@ -90,7 +90,8 @@ class DispatcherView(_Wire):
 
 
 # what the agent's heartbeat and the dispatcher's checks say together about a server
-Diagnosis = Literal["ok", "software fault", "host or network down", "agent fault", "starting", "admin"]
+Diagnosis = Literal["ok", "software fault", "host or network down", "agent fault", "starting", "admin",
+                    "shared state unavailable"]
 
 
 class ServerView(_Wire):
@@ -122,6 +123,41 @@ class HostView(_Wire):
     watchdog: WatchdogStatus | None = None
 
 
+StoreNodeState = Literal["up", "down", "syncing", "unknown"]
+
+
+class StoreReplicaView(_Wire):
+    name: str
+    state: StoreNodeState
+    lag_ms: int | None = None  # since the replica last acknowledged the primary's stream
+    address: str | None = None
+
+
+class StoreSentinelView(_Wire):
+    name: str
+    state: StoreNodeState
+    address: str | None = None
+
+
+class StoreView(_Wire):
+    """The shared state (Redis) as the serving dispatcher sees it (dispatcher/storewatch.py).
+
+    One-node setups: `primary` is the node and the lists are empty."""
+
+    mode: Literal["single", "sentinel"] = "single"
+    available: bool  # the primary answered this dispatcher's last probe
+    primary: str | None  # None: no primary known (Sentinels disagree, or none answer)
+    replicas: list[StoreReplicaView] = Field(default_factory=list)
+    sentinels: list[StoreSentinelView] = Field(default_factory=list)
+    last_failover_ms: int | None = None  # when this dispatcher last saw the primary change
+    failover_in_progress: bool = False
+    writes_unconfirmed: int = 0  # writes whose WAIT for a replica timed out (cluster-wide counter)
+    unavailable_since_ms: int | None = None
+    diagnosis: str | None = None  # for staff: "shared state unavailable: ..." while it is
+    error: str | None = None
+    checked_ms: int | None = None
+
+
 class ClusterState(_Wire):
     cluster: str
     leader: str | None
@@ -132,6 +168,7 @@ class ClusterState(_Wire):
     hosts: list[HostView]
     # the serving dispatcher's data-plane counters: requests, retries, redispatches, errors by kind
     proxy: dict[str, Any] | None = None
+    store: StoreView | None = None
 
 
 class ActionResult(_Wire):
@@ -236,6 +273,13 @@ class LLMActionResult(_Wire):
     by: str
     pinned: str | None
     provider_state: LLMProviderView
+
+
+class StoreFailoverResult(_Wire):
+    ok: bool
+    primary_before: str | None
+    primary_after: str | None
+    by: str
 
 
 class PeerHeartbeat(_Wire):

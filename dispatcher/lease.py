@@ -90,6 +90,8 @@ class Lease:
         self.refused_writes = 0
         self._rechecking = False
         self.ticks = 0  # progress, for the loop watch
+        # set by the runtime: True while a standby should not try to take the lease (see storewatch)
+        self.hold_off: Callable[[], bool] | None = None
         self.replica_acks = replica_acks
         # WAIT must fit in a tick, which is bounded by the renew interval
         self.ack_timeout_ms = max(1, min(ack_timeout_ms, renew_ms // 2))
@@ -144,6 +146,8 @@ class Lease:
         if self.is_leader and not self.still_valid():
             # frozen or cut off for longer than the TTL: another dispatcher may lead by now
             self.demote("lease not renewed within its TTL")
+        if not self.is_leader and self.hold_off is not None and self.hold_off():
+            return
         try:
             won, epoch, holder, acks = await asyncio.wait_for(self._acquire_or_renew(), timeout=self.renew_ms / 1000)
         except (RedisError, OSError, TimeoutError) as exc:

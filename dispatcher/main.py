@@ -63,6 +63,7 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
                 stall_after=max(3.0, 4 * (t.health_interval_ms + t.health_timeout_ms) / 1000))
     watch.start("lease", rt.lease.run, lambda: rt.lease.ticks, stall_after=max(2.0, 4 * t.lease_renew_ms / 1000))
     watch.start("sync", rt.sync_loop, lambda: rt.sync_rounds, stall_after=5.0)
+    watch.start("store", rt.storewatch.run, lambda: rt.storewatch.rounds, stall_after=10.0)
     if os.environ.get("CTOPS_TEST_HOOKS") == "1":
         loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(rt.health, "stall_for_test", True))
     loops = [asyncio.create_task(c, name=n) for n, c in (
@@ -91,6 +92,7 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
     for h in hooks:
         await h.aclose()
     await rt.peers.aclose()
+    await rt.storewatch.aclose()
     await redis.aclose()
     await redis_blocking.aclose()
     log.info("dispatcher %s stopped", spec.name)

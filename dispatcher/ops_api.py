@@ -39,6 +39,7 @@ from dispatcher.llm.routes import llm_router
 from dispatcher.pool import now_ms
 from dispatcher.ratelimit import FailureWindow, retry_after_header
 from dispatcher.runtime import Runtime
+from dispatcher.store_routes import store_router
 
 log = logging.getLogger("ctops.dispatcher.ops")
 
@@ -293,6 +294,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
     app.include_router(integrity_router(rt.redis, rt.keys, require, rt.spec.name))
     if rt.llm is not None:
         app.include_router(llm_router(rt.llm, require, rt.store.audit, rt.spec.name))
+    app.include_router(store_router(rt.storewatch, require, rt.store.audit, rt.spec.name))
     return app
 
 

@@ -61,7 +61,8 @@ SESSION_COOKIE = b"ctops_session="
 # the trainer's own routes (API docs, health details, test hooks): for the dispatcher's checks and for
 # staff on the servers' own ports, not for learners. A path, as the trainer routes it (decoded, with
 # trailing slashes it would redirect), that this matches at its start is answered 404 by the proxy
-_HIDDEN = re.compile(rb"/(?:(?:docs(?:/oauth2-redirect)?|redoc|openapi\.json|healthz)/*|_debug(?=/))(?:[?#/]|\Z)")
+_HIDDEN = re.compile(rb"/(?:(?:docs(?:/oauth2-redirect)?|redoc|openapi\.json|healthz|readyz)/*|_debug(?=/))"
+                     rb"(?:[?#/]|\Z)")
 # the second byte of a path `_HIDDEN` could match (or of one percent-encoded): any other is let by at once
 _HIDDEN_SECOND = frozenset({b"d", b"r", b"o", b"h", b"_", b"%"})
 _OPENS_WITH_QUERY = AFFINITY_PATH + b"?"

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from ctops.auth import TokenBook
 from ctops.config import Deployment, DispatcherSpec
 from ctops.keys import Keys
-from ctops.wire import ClusterState, DispatcherView, HostView, PeerHeartbeat, ServerView
+from ctops.wire import ClusterState, DispatcherView, Heartbeat, HostView, PeerHeartbeat, ServerView
 from dispatcher.commands import CommandRelay
 from dispatcher.events import EventLog
 from dispatcher.health import HealthChecker
@@ -22,8 +22,14 @@ from dispatcher.llm.pool import LLMPool
 from dispatcher.peers import Peers
 from dispatcher.pool import Backend, ServerPool, now_ms
 from dispatcher.store import Store
+from dispatcher.storewatch import StoreEvent, StoreWatch
 
 log = logging.getLogger("ctops.dispatcher")
+
+# reads behind GET /api/v1/state give up this soon and fall back to what was read last
+STATE_READ_TIMEOUT_S = 0.5
+SYNC_ROUND_TIMEOUT_S = 2.0
+SHARED_STATE = "shared state unavailable"
 
 
 class Runtime:
@@ -40,6 +46,13 @@ class Runtime:
                            on_change=self._on_leadership, replica_acks=dep.redis.acks_needed,
                            ack_timeout_ms=dep.redis.replica_ack_timeout_ms)
         self.events = EventLog(redis, self.keys)
+        self.storewatch = StoreWatch(dep.redis, self.keys, spec.name, self.lease.still_valid,
+                                     emit=self._emit_store_event,
+                                     servers_unconfirmed=lambda: sum(self.health.unconfirmed.values()))
+        self.lease.hold_off = self.storewatch.defer_leadership
+        # what was last read from the store, shown (marked by the store's state) while it is away
+        self._hosts_raw: dict[str, tuple[Heartbeat | None, int | None]] = {}
+        self._dispatchers_raw: dict[str, dict[str, str]] = {}
         self.commands = CommandRelay(redis_blocking, self.keys)
         # the mutual heartbeat has its own credential (role "peer"), never an agent's
         peer_token = os.environ.get(spec.peer_token_env)
@@ -47,7 +60,8 @@ class Runtime:
                            self._newer_leader, spec.peer_token_env)
         self._host_states: dict[str, str] = {}
         self.health = HealthChecker(self.pool, t.health_interval_ms / 1000, t.health_timeout_ms / 1000,
-                                    t.fall, t.rise, on_round=self._health_round_done)
+                                    t.fall, t.rise, on_round=self._health_round_done,
+                                    store_reachable=self.storewatch.steadily_reachable)
         self._publish_pending = False
         self.sync_rounds = 0  # progress, for the loop watch
         self.started_ms = now_ms()
@@ -118,6 +132,19 @@ class Runtime:
         except (RedisError, OSError) as exc:
             log.warning("cannot record event %s: %s", kind, exc)
 
+    async def _emit_store_event(self, ev: StoreEvent) -> None:
+        """Store events with an id are written by whichever dispatcher saw them (deduplicated by the
+        id); the others only by the leader. A Redis error propagates: the watch keeps the event."""
+        source = f"dispatcher:{self.spec.name}"
+        if ev.event_id is not None:
+            await self.events.emit(ev.kind, ev.severity, ev.message, source, ev.target, event_id=ev.event_id,
+                                   ts_ms=ev.ts_ms)
+            return
+        try:
+            await self.lease.fenced([self.events.emit_command(ev.kind, ev.severity, ev.message, source, ev.target)])
+        except NotLeader as exc:
+            log.warning("store event %s not recorded: %s", ev.kind, exc)
+
     def _track_hosts(self, hosts: list[HostView]) -> None:
         for h in hosts:
             before = self._host_states.get(h.name)
@@ -151,20 +178,25 @@ class Runtime:
             if b is not None and b.admin != state:
                 self.pool.set_admin(b, state, "staff action")
 
+    async def _sync_once(self) -> None:
+        await self.sync_admin_once()
+        if self.lease.still_valid():
+            self._track_hosts(await self.host_views())
+        await self.store.announce(self.spec.name, {
+            "ops_url": self.spec.ops_url, "data_url": self.spec.data_url, "pid": os.getpid(),
+            "role": "leader" if self.lease.still_valid() else "standby",
+            "epoch": self.lease.epoch, "seen_ms": now_ms(),
+        }, ttl_ms=max(5000, self.dep.timings.lease_ttl_ms * 5))
+
     async def sync_loop(self) -> None:
         """Staff actions taken through any dispatcher reach this one within one tick."""
         while True:
             try:
-                await self.sync_admin_once()
-                if self.lease.still_valid():
-                    self._track_hosts(await self.host_views())
-                await self.store.announce(self.spec.name, {
-                    "ops_url": self.spec.ops_url, "data_url": self.spec.data_url, "pid": os.getpid(),
-                    "role": "leader" if self.lease.still_valid() else "standby",
-                    "epoch": self.lease.epoch, "seen_ms": now_ms(),
-                }, ttl_ms=max(5000, self.dep.timings.lease_ttl_ms * 5))
-            except (RedisError, OSError) as exc:
-                log.warning("sync with Redis failed: %s", exc)
+                # bounded: the store client waits out a failover (~11 s of retries), and a round stuck
+                # that long would look like a stalled loop to the loop watch, a false alarm for staff
+                await asyncio.wait_for(self._sync_once(), SYNC_ROUND_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("sync with Redis failed: %s", exc or type(exc).__name__)
             self.sync_rounds += 1
             await asyncio.sleep(0.25)
 
@@ -176,17 +208,31 @@ class Runtime:
             log.warning("cannot read state from Redis at start: %s", exc)
 
     # --- views ---------------------------------------------------------------------------------
+    async def _read(self, what: str, read, cache: dict) -> dict:  # noqa: ANN001 - an awaitable factory
+        """A read for the state view: bounded, and the last answer while the store is away."""
+        if self.storewatch.rounds == 0 or self.storewatch.available():
+            try:
+                fresh = await asyncio.wait_for(read(), STATE_READ_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("state view: cannot read %s from the store (%s); showing the last known", what, exc)
+            else:
+                cache.clear()
+                cache.update(fresh)
+        return dict(cache)
+
     async def host_views(self) -> list[HostView]:
         dep, now = self.dep, now_ms()
         hb_timeout = dep.timings.heartbeat_timeout_ms
         late_after = dep.timings.heartbeat_interval_ms * 2
         host_names = [a.name for a in dep.agents]
-        hosts_raw = await self.store.read_hosts(host_names)
+        hosts_raw = await self._read("hosts", lambda: self.store.read_hosts(host_names), self._hosts_raw)
         hosts: list[HostView] = []
         for name in host_names:
-            hb, received = hosts_raw[name]
+            hb, received = hosts_raw.get(name, (None, None))
             age = now - received if received else None
-            state = "lost" if age is None or age > hb_timeout else ("late" if age > late_after else "alive")
+            # heartbeats that came while the store was away could not be stored: that time is not silence
+            silent = age - self.storewatch.blind_ms(received, now) if received and age is not None else None
+            state = "lost" if silent is None or silent > hb_timeout else ("late" if silent > late_after else "alive")
             hosts.append(HostView(name=name, state=state, heartbeat_age_ms=age, seq=hb.seq if hb else None,
                                   metrics=hb.metrics if hb else None, processes=hb.processes if hb else [],
                                   watchdog=hb.watchdog if hb else None))
@@ -196,12 +242,14 @@ class Runtime:
         dep, now = self.dep, now_ms()
         hosts = await self.host_views()
         by_host = {h.name: h for h in hosts}
-        disp_raw = await self.store.read_dispatchers([d.name for d in dep.dispatchers])
+        names = [d.name for d in dep.dispatchers]
+        disp_raw = await self._read("dispatchers", lambda: self.store.read_dispatchers(names), self._dispatchers_raw)
+        store = self.storewatch.view()
 
         servers = []
         for b in self.pool:
             hv = by_host.get(b.server_host)
-            diagnosis, detail = diagnose(b, hv)
+            diagnosis, detail = diagnose(b, hv, None if store.available else store.diagnosis)
             servers.append(ServerView(
                 diagnosis=diagnosis, diagnosis_detail=detail,  # type: ignore[arg-type]
                 name=b.name, url=b.url, host=b.server_host, state=b.state, admin=b.admin,
@@ -219,9 +267,12 @@ class Runtime:
             raw = disp_raw.get(d.name) or {}
             seen = int(raw["seen_ms"]) if raw.get("seen_ms") else None
             me = d.name == self.spec.name
-            healthy = me or (seen is not None and now - seen < stale_after)
-            role = "leader" if d.name == leader else ("standby" if healthy else "unknown")
             heard = self.peers.heard.get(d.name)
+            healthy = me or (seen is not None and now - seen < stale_after)
+            if not healthy and not store.available and heard is not None:
+                # its presence cannot be stored now; its direct heartbeat still says it is there
+                healthy = (time.monotonic() - heard) * 1000 < stale_after
+            role = "leader" if d.name == leader else ("standby" if healthy else "unknown")
             dispatchers.append(DispatcherView(
                 name=d.name, role=role, healthy=healthy, ops_url=d.ops_url, data_url=d.data_url,  # type: ignore[arg-type]
                 epoch=self.lease.epoch if me else (int(raw["epoch"]) if raw.get("epoch") else None),
@@ -232,13 +283,20 @@ class Runtime:
         plane = getattr(self.pool, "data_plane", None)
         return ClusterState(cluster=dep.cluster, leader=leader, served_by=self.spec.name, now_ms=now,
                             dispatchers=dispatchers, servers=servers, hosts=hosts,
-                            proxy=plane.counters() if plane is not None else None)
+                            proxy=plane.counters() if plane is not None else None, store=store)
 
 
-def diagnose(b: Backend, host: HostView | None) -> tuple[str, str | None]:
-    """Combine the dispatcher's checks with the host agent's heartbeat (tactic T4)."""
+def diagnose(b: Backend, host: HostView | None, store_down: str | None = None) -> tuple[str, str | None]:
+    """Combine the dispatcher's checks with the host agent's heartbeat (tactic T4).
+
+    `store_down`: why the shared store is away, if it is. Then heartbeats cannot be stored, so a
+    silent agent says nothing about its host; the store is the fault staff need to see."""
     if b.admin != "enabled":
         return "admin", f"{b.admin} by staff"
+    if store_down is not None:
+        if b.health == "up":
+            return SHARED_STATE, "server answers; requests that need the store get 503 + Retry-After until it is back"
+        return SHARED_STATE, "server not answering either; its host's state is unknown while the store is away"
     agent_alive = host is not None and host.state != "lost"
     proc = next((p for p in host.processes if p.name == b.name), None) if host else None
     if b.health == "up":

@@ -98,3 +98,36 @@ def test_headless_demo_status_chaos_and_clean_stop(tmp_path: Path) -> None:
     assert code == 0, (tmp_path / "demo.log").read_text()
     assert [p for p in pids if pid_alive(p)] == []
     assert not state_file.exists()
+
+
+def test_demo_started_again_on_its_workdir_keeps_tokens_ports_and_state(tmp_path: Path) -> None:
+    state_file, work = tmp_path / "demo.json", tmp_path / "work"
+
+    def run_demo(n: int) -> tuple[subprocess.Popen[bytes], dict]:
+        log = open(tmp_path / f"demo{n}.log", "wb")
+        demo = subprocess.Popen([sys.executable, "-m", "ctops.cli", "demo", "--headless", "--state-file",
+                                 str(state_file), "--workdir", str(work)], stdout=log, stderr=subprocess.STDOUT)
+        wait_for("state file", lambda: state_file.exists() or demo.poll() is not None, timeout=120, every=0.3)
+        assert demo.poll() is None, (tmp_path / f"demo{n}.log").read_text()
+        return demo, json.loads(state_file.read_text())
+
+    demo, first = run_demo(1)
+    try:
+        r = httpx.post(first["dispatchers"][0]["data_url"] + "/api/sessions", json={"learner": "ada"}, timeout=30)
+        assert r.status_code == 201, r.text
+        sid = r.json()["session_id"]
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 0
+    demo, second = run_demo(2)
+    try:
+        assert second["tokens"] == first["tokens"]
+        assert [(d["data_url"], d["ops_url"]) for d in second["dispatchers"]] == \
+            [(d["data_url"], d["ops_url"]) for d in first["dispatchers"]]
+        assert [n["url"] for n in second["redis"]["nodes"]] == [n["url"] for n in first["redis"]["nodes"]]
+        # the learner's session outlived the restart (AOF)
+        r = httpx.get(f"{second['dispatchers'][0]['data_url']}/api/sessions/{sid}", timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 0

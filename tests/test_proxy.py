@@ -942,7 +942,7 @@ def test_trainer_internal_routes_are_hidden_from_learners(backends: Backends) ->
     async def scenario() -> None:
         async with proxy(make_pool({"a": backends.http["a"]})) as plane:
             c = await Client.open(plane.port)
-            for path in ("/docs", "/redoc", "/openapi.json", "/healthz", "/healthz?tag=x", "/docs/",
+            for path in ("/docs", "/redoc", "/openapi.json", "/healthz", "/readyz", "/healthz?tag=x", "/docs/",
                          "/docs/oauth2-redirect", "/%68ealthz", "/openapi%2Ejson", "http://t/healthz", "/_debug/raise"):
                 for method in ("GET", "HEAD"):
                     r = await c.request(method, path)

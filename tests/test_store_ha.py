@@ -215,6 +215,8 @@ def test_writes_wait_for_a_replica_learner_refused_staff_kept(tmp_path: Path) ->
             # a learner is told to retry instead of getting a session a failover could lose
             r = httpx.post(base + "/api/sessions", json={"learner": "bob"}, timeout=30)
             assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
+            with store.primary().admin() as admin:  # and staff can see it happened
+                assert int(admin.get(k.store_writes_unconfirmed) or 0) >= 1
             # a staff action is kept (not undone behind the operator's back) and reported
             r = httpx.post(c.ops_url() + "/api/v1/servers/trainer-1/drain", headers=c.auth("operator"), timeout=30)
             assert r.status_code == 200, r.text
@@ -228,3 +230,39 @@ def test_writes_wait_for_a_replica_learner_refused_staff_kept(tmp_path: Path) ->
     finally:
         c.stop()
         store.stop()
+
+
+def test_store_started_again_on_its_workdir_comes_back_as_it_was_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = EmbeddedStore(tmp_path / "store", prefix="rs").start()
+    for var, value in first.secrets.env().items():
+        monkeypatch.setenv(var, value)
+    settings = RedisSettings.model_validate(
+        {"prefix": "rs", "sentinels": first.sentinel_addresses, "sentinel_password_env": "CTOPS_SENTINEL_PASSWORD",
+         "users": {"admin": {"username": "ctops-admin", "password_env": "CTOPS_REDIS_ADMIN_PASSWORD"}}})
+    try:
+        with first.primary().admin() as r:
+            r.set("rs:session:before", "1")
+        first.nodes[0].proc.kill()  # type: ignore[union-attr]
+        # through the Sentinels, as the processes write: waits until the promoted node takes writes
+        with redisconn.sync_client(settings, "admin") as r:
+            r.set("rs:session:after", "2")
+            assert r.execute_command("WAIT", 1, 5000) >= 1
+        promoted = first.primary()
+        assert promoted is not first.nodes[0]
+        ports = [n.port for n in [*first.nodes, *first.sentinels]]
+    finally:
+        first.stop()
+    again = EmbeddedStore(tmp_path / "store", prefix="rs").start()
+    try:
+        assert again.restarted and [n.port for n in [*again.nodes, *again.sentinels]] == ports
+        # the Sentinels' rewritten view: the promoted node is still the primary, the old one follows it
+        assert again.primary().name == promoted.name
+        with again.primary().admin() as r:
+            assert (r.get("rs:session:before"), r.get("rs:session:after")) == (b"1", b"2")
+        wait_for("the old primary back as a replica", lambda: again.nodes[0].admin(decode_responses=True)
+                 .info("replication").get("master_link_status") == "up", timeout=60)
+        with again.nodes[0].admin() as r:
+            assert r.get("rs:session:after") == b"2"
+    finally:
+        again.stop()

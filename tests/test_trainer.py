@@ -136,15 +136,17 @@ def submit(base: str, sid: str, code: str, exercise: str = "fizzbuzz") -> dict:
     return poll(base, sid, accepted["submission_id"])
 
 
-def test_healthz(c: Cluster) -> None:
+def test_healthz_and_readyz(c: Cluster) -> None:
     r = httpx.get(c.t1 + "/healthz")
     assert r.status_code == 200
-    body = r.json()
-    assert body["status"] == "ok" and body["server"] == "trainer-1"
-    assert isinstance(body["active_sessions"], int)
+    live = r.json()
+    assert live["status"] == "ok" and live["server"] == "trainer-1" and "active_sessions" not in live
     # what confines learner code on this server, as probed at its start
-    assert body["sandbox"]["network"] in ("namespace", "seccomp") and body["sandbox"]["runs_code"] is True
-    assert body["sandbox"]["budget"] in ("cgroup2", "cgroup1", "rlimit")
+    assert live["sandbox"]["network"] in ("namespace", "seccomp") and live["sandbox"]["runs_code"] is True
+    assert live["sandbox"]["budget"] in ("cgroup2", "cgroup1", "rlimit")
+    body = httpx.get(c.t1 + "/readyz").json()
+    assert body["status"] == "ok" and body["store"] == "ok" and body["server"] == "trainer-1"
+    assert isinstance(body["active_sessions"], int)
 
 
 def test_a_forged_report_through_a_trainer_is_not_a_pass(c: Cluster) -> None:
@@ -232,7 +234,11 @@ def test_session_is_served_by_another_trainer(c: Cluster) -> None:
     assert waited.status_code == 200 and waited.json()["status"] == "done" and waited.json()["verdict"] == "passed"
     assert second["server"] == "trainer-2" and second["verdict"] == "failed"
     assert httpx.get(f"{c.t1}/api/sessions/{sid}/submissions/{second['submission_id']}").status_code == 200
-    assert httpx.get(c.t2 + "/healthz").json()["active_sessions"] >= 1
+    # readiness reports the sessions as its background probe of the store last counted them
+    deadline = time.monotonic() + 10
+    while httpx.get(c.t2 + "/readyz").json()["active_sessions"] < 1:
+        assert time.monotonic() < deadline, "readyz never counted the active session"
+        time.sleep(0.1)
 
 
 def test_bad_requests_are_4xx_and_store_nothing(c: Cluster) -> None:
@@ -302,7 +308,7 @@ def fizzbuzz(n):
     assert body["tests"][0]["passed"]
 
 
-def test_unexpected_errors_are_json_500_and_healthz_reports_redis_loss() -> None:
+def test_store_loss_is_a_json_503_with_retry_after_and_only_readiness_reports_it() -> None:
     import redis.asyncio as aioredis
     from fastapi.testclient import TestClient
 
@@ -314,10 +320,32 @@ def test_unexpected_errors_are_json_500_and_healthz_reports_redis_loss() -> None
                         "servers": [{"name": "t", "url": "http://127.0.0.1:3"}]})
     with TestClient(create_app(deployment, "t", dead), raise_server_exceptions=False) as client:
         r = client.get("/api/sessions/s_x")
+        assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")
+        assert r.headers["retry-after"] == "2" and "shared state" in r.json()["detail"]
+        # liveness is the process alone: an agent must not restart a server because the store is away
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "store-unavailable"
+        assert client.get("/api/exercises").status_code == 200  # what needs no store is still served
+
+
+def test_unexpected_store_answers_are_json_500(redis_server: EmbeddedRedis) -> None:
+    import redis.asyncio as aioredis
+    from fastapi.testclient import TestClient
+
+    from ctops.config import parse
+    from trainer.app import create_app
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    deployment = parse({"dispatchers": [{"name": "A", "data": "127.0.0.1:1", "ops": "127.0.0.1:2"}],
+                        "servers": [{"name": "t", "url": "http://127.0.0.1:3"}], "redis": {"prefix": prefix}})
+    redis.Redis.from_url(redis_server.url).set(Keys(prefix).session("s_odd"), "not a hash")
+    client_redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    with TestClient(create_app(deployment, "t", client_redis), raise_server_exceptions=False) as client:
+        r = client.get("/api/sessions/s_odd")  # WRONGTYPE: a bug or bad data, not an outage
         assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
         assert r.json()["detail"] == "internal server error" and r.json()["error_id"]
-        h = client.get("/healthz")
-        assert h.status_code == 503 and h.json()["status"] == "redis-unavailable"
+        assert client.get("/readyz").status_code == 200
 
 
 def test_unknown_server_name_is_a_clear_error(tmp_path: Path) -> None:

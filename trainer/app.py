@@ -17,6 +17,7 @@ from typing import Annotated
 
 import httpx
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exc
 from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
@@ -30,6 +31,7 @@ from trainer import review, sandbox
 from trainer.exercises import EXERCISES
 from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprint
 from trainer.lease import Lease
+from trainer.readiness import StoreProbe
 from trainer.review import Reviewer
 from trainer.store import Store, connect, connect_raw, new_id, now_ms, raw_twin
 from trainer.work import Worker, step
@@ -40,7 +42,8 @@ CODE_MAX_BYTES = 64 * 1024
 # JSON escaping can double a body's size relative to the code it carries
 BODY_MAX_BYTES = 3 * CODE_MAX_BYTES
 COOKIE = "ctops_session"
-HEALTH_REDIS_TIMEOUT = 1.0
+# what a learner is told when a request needs the shared store and it does not answer
+STORE_RETRY_AFTER_S = 2
 WAIT_MAX_SECONDS = 60.0
 WAIT_POLL_SECONDS = 0.1
 IdemKey = Annotated[str | None, Header(alias=HEADER)]
@@ -80,6 +83,16 @@ def session_damaged(sid: str, qid: str) -> JSONResponse:
                                    "start a new session", "next": "POST /api/sessions"}, 410)
 
 
+# answers of a store that is away for the moment: starting, failing over, or short of replicas
+_AWAY_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN")
+
+
+def store_away(exc: Exception) -> bool:
+    if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError | redis_exc.ReadOnlyError):
+        return True
+    return isinstance(exc, redis_exc.ResponseError) and str(exc).startswith(_AWAY_REPLIES)
+
+
 def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.Redis | None = None) -> FastAPI:
     deployment.server(server_name)  # fails early on an unknown name
     keys = Keys(prefix=deployment.redis.prefix)
@@ -97,9 +110,12 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         app.state.idem = Idempotency(raw, keys, server_name, deployment.trainer)
         app.state.worker.start_loops()
         app.state.sandbox = (await asyncio.to_thread(sandbox.confinement, deployment.sandbox)).to_dict()
+        app.state.probe = StoreProbe(app.state.store)
+        await app.state.probe.start()
         try:
             yield
         finally:
+            await app.state.probe.stop()
             await app.state.worker.stop()
             await app.state.http.aclose()
             await raw.aclose()
@@ -135,16 +151,28 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
         return JSONResponse({"detail": "internal server error", "error_id": error_id, "server": server_name}, 500)
 
+    @app.exception_handler(aioredis.RedisError)
+    async def store_unavailable(request: Request, exc: aioredis.RedisError) -> JSONResponse:
+        if not store_away(exc):
+            return await internal_error(request, exc)
+        # the shared store is away (an outage or a failover): a clear answer the learner can retry,
+        # not an internal error
+        log.warning("shared store unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "shared state temporarily unavailable; retry shortly", "server": server_name,
+                             "retry_after_s": STORE_RETRY_AFTER_S}, 503,
+                            headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
-        try:
-            n = await asyncio.wait_for(store(request).active_sessions(), HEALTH_REDIS_TIMEOUT)
-        except (TimeoutError, aioredis.RedisError, OSError) as exc:
-            # without Redis this server cannot serve any session, so it must not receive users
-            return JSONResponse({"status": "redis-unavailable", "server": server_name, "active_sessions": None,
-                                 "error": f"{type(exc).__name__}: {exc}"[:300]}, 503)
-        return JSONResponse({"status": "ok", "server": server_name, "active_sessions": n,
-                             "sandbox": request.app.state.sandbox})
+        """Liveness: this process answers. Never touches Redis: a store outage must not get healthy
+        servers restarted by their agents."""
+        return JSONResponse({"status": "ok", "server": server_name, "sandbox": request.app.state.sandbox})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness for the dispatcher's checks: the store as last probed in the background (no wait)."""
+        status, body = request.app.state.probe.readiness(server_name)
+        return JSONResponse(body, status)
 
     @app.get("/api/exercises")
     async def list_exercises() -> dict:

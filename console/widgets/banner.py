@@ -1,8 +1,10 @@
-"""The outage banner: hidden while the ops API answers, loud when it does not."""
+"""The outage banners: hidden while all is well, loud when the ops API or the shared store is away."""
 
 from __future__ import annotations
 
 from textual.widgets import Static
+
+from ctops.wire import StoreView
 
 
 class OutageBanner(Static):
@@ -20,3 +22,16 @@ class OutageBanner(Static):
 
     def clear_problem(self) -> None:
         self.display = False
+
+
+class StoreBanner(Static):
+    """The dispatcher answers but the shared store (Redis) does not: say so, rather than let
+    staff read the symptoms (silent hosts, refused actions) as a host or network failure."""
+
+    def show(self, store: StoreView | None) -> None:
+        if store is None or (store.available and store.primary is not None):
+            self.display = False
+            return
+        why = store.diagnosis or "shared state unavailable"
+        self.update(f"⚠  {why}\n   Servers stay in rotation; staff actions and new sessions wait for the store.")
+        self.display = True

@@ -48,7 +48,24 @@ def summary_parts(
     hosts = Counter(h.state for h in state.hosts)
     by_host = [(f"{hosts[n]} {n}", _HOST_STYLE[n]) for n in ("alive", "late", "lost") if hosts[n]]
     second.append(Text.assemble(f"hosts {len(state.hosts)}: ", *_spaced(by_host)))
+    if state.store is not None:
+        second.append(_store_part(state))
     return [first, second]
+
+
+def _store_part(state: ClusterState) -> Text:
+    store = state.store
+    assert store is not None
+    if not store.available or store.primary is None:
+        return Text.assemble("store ", ("UNAVAILABLE" if store.primary else "NO PRIMARY", "bold reverse red"))
+    part = Text.assemble("store ", (store.primary, "bold"))
+    if store.replicas:
+        up = sum(1 for r in store.replicas if r.state == "up")
+        part.append_text(Text.assemble(" ", (f"{up}/{len(store.replicas)}",
+                                              "" if up == len(store.replicas) else "bold yellow"), " replicas"))
+    if store.failover_in_progress:
+        part.append(" failing over", style="bold yellow")
+    return part
 
 
 def _spaced(items: list[tuple[str, str]]) -> list[tuple[str, str]]:

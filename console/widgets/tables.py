@@ -1,8 +1,8 @@
-"""The other live tables: supervised processes per host, dispatchers, LLM providers."""
+"""The other live tables: supervised processes per host, dispatchers, LLM providers, store nodes."""
 
 from __future__ import annotations
 
-from console.format import DISPATCHER_COLUMNS, PROCESS_COLUMNS, PROVIDER_COLUMNS
+from console.format import DISPATCHER_COLUMNS, PROCESS_COLUMNS, PROVIDER_COLUMNS, STORE_COLUMNS
 from console.widgets.live_table import LiveTable
 
 
@@ -18,3 +18,9 @@ class DispatchersTable(LiveTable):
 
 class ProvidersTable(LiveTable):
     COLUMNS = PROVIDER_COLUMNS
+
+
+class StoreTable(LiveTable):
+    """The store's nodes: primary, replicas, Sentinels (key: node name)."""
+
+    COLUMNS = STORE_COLUMNS

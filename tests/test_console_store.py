@@ -1,0 +1,241 @@
+"""The console's Store tab (6) and its confirmed, audited "fail over the store now" action, the
+shared-state banner, and snapshots at 80x24 and 200x50 (whose text is also checked in words)."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from rich.text import Text
+from textual.pilot import Pilot
+from textual.widgets import Label, Static
+
+import console.format
+from console.app import ConsoleApp, create_app
+from console.client import ConsoleClient
+from console.screens.confirm import ConfirmAction
+from console.source import FixedSource
+from console.widgets.banner import StoreBanner
+from console.widgets.tables import StoreTable
+from ctops.wire import ClusterState, StoreReplicaView, StoreSentinelView, StoreView
+from tests.cluster import Cluster
+from tests.test_console import SIZE, T0, fixed_events, fixed_providers, fixed_state, until
+
+SNAPSHOTS = Path(__file__).parent / "__snapshots__" / "test_console_store"
+
+
+@pytest.fixture(autouse=True)
+def utc_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(console.format, "LOCAL_TZ", UTC)
+    yield
+
+
+def fixed_store(**kw: Any) -> StoreView:
+    base = StoreView(
+        mode="sentinel", available=True, primary="redis-1",
+        replicas=[StoreReplicaView(name="redis-2", state="up", lag_ms=0, address="10.0.1.2:6379"),
+                  StoreReplicaView(name="redis-3", state="down", lag_ms=None, address="10.0.1.3:6379")],
+        sentinels=[StoreSentinelView(name=f"sentinel-{i}", state="down" if i == 3 else "up",
+                                     address=f"10.0.1.{i}:26379") for i in (1, 2, 3)],
+        last_failover_ms=T0 - 3_600_000, writes_unconfirmed=3)
+    return base.model_copy(update=kw)
+
+
+def store_state(**kw: Any) -> ClusterState:
+    return fixed_state().model_copy(update={"store": fixed_store(**kw)})
+
+
+def fixed(state: ClusterState | None = None, role: str = "operator") -> tuple[ConsoleApp, FixedSource]:
+    source = FixedSource(state or store_state(), role=role, events=fixed_events(), providers=fixed_providers())
+    return create_app(source, interval=3600), source
+
+
+async def loaded(pilot: Pilot[int]) -> None:
+    app = pilot.app
+    assert isinstance(app, ConsoleApp)
+    await until(pilot, "first state", lambda: app.applied >= 1 and app.who is not None)
+    await pilot.pause()
+
+
+async def store_tab(pilot: Pilot[int]) -> None:
+    await loaded(pilot)
+    await pilot.press("6")
+    app = pilot.app
+    assert isinstance(app, ConsoleApp)
+    await until(pilot, "store tab", lambda: app.active_tab == "store")
+    await pilot.pause()
+
+
+async def confirm(pilot: Pilot[int], key: str) -> str:
+    app = pilot.app
+    await pilot.press(key)
+    await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+    text = " ".join(Text.from_markup(str(label.content)).plain for label in app.screen.query(Label))
+    await pilot.press("y")
+    return text
+
+
+def noticed(app: ConsoleApp, title: str, *words: str) -> bool:
+    return any(title in n.title and all(w in n.message for w in words) for n in app.notices)
+
+
+def static_plain(w: Static) -> str:
+    c = w.content
+    return c.plain if isinstance(c, Text) else str(c)
+
+
+# --- without network ------------------------------------------------------------------------------
+
+async def test_store_tab_shows_topology_and_fails_over_when_confirmed() -> None:
+    app, source = fixed()
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        table = app.query_one(StoreTable)
+        assert table.get_cell("redis-1", "role").plain == "★ primary"
+        assert table.get_cell("redis-3", "state").plain == "✖ down"
+        assert table.get_cell("sentinel-3", "state").plain == "✖ down"
+        summary = static_plain(app.query_one("#store-summary", Static))
+        assert "primary redis-1" in summary and "writes unconfirmed 3" in summary
+        assert "Last failover 2023-11-14 21:13:20" in summary
+        said = await confirm(pilot, "F")
+        assert "Fail the store over now?" in said and "Primary now: redis-1; replicas up: redis-2." in said
+        await until(pilot, "the result", lambda: noticed(app, "Store failed over", "redis-1 → redis-2"))
+        assert source.calls == [("store_failover",)]
+        await until(pilot, "the new primary shown", lambda: (table.shown("redis-2") or ("", ""))[1] == "primary")
+        assert table.get_cell("redis-1", "role").plain == "replica"
+
+
+async def test_failover_is_asked_first_and_cancel_changes_nothing() -> None:
+    app, source = fixed()
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        await pilot.press("F")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        await pilot.press("enter")  # Cancel has the focus: a stray Enter changes nothing
+        await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+        await pilot.pause()
+        assert source.calls == []
+        await pilot.press("1", "F")  # F belongs to the Store tab only
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmAction)
+
+
+async def test_a_viewer_is_told_no() -> None:
+    app, source = fixed(role="viewer")
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        await confirm(pilot, "F")
+        await until(pilot, "refusal", lambda: noticed(app, "Permission denied", "viewer"))
+        assert source.calls == [] and source.current.store.primary == "redis-1"  # type: ignore[union-attr]
+
+
+async def test_store_away_shows_a_banner_not_a_host_failure() -> None:
+    state = store_state(available=False, unavailable_since_ms=T0 - 5000,
+                        diagnosis="shared state unavailable: redis-1 not answering for 5 s; routing continues "
+                                  "on the last known state")
+    app, source = fixed(state)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        banner = app.query_one(StoreBanner)
+        assert banner.display
+        assert "shared state unavailable: redis-1 not answering" in static_plain(banner)
+        source.current = store_state()
+        seen = app.applied
+        app.action_refresh_now()
+        await until(pilot, "refresh", lambda: app.applied > seen)
+        assert not banner.display
+
+
+# --- snapshots, read back in words ----------------------------------------------------------------
+
+def svg_lines(svg: str) -> list[str]:
+    """The screen's text, line by line, from a Rich SVG export (cells are 12.2 x 24.4 units there)."""
+    grid: dict[int, dict[int, str]] = {}
+    for m in re.finditer(r'<text class="terminal-r\d+" x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>', svg):
+        row, col = round((float(m[2]) - 20) / 24.4), round(float(m[1]) / 12.2)
+        for i, ch in enumerate(html.unescape(m[3]).replace("\xa0", " ")):
+            grid.setdefault(row, {})[col + i] = ch
+    if not grid:
+        return []
+    lines = []
+    for row in range(max(grid) + 1):
+        cells = grid.get(row, {})
+        lines.append("".join(cells.get(c, " ") for c in range(max(cells) + 1 if cells else 0)).rstrip())
+    return lines
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])
+def test_snapshot_store_tab(snap_compare: Callable[..., bool], size: tuple[int, int],
+                            request: pytest.FixtureRequest) -> None:
+    assert snap_compare(fixed()[0], terminal_size=size, run_before=store_tab)
+    svg = (SNAPSHOTS / f"{request.node.name}.svg").read_text()
+    lines = svg_lines(svg)
+    screen = "\n".join(lines)
+    # the accepted picture: tab 6 open, the topology with its down nodes, the failover key in the footer
+    assert "6 Store" in screen and "1 Servers" in screen
+    assert any("Store sentinel · primary redis-1 · available" in ln for ln in lines)
+    assert any("store redis-1 1/2 replicas" in ln for ln in lines[:4])  # the header, seen from every tab
+    assert any("writes unconfirmed 3" in ln for ln in lines)
+    assert any("redis-1" in ln and "★ primary" in ln and "● up" in ln for ln in lines)
+    assert any("redis-2" in ln and "replica" in ln and "0ms" in ln for ln in lines)
+    assert any("redis-3" in ln and "✖ down" in ln for ln in lines)
+    assert any("sentinel-3" in ln and "✖ down" in ln for ln in lines)
+    assert any("F" in ln and "Fail over" in ln for ln in lines[-2:])
+    assert len(lines) == size[1]
+
+
+def test_snapshot_failover_dialog(snap_compare: Callable[..., bool]) -> None:
+    async def ask(pilot: Pilot[int]) -> None:
+        await store_tab(pilot)
+        await pilot.press("F")
+        await until(pilot, "confirm dialog", lambda: isinstance(pilot.app.screen, ConfirmAction))
+
+    assert snap_compare(fixed()[0], terminal_size=(80, 24), run_before=ask)
+    screen = "\n".join(svg_lines((SNAPSHOTS / "test_snapshot_failover_dialog.svg").read_text()))
+    assert "Fail the store over now?" in screen and "Fail over (y)" in screen and "Cancel (n)" in screen
+
+
+# --- a real cluster -------------------------------------------------------------------------------
+
+def audit(c: Cluster) -> list[dict[str, str]]:
+    r = httpx.get(f"{c.ops_url()}/api/v1/audit", headers=c.auth("viewer"), timeout=5)
+    r.raise_for_status()
+    return r.json()
+
+
+def store_view(c: Cluster) -> dict[str, Any]:
+    r = httpx.get(f"{c.ops_url()}/api/v1/store", headers=c.auth("viewer"), timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def failover_as(c: Cluster, role: str) -> httpx.Response:
+    return httpx.post(f"{c.ops_url()}/api/v1/store/failover", headers=c.auth(role), timeout=30)
+
+
+async def test_one_node_store_on_a_live_cluster(running_dispatcher: Cluster) -> None:
+    c = running_dispatcher
+    app = create_app(ConsoleClient([c.ops_url()], c.operator_token), interval=0.3)
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        table = app.query_one(StoreTable)
+        node = f"127.0.0.1:{c.redis.port}"
+        await until(pilot, "the node as primary", lambda: (table.shown(node) or ("", "", ""))[2] == "up")
+        assert table.get_cell(node, "role").plain == "★ primary" and table.row_count == 1
+        await pilot.press("F")
+        await until(pilot, "told why not", lambda: noticed(app, "Nothing to fail over to", node))
+        assert not isinstance(app.screen, ConfirmAction)
+    # the route refuses (and audits) a failover of a one-node store
+    r = failover_as(c, "operator")
+    assert r.status_code == 409 and "one node" in r.json()["error"]
+    assert failover_as(c, "viewer").status_code == 403
+    entry = next(e for e in audit(c) if e["action"] == "store_failover")
+    assert entry["who"] == "test-operator" and entry["result"].startswith("refused: this store is one node")
+    view = store_view(c)
+    assert view["mode"] == "single" and view["primary"] == node and view["replicas"] == view["sentinels"] == []
