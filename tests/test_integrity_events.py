@@ -53,6 +53,8 @@ def test_staff_see_the_quarantine_and_discard_a_record_only_when_confirmed(runni
     with redis.Redis.from_url(c.redis.url) as r:
         r.hset(key, "created_ms", b"\xc3\x28")
     assert httpx.get(f"{base}/api/sessions/{sid}", timeout=30).status_code == 410
+    # `ctops status --json` shows the count (store.corrupt_found), from the dispatcher's store watch
+    wait_for("store.corrupt_found", lambda: c.state()["store"]["corrupt_found"] == 1, 30)
     view = httpx.get(c.ops_url() + "/api/v1/store/integrity", headers=c.auth("viewer"), timeout=10).json()
     assert view["corrupt_found"] == 1 and view["repaired"] == 0
     [item] = view["quarantined"]
