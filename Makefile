@@ -31,9 +31,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# tests mostly wait on real processes, so three workers on two cores; a module stays on one worker
+# (its cluster fixtures are started once), and each worker hands out ports from its own range
+TEST_WORKERS ?= 3
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/ctops bench proxy
