@@ -69,3 +69,21 @@ def test_staff_see_the_quarantine_and_discard_a_record_only_when_confirmed(runni
     assert after["quarantined"] == []
     audit = httpx.get(c.ops_url() + "/api/v1/audit", headers=c.auth("viewer"), timeout=10).json()
     assert any(a["action"] == "quarantine-discard" and a["target"] == key and a["role"] == "operator" for a in audit)
+
+
+def test_damaged_llm_controls_are_repaired_from_the_last_intact_copy(running_dispatcher: Cluster) -> None:
+    c = running_dispatcher
+    key = Keys(prefix=c.prefix).llm_control
+    r = httpx.post(c.ops_url() + "/api/v1/llm/providers/secondary/pin", headers=c.auth("operator"), timeout=10)
+    assert r.status_code == 200, r.text
+    wait_for("the pin to be applied", lambda: httpx.get(c.ops_url() + "/api/v1/llm/providers", timeout=10,
+                                                        headers=c.auth("viewer")).json()["pinned"] == "secondary")
+    with redis.Redis.from_url(c.redis.url) as rr:
+        rr.hset(key, "pin", b"sec\xffondary")
+    found = wait_for("a record_corrupt event", lambda: [e for e in events(c) if e["kind"] == "record_corrupt"
+                                                        and e["target"] == key], 30)
+    assert "llm-control" in found[0]["message"] and "repaired" in found[0]["message"]
+    with redis.Redis.from_url(c.redis.url) as rr:
+        assert rr.hget(key, "pin") == b"secondary"
+    view = httpx.get(c.ops_url() + "/api/v1/llm/providers", headers=c.auth("viewer"), timeout=10).json()
+    assert view["pinned"] == "secondary"
