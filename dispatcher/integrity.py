@@ -14,12 +14,15 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError, ResponseError
 
 from ctops import integrity
+from ctops.envelope import Corrupt
 from ctops.keys import Keys
 from dispatcher.events import EventLog
 from dispatcher.lease import Lease, NotLeader
+from dispatcher.store import admin_state_damaged
 
 log = logging.getLogger("ctops.dispatcher.integrity")
 
@@ -48,6 +51,37 @@ def event_message(f: dict[str, str]) -> str:
 async def integrity_summary(redis: Redis, keys: Keys) -> dict[str, int | None]:
     """`corrupt_found`, `repaired`, `last_scrub_ms`, for the store status (`ctops status --json`)."""
     return await integrity.summary(redis, keys)
+
+
+ADMIN_KIND = "admin-state"
+
+
+async def repair_admin_state(redis: Redis, keys: Keys, name: str, backend: object, reader: str) -> None:
+    """A server's damaged staff state: set aside and rewritten with the state this dispatcher
+    applies now (it was intact when read), so routing and the stored state agree again."""
+    key = keys.server(name)
+    current = getattr(backend, "admin", "enabled")
+
+    async def check(c: object) -> None:
+        try:
+            v = await c.hget(key, "admin")  # type: ignore[attr-defined]
+        except ResponseError as exc:
+            raise Corrupt(key, "type", str(exc)) from None
+        if admin_state_damaged(v):
+            raise Corrupt(key, "schema", "the admin field is not a staff state")
+
+    def replace(p: Pipeline, _qid: str) -> None:
+        p.hset(key, "admin", current)
+
+    try:
+        done = await integrity.contain(redis, keys, key, ADMIN_KIND, check, reader=f"dispatcher:{reader}",
+                                       replace=replace, repaired=True)
+    except (RedisError, OSError) as exc:
+        log.warning("cannot set the damaged staff state of %s aside: %s", name, exc)
+        return
+    if done is not None:
+        log.error("staff state of %s was damaged (%s): set aside as %s, rewritten as %r", name, done.reason,
+                  done.qid, current)
 
 
 class IntegrityWatch:

@@ -87,3 +87,20 @@ def test_damaged_llm_controls_are_repaired_from_the_last_intact_copy(running_dis
         assert rr.hget(key, "pin") == b"secondary"
     view = httpx.get(c.ops_url() + "/api/v1/llm/providers", headers=c.auth("viewer"), timeout=10).json()
     assert view["pinned"] == "secondary"
+
+
+def test_a_damaged_staff_state_is_rewritten_from_what_routing_applies(running_dispatcher: Cluster) -> None:
+    c = running_dispatcher
+    r = httpx.post(c.ops_url() + "/api/v1/servers/trainer-2/drain", headers=c.auth("operator"), timeout=10)
+    assert r.status_code == 200, r.text
+    key = Keys(prefix=c.prefix).server("trainer-2")
+    for damage in (b"\xff\xfe", b"banana"):
+        with redis.Redis.from_url(c.redis.url) as rr:
+            rr.hset(key, "admin", damage)
+            wait_for("the state to be rewritten", lambda rr=rr: rr.hget(key, "admin") == b"draining", 30)
+    found = [e for e in events(c) if e["kind"] == "record_corrupt" and e["target"] == key]
+    wait_for("two record_corrupt events", lambda: len([e for e in events(c) if e["kind"] == "record_corrupt"
+                                                       and e["target"] == key]) == 2, 30)
+    assert all("admin-state" in e["message"] for e in found)
+    server = next(s for s in c.state()["servers"] if s["name"] == "trainer-2")
+    assert server["admin"] == "draining"
