@@ -346,3 +346,14 @@ def test_work_that_keeps_failing_is_marked_failed_after_a_bounded_number_of_take
         got.json()["message"]
     with rclient(c) as r:
         assert r.zscore(keys(c).submissions_open, sub_id) is None
+
+
+def test_chaos_corrupt_random_damages_one_record_that_verify_finds(c: Cluster) -> None:
+    done_submission(c)
+    before = json.loads(cli(c, "store", "verify", "--json").stdout)["corrupt"]
+    r = cli(c, "chaos", "corrupt", "--random", "submission")
+    assert r.returncode == 0 and r.stdout.startswith("corrupt "), r.stderr
+    damaged_key = r.stdout.split()[1].rstrip(":")
+    report = json.loads(cli(c, "store", "verify", "--json").stdout)
+    assert report["corrupt"] == before + 1 and damaged_key in {d["key"] for d in report["damaged"]}
+    assert cli(c, "chaos", "corrupt", "--random", "nonsense").returncode == 2
