@@ -69,11 +69,12 @@ class Limits(_Strict):
     # exception ingest, per token: events per second sustained, and the burst a spool replay may use
     exceptions_per_s: float = Field(100.0, gt=0, le=1_000_000)
     exceptions_burst: int = Field(2_000, ge=1, le=10_000_000)
-    # groups kept; past it the oldest resolved group goes first, then the oldest
-    exceptions_max_groups: int = Field(5_000, ge=10, le=1_000_000)
+    # groups kept; past it the oldest resolved group goes first, then the oldest. With the stream,
+    # this bounds the store's memory: about (max_groups x 10 + stream_max) x 16 KB at worst
+    exceptions_max_groups: int = Field(2_000, ge=10, le=1_000_000)
     # a group (and its recent events) not seen for this long is forgotten
     exceptions_ttl_s: int = Field(30 * 86_400, ge=60, le=365 * 86_400)
-    exceptions_stream_max: int = Field(20_000, ge=100, le=1_000_000)
+    exceptions_stream_max: int = Field(10_000, ge=100, le=1_000_000)
     # failed authentications per client address per minute; past it, 429 until the minute is over
     auth_failures_per_minute: int = Field(10, ge=1, le=100_000)
 

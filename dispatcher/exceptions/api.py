@@ -42,7 +42,6 @@ _GID = r"^[0-9a-f]{16}$"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # the ops app declares the errors every route may give; these are the ones only some routes give
 _404: dict[int | str, dict[str, object]] = {404: {"model": ErrorBody, "description": "no such item"}}
-_RESPONSES: dict[int | str, dict[str, object]] = {}
 _SENTRY_RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorBody, "description": "project id is not a Sentry project id"},
     415: {"model": ErrorBody, "description": "unsupported Content-Encoding"}}
@@ -100,7 +99,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
         done = await take(batch.events, batch)
         return IngestResult(accepted=done.accepted, duplicates=done.duplicates)
 
-    @router.get("/api/v1/exceptions/groups", response_model=GroupList, responses=_RESPONSES)
+    @router.get("/api/v1/exceptions/groups", response_model=GroupList)
     async def groups(_: Annotated[Principal, Depends(require("read"))],
                      sort: Literal["last", "count"] = "last", status: Status | None = None,
                      q: Annotated[str, Query(max_length=200)] = "",
@@ -110,7 +109,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
                  and (not q or matches(q, g.type, g.message, g.culprit, g.services, g.hosts, g.assignee))]
         return GroupList(groups=found[:limit], total=len(found), stats=await store.stats())
 
-    @router.get("/api/v1/exceptions/stats", response_model=ExceptionStats, responses=_RESPONSES)
+    @router.get("/api/v1/exceptions/stats", response_model=ExceptionStats)
     async def stats(_: Annotated[Principal, Depends(require("read"))]) -> ExceptionStats:
         return await store.stats()
 
@@ -124,7 +123,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
         latest = max(events, key=lambda e: e.ts_ms, default=None)
         return GroupDetail(group=g, latest=latest, recent=events[:recent])
 
-    @router.get("/api/v1/exceptions/tail", response_model=TailPage, responses=_RESPONSES)
+    @router.get("/api/v1/exceptions/tail", response_model=TailPage)
     async def tail(_: Annotated[Principal, Depends(require("read"))], after: str | None = None,
                    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                    q: Annotated[str, Query(max_length=200)] = "") -> TailPage:

@@ -22,14 +22,18 @@ from ctops.capture.wire import (
     SenderCounters,
 )
 
-STREAM_MAXLEN = 20_000
+STREAM_MAXLEN = 10_000
 # an event id is remembered this long, so a batch resent (a spool replayed) within it is not counted
 # twice; together with the ingest rate limit this bounds the memory the ids take
 SEEN_TTL_S = 24 * 3600
-MAX_GROUPS = 5_000
+MAX_GROUPS = 2_000
 GROUP_TTL_S = 30 * 86_400
 PRUNE_PER_CALL = 100
-RECENT_MAX = 20
+RECENT_MAX = 10
+# an event is stored in at most this many bytes (larger ones are trimmed, see `stored_json`), so the
+# memory the store can take is bounded: about (max_groups x RECENT_MAX + stream_maxlen) x this
+STORED_EVENT_MAX = 16 * 1024
+TRIMMED_FRAMES = 20
 SCAN_MAX = 5000  # groups looked at per list request
 
 # one call per group per batch; the seen keys are built from ARGV[8] and other groups' keys (to
@@ -207,7 +211,7 @@ class ExceptionStore:
                                      PRUNE_PER_CALL]
             for e in evs:
                 args += [e.event_id, e.ts_ms, e.host, e.service, e.message[:500],
-                         e.model_dump_json(exclude_defaults=True)]
+                         stored_json(e)]
             await self._ingest(keys=[k.group(gid), k.hosts(gid), k.services(gid), k.recent(gid), k.by_last,
                                      k.by_count, k.stream, k.resolved], args=args, client=pipe)
         if counters is not None:
@@ -320,6 +324,23 @@ class ExceptionStore:
                 pipe.hdel(key, "assignee")
         await pipe.execute()
         return await self.group(gid)
+
+
+def stored_json(e: ExceptionEvent) -> str:
+    """The event as stored: as sent if it is small (real ones are a few KB), else trimmed to the
+    innermost frames without source lines, a shorter message and fewer context keys, marked so."""
+    raw = e.model_dump_json(exclude_defaults=True)
+    if len(raw) <= STORED_EVENT_MAX:
+        return raw
+    frames = e.frames if len(e.frames) <= TRIMMED_FRAMES else e.frames[:2] + e.frames[-(TRIMMED_FRAMES - 2):]
+    frames = [f.model_copy(update={"context_line": None, "filename": f.filename[-200:],
+                                   "module": f.module[-100:] if f.module else None,
+                                   "function": f.function[:100]}) for f in frames]
+    ctx = {k[:50]: v[:100] if isinstance(v, str) else v for k, v in list(e.context.items())[:20]}
+    ctx["ctops_trimmed"] = f"stored trimmed from {len(raw)} bytes"
+    small = e.model_copy(update={"frames": frames, "message": e.message[:1000], "context": ctx,
+                                 "logger": e.logger[:100] if e.logger else None})
+    return small.model_dump_json(exclude_defaults=True)
 
 
 def _view(gid: str, h: dict[str, str], hosts: list[str], services: list[str], now: int) -> GroupView:
