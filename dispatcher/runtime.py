@@ -264,6 +264,9 @@ class Runtime:
             ))
 
         leader = self.spec.name if self.lease.still_valid() else self.lease.leader_name
+        if leader != self.spec.name and not store.available:
+            # no lease can be renewed while the store is away: the last holder seen leads no more
+            leader = None
         dispatchers = []
         stale_after = max(3000, dep.timings.lease_ttl_ms * 3)
         for d in dep.dispatchers:

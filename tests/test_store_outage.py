@@ -145,6 +145,8 @@ def test_the_leader_keeps_leading_after_a_store_outage(make_cluster: Callable[..
     with frozen(redis_server) as t0:
         wait_for("the outage seen by both", lambda: not any(c.state(d)["store"]["available"] for d in c.dispatchers),
                  15)
+        # and said as it is: nobody leads while the lease cannot be renewed
+        wait_for("no leader reported", lambda: all(c.state(d)["leader"] is None for d in c.dispatchers), 15)
         while time.monotonic() - t0 < FREEZE_S:
             time.sleep(0.2)
     wait_for(f"{leader} leading again", lambda: all(c.state(d)["leader"] == leader for d in c.dispatchers), 30)
