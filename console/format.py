@@ -432,6 +432,14 @@ def store_summary(store: StoreView | None) -> Text:
         store.last_failover_ms / 1000, LOCAL_TZ).strftime("%Y-%m-%d %H:%M:%S")
     parts += [("\nLast failover ", ""), (when, "bold"), (" · writes unconfirmed ", ""),
               (str(store.writes_unconfirmed), "bold yellow" if store.writes_unconfirmed else "bold")]
+    if store.corrupt_found or store.last_scrub_ms is not None:
+        scrub = "not yet" if store.last_scrub_ms is None else f"{store.last_scrub_ms / 1000:.1f} s"
+        parts += [("\nDamaged records found ", ""),
+                  (str(store.corrupt_found), "bold red" if store.corrupt_found else "bold"),
+                  (" · repaired ", ""), (str(store.repaired), "bold"), (" · last full check took ", ""),
+                  (scrub, "bold")]
+        if store.corrupt_found > store.repaired:
+            parts.append(("  (ctops store quarantine list)", "dim"))
     if store.diagnosis:
         parts += [("\n", ""), (store.diagnosis, "bold red" if not store.available else "yellow")]
     elif store.error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import re
 import signal
@@ -77,6 +78,8 @@ def thaw_store(doc: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "corrupt":
+        return importlib.import_module("ctops.corrupt").run(args)
     try:
         doc = statefile.read(args.state_file)
         by_role = statefile.redis_nodes(doc) and re.fullmatch(r"redis|redis-primary|redis-replica-\d+", args.target)

@@ -12,7 +12,7 @@ from ctops.config import ConfigError
 DEFAULT_STATE_FILE = ".ctops/demo.json"
 # `ctops bench NAME` runs ctops.bench.<NAME with - as _>:run
 BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console",
-              "store-failover"]
+              "store-failover", "store"]
 
 # subcommand -> "module:function" taking the parsed arguments and returning an exit code
 HANDLERS = {
@@ -24,6 +24,7 @@ HANDLERS = {
     "console": "console.main:run",
     "status": "ctops.status:run",
     "chaos": "ctops.chaos:run",
+    "store": "ctops.storecli:run",
     "bench": "ctops.bench:run",
     "load": "ctops.load:run",
     "exceptions": "ctops.exceptions_cli:run",
@@ -64,11 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quiet", "-q", action="store_true",
                     help="print nothing; the exit code says it: 0 healthy, 1 degraded, 2 critical, 3 unknown")
 
-    ch = sub.add_parser("chaos", help="SIGKILL / SIGSTOP / SIGCONT a demo process by name")
-    ch.add_argument("action", choices=["kill", "freeze", "thaw"])
-    ch.add_argument("target", help="a name from the state file, e.g. trainer-1, A, host-2, redis-2, sentinel-1; "
-                    "or redis-primary, redis-replica-N: the node in that role now")
+    ch = sub.add_parser("chaos", help="SIGKILL / SIGSTOP / SIGCONT a demo process by name; corrupt a record")
+    ch.add_argument("action", choices=["kill", "freeze", "thaw", "corrupt"])
+    ch.add_argument("target", nargs="?", default="",
+                    help="a name from the state file, e.g. trainer-1, A, host-2, redis-2, sentinel-1; "
+                    "or redis-primary, redis-replica-N: the node in that role now; for corrupt: a Redis key")
     ch.add_argument("--state-file", default=DEFAULT_STATE_FILE)
+    ch.add_argument("--random", metavar="KIND", help="corrupt: a random record of this kind (session, ...)")
+    ch.add_argument("--config", default=None, help="corrupt: deployment TOML (default: the demo's)")
+
+    so = sub.add_parser("store", help="the shared state: verify records, back up, restore, quarantine")
+    sos = so.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    so_v = sos.add_parser("verify", help="check every record; with --repair, contain the damaged ones")
+    so_v.add_argument("--repair", action="store_true")
+    so_b = sos.add_parser("backup", help="a consistent snapshot (from a replica if any) with a manifest")
+    so_b.add_argument("path")
+    so_r = sos.add_parser("restore", help="check a backup and load it into an empty store")
+    so_r.add_argument("path")
+    so_r.add_argument("--check-only", action="store_true", help="only check the file")
+    so_r.add_argument("--replace", action="store_true", help="overwrite keys the store already holds")
+    so_q = sos.add_parser("quarantine", help="damaged records set aside: list, discard or restore one")
+    so_q.add_argument("action", choices=["list", "discard", "restore"])
+    so_q.add_argument("qid", nargs="?")
+    for s in (so_v, so_b, so_r, so_q):
+        s.add_argument("--config", default=None, help="deployment TOML (default: the demo's)")
+        s.add_argument("--state-file", default=DEFAULT_STATE_FILE)
+        s.add_argument("--json", action="store_true")
 
     lo = sub.add_parser("load", help="simulated learners against the dispatchers")
     lo.add_argument("--state-file", default=DEFAULT_STATE_FILE)

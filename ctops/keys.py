@@ -73,6 +73,13 @@ class Keys:
         return f"{self.prefix}:server:{server}:sessions"
 
     # trainer: work shared between servers (leases, open work, pending reviews, idempotency)
+    # the last few intact checkpoints of a submission (newest first) and how often it was taken over
+    def submission_history(self, sub_id: str) -> str:
+        return f"{self.prefix}:submission:{sub_id}:history"
+
+    def submission_takeovers(self, sub_id: str) -> str:
+        return f"{self.prefix}:submission:{sub_id}:takeovers"
+
     def submission_lease(self, sub_id: str) -> str:
         return f"{self.prefix}:submission:{sub_id}:lease"
 
@@ -93,6 +100,22 @@ class Keys:
     @property
     def sandbox_runs(self) -> str:
         return f"{self.prefix}:trainer:sandbox-runs"
+
+    # integrity: damaged records set aside (one hash each), their log (a stream) and counters
+    def quarantine_item(self, qid: str) -> str:
+        return f"{self.prefix}:quarantine:item:{qid}"
+
+    @property
+    def quarantine_log(self) -> str:
+        return f"{self.prefix}:quarantine:log"
+
+    @property
+    def quarantine_stats(self) -> str:
+        return f"{self.prefix}:quarantine:stats"
+
+    @property
+    def quarantine_cursor(self) -> str:
+        return f"{self.prefix}:quarantine:cursor"
 
     # LLM pool: staff controls (field "pin" -> provider, "disabled:<provider>" -> who), read by every dispatcher
     @property

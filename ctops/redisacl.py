@@ -17,7 +17,9 @@ ServiceRole = Literal["trainer", "dispatcher"]
 
 # key patterns (after "{prefix}:") of everything in ctops.keys.Keys that trainer/ touches
 TRAINER_KEYS = ("session:*", "submission:*", "submissions:open", "reviews:pending", "idempotency:*",
-                "trainer:*", "server:*:sessions", "store:writes-unconfirmed")
+                "trainer:*", "server:*:sessions", "store:writes-unconfirmed",
+                # damaged records a trainer found: set aside, logged and counted (ctops.integrity)
+                "quarantine:*")
 
 # data commands only; the denials after them win, whatever category also lists a command
 _SERVICE_COMMANDS = ["-@all", "+@read", "+@write", "+@keyspace", "+@string", "+@hash", "+@list", "+@set",

@@ -152,6 +152,9 @@ class StoreView(_Wire):
     last_failover_ms: int | None = None  # when this dispatcher last saw the primary change
     failover_in_progress: bool = False
     writes_unconfirmed: int = 0  # writes whose WAIT for a replica timed out (cluster-wide counter)
+    corrupt_found: int = 0  # damaged records found (ctops/integrity.py), cluster-wide
+    repaired: int = 0  # of which repaired (a checkpoint from an intact copy)
+    last_scrub_ms: int | None = None  # how long the last full check of every record took
     unavailable_since_ms: int | None = None
     diagnosis: str | None = None  # for staff: "shared state unavailable: ..." while it is
     error: str | None = None

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from ctops import config, logs, redisconn
 from ctops.config import Deployment, DispatcherSpec, split_hostport
 from ctops.serving import serve_asgi
+from dispatcher.integrity import IntegrityWatch
 from dispatcher.llm.app import start_llm_pool
 from dispatcher.loopwatch import LoopWatch
 from dispatcher.ops_api import create_ops_app, wrap
@@ -67,6 +68,8 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
         loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(rt.health, "stall_for_test", True))
     loops = [asyncio.create_task(c, name=n) for n, c in (
         ("loopwatch", watch.run()), ("peers", rt.peers.run()),
+        ("integrity", IntegrityWatch(redis, rt.keys, rt.lease, rt.events, spec.name, t.scrub_rate,
+                                     t.scrub_interval_ms / 1000).run()),
         *((f"webhook-{h.spec.name}", h.run()) for h in hooks))]
     ops = asyncio.create_task(serve_asgi(wrap(create_ops_app(rt), dep.limits.ops_body_max_bytes),
                                          ops_host, ops_port, stop))

@@ -34,6 +34,7 @@ from ctops.wire import (
     LeadershipResult,
     PeerHeartbeat,
 )
+from dispatcher.integrity_routes import integrity_router
 from dispatcher.llm.routes import llm_router
 from dispatcher.pool import now_ms
 from dispatcher.ratelimit import FailureWindow, retry_after_header
@@ -305,6 +306,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
 
     from dispatcher.exceptions import exceptions_router  # noqa: PLC0415 - it imports ApiError from here
     app.include_router(exceptions_router(rt, require, authenticate))
+    app.include_router(integrity_router(rt.redis, rt.keys, require, rt.spec.name))
     if rt.llm is not None:
         app.include_router(llm_router(rt.llm, require, rt.store.audit, rt.spec.name))
     app.include_router(store_router(rt.storewatch, require, rt.store.audit, rt.spec.name))

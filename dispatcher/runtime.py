@@ -17,6 +17,7 @@ from ctops.wire import ClusterState, DispatcherView, Heartbeat, HostView, PeerHe
 from dispatcher.commands import CommandRelay
 from dispatcher.events import EventLog
 from dispatcher.health import HealthChecker
+from dispatcher.integrity import repair_admin_state
 from dispatcher.lease import Lease, NotLeader
 from dispatcher.llm.pool import LLMPool
 from dispatcher.peers import Peers
@@ -173,6 +174,8 @@ class Runtime:
 
     async def sync_admin_once(self) -> None:
         admin = await self.store.read_admin(list(self.pool.backends))
+        for name in self.store.admin_damaged:
+            await repair_admin_state(self.redis, self.keys, name, self.pool.get(name), self.spec.name)
         for name, state in admin.items():
             b = self.pool.get(name)
             if b is not None and b.admin != state:

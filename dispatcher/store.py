@@ -19,6 +19,20 @@ from dispatcher.pool import Backend
 AUDIT_MAXLEN = 100_000
 
 
+ADMIN_STATES = ("enabled", "draining", "disabled")
+
+
+def admin_state_damaged(v: object) -> bool:
+    if v is None:
+        return False
+    if isinstance(v, Exception):
+        return True
+    try:
+        return _s(v) not in ADMIN_STATES
+    except UnicodeDecodeError:
+        return True
+
+
 def _s(v: Any) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -27,6 +41,7 @@ class Store:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.r = redis
         self.k = keys
+        self.admin_damaged: list[str] = []  # servers whose staff state the last read found damaged
 
     # --- servers -------------------------------------------------------------------------------
     def health_commands(self, backends: list[Backend], by: str) -> list[list[str | int | float]]:
@@ -36,11 +51,20 @@ class Store:
                  "active_sessions", b.active_sessions, "checked_by", by] for b in backends]
 
     async def read_admin(self, names: list[str]) -> dict[str, AdminState]:
+        """Staff states; a damaged one (not UTF-8, not a state, a key of another type) is left out
+        and its server named in `admin_damaged`, for the caller to repair (dispatcher/integrity.py)."""
         pipe = self.r.pipeline(transaction=False)
         for n in names:
             pipe.hget(self.k.server(n), "admin")
-        values = await pipe.execute()
-        return {n: (_s(v) or "enabled") for n, v in zip(names, values, strict=True)}  # type: ignore[misc]
+        values = await pipe.execute(raise_on_error=False)
+        out: dict[str, AdminState] = {}
+        self.admin_damaged = []
+        for n, v in zip(names, values, strict=True):
+            if admin_state_damaged(v):
+                self.admin_damaged.append(n)
+            else:
+                out[n] = _s(v) or "enabled"  # type: ignore[assignment]
+        return out
 
     async def read_health(self, names: list[str]) -> dict[str, dict[str, str]]:
         pipe = self.r.pipeline(transaction=False)

@@ -35,6 +35,7 @@ from ctops import redisconn
 from ctops.config import RedisSettings
 from ctops.keys import Keys
 from ctops.wire import Severity, StoreReplicaView, StoreSentinelView, StoreView
+from dispatcher.integrity import integrity_summary
 
 log = logging.getLogger("ctops.dispatcher.storewatch")
 
@@ -148,6 +149,7 @@ class StoreWatch:
         self.config_epoch: int | None = None
         self.last_failover_ms: int | None = None
         self.writes_unconfirmed = 0
+        self.integrity: dict[str, int | None] = {}
         self.error: str | None = None
         self.checked_ms: int | None = None
         self.pending: deque[StoreEvent] = deque(maxlen=200)
@@ -203,6 +205,9 @@ class StoreWatch:
                          replicas=list(self.replicas), sentinels=list(self.sentinels),
                          last_failover_ms=self.last_failover_ms, failover_in_progress=self.failover_in_progress,
                          writes_unconfirmed=self.writes_unconfirmed, unavailable_since_ms=since,
+                         corrupt_found=self.integrity.get("corrupt_found") or 0,
+                         repaired=self.integrity.get("repaired") or 0,
+                         last_scrub_ms=self.integrity.get("last_scrub_ms"),
                          diagnosis=diagnosis, error=self.error, checked_ms=self.checked_ms)
 
     def node_name(self, addr: tuple[str, int] | None) -> str | None:
@@ -318,6 +323,7 @@ class StoreWatch:
         self._track_availability()
         if self.available():
             await self._sync_unconfirmed()
+            await self._sync_integrity()
         self._track_nodes()
         if self.available():
             await self._flush()
@@ -436,6 +442,15 @@ class StoreWatch:
                            f"{total - self._unconfirmed_seen} write(s) not confirmed by a replica in time "
                            f"(WAIT timed out); {total} in all", self.primary)
         self._unconfirmed_seen = total
+
+    async def _sync_integrity(self) -> None:
+        # damaged records found and repaired, and the last scrub (dispatcher/integrity.py)
+        c = self._client(self.primary_addr or self._single_addr(), "primary")
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                self.integrity = await integrity_summary(c, self.keys)
+        except (RedisError, OSError, TimeoutError, ValueError):
+            return
 
     def _leader_event(self, kind: str, severity: Severity, message: str, target: str | None) -> None:
         if self.is_leader():

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from ctops.envelope import unseal
 from ctops.keys import Keys
 from ctops.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, wait_for
@@ -58,15 +59,17 @@ def keys(c: Cluster) -> Keys:
     return Keys(prefix=c.prefix)
 
 
-def rclient(c: Cluster) -> redis.Redis:
-    return redis.Redis.from_url(c.redis.url, decode_responses=True)
+def rclient(c: Cluster, decode: bool = True) -> redis.Redis:
+    return redis.Redis.from_url(c.redis.url, decode_responses=decode)
 
 
 def stored(c: Cluster, sub_id: str) -> dict:
-    with rclient(c) as r:
+    with rclient(c, decode=False) as r:
         raw = r.get(keys(c).submission(sub_id))
     assert raw, f"submission {sub_id} is not in Redis"
-    return json.loads(raw)
+    rec = unseal(keys(c).submission(sub_id), raw, "submission")
+    assert rec is not None
+    return json.loads(rec.payload)
 
 
 def new_session(base: str, **headers: str) -> str:

@@ -25,6 +25,7 @@ from redis.asyncio.client import Pipeline
 
 from ctops.asgi_limits import BodyLimit
 from ctops.config import Deployment
+from ctops.envelope import Corrupt
 from ctops.keys import Keys
 from trainer import review, sandbox
 from trainer.exercises import EXERCISES
@@ -32,7 +33,7 @@ from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprin
 from trainer.lease import Lease
 from trainer.readiness import StoreProbe
 from trainer.review import Reviewer
-from trainer.store import Store, connect, new_id, now_ms
+from trainer.store import Store, connect, connect_raw, new_id, now_ms, raw_twin
 from trainer.work import Worker, step
 
 log = logging.getLogger("trainer")
@@ -68,6 +69,20 @@ class SubmissionCreate(BaseModel):
     code: StrictStr
 
 
+class Damaged(Exception):
+    """A record this request needs was damaged and set aside: answered with `response`."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__("damaged record")
+        self.response = response
+
+
+def session_damaged(sid: str, qid: str) -> JSONResponse:
+    return JSONResponse({"error": "session_damaged", "session_id": sid, "quarantine": qid,
+                         "detail": "this session's stored record was damaged and has been set aside for staff; "
+                                   "start a new session", "next": "POST /api/sessions"}, 410)
+
+
 # answers of a store that is away for the moment: starting, failing over, or short of replicas
 _AWAY_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN")
 
@@ -90,11 +105,12 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis_client or connect(deployment.redis)
-        app.state.store = Store(client, keys, server_name)
+        raw = raw_twin(redis_client) if redis_client else connect_raw(deployment.redis)
+        app.state.store = Store(client, keys, server_name, raw)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64), verify=tls)
         reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
         app.state.worker = Worker(app.state.store, keys, server_name, deployment, reviewer, runs)
-        app.state.idem = Idempotency(client, keys, server_name, deployment.trainer)
+        app.state.idem = Idempotency(raw, keys, server_name, deployment.trainer)
         app.state.worker.start_loops()
         app.state.sandbox = (await asyncio.to_thread(sandbox.confinement, deployment.sandbox)).to_dict()
         app.state.probe = StoreProbe(app.state.store)
@@ -105,6 +121,7 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
             await app.state.probe.stop()
             await app.state.worker.stop()
             await app.state.http.aclose()
+            await raw.aclose()
             if redis_client is None:
                 await client.aclose()
 
@@ -121,6 +138,15 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
 
     # counts chunked bodies too: a body without Content-Length is cut off at the limit, not buffered whole
     app.add_middleware(BodyLimit, max_bytes=BODY_MAX_BYTES, error=_error_shape)
+
+    @app.exception_handler(Corrupt)
+    async def corrupt_record(request: Request, exc: Corrupt) -> JSONResponse:
+        # only reached if setting the record aside failed too (Redis trouble): still this learner's
+        # problem alone, and one they can retry
+        log.error("damaged record %s (%s) on %s %s; not contained", exc.key, exc.reason, request.method,
+                  request.url.path)
+        return JSONResponse({"error": "record_damaged", "detail": "a stored record this request needs is damaged; "
+                             "retry shortly", "server": server_name}, 503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -176,7 +202,13 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         session = await store(request).get_session(sid)
         if session is None:
             raise HTTPException(404, f"unknown session {sid!r}")
+        if "damaged" in session:
+            raise Damaged(session_damaged(sid, session["damaged"]))
         return session
+
+    @app.exception_handler(Damaged)
+    async def damaged(_request: Request, exc: Damaged) -> JSONResponse:
+        return exc.response
 
     @app.get("/api/sessions/{sid}")
     async def get_session(request: Request, sid: str) -> dict:
@@ -234,7 +266,7 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             sub = await store(request).get_submission(sub_id)
-            if sub is not None and sub["status"] == "done":
+            if sub is not None and sub.get("status") in ("done", "failed"):
                 return sub
             await worker(request).try_resume(sub_id)
             await asyncio.sleep(WAIT_POLL_SECONDS)
@@ -242,10 +274,17 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
 
     @app.get("/api/sessions/{sid}/submissions/{sub_id}")
     async def get_submission(request: Request, sid: str, sub_id: str) -> dict:
-        sub = await store(request).get_submission(sub_id)
+        sub = await store(request).get_submission(sub_id, sid)
+        if sub is not None and "damaged" in sub and not sub.get("session_id") \
+                and await store(request).owns(sid, sub_id):
+            sub["session_id"] = sid  # damaged while a server worked on it, which did not know the session
         if sub is None or sub.get("session_id") != sid:
             raise HTTPException(404, f"unknown submission {sub_id!r} in session {sid!r}")
-        if sub["status"] != "done":
+        if "damaged" in sub:
+            raise Damaged(JSONResponse({"error": "submission_damaged", "detail": sub["message"],
+                                        "submission_id": sub_id, "quarantine": sub["damaged"],
+                                        "next": f"POST /api/sessions/{sid}/submissions"}, 410))
+        if sub["status"] not in ("done", "failed"):
             # the server working on it may have died: whoever the learner reaches takes it over
             await worker(request).try_resume(sub_id)
         await store(request).touch(sid)

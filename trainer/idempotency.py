@@ -6,6 +6,10 @@ that claim, so either both happen or neither: a server dying before the commit l
 and its claim expires; one dying after leaves the outcome for every repeat. A repeat of a finished
 request gets the stored outcome; a repeat of one still in progress (possibly on another server)
 waits for it, up to a bound, then gets a 409 it can retry.
+
+A finished outcome is sealed (`ctops.envelope`). One found damaged is set aside and replaced by a
+tombstone; every repeat of that key then gets a 410 saying to check the resource and use a new key
+(the request may well have been executed, so it must not run again under the same key).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from fastapi.responses import JSONResponse
 from redis.asyncio.client import Pipeline
 
 from ctops.config import TrainerSettings
+from ctops.envelope import Corrupt
+from ctops.integrity import IDEMPOTENCY, contain_idempotency, read_idempotency, seal_json
 from ctops.keys import Keys
 from trainer.lease import Lease, LeaseLost
 
@@ -52,13 +58,14 @@ def fingerprint(method: str, path: str, body: bytes) -> str:
     return hashlib.sha256(b"%s %s\n%s" % (method.encode(), path.encode(), body)).hexdigest()
 
 
-def problem(status: int, detail: str, **extra: object) -> JSONResponse:
+def problem(status: int, detail: str, error: str = "", **extra: object) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 409 else None
-    return JSONResponse({"detail": detail, **extra}, status, headers=headers)
+    return JSONResponse({"error": error or f"http_{status}", "detail": detail, **extra}, status, headers=headers)
 
 
 class Idempotency:
     def __init__(self, client: aioredis.Redis, keys: Keys, server: str, settings: TrainerSettings) -> None:
+        """`client` must not decode responses: a damaged outcome has to reach the check as bytes."""
         self.r = client
         self.k = keys
         self.server = server
@@ -92,10 +99,14 @@ class Idempotency:
                     return done.response()
                 # our claim lapsed and another server took the key over: its outcome is the answer
                 continue
-            raw = await self.r.get(rkey)
-            if raw is None:
+            stored = await self._stored(rkey)
+            if stored is None:
                 continue  # the holder's claim expired (it died before committing): claim it ourselves
-            stored = json.loads(raw)
+            if stored.get("state") == "damaged":
+                return problem(410, f"the stored outcome of this {HEADER} was damaged and has been set aside for "
+                               "staff; the request may have been executed: check the resource (e.g. GET your "
+                               f"session) before sending it again with a new {HEADER}",
+                               "idempotency_outcome_damaged", idempotency_key=key, quarantine=stored.get("quarantine"))
             if stored.get("fingerprint") != fp:
                 return problem(422, f"this {HEADER} was already used for a different request")
             if stored["state"] == "done":
@@ -105,12 +116,27 @@ class Idempotency:
                                idempotency_key=key)
             await asyncio.sleep(POLL_SECONDS)
 
+    async def _stored(self, rkey: str) -> dict | None:
+        """The claim or outcome at `rkey`; a damaged one is set aside and tombstoned first."""
+        for _ in range(3):
+            try:
+                got = await read_idempotency(self.r, rkey)
+            except Corrupt:
+                pass
+            else:
+                return got[0] if got else None
+            tomb = await contain_idempotency(self.r, self.k, rkey, self.server)
+            if tomb is not None:
+                return tomb
+        return None
+
     async def _execute(self, claim: Lease, prepare: Prepare, rkey: str) -> Outcome | None:
         fp = json.loads(claim.token)["fingerprint"]
         async with claim.kept():
             outcome, writes = await prepare()
-            stored = json.dumps({"state": "done", "fingerprint": fp, "status": outcome.status,
-                                 "body": outcome.body, "headers": outcome.headers, "server": self.server})
+            stored = seal_json(rkey, IDEMPOTENCY, {"state": "done", "fingerprint": fp, "status": outcome.status,
+                                                   "body": outcome.body, "headers": outcome.headers,
+                                                   "server": self.server}, 1)
 
             def commit(p: Pipeline) -> None:
                 writes(p)

@@ -64,7 +64,9 @@ class Lease:
         for _ in range(5):
             async with self.r.pipeline(transaction=True) as p:
                 await p.watch(self.key)
-                if await p.get(self.key) != self.token:
+                held = await p.get(self.key)
+                # a bytes client returns bytes; a sealed record there is not our token either
+                if (held.decode(errors="replace") if isinstance(held, bytes) else held) != self.token:
                     self.lost = True
                     raise LeaseLost(self.key)
                 p.multi()

@@ -30,7 +30,7 @@ from trainer import sandbox
 from trainer.exercises import EXERCISES
 from trainer.lease import Lease, LeaseLost
 from trainer.review import Reviewer
-from trainer.store import Store, now_ms
+from trainer.store import TTL_SECONDS, Store, now_ms
 
 log = logging.getLogger("trainer.work")
 
@@ -40,6 +40,9 @@ SCAN_MAX = 2000
 REVIEW_BATCH = 50
 # one retry pass fills at most this many pending reviews at once
 REVIEW_PARALLEL = 4
+# a submission taken over this many times without finishing (its checkpoint or its code keeps
+# killing whoever works on it) is marked failed instead of being retried forever
+MAX_TAKEOVERS = 5
 
 
 def step(sub: dict, name: str, server: str) -> None:
@@ -84,9 +87,34 @@ class Worker:
         lease = self.lease(sub_id)
         if not await lease.acquire():
             return False
-        log.info("taking over submission %s", sub_id)
+        counter = self.k.submission_takeovers(sub_id)
+        async with self.r.pipeline(transaction=True) as p:
+            p.incr(counter)
+            p.expire(counter, TTL_SECONDS)
+            takeovers, _ = await p.execute()
+        if takeovers > MAX_TAKEOVERS:
+            await self._give_up(sub_id, lease, takeovers)
+            return False
+        log.info("taking over submission %s (takeover %d)", sub_id, takeovers)
         self.start(sub_id, lease)
         return True
+
+    async def _give_up(self, sub_id: str, lease: Lease, takeovers: int) -> None:
+        reason = f"taken over {takeovers - 1} times without finishing"
+        log.error("submission %s: %s; marked failed", sub_id, reason)
+        try:
+            sub = await self.store.get_submission(sub_id)
+            if sub is None or sub.get("status") in ("done", "failed"):
+                await lease.write(lambda p: p.zrem(self.k.submissions_open, sub_id))
+                return
+            sub.update(status="failed", verdict="error", failed_reason=reason, finished_ms=now_ms(),
+                       message=f"the servers gave up on this submission ({reason}); submit your code again")
+            step(sub, "failed", self.server)
+            await self._checkpoint(lease, sub, [lambda p: p.zrem(self.k.submissions_open, sub_id)])
+        except LeaseLost:
+            pass
+        finally:
+            await lease.release()
 
     # --- the steps ----------------------------------------------------------------------------------
     async def _checkpoint(self, lease: Lease, sub: dict, extra: list | None = None) -> None:
@@ -114,7 +142,7 @@ class Worker:
 
     async def _steps(self, sub_id: str, lease: Lease) -> None:
         sub = await self.store.get_submission(sub_id)
-        if sub is None or sub.get("status") == "done":
+        if sub is None or sub.get("status") in ("done", "failed"):
             await lease.write(lambda p: p.zrem(self.k.submissions_open, sub_id))
             return
         exercise = EXERCISES[sub["exercise_id"]]

@@ -21,12 +21,16 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from ctops import integrity
 from ctops.config import LLMProviderSpec, LLMSettings
+from ctops.envelope import Corrupt
 from ctops.keys import Keys
 from ctops.wire import LLMPoolView
 from dispatcher.llm.breaker import BreakerState
 from dispatcher.llm.providers import Provider
 
+# the record kind of the staff controls, as counted and named in `record_corrupt` events
+CONTROL_KIND = "llm-control"
 log = logging.getLogger("ctops.dispatcher.llm")
 
 Emit = Callable[[str, str, str, str | None], None]
@@ -120,6 +124,7 @@ class LLMPool:
     def __init__(self, providers: list[LLMProviderSpec], settings: LLMSettings, redis: Redis | None = None,
                  keys: Keys | None = None, emit: Emit | None = None, name: str | None = None) -> None:
         self.settings, self.redis, self.keys, self.name = settings, redis, keys, name
+        self._last_controls: dict[str, str] = {}  # as last read intact, to repair damaged ones from
         self.emit = emit or (lambda *_: None)
         order = {p.name: i for i, p in enumerate(providers)}
         self.providers = [Provider(s, settings, self._listener(s.name))
@@ -432,19 +437,43 @@ class LLMPool:
                     p.mark_back()
 
     async def read_controls(self) -> dict[str, str]:
+        """Checked (ctops.integrity): bytes that are not UTF-8 or a key of another type raise Corrupt."""
         assert self.redis is not None and self.keys is not None
-        raw = await self.redis.hgetall(self.keys.llm_control)
-        return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                for k, v in raw.items()}
+        got = await integrity.read_hash(self.redis, self.keys.llm_control, CONTROL_KIND)
+        return got[0] if got else {}
 
     async def sync_controls(self) -> None:
-        self.apply_controls(await self.read_controls())
+        controls = await self.read_controls()
+        self.apply_controls(controls)
+        self._last_controls = controls
+
+    async def _contain_controls(self) -> None:
+        """Damaged staff controls: set aside and rewritten from the controls this pool last applied
+        (they were intact then), so every dispatcher keeps the same pins and disabled providers."""
+        assert self.redis is not None and self.keys is not None
+        key, last = self.keys.llm_control, dict(self._last_controls)
+
+        def replace(p, _qid: str) -> None:  # noqa: ANN001 - a redis pipeline
+            if last:
+                p.hset(key, mapping=last)
+
+        done = await integrity.contain(self.redis, self.keys, key, CONTROL_KIND,
+                                       lambda c: integrity.read_hash(c, key, CONTROL_KIND),
+                                       reader=f"dispatcher:{self.name or '?'}", replace=replace, repaired=bool(last))
+        if done is not None:
+            log.error("LLM controls %s were damaged (%s): set aside as %s, %s", key, done.reason, done.qid,
+                      "rewritten from the last intact copy" if last else "cleared (no intact copy known)")
 
     async def _control_loop(self) -> None:
         while not self._stopping:
             try:
                 await self.sync_controls()
                 self._control_error_logged = False
+            except Corrupt:
+                try:
+                    await self._contain_controls()
+                except (RedisError, OSError) as exc:
+                    log.warning("cannot set damaged LLM controls aside: %s", exc)
             except (RedisError, OSError) as exc:
                 if not self._control_error_logged:  # keep the last known controls; say so once
                     log.warning("cannot read LLM controls from Redis: %s", exc)

@@ -1,0 +1,134 @@
+"""The leader's side of record integrity (`ctops.integrity`): it turns what trainers set aside into
+staff events, and walks the whole state in the background to find damage nobody has read yet.
+
+Trainers hold no dispatcher credentials, so they log damage to a Redis stream; the leader relays
+each entry as one `record_corrupt` event naming the key, the kind and the learner's session. The
+event and the relay cursor are written in one fenced transaction, so an entry becomes exactly one
+event across leader changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError, ResponseError
+
+from ctops import integrity
+from ctops.envelope import Corrupt
+from ctops.keys import Keys
+from dispatcher.events import EventLog
+from dispatcher.lease import Lease, NotLeader
+from dispatcher.store import admin_state_damaged
+
+log = logging.getLogger("ctops.dispatcher.integrity")
+
+RELAY_INTERVAL_S = 1.0
+RELAY_BATCH = 100
+# a full pass, then a pause ([timings] scrub_interval_ms, scrub_rate); the rate keeps a pass far
+# below what learners' requests cost Redis
+SCRUB_PAUSE_S = 600.0
+SCRUB_RATE = 5000.0
+# records checked between two yields to the event loop: the data plane shares it, so each slice of
+# checking must stay well under a millisecond
+SCRUB_BATCH = 50
+
+
+def _s(v: object) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def event_message(f: dict[str, str]) -> str:
+    who = f"session {f['session']}" if f.get("session") else "no session known"
+    return (f"damaged {f.get('kind', '?')} record {f.get('key', '?')} ({who}): {f.get('reason', '?')}"
+            f"{' - ' + f['detail'] if f.get('detail') else ''}; found by {f.get('reader', '?')}, "
+            f"{f.get('outcome', 'set aside')}; quarantine {f.get('qid', '?')}")
+
+
+async def integrity_summary(redis: Redis, keys: Keys) -> dict[str, int | None]:
+    """`corrupt_found`, `repaired`, `last_scrub_ms`, for the store status (`ctops status --json`)."""
+    return await integrity.summary(redis, keys)
+
+
+ADMIN_KIND = "admin-state"
+
+
+async def repair_admin_state(redis: Redis, keys: Keys, name: str, backend: object, reader: str) -> None:
+    """A server's damaged staff state: set aside and rewritten with the state this dispatcher
+    applies now (it was intact when read), so routing and the stored state agree again."""
+    key = keys.server(name)
+    current = getattr(backend, "admin", "enabled")
+
+    async def check(c: object) -> None:
+        try:
+            v = await c.hget(key, "admin")  # type: ignore[attr-defined]
+        except ResponseError as exc:
+            raise Corrupt(key, "type", str(exc)) from None
+        if admin_state_damaged(v):
+            raise Corrupt(key, "schema", "the admin field is not a staff state")
+
+    def replace(p: Pipeline, _qid: str) -> None:
+        p.hset(key, "admin", current)
+
+    try:
+        done = await integrity.contain(redis, keys, key, ADMIN_KIND, check, reader=f"dispatcher:{reader}",
+                                       replace=replace, repaired=True)
+    except (RedisError, OSError) as exc:
+        log.warning("cannot set the damaged staff state of %s aside: %s", name, exc)
+        return
+    if done is not None:
+        log.error("staff state of %s was damaged (%s): set aside as %s, rewritten as %r", name, done.reason,
+                  done.qid, current)
+
+
+class IntegrityWatch:
+    def __init__(self, redis: Redis, keys: Keys, lease: Lease, events: EventLog, name: str,
+                 scrub_rate: float = SCRUB_RATE, scrub_pause_s: float = SCRUB_PAUSE_S) -> None:
+        self.r, self.k, self.lease, self.events, self.name = redis, keys, lease, events, name
+        self.scrub_rate, self.scrub_pause_s = scrub_rate, scrub_pause_s
+        self.last_scrub: integrity.ScrubReport | None = None
+
+    async def relay_once(self) -> int:
+        """New quarantine log entries -> `record_corrupt` events; how many were relayed."""
+        if not self.lease.still_valid():
+            return 0
+        cursor = _s(await self.r.get(self.k.quarantine_cursor) or "0-0")
+        entries = await self.r.xrange(self.k.quarantine_log, min=f"({cursor}", count=RELAY_BATCH)
+        for entry_id, raw in entries:
+            f = {_s(k): _s(v) for k, v in raw.items()}
+            cmd = self.events.emit_command("record_corrupt", "critical", event_message(f), f"dispatcher:{self.name}",
+                                           f.get("key"))
+            await self.lease.fenced([cmd, ["SET", self.k.quarantine_cursor, _s(entry_id)]])
+            log.warning("record_corrupt: %s", event_message(f))
+        return len(entries)
+
+    async def run(self) -> None:
+        await asyncio.gather(self._every(RELAY_INTERVAL_S, self.relay_once), self._scrub_loop())
+
+    async def _every(self, interval: float, fn: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            try:
+                await fn()
+            except NotLeader:
+                pass
+            except (RedisError, OSError) as exc:
+                log.warning("integrity relay: Redis failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def _scrub_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.scrub_pause_s)
+            if not self.lease.still_valid():
+                continue
+            try:
+                report = await integrity.scrub(self.r, self.k, repair=True, reader=f"scrub:{self.name}",
+                                               rate=self.scrub_rate, batch=SCRUB_BATCH)
+                await integrity.record_scrub(self.r, self.k, report)
+                self.last_scrub = report
+                log.info("scrub: %d records checked in %d ms, %d repaired, %d quarantined", report.checked,
+                         report.elapsed_ms, report.repaired, report.quarantined)
+            except (RedisError, OSError) as exc:
+                log.warning("scrub: Redis failed: %s", exc)
