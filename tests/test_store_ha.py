@@ -278,3 +278,74 @@ def test_redis_settings_sentinel_url_and_missing_password_named(monkeypatch: pyt
     monkeypatch.delenv("NO_SUCH_PW_VAR", raising=False)
     with pytest.raises(ConfigError, match="NO_SUCH_PW_VAR"):
         redisconn.async_client(s, "trainer")
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze-6s"])
+def test_acknowledged_writes_survive_a_primary_fault_with_one_leader(tmp_path: Path, store: EmbeddedStore,
+                                                                     fault: str) -> None:
+    """Every session a learner was told exists (201) before, during and after the primary's fault is
+    still there afterwards; a staff drain set before it stays; exactly one dispatcher leads; a frozen
+    old primary, thawed, rejoins as a replica."""
+    (tmp_path / "c").mkdir()
+    c = Cluster(tmp_path / "c", store, "hafault", trainers=2, dispatchers=("A", "B"),
+                timings={"health_interval_ms": 200, "health_timeout_ms": 300})
+    try:
+        c.start_all()
+        r = httpx.post(c.ops_url() + "/api/v1/servers/trainer-2/drain", headers=c.auth("operator"), timeout=30)
+        assert r.status_code == 200, r.text
+        acked: list[str] = []
+        failed: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def learner() -> None:
+            with httpx.Client(base_url=c.data_url(), timeout=60) as http:
+                while not stop.is_set():
+                    r = http.post("/api/sessions", json={"learner": "ada"})
+                    if r.status_code == 201:
+                        acked.append(r.json()["session_id"])
+                    else:
+                        failed.append((r.status_code, r.text[:200]))
+
+        threads = [threading.Thread(target=learner) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_for("learners served", lambda: len(acked) > 20)
+        old = store.primary()
+        if fault == "kill":
+            old.proc.kill()  # type: ignore[union-attr]
+        else:
+            old.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            wait_for("a replica promoted", lambda: store.primary() is not old, timeout=30)
+            before = len(acked)
+            wait_for("learners served by the new primary", lambda: len(acked) > before + 20, timeout=60)
+            if fault != "kill":
+                time.sleep(6.0)  # kept frozen 6 s past the promotion: writes go on to the new primary meanwhile
+        finally:
+            if fault != "kill":
+                old.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        if fault != "kill":
+            def rejoined() -> bool:
+                with old.admin(decode_responses=True) as r:
+                    return r.info("replication").get("role") == "slave"
+            wait_for("the thawed old primary rejoins as a replica", rejoined, timeout=60)
+            before = len(acked)
+            wait_for("learners served after the thaw", lambda: len(acked) > before + 20, timeout=60)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert failed == [], failed[:5]
+        keys = Keys(prefix=c.prefix)
+        with store.primary().admin() as r:
+            pipe = r.pipeline(transaction=False)
+            for sid in acked:
+                pipe.exists(keys.session(sid))
+            missing = [sid for sid, n in zip(acked, pipe.execute(), strict=True) if not n]
+        assert missing == [], f"{len(missing)} of {len(acked)} acknowledged sessions lost: {missing[:5]}"
+        states = {d: c.state(d) for d in ("A", "B")}
+        leaders = {st["leader"] for st in states.values()}
+        assert len(leaders) == 1 and None not in leaders, leaders
+        assert all(next(s for s in st["servers"] if s["name"] == "trainer-2")["state"] == "draining"
+                   for st in states.values())
+    finally:
+        c.stop()
