@@ -37,6 +37,8 @@ from typing import Any
 import httpx
 import redis
 
+from ctops.envelope import Corrupt, unseal
+from ctops.integrity import SUBMISSION
 from ctops.keys import Keys
 from ctops.load import SOLUTIONS, percentile
 from ctops.localcluster import Cluster, wait_for
@@ -153,8 +155,17 @@ def read_back(admin: redis.Redis, prefix: str, load: LearnerLoad) -> dict[str, i
     found = p.execute()
     sessions, rest = found[:len(load.sessions)], found[len(load.sessions):]
     subs, results = rest[:len(load.submissions)], rest[len(load.submissions):]
+
+    def done(sub_id: str, raw: bytes | None) -> bool:
+        # submissions are sealed records (ctops.envelope); a damaged one counts as lost
+        try:
+            rec = unseal(k.submission(sub_id), raw, SUBMISSION)
+        except Corrupt:
+            return False
+        return rec is not None and json.loads(rec.payload).get("status") == "done"
+
     return {"sessions": sum(1 for x in sessions if not x), "submissions": sum(1 for x in subs if not x),
-            "results": sum(1 for x in results if not x or json.loads(x).get("status") != "done")}
+            "results": sum(1 for sub_id, x in zip(load.results, results, strict=True) if not done(sub_id, x))}
 
 
 def summarize(load: LearnerLoad, started: float, struck: float | None, lost: dict[str, int]) -> dict[str, Any]:
