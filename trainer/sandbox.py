@@ -198,14 +198,21 @@ def _acquire_uid() -> tuple[int, int]:
         uid = UID_BASE + (start + i) % UID_SLOTS
         if uid in busy:
             continue
-        fd = os.open(LOCK_DIR / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return uid, fd
+        fd = _try_lock(uid)
+        if fd is not None:
+            return uid, fd
     raise RuntimeError("no free sandbox uid: all are in use or hold leftover processes")
+
+
+def _try_lock(uid: int) -> int | None:
+    """The uid's lock file, held, or None while another run (in any server process) holds it."""
+    fd = os.open(LOCK_DIR / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def reclaim_leftovers(conf: Confinement) -> None:
@@ -222,11 +229,8 @@ def reclaim_leftovers(conf: Confinement) -> None:
                if d.name.removeprefix("ctops-sbx-").isdigit()}
     LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
     for uid in set(scratch) | cgroups:
-        fd = os.open(LOCK_DIR / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = _try_lock(uid)
+        if fd is None:
             continue
         try:
             for d in scratch.get(uid, []):
