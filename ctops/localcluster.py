@@ -123,7 +123,10 @@ class Cluster:
                 out += ["[[agents.processes]]", f'name = "{name}"', f"command = [{cmd}]",
                         f'listen = "127.0.0.1:{self.ports[name]}"', "warm_spare = true",
                         "[agents.processes.liveness]", 'kind = "http"',
-                        f'url = "http://127.0.0.1:{self.ports[name]}/healthz"', "interval_ms = 300"]
+                        f'url = "http://127.0.0.1:{self.ports[name]}/healthz"', "interval_ms = 300",
+                        # generous: on a busy 2-core test machine a starved (not hung) trainer must not be
+                        # killed as hung; tests that freeze one still see it replaced, only later
+                        "timeout_ms = 1500", "failures = 3"]
         for prio, p in enumerate(("primary", "secondary"), start=1):
             out += ["[[llm_providers]]", f'name = "{p}"', f'base_url = "http://127.0.0.1:{self.ports[p]}/v1"',
                     'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 3000"]

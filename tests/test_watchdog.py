@@ -106,7 +106,8 @@ def test_frozen_checker_is_replaced_and_supervision_goes_on(make_sup, events) ->
     sup.freeze_checker_for_test()
     wd = wait_for("new checker", lambda: (wd := sup.snapshot()[1]).generation == 2 and wd.checker_alive and wd)
     assert wd.thread_restarts == 1 and wd.guard_alive
-    assert any(e.kind == "watchdog_restarted" for e in events)
+    # the event is sent by the guard after it has published the new checker
+    wait_for("watchdog_restarted event", lambda: any(e.kind == "watchdog_restarted" for e in events))
     os.kill(p["pid"], signal.SIGKILL)
     wait_for("restarted by the new checker", lambda: (q := proc(sup))["pid"] not in (None, p["pid"])
              and q["state"] == "running")
