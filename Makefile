@@ -31,9 +31,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-# tests mostly wait on real processes, so three workers on two cores; a module stays on one worker
+# tests mostly wait on real processes; two workers on two cores (three starved timing-sensitive tests); a module stays on one worker
 # (its cluster fixtures are started once), and each worker hands out ports from its own range
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile

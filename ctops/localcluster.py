@@ -104,7 +104,7 @@ class Cluster:
 
     def _toml(self) -> str:
         timings = {"heartbeat_interval_ms": 300, "health_interval_ms": 200, "health_timeout_ms": 300,
-                   "fall": 2, "rise": 2, "heartbeat_timeout_ms": 2000,
+                   "fall": 2, "rise": 2, "heartbeat_timeout_ms": 4000,
                    # short, so that freezing a dispatcher in a test also shows it does not exit on thaw
                    "loop_blocked_exit_ms": 2000, **self.timings}
         out = ['cluster = "test"', self._redis_toml(), "[proxy]", 'affinity_key_env = "CTOPS_AFFINITY_KEY"',
