@@ -295,6 +295,10 @@ class ConsoleApp(App[int]):
         previous = self.cluster
         self.cluster = state
         self._last_ok = time.monotonic()
+        if self.who is None:
+            # the first whoami may have failed (a slow or absent dispatcher): ask again once one answers,
+            # or the console would never learn its role
+            self.fetch_whoami()
         if self.stale:
             self.stale = False
             self.main.query_one(OutageBanner).clear_problem()
