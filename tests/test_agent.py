@@ -78,7 +78,10 @@ def test_supervised_trainer_restarts_without_refusing_a_connection(make_cluster,
     c: Cluster = make_cluster(trainers=1, hosts_with_agents=True)
     c.start_all()
     port = c.ports["trainer-1"]
-    active = wait_for("trainer-1 running", lambda: (p := process(c, "host-1")).get("state") == "running" and p["pid"])
+    # the pid the agent reports and the one answering on the port agree (on a loaded machine a trainer
+    # may be replaced during start-up, and a heartbeat can still name the one before)
+    active = wait_for("trainer-1 running and answering", lambda: (p := process(c, "host-1")).get("state") == "running"
+                      and p["pid"] and serving_pid(port) == p["pid"] and p["pid"])
     spare = wait_for("a warm spare next to it", lambda: (others := trainer_processes(c, "host-1") - {active})
                      and others.pop())
     assert serving_pid(port) == active
