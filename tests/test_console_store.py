@@ -39,10 +39,10 @@ def utc_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def fixed_store(**kw: Any) -> StoreView:
     base = StoreView(
         mode="sentinel", available=True, primary="redis-1",
-        replicas=[StoreReplicaView(name="redis-2", state="up", lag_ms=0, address="10.0.1.2:6379"),
-                  StoreReplicaView(name="redis-3", state="down", lag_ms=None, address="10.0.1.3:6379")],
+        replicas=[StoreReplicaView(name="redis-2", state="up", lag_ms=0, address="127.0.1.2:6379"),
+                  StoreReplicaView(name="redis-3", state="down", lag_ms=None, address="127.0.1.3:6379")],
         sentinels=[StoreSentinelView(name=f"sentinel-{i}", state="down" if i == 3 else "up",
-                                     address=f"10.0.1.{i}:26379") for i in (1, 2, 3)],
+                                     address=f"127.0.1.{i}:26379") for i in (1, 2, 3)],
         last_failover_ms=T0 - 3_600_000, writes_unconfirmed=3)
     return base.model_copy(update=kw)
 

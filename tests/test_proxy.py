@@ -1117,7 +1117,7 @@ _WRITES = [
     (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}", False, 1),
     (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", False, 1),
     (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}GET /hello HTTP/1.1\r\nHost: t\r\n\r\n", False, 2),
-    (b"POST /headers HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 10.1.1.1\r\nContent-Length: 2\r\n\r\n{}", False, 1),
+    (b"POST /headers HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 127.0.9.9\r\nContent-Length: 2\r\n\r\n{}", False, 1),
     (b"POST /_debug/raise HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}", False, 1),
     (b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", False, 1),
     (b"POST /echo HTTP/1.0\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}", False, 1),
