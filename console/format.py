@@ -8,7 +8,6 @@ thread (console.prepare), so the event loop only compares tuples and renders wha
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
@@ -463,6 +462,3 @@ def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """trainer-2 sorts before trainer-10."""
     return tuple((0, int(t)) if t.isdigit() else (1, t) for t in _DIGITS.split(name) if t)
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError, WatchError
 
+from ctops.clock import now_ms
 from ctops.envelope import Corrupt, seal, seal_fields, unseal, unseal_fields
 from ctops.keys import Keys
 from ctops.redisacl import glob_escape
@@ -41,9 +42,6 @@ KINDS = (SESSION, SUBMISSION, IDEMPOTENCY)
 Reader = Callable[[Any], Awaitable[object]]
 Replace = Callable[[Pipeline, str], None]
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _wrong_type(key: str, exc: ResponseError) -> Corrupt:

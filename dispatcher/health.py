@@ -19,7 +19,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dispatcher.pool import Backend, ServerPool, now_ms
+from ctops.clock import now_ms
+from dispatcher.pool import Backend, ServerPool
 
 log = logging.getLogger("ctops.dispatcher.health")
 CHECK_PATH = "/readyz"

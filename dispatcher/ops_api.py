@@ -21,6 +21,7 @@ from starlette.types import ASGIApp
 
 from ctops.asgi_limits import BodyLimit
 from ctops.auth import Principal
+from ctops.clock import now_ms
 from ctops.wire import (
     ActionResult,
     ClusterState,
@@ -36,7 +37,6 @@ from ctops.wire import (
 )
 from dispatcher.integrity_routes import integrity_router
 from dispatcher.llm.routes import llm_router
-from dispatcher.pool import now_ms
 from dispatcher.ratelimit import FailureWindow, retry_after_header
 from dispatcher.runtime import Runtime
 from dispatcher.store_routes import store_router

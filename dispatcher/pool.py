@@ -18,19 +18,16 @@ import base64
 import hashlib
 import hmac
 import os
-import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from time import monotonic
 
+from ctops.clock import now_ms
 from ctops.config import ServerSpec
 from ctops.wire import AdminState, ServerState
 
 Health = str  # "up" | "suspect" | "down"
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(slots=True, eq=False)

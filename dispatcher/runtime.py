@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ctops.auth import TokenBook
+from ctops.clock import now_ms
 from ctops.config import Deployment, DispatcherSpec
 from ctops.keys import Keys
 from ctops.wire import ClusterState, DispatcherView, Heartbeat, HostView, PeerHeartbeat, ServerView
@@ -21,7 +22,7 @@ from dispatcher.integrity import repair_admin_state
 from dispatcher.lease import Lease, NotLeader
 from dispatcher.llm.pool import LLMPool
 from dispatcher.peers import Peers
-from dispatcher.pool import Backend, ServerPool, now_ms
+from dispatcher.pool import Backend, ServerPool
 from dispatcher.store import Store
 from dispatcher.storewatch import StoreEvent, StoreWatch
 

@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ctops import redisconn
+from ctops.clock import now_ms
 from ctops.config import RedisSettings
 from ctops.keys import Keys
 from ctops.wire import Severity, StoreReplicaView, StoreSentinelView, StoreView
@@ -67,9 +68,6 @@ def _take_unconfirmed() -> int:
     n, _pending_unconfirmed = _pending_unconfirmed, 0
     return n
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from ctops import redisconn
+from ctops.clock import now_ms
 from ctops.config import RedisSettings
 from ctops.envelope import Corrupt, unseal
 from ctops.integrity import (
@@ -41,9 +41,6 @@ ACTIVE_WINDOW_MS = 10 * 60 * 1000
 TTL_SECONDS = 7 * 24 * 3600
 _INT_FIELDS = ("created_ms", "last_activity_ms")
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def new_id(kind: str) -> str:
