@@ -40,6 +40,8 @@ T = TypeVar("T")
 RETRY_BACKOFF_CAP_S = 0.5
 RETRY_BACKOFF_BASE_S = 0.01
 RETRIES = 25
+# what that adds up to, for callers that must retry by hand (a WATCH cannot be retried by the client)
+RETRY_BUDGET_S = 11.0
 RETRY_ON = [ConnectionError, TimeoutError, ReadOnlyError]
 SENTINEL_TIMEOUT_S = 0.5
 

@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, WatchError
+
+from ctops.redisconn import RETRY_BACKOFF_CAP_S, RETRY_BUDGET_S
 
 log = logging.getLogger("trainer.lease")
 
@@ -61,10 +64,23 @@ class Lease:
 
     async def write(self, ops: Callable[[Pipeline], None]) -> None:
         """Run `ops` in one transaction if and only if this lease is still held; else LeaseLost."""
-        for _ in range(5):
+        contended = 0
+        # a connection lost while WATCHing (a store failover) comes as a WatchError the client does not
+        # retry by itself, since the watch is gone with the connection: watch again, within the same
+        # budget the client gives any other command
+        deadline = time.monotonic() + RETRY_BUDGET_S
+        pause = 0.02
+        while True:
             async with self.r.pipeline(transaction=True) as p:
-                await p.watch(self.key)
-                held = await p.get(self.key)
+                try:
+                    await p.watch(self.key)
+                    held = await p.get(self.key)
+                except WatchError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, RETRY_BACKOFF_CAP_S)
+                    continue
                 # a bytes client returns bytes; a sealed record there is not our token either
                 if (held.decode(errors="replace") if isinstance(held, bytes) else held) != self.token:
                     self.lost = True
@@ -76,8 +92,9 @@ class Lease:
                     return
                 except WatchError:
                     # our own renewal touched the key between WATCH and EXEC; look again
-                    continue
-        raise LeaseLost(self.key)
+                    contended += 1
+                    if contended >= 5:
+                        raise LeaseLost(self.key) from None
 
     @contextlib.asynccontextmanager
     async def kept(self) -> AsyncIterator[Lease]:
