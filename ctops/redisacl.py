@@ -3,7 +3,7 @@
 Learner code runs on the trainers' machines, so a trainer's credentials are treated as the first
 thing an attacker gets: the trainer user reaches only the keys `trainer/` uses and, like every
 service user, no command that reconfigures, persists, replicates, flushes or stops Redis.
-The launcher (`ctops.redis_embed`) writes these rules into every node's ACL file; an operator
+The launcher (`ctops_tools.redis_embed`) writes these rules into every node's ACL file; an operator
 running their own Redis prints them with `python -m ctops.redisacl --prefix PREFIX`.
 """
 

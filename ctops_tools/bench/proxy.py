@@ -1,11 +1,11 @@
 """`ctops bench proxy`: the dispatcher's data plane against HAProxy 2.6, side by side in one run.
 
-Both proxies front the same two "hello" backends (ctops.bench.hello, separate processes), both
+Both proxies front the same two "hello" backends (ctops_tools.bench.hello, separate processes), both
 run one thread, and the same wrk load hits each in turn, alternating rounds so that drift in the
 machine affects both alike. With two or more CPUs, the proxy under test gets a CPU of its own
 and wrk and the backends share the others: the same for both proxies.
 
-    python -m ctops.bench.proxy --serve PORT --backends 127.0.0.1:P1,127.0.0.1:P2
+    python -m ctops_tools.bench.proxy --serve PORT --backends 127.0.0.1:P1,127.0.0.1:P2
 
 runs the data plane standalone, as the benchmark starts it.
 """
@@ -26,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ctops.procs import sigterm_as_interrupt
-from ctops.redis_embed import free_port
+from ctops_tools.procs import sigterm_as_interrupt
+from ctops_tools.redis_embed import free_port
 
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
@@ -225,7 +225,8 @@ class Bench:
         backends = []
         for i in (1, 2):
             port = free_port()
-            proc = self.spawn(self.pin_load + py + ["-m", "ctops.bench.hello", "--port", str(port)], f"backend{i}")
+            proc = self.spawn(self.pin_load + py + ["-m", "ctops_tools.bench.hello", "--port", str(port)],
+                              f"backend{i}")
             _wait_port(port, proc, f"backend {i}")
             backends.append(f"127.0.0.1:{port}")
 
@@ -238,7 +239,7 @@ class Bench:
         ports["haproxy"] = (port, proc)
 
         port = free_port()
-        proc = self.spawn(self.pin_proxy + py + ["-m", "ctops.bench.proxy", "--serve", str(port),
+        proc = self.spawn(self.pin_proxy + py + ["-m", "ctops_tools.bench.proxy", "--serve", str(port),
                                                  "--backends", ",".join(backends)], "dispatcher")
         _wait_port(port, proc, "dispatcher")
         ports["dispatcher"] = (port, proc)
@@ -389,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m ctops.bench.proxy")
+    ap = argparse.ArgumentParser(prog="python -m ctops_tools.bench.proxy")
     ap.add_argument("--serve", type=int, metavar="PORT", help="run the data plane standalone on PORT")
     ap.add_argument("--backends", default="", help="host:port,host:port (with --serve)")
     ap.add_argument("--json", action="store_true")
