@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 from agents.http import HttpClient, HttpError
 from agents.supervisor import Supervisor
+from ctops.opsapi import AGENT_POLL_HTTP_S, AGENT_RESULT_HTTP_S, COMMAND_POLL_MS, WATCHDOG_COMMAND_S
 from ctops.wire import CommandReply, CommandRequest
 
 log = logging.getLogger("ctops.agent.commands")
-WAIT_MS = 20_000
+WAIT_MS = COMMAND_POLL_MS
 
 
 class CommandPoller:
@@ -21,12 +22,12 @@ class CommandPoller:
                  current: Callable[[], int]) -> None:
         self.host, self.urls, self.supervisor = host, urls, supervisor
         self.current = current  # the index of the dispatcher heartbeats reach, shared with the sender
-        self.client = HttpClient(token, timeout=WAIT_MS / 1000 + 10)
+        self.client = HttpClient(token, timeout=AGENT_POLL_HTTP_S)
 
     async def _execute(self, cmd: CommandRequest) -> CommandReply:
         fut = self.supervisor.command(cmd.process, cmd.action)
         try:
-            message = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=12)
+            message = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=WATCHDOG_COMMAND_S)
         except KeyError as exc:
             return CommandReply(ok=False, message=str(exc))
         except TimeoutError:
@@ -48,7 +49,7 @@ class CommandPoller:
                     cmd = CommandRequest.model_validate(raw)
                     reply = await self._execute(cmd)
                     await self.client.request("POST", f"{url}/api/v1/agents/{self.host}/commands/{cmd.id}/result",
-                                              reply.model_dump_json().encode(), timeout=10)
+                                              reply.model_dump_json().encode(), timeout=AGENT_RESULT_HTTP_S)
             except (HttpError, ValueError) as exc:
                 log.debug("command poll at %s failed: %s", url, exc)
                 await asyncio.sleep(0.5)

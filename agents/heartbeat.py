@@ -10,10 +10,13 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 
 from agents.http import HttpClient, HttpError
 from agents.metrics import ProcessSampler, host_metrics
 from agents.supervisor import Supervisor
+from ctops.clock import now_ms
+from ctops.failover import Failover, TryNext, Unreachable
 from ctops.wire import AgentEvent, Heartbeat, HeartbeatAck, ProcessMetrics
 
 log = logging.getLogger("ctops.agent.heartbeat")
@@ -22,12 +25,14 @@ EVENTS_PER_HEARTBEAT = 100
 
 
 class HeartbeatSender:
-    def __init__(self, host: str, urls: list[str], token: str, interval: float, disk_path: str = "/") -> None:
-        self.host, self.urls = host, urls
+    def __init__(self, host: str, urls: Sequence[str], token: str, interval: float, disk_path: str = "/") -> None:
+        self.host = host
+        # a heartbeat is safe to send again (its events are deduplicated by id), so any failure moves on
+        self.failover = Failover(urls)
+        self.urls = self.failover.urls
         self.interval, self.disk_path = interval, disk_path
         self.supervisor: Supervisor | None = None
         self.seq = 0
-        self.current = 0  # index of the dispatcher that answered last
         self.sampler = ProcessSampler()
         self.outbox: deque[AgentEvent] = deque()
         self.dropped_events = 0
@@ -50,32 +55,41 @@ class HeartbeatSender:
                 procs.append(ProcessMetrics(cpu_percent=cpu, rss_bytes=rss, **p))
             self.sampler.forget_others({p["pid"] for p in raw if p["pid"]})
         self.seq += 1
-        return Heartbeat(host=self.host, seq=self.seq, sent_at_ms=int(time.time() * 1000),
+        return Heartbeat(host=self.host, seq=self.seq, sent_at_ms=now_ms(),
                          metrics=host_metrics(self.disk_path), processes=procs, watchdog=watchdog,
                          events=list(self.outbox)[:EVENTS_PER_HEARTBEAT])
 
+    @property
+    def current(self) -> int:
+        """Index of the dispatcher that answered last (the command poller goes there too)."""
+        return self.failover.current
+
     async def send(self, hb: Heartbeat) -> bool:
         body = hb.model_dump_json().encode()
-        # start from the dispatcher that answered last, then try the others in order
-        for i in range(len(self.urls)):
-            idx = (self.current + i) % len(self.urls)
-            url = self.urls[idx]
+
+        async def post(url: str) -> bytes:
             try:
                 status, reply = await self.client.request("POST", f"{url}/api/v1/heartbeat", body)
             except HttpError as exc:
                 log.debug("heartbeat to %s failed: %s", url, exc)
-                continue
-            if status == 200:
-                if idx != self.current:
-                    log.info("heartbeats now go to %s", url)
-                self.current = idx
-                self._follow_leader(reply)
-                sent = {e.id for e in hb.events}
-                while self.outbox and self.outbox[0].id in sent:
-                    self.outbox.popleft()
-                return True
-            log.warning("heartbeat to %s refused: %s %s", url, status, reply[:200].decode(errors="replace"))
-        return False
+                raise TryNext(str(exc)) from None
+            if status != 200:
+                log.warning("heartbeat to %s refused: %s %s", url, status, reply[:200].decode(errors="replace"))
+                raise TryNext(f"refused: {status}")
+            return reply
+
+        before = self.failover.current
+        try:
+            reply = await self.failover.call(post, safe=True)
+        except Unreachable:
+            return False
+        if self.failover.current != before:
+            log.info("heartbeats now go to %s", self.failover.current_url)
+        self._follow_leader(reply)
+        sent = {e.id for e in hb.events}
+        while self.outbox and self.outbox[0].id in sent:
+            self.outbox.popleft()
+        return True
 
     def _follow_leader(self, reply: bytes) -> None:
         """Traffic follows the leader: the next heartbeat goes to the dispatcher that leads."""
@@ -83,9 +97,8 @@ class HeartbeatSender:
             leader_url = HeartbeatAck.model_validate_json(reply).leader_ops_url
         except ValueError:
             return
-        if leader_url and leader_url in self.urls and self.urls.index(leader_url) != self.current:
+        if self.failover.follow(leader_url):
             log.info("following the leader to %s", leader_url)
-            self.current = self.urls.index(leader_url)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

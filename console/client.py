@@ -1,4 +1,4 @@
-"""The console's ops-API client: the shared httpx client (ctops.opsclient), reading from the leader.
+"""The console's ops client: the one client (ctops.opsclient), reading from the leader, parsing off the loop.
 
 Big answers (the cluster state) are parsed and validated in a worker thread, so the event loop
 keeps drawing and reading keys meanwhile. No Textual here; the app's workers call it.
@@ -7,52 +7,20 @@ keeps drawing and reading keys meanwhile. No Textual here; the app's workers cal
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal, TypeVar
-from urllib.parse import quote
+from typing import Any
 
 import httpx
 import pydantic_core
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ctops.opsclient import Action, OpsClient, OpsError, Unreachable, Whoami
-from ctops.wire import (
-    ClusterState,
-    CommandResult,
-    Event,
-    HostView,
-    LeadershipResult,
-    LLMActionResult,
-    LLMPoolView,
-    LLMProviderView,
-    ServerView,
-    StoreFailoverResult,
-)
+from ctops.wire import ClusterState, HostView, ServerView
 
-__all__ = ["Action", "ConsoleClient", "OpsError", "Unreachable", "Whoami", "parse"]
+__all__ = ["Action", "ConsoleClient", "OpsError", "Unreachable", "Whoami", "parse_state"]
 
-ProcessAction = Literal["restart", "stop", "start"]
-LeadershipAction = Literal["promote", "step-down"]
-ProviderAction = Literal["pin", "unpin", "disable", "enable"]
-
-M = TypeVar("M", bound=BaseModel)
-_EVENTS = TypeAdapter(list[Event])
 _SERVERS = TypeAdapter(list[ServerView])
 _HOSTS = TypeAdapter(list[HostView])
 _BATCH = 50  # well under a millisecond of validation each
-_PROVIDERS = TypeAdapter(list[LLMProviderView])
-
-# the agent long-polls for commands; the dispatcher waits up to 15 s for its answer
-PROCESS_TIMEOUT_S = 25.0
-LEADERSHIP_TIMEOUT_S = 15.0
-# the dispatcher waits up to 15 s for the Sentinels to promote a replica
-STORE_FAILOVER_TIMEOUT_S = 25.0
-
-
-def parse(model: type[M], resp: httpx.Response) -> M:
-    try:
-        return model.model_validate_json(resp.content)
-    except ValidationError as exc:
-        raise OpsError(resp.status_code, "unexpected response", str(exc).splitlines()[0]) from exc
 
 
 def parse_state(content: bytes) -> ClusterState:
@@ -95,41 +63,3 @@ class ConsoleClient(OpsClient):
     async def parse_state(self, resp: httpx.Response) -> ClusterState:
         # a 2,000-host state takes tens of ms to parse: off the event loop that draws the screen
         return await asyncio.to_thread(parse_state, resp.content)
-
-    async def events(self, after: str | None, limit: int = 200) -> list[Event]:
-        query = f"?limit={limit}" + (f"&after={quote(after)}" if after else "")
-        resp = await self._request("GET", "/events" + query)
-        try:
-            return _EVENTS.validate_json(resp.content)
-        except ValidationError as exc:
-            raise OpsError(resp.status_code, "unexpected response", str(exc).splitlines()[0]) from exc
-
-    async def providers(self) -> list[LLMProviderView]:
-        resp = await self._request("GET", "/llm/providers")
-        try:
-            body = resp.json()
-        except ValueError as exc:
-            raise OpsError(resp.status_code, "unexpected response", "not JSON") from exc
-        try:  # the pool view ({providers: [...]}) or a bare list
-            if isinstance(body, dict):
-                return LLMPoolView.model_validate(body).providers
-            return _PROVIDERS.validate_python(body)
-        except ValidationError as exc:
-            raise OpsError(resp.status_code, "unexpected response", str(exc).splitlines()[0]) from exc
-
-    async def process_action(self, host: str, process: str, action: ProcessAction) -> CommandResult:
-        path = f"/hosts/{quote(host, safe='')}/processes/{quote(process, safe='')}/{action}"
-        return parse(CommandResult, await self._act(path, PROCESS_TIMEOUT_S))
-
-    async def leadership(self, name: str, action: LeadershipAction) -> LeadershipResult:
-        return parse(LeadershipResult, await self._act(f"/dispatchers/{quote(name, safe='')}/{action}",
-                                                       LEADERSHIP_TIMEOUT_S))
-
-    async def provider_action(self, name: str, action: ProviderAction) -> LLMActionResult:
-        return parse(LLMActionResult, await self._act(f"/llm/providers/{quote(name, safe='')}/{action}", 10.0))
-
-    async def store_failover(self) -> StoreFailoverResult:
-        return parse(StoreFailoverResult, await self._act("/store/failover", STORE_FAILOVER_TIMEOUT_S))
-
-    async def _act(self, path: str, timeout: float) -> httpx.Response:
-        return await self._request("POST", path, timeout=timeout)

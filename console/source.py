@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from console.client import (
-    Action,
-    LeadershipAction,
-    OpsError,
-    ProcessAction,
-    ProviderAction,
-    Unreachable,
-    Whoami,
-)
+from console.client import OpsError, Unreachable, Whoami
+from ctops.opsapi import ACTION_GRANT, ADMIN_FOR, LeadershipAction, ProcessAction, ProviderAction, role_may
+from ctops.opsapi import ServerAction as Action
 from ctops.wire import (
     ActionResult,
     ClusterState,
@@ -23,8 +17,6 @@ from ctops.wire import (
     LLMProviderView,
     StoreFailoverResult,
 )
-
-ADMIN_FOR: dict[str, str] = {"drain": "draining", "disable": "disabled", "enable": "enabled"}
 
 
 class Source(Protocol):
@@ -157,7 +149,7 @@ class FixedSource:
 
     def _operator(self, action: str) -> None:
         self._check()
-        if self.who.role != "operator":
+        if not role_may(self.who.role, ACTION_GRANT):
             raise OpsError(403, "forbidden", f"role {self.who.role} may not {action}")
 
     def _check(self) -> None:

@@ -12,15 +12,8 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from ctops.config import Deployment, Role
-
-# what each role may do; operator includes everything a viewer may
-ROLE_GRANTS: dict[Role, frozenset[str]] = {
-    "agent": frozenset({"agent", "ingest"}),
-    "peer": frozenset({"peer"}),
-    "viewer": frozenset({"read"}),
-    "operator": frozenset({"read", "act"}),
-}
+from ctops.config import Deployment
+from ctops.opsapi import Role, role_may
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +26,7 @@ class Principal:
     def may(self, grant: str) -> bool:
         if grant == "agent" and self.role == "agent" and self.host is None:
             return False  # a host-less agent token only reports exceptions
-        return grant in ROLE_GRANTS[self.role]
+        return role_may(self.role, grant)
 
     def refusal(self, grant: str) -> str:
         """Why this principal may not do `grant`, in words an operator can act on."""

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Role = Literal["agent", "peer", "viewer", "operator"]
+from ctops.opsapi import Role
 
 
 class ConfigError(Exception):

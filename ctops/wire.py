@@ -6,9 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# the action names and the error shape belong to the ops-API contract; `X as X` re-exports the two
+# that callers have always imported from here
+from ctops.opsapi import AdminState as AdminState
+from ctops.opsapi import ErrorBody as ErrorBody
+from ctops.opsapi import LeadershipAction, ProcessAction, ProviderAction
+
 ServerState = Literal["up", "suspect", "down", "draining", "disabled"]
 HostState = Literal["alive", "late", "lost"]
-AdminState = Literal["enabled", "draining", "disabled"]
 ProcessState = Literal["running", "starting", "backoff", "stopped", "fatal"]
 
 
@@ -182,11 +187,6 @@ class ActionResult(_Wire):
     by: str
 
 
-class ErrorBody(_Wire):
-    error: str
-    detail: object | None = None
-
-
 class Event(_Wire):
     """One entry of the cluster's event stream, as the console and webhooks receive it."""
 
@@ -202,7 +202,7 @@ class Event(_Wire):
 
 class CommandRequest(_Wire):
     id: str
-    action: Literal["restart", "stop", "start"]
+    action: ProcessAction
     process: str
     by: str
     ts_ms: int
@@ -224,7 +224,7 @@ class CommandResult(_Wire):
 
 class LeadershipResult(_Wire):
     ok: bool
-    action: Literal["promote", "step-down"]
+    action: LeadershipAction
     leader_before: str | None
     leader_after: str | None
     epoch: int
@@ -272,7 +272,7 @@ class LLMPoolView(_Wire):
 class LLMActionResult(_Wire):
     ok: bool
     provider: str
-    action: Literal["pin", "unpin", "disable", "enable"]
+    action: ProviderAction
     by: str
     pinned: str | None
     provider_state: LLMProviderView

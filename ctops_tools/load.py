@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from ctops import statefile
+from ctops.failover import Failover, TryNext, Unreachable
 
 SOLUTIONS = {
     "fizzbuzz": "def fizzbuzz(n):\n    return 'FizzBuzz' if n % 15 == 0 else 'Fizz' if n % 3 == 0 "
@@ -82,8 +83,9 @@ class Failed(Exception):
 
 class Learner:
     def __init__(self, urls: list[str], report: Report, timeout: float) -> None:
-        self.urls, self.report = urls, report
-        self.current = random.randrange(len(urls))
+        self.report = report
+        # learners spread over the addresses, then stay where they were last answered
+        self.failover = Failover(urls, start=random.randrange(len(urls)))
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)))
 
     async def request(self, method: str, path: str, **kw: object) -> httpx.Response:
@@ -94,21 +96,15 @@ class Learner:
         self.report.requests += 1
         headers = kw.get("headers") or {}
         safe = method == "GET" or "Idempotency-Key" in headers  # type: ignore[operator]
-        for attempt in range(len(self.urls) + 1):
-            url = self.urls[self.current]
+
+        async def send(url: str) -> httpx.Response:
             try:
-                r = await self.client.request(method, url + path, **kw)  # type: ignore[arg-type]
+                return await self.client.request(method, url + path, **kw)  # type: ignore[arg-type]
             except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
-                kind = "connect" if isinstance(exc, httpx.ConnectError) else type(exc).__name__
-                if kind != "connect" and not safe:
-                    self.report.failures[kind] += 1
-                    raise Failed(kind) from None
-                self.current = (self.current + 1) % len(self.urls)
-                self.report.moved += 1
-                if attempt == len(self.urls):
-                    self.report.failures[kind] += 1
-                    raise Failed(kind) from None
-                continue
+                connect = isinstance(exc, httpx.ConnectError)
+                if connect or safe:
+                    self.report.moved += 1
+                raise TryNext("connect" if connect else type(exc).__name__, reached=not connect) from None
             except httpx.TimeoutException:
                 self.report.failures["timeout"] += 1
                 raise Failed("timeout") from None
@@ -116,13 +112,20 @@ class Learner:
                 kind = type(exc).__name__
                 self.report.failures[kind] += 1
                 raise Failed(kind) from None
-            self.report.latencies.append(time.monotonic() - start)
-            if r.status_code >= 400:
-                kind = f"http_{r.status_code}"
-                self.report.failures[kind] += 1
-                raise Failed(kind)
-            return r
-        raise Failed("connect")
+
+        try:
+            # one more try than addresses: the first one again, as a browser retries once more
+            r = await self.failover.call(send, safe=safe, attempts=len(self.failover.urls) + 1)
+        except Unreachable as exc:
+            kind = exc.last.reason if exc.last else "connect"
+            self.report.failures[kind] += 1
+            raise Failed(kind) from None
+        self.report.latencies.append(time.monotonic() - start)
+        if r.status_code >= 400:
+            kind = f"http_{r.status_code}"
+            self.report.failures[kind] += 1
+            raise Failed(kind)
+        return r
 
     async def run(self, deadline: float) -> None:
         try:
@@ -162,18 +165,26 @@ class Learner:
 
 async def verify(urls: list[str], report: Report, timeout: float) -> None:
     """Read every session back: more stored submissions than made means one ran twice."""
+    failover = Failover(urls)
     async with httpx.AsyncClient(timeout=timeout) as client:
         for sid, made in report.sessions.items():
-            for url in urls:
+
+            async def read(url: str, sid: str = sid) -> httpx.Response:
                 try:
                     r = await client.get(f"{url}/api/sessions/{sid}")
-                except httpx.HTTPError:
-                    continue
-                if r.status_code == 200:
-                    stored = len(r.json().get("submissions", []))
-                    report.duplicates += max(0, stored - made)
-                    report.lost += max(0, made - stored)
-                    break
+                except httpx.HTTPError as exc:
+                    raise TryNext(type(exc).__name__) from None
+                if r.status_code != 200:
+                    raise TryNext(f"answered {r.status_code}")
+                return r
+
+            try:
+                r = await failover.call(read, safe=True)
+            except Unreachable:
+                continue
+            stored = len(r.json().get("submissions", []))
+            report.duplicates += max(0, stored - made)
+            report.lost += max(0, made - stored)
 
 
 async def run_load(urls: list[str], concurrency: int, duration: float, timeout: float = 10.0,

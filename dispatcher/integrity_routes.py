@@ -5,7 +5,7 @@ the quarantine id again in the body, audited like every staff action."""
 # no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from ctops import integrity
 from ctops.auth import Principal
 from ctops.keys import Keys
+from ctops.opsapi import QuarantineAction
 from ctops.wire import ErrorBody
 
 
@@ -33,7 +34,7 @@ class IntegrityView(BaseModel):
 class QuarantineActionResult(BaseModel):
     qid: str
     key: str
-    action: Literal["discard", "restore"]
+    action: QuarantineAction
 
 
 def integrity_router(redis: Redis, keys: Keys, require: Callable[[str], Callable[..., Principal]],
@@ -48,7 +49,7 @@ def integrity_router(redis: Redis, keys: Keys, require: Callable[[str], Callable
     @router.post("/quarantine/{qid}/{action}", response_model=QuarantineActionResult,
                  responses={404: {"model": ErrorBody, "description": "nothing quarantined by that id"},
                             409: {"model": ErrorBody, "description": "not confirmed: send {\"confirm\": QID}"}})
-    async def act(qid: str, action: Literal["discard", "restore"], body: Confirm,
+    async def act(qid: str, action: QuarantineAction, body: Confirm,
                   who: Annotated[Principal, Depends(require("act"))]) -> JSONResponse:
         if body.confirm != qid:
             return JSONResponse({"error": "not confirmed", "detail": f"send {{\"confirm\": \"{qid}\"}} to {action} "

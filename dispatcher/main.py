@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from ctops import config, logs, redisconn
 from ctops.config import Deployment, DispatcherSpec, split_hostport
+from ctops.opsapi import REDIS_BLOCKING_S
 from ctops.serving import serve_asgi
 from dispatcher.integrity import IntegrityWatch
 from dispatcher.llm.app import start_llm_pool
@@ -42,7 +43,7 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
 
     redis = redis_client(dep)
     # long polls (agents' command queues, staff waiting on a reply) block for up to 30 s
-    redis_blocking = redis_client(dep, socket_timeout=40.0)
+    redis_blocking = redis_client(dep, socket_timeout=REDIS_BLOCKING_S)
     rt = Runtime(dep, spec, redis, redis_blocking)
     await rt.restore_from_redis()
 

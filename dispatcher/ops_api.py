@@ -9,7 +9,7 @@ can show them without guessing.
 import asyncio
 import logging
 import re
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +22,16 @@ from starlette.types import ASGIApp
 from ctops.asgi_limits import BodyLimit
 from ctops.auth import Principal
 from ctops.clock import now_ms
+from ctops.opsapi import (
+    ADMIN_FOR,
+    COMMAND_POLL_MAX_MS,
+    COMMAND_POLL_MS,
+    COMMAND_WAIT_S,
+    LEASE_TTLS_TO_MOVE,
+    LeadershipAction,
+    ProcessAction,
+    ServerAction,
+)
 from ctops.wire import (
     ActionResult,
     ClusterState,
@@ -43,15 +53,9 @@ from dispatcher.store_routes import store_router
 
 log = logging.getLogger("ctops.dispatcher.ops")
 
-COMMAND_WAIT_S = 15.0
-COMMAND_POLL_MAX_MS = 30_000
 AUTH_AUDIT_MAX_PER_MINUTE = 200
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _CMD_ID = re.compile(r"^[0-9a-f]{32}$")
-
-ACTIONS: dict[str, Literal["enabled", "draining", "disabled"]] = {
-    "drain": "draining", "disable": "disabled", "enable": "enabled",
-}
 
 # what any route may answer besides its own result; each route adds the ones only it can give
 _ERR = {"model": ErrorBody}
@@ -202,13 +206,13 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         return await rt.store.read_audit(limit)
 
     @app.post("/api/v1/servers/{name}/{action}", response_model=ActionResult, responses=_404)
-    async def server_action(name: str, action: Literal["drain", "disable", "enable"],
+    async def server_action(name: str, action: ServerAction,
                             who: Annotated[Principal, Depends(require("act"))]) -> ActionResult:
         b = rt.pool.get(name)
         if b is None:
             await rt.store.audit(who.name, who.role, action, name, "unknown server", rt.spec.name)
             raise ApiError(404, f"unknown server {name!r}", detail={"known": sorted(rt.pool.backends)})
-        admin = ACTIONS[action]
+        admin = ADMIN_FOR[action]
         await rt.store.set_admin(name, admin)
         rt.pool.set_admin(b, admin, f"{action} by {who.name}")
         await rt.store.audit(who.name, who.role, action, name, f"ok: now {b.state}", rt.spec.name)
@@ -224,7 +228,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
 
     @app.post("/api/v1/dispatchers/{name}/{action}", response_model=LeadershipResult,
               responses={**_404, **_409, **_504})
-    async def leadership(name: str, action: Literal["promote", "step-down"],
+    async def leadership(name: str, action: LeadershipAction,
                          who: Annotated[Principal, Depends(require("act"))]) -> LeadershipResult:
         target = f"dispatcher {name}"
         if name not in {d.name for d in rt.dep.dispatchers}:
@@ -241,7 +245,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
             raise ApiError(409, f"{name} does not lead ({before} does)")
         await rt.lease.request_handover(before, name if action == "promote" else None)
         after = before
-        deadline = asyncio.get_running_loop().time() + rt.dep.timings.lease_ttl_ms * 3 / 1000
+        deadline = asyncio.get_running_loop().time() + rt.dep.timings.lease_ttl_ms * LEASE_TTLS_TO_MOVE / 1000
         while asyncio.get_running_loop().time() < deadline:
             after = await rt.store.current_leader()
             if after not in (None, before):
@@ -267,7 +271,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
 
     @app.post("/api/v1/hosts/{host}/processes/{process}/{action}", response_model=CommandResult,
               responses={**_404, **_504})
-    async def process_action(host: str, process: str, action: Literal["restart", "stop", "start"],
+    async def process_action(host: str, process: str, action: ProcessAction,
                              who: Annotated[Principal, Depends(require("act"))]) -> CommandResult:
         target = f"{host}/{process}"
         agent = next((a for a in rt.dep.agents if a.name == host), None)
@@ -285,7 +289,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
 
     @app.get("/api/v1/agents/{host}/commands", response_model=list[CommandRequest], responses=_404)
     async def agent_commands(host: str, request: Request, who: Annotated[Principal, Depends(require("agent"))],
-                             wait_ms: Annotated[int, Query(ge=0, le=COMMAND_POLL_MAX_MS)] = 20_000
+                             wait_ms: Annotated[int, Query(ge=0, le=COMMAND_POLL_MAX_MS)] = COMMAND_POLL_MS
                              ) -> list[CommandRequest]:
         await for_host(request, who, host)
         if host not in rt.known_hosts:

@@ -35,6 +35,7 @@ from ctops import redisconn
 from ctops.clock import now_ms
 from ctops.config import RedisSettings
 from ctops.keys import Keys
+from ctops.opsapi import STORE_FAILOVER_WAIT_S
 from ctops.wire import Severity, StoreReplicaView, StoreSentinelView, StoreView
 from dispatcher.integrity import integrity_summary
 
@@ -475,7 +476,7 @@ class StoreWatch:
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
     # --- staff action ---------------------------------------------------------------------------
-    async def failover(self, wait_s: float = 15.0) -> tuple[str | None, str | None]:
+    async def failover(self, wait_s: float = STORE_FAILOVER_WAIT_S) -> tuple[str | None, str | None]:
         """SENTINEL FAILOVER through the first Sentinel that takes it; waits for the primary to change.
         Returns (before, after); raises LookupError without Sentinels, RuntimeError if none accepts."""
         if not self.sentinel_addrs:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from urllib.parse import quote, urlencode
 
 from ctops.capture.wire import GroupActionResult, GroupDetail, GroupList, TailPage
+from ctops.opsapi import GroupAction
 from ctops.opsclient import OpsClient
 
 
 class ExceptionsClient:
-    """Uses an OpsClient's URL failover and error mapping; owns nothing, so closing is the caller's."""
+    """The exception-group routes, over an OpsClient's URL failover and error mapping; owns nothing,
+    so closing is the caller's."""
 
     def __init__(self, ops: OpsClient) -> None:
         self.ops = ops
@@ -21,11 +23,11 @@ class ExceptionsClient:
             params["status"] = status
         if q:
             params["q"] = q
-        return self.ops._parse(GroupList, await self.ops._request("GET", f"/exceptions/groups?{urlencode(params)}"))
+        return await self.ops.get(GroupList, f"/exceptions/groups?{urlencode(params)}")
 
     async def group(self, gid: str, recent: int = 20) -> GroupDetail:
         path = f"/exceptions/groups/{quote(gid, safe='')}?recent={recent}"
-        return self.ops._parse(GroupDetail, await self.ops._request("GET", path))
+        return await self.ops.get(GroupDetail, path)
 
     async def tail(self, after: str | None = None, limit: int = 100, q: str = "") -> TailPage:
         params: dict[str, str | int] = {"limit": limit}
@@ -33,9 +35,9 @@ class ExceptionsClient:
             params["after"] = after
         if q:
             params["q"] = q
-        return self.ops._parse(TailPage, await self.ops._request("GET", f"/exceptions/tail?{urlencode(params)}"))
+        return await self.ops.get(TailPage, f"/exceptions/tail?{urlencode(params)}")
 
-    async def act(self, gid: str, action: str, *, minutes: int | None = None,
+    async def act(self, gid: str, action: GroupAction, *, minutes: int | None = None,
                   assignee: str | None = None) -> GroupActionResult:
         params: dict[str, str | int] = {}
         if minutes is not None:
@@ -43,4 +45,4 @@ class ExceptionsClient:
         if assignee is not None:
             params["assignee"] = assignee
         path = f"/exceptions/groups/{quote(gid, safe='')}/{action}" + (f"?{urlencode(params)}" if params else "")
-        return self.ops._parse(GroupActionResult, await self.ops._request("POST", path))
+        return await self.ops.post(GroupActionResult, path)

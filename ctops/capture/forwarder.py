@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import httpx
 
 from ctops.capture.spool import Spool
+from ctops.failover import Failover, TryNext, Unreachable
 
 log = logging.getLogger("ctops.capture.forwarder")
 
@@ -29,7 +30,9 @@ class Forwarder:
     def __init__(self, urls: Sequence[str], token: str | None, spool: Spool | None, *, sender: str,
                  queue_max: int = 10_000, batch_max: int = 200, batch_bytes: int = 192 * 1024,
                  timeout: float = 5.0, retry_max: float = 2.0, transport: httpx.BaseTransport | None = None) -> None:
-        self.urls = [u.rstrip("/") for u in urls]
+        # a batch is safe to send again: the dispatcher deduplicates events by id
+        self.failover = Failover(urls)
+        self.urls = self.failover.urls
         self.spool = spool
         self.sender = sender
         self.queue: deque[bytes] = deque()
@@ -41,7 +44,6 @@ class Forwarder:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(1.0, timeout)),
                                   transport=transport)
-        self._current = 0
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._stop = False
@@ -196,24 +198,29 @@ class Forwarder:
     def _post(self, records: list[bytes]) -> int | None:
         """The status of the first dispatcher that answered for itself, or None when none did."""
         body = b'{"events":[' + b",".join(records) + b'],"counters":' + json.dumps(self.counters()).encode() + b"}"
-        n = len(self.urls)
-        for step in range(n):
-            i = (self._current + step) % n
+
+        def post(url: str) -> int:
             try:
-                r = self._http.post(self.urls[i] + PATH, content=body)
+                r = self._http.post(url + PATH, content=body)
             except httpx.HTTPError as exc:
-                log.debug("exceptions to %s failed: %s", self.urls[i], exc)
-                continue
+                log.debug("exceptions to %s failed: %s", url, exc)
+                raise TryNext(str(exc)) from None
             if r.status_code == 200 or r.status_code in POISON:
-                if i != self._current:
-                    log.info("exceptions now go to %s", self.urls[i])
-                self._current = i
-                if r.status_code == 200:
-                    self.sent += len(records)
                 return r.status_code
             # 401/403: a wrong token; 404: an older dispatcher; 5xx: Redis down. Keep the events and retry.
-            self._complain("dispatcher %s answered %s to exceptions: %.200s", self.urls[i], r.status_code, r.text)
-        return None
+            self._complain("dispatcher %s answered %s to exceptions: %.200s", url, r.status_code, r.text)
+            raise TryNext(f"answered {r.status_code}")
+
+        before = self.failover.current
+        try:
+            status = self.failover.call_sync(post, safe=True)
+        except Unreachable:
+            return None
+        if self.failover.current != before:
+            log.info("exceptions now go to %s", self.failover.current_url)
+        if status == 200:
+            self.sent += len(records)
+        return status
 
     def _complain(self, msg: str, *args: object) -> None:
         # at most one line per 10 s: an outage must not flood the service's own log

@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ctops.opsapi import GroupAction as GroupAction  # the contract's; re-exported for the capture side
+
 GroupStatus = Literal["unresolved", "acknowledged", "resolved", "muted", "regressed"]
-GroupAction = Literal["acknowledge", "resolve", "unresolve", "mute", "assign"]
 STATUSES: tuple[str, ...] = ("unresolved", "acknowledged", "resolved", "muted", "regressed")
 
 # what one event may carry; the capture side truncates to these so a valid event is never refused

@@ -29,6 +29,7 @@ from ctops.capture.wire import (
     IngestResult,
     TailPage,
 )
+from ctops.opsapi import GroupAction
 from ctops.wire import ErrorBody
 from dispatcher.exceptions.sentry import EnvelopeError, inflate, load_json, parse_envelope, sentry_key, to_event
 from dispatcher.exceptions.store import ExceptionStore, Ingested
@@ -137,7 +138,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
 
     @router.post("/api/v1/exceptions/groups/{gid}/{action}", response_model=GroupActionResult,
                  responses=_404)
-    async def act(gid: str, action: Literal["acknowledge", "resolve", "unresolve", "mute", "assign"],
+    async def act(gid: str, action: GroupAction,
                   who: Annotated[Principal, Depends(require("act"))],
                   minutes: Annotated[int | None, Query(ge=1, le=7 * 24 * 60)] = None,
                   assignee: Annotated[str | None, Query(max_length=64)] = None) -> GroupActionResult:

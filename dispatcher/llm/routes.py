@@ -6,17 +6,17 @@ Actions are stored in Redis, which every dispatcher's pool polls, and applied to
 # no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
 
 from ctops.auth import Principal
+from ctops.opsapi import ProviderAction
 from ctops.wire import ErrorBody, LLMActionResult, LLMPoolView
 from dispatcher.llm.pool import LLMPool
 
 # (who, role, action, target, result, via), e.g. Store.audit
 Audit = Callable[[str, str, str, str, str, str], Awaitable[None]]
-Action = Literal["pin", "unpin", "disable", "enable"]
 
 
 def llm_router(pool: LLMPool, require: Callable[[str], Callable[..., Principal]], audit: Audit,
@@ -30,7 +30,8 @@ def llm_router(pool: LLMPool, require: Callable[[str], Callable[..., Principal]]
 
     @router.post("/providers/{name}/{action}", response_model=LLMActionResult,
                  responses={**responses, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def act(name: str, action: Action, who: Annotated[Principal, Depends(require("act"))]) -> LLMActionResult:
+    async def act(name: str, action: ProviderAction,
+                  who: Annotated[Principal, Depends(require("act"))]) -> LLMActionResult:
         target = f"llm:{name}"
         p = pool.by_name.get(name)
         if p is None:
