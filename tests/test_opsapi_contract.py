@@ -8,6 +8,7 @@ contract but no longer served, fails here.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import get_args
 
 import pytest
@@ -17,6 +18,7 @@ from agents import commands as agent_commands
 from ctops import config, opsapi
 from ctops.auth import Principal
 from ctops.failover import MAYBE_DONE, Failover, TryNext, Unreachable
+from ctops.opsclient import OpsClient
 from dispatcher.llm.pool import LLMPool
 from dispatcher.ops_api import create_ops_app
 from dispatcher.runtime import Runtime
@@ -158,3 +160,41 @@ def test_attempts_past_the_url_count_wrap_around_async() -> None:
 def test_no_urls_is_unreachable_not_a_crash() -> None:
     with pytest.raises(Unreachable, match="no URL configured"):
         Failover([]).call_sync(lambda url: url, safe=True, attempts=2)
+
+
+# --- the one client over real sockets: what moves on and what does not ------------------------
+def test_client_moves_a_read_on_but_never_sends_an_action_that_may_have_arrived_elsewhere() -> None:
+    async def run() -> None:
+        seen: list[str] = []
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            seen.append(head.split(" ", 2)[0] + " " + head.split(" ", 2)[1])
+            body = b'{"name": "ops", "role": "operator"}'
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            writer.close()
+
+        live = await asyncio.start_server(answer, "127.0.0.1", 0)
+        # accepts connections (the kernel's backlog) but never answers: a frozen dispatcher
+        frozen = socket.socket()
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(8)
+        urls = [f"http://127.0.0.1:{frozen.getsockname()[1]}", f"http://127.0.0.1:{live.sockets[0].getsockname()[1]}"]
+        client = OpsClient(urls, "t", timeout=0.5)
+        try:
+            with pytest.raises(Unreachable) as err:
+                await client.act("trainer-1", "drain")
+            assert err.value.tried[-1][1].endswith(MAYBE_DONE)
+            assert seen == []  # the drain went nowhere else
+            who = await client.whoami()  # a read moves on to the dispatcher that answers, and stays there
+            assert who.role == "operator" and client.current_url == urls[1]
+            assert seen == ["GET /api/v1/whoami"]
+        finally:
+            await client.aclose()
+            frozen.close()
+            live.close()
+            await live.wait_closed()
+
+    asyncio.run(run())

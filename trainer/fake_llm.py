@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.serve import serve
+from ctops.serving import run_foreground
 
 Mode = Literal["ok", "500", "429", "hang", "slow"]
 MODEL = "fake-gpt-4"
@@ -196,4 +196,4 @@ def run(args: argparse.Namespace) -> int:
     token = os.environ.get(var) or None
     if token is None:
         print(f"ctops fake-llm: ${var} is not set: switching the mode (POST /_fake/mode) is refused", file=sys.stderr)
-    return serve(create_app(args.name, args.mode, args.delay_ms, token), args.host, args.port)
+    return run_foreground(create_app(args.name, args.mode, args.delay_ms, token), args.host, args.port)

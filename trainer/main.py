@@ -12,9 +12,10 @@ import httpx
 
 from ctops import capture
 from ctops.config import load
+from ctops.serving import run_foreground
 from trainer import sandbox
 from trainer.app import create_app
-from trainer.serve import harden, serve
+from trainer.serve import harden
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,4 +46,4 @@ def run(args: argparse.Namespace) -> int:
         from trainer.debug import add_debug_routes  # noqa: PLC0415 - never loaded in production
 
         add_debug_routes(app)
-    return serve(app, host, port, on_start=start_capture)
+    return run_foreground(app, host, port, on_start=start_capture)

@@ -11,11 +11,9 @@ import hmac
 import json
 import logging
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import uvicorn
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -23,9 +21,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from ctops import serving
 from ctops.asgi_limits import BodyLimit
 from ctops.config import Deployment
 from ctops.keys import Keys
+from ctops.serving import Served
 from dispatcher.llm.pool import Answer, Emit, LLMPool, PoolError, client_message, new_ref
 
 log = logging.getLogger("ctops.dispatcher.llm")
@@ -149,8 +149,7 @@ class LLMPoolHandle:
     host: str
     port: int
     pool: LLMPool
-    server: uvicorn.Server
-    task: asyncio.Task
+    served: Served
 
     @property
     def url(self) -> str:
@@ -158,13 +157,7 @@ class LLMPoolHandle:
         return f"http://{self.host}:{self.port}"
 
     async def stop(self, grace: float = 3.0) -> None:
-        self.server.should_exit = True
-        done, _ = await asyncio.wait({self.task}, timeout=grace)
-        if not done:
-            # a client holding a connection open must not hold up the dispatcher's exit
-            self.server.force_exit = True
-            self.task.cancel()
-            await asyncio.wait({self.task}, timeout=grace)
+        await self.served.stop(grace)
         await self.pool.aclose()
 
 
@@ -193,19 +186,12 @@ async def start_llm_pool(dep: Deployment, redis: Redis | None, keys: Keys | None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
-    config = uvicorn.Config(create_llm_app(pool, client_key), log_level="warning", access_log=False,
-                            http="httptools", lifespan="off", timeout_keep_alive=30)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server._serve(sockets=[sock]), name="llm-http")  # noqa: SLF001 - no signal handlers
-    started = time.monotonic()
-    while not server.started:
-        if task.done():
-            await pool.aclose()
-            task.result()
-            raise RuntimeError("LLM pool HTTP server stopped at start")
-        if time.monotonic() - started > 10:
-            raise RuntimeError("LLM pool HTTP server did not start within 10 s")
-        await asyncio.sleep(0.01)
-    bound_host, bound_port = sock.getsockname()[:2]
-    log.info("LLM pool on http://%s:%d/llm/v1 (%d providers)", bound_host, bound_port, len(pool.providers))
-    return LLMPoolHandle(bound_host, bound_port, pool, server, task)
+    # no graceful-stop limit here: `stop` gives in-flight answers its own grace, then forces the exit
+    try:
+        served = await serving.start(serving.config(create_llm_app(pool, client_key), host, port, graceful_s=None),
+                                     sock, name="llm-http")
+    except BaseException:
+        await pool.aclose()
+        raise
+    log.info("LLM pool on http://%s:%d/llm/v1 (%d providers)", served.host, served.port, len(pool.providers))
+    return LLMPoolHandle(served.host, served.port, pool, served)
