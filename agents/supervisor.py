@@ -24,17 +24,17 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
 
 from agents import handdown
 from agents.probes import ProbeResult, probe
 from agents.sdnotify import NotifyListener
 from ctops.config import ProcessSpec
+from ctops.opsapi import ProcessAction
 from ctops.wire import AgentEvent, ProcessState, WatchdogStatus
 
 log = logging.getLogger("ctops.agent.watchdog")
 
-Command = Literal["restart", "stop", "start"]
+Command = ProcessAction  # a staff command is the ops-API contract's process action
 # without a liveness probe, a process that stayed up this long counts as having started well
 STABLE_AFTER = 1.0
 TICK = 0.2  # the checker beats at least this often

@@ -7,12 +7,13 @@ it talks to, runs the command and posts the reply, which the staff request is wa
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 from redis.asyncio import Redis
 
+from ctops.clock import now_ms
 from ctops.keys import Keys
+from ctops.opsapi import ProcessAction
 from ctops.wire import CommandReply, CommandRequest
 
 REPLY_TTL_S = 300
@@ -24,9 +25,9 @@ class CommandRelay:
         # blocking pops need a client whose socket timeout outlasts the wait
         self.r, self.k = redis_blocking, keys
 
-    async def send(self, host: str, process: str, action: str, by: str, wait_s: float) -> CommandReply | None:
-        cmd = CommandRequest(id=uuid.uuid4().hex, action=action, process=process, by=by,  # type: ignore[arg-type]
-                             ts_ms=int(time.time() * 1000))
+    async def send(self, host: str, process: str, action: ProcessAction, by: str,
+                   wait_s: float) -> CommandReply | None:
+        cmd = CommandRequest(id=uuid.uuid4().hex, action=action, process=process, by=by, ts_ms=now_ms())
         pipe = self.r.pipeline(transaction=True)
         pipe.rpush(self.k.commands(host), cmd.model_dump_json())
         pipe.expire(self.k.commands(host), QUEUE_TTL_S)

@@ -25,6 +25,7 @@ from ctops.capture.wire import (
     GroupActionResult,
     GroupDetail,
     GroupList,
+    GroupStatus,
     GroupView,
     IngestResult,
     TailPage,
@@ -47,7 +48,7 @@ _SENTRY_RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorBody, "description": "project id is not a Sentry project id"},
     415: {"model": ErrorBody, "description": "unsupported Content-Encoding"}}
 Authenticate = Callable[[Request, str | None, str], Awaitable[Principal]]
-Status = Literal["unresolved", "acknowledged", "resolved", "muted", "regressed"]
+Status = GroupStatus
 
 
 def matches(q: str, *fields: str | list[str] | None) -> bool:
