@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from ctops.failover import Failover, TryNext, Unreachable
 from ctops_tools.localcluster import Cluster, wait_for
 from ctops_tools.redis_embed import EmbeddedRedis
 
@@ -36,22 +37,26 @@ class SteadyLoad(threading.Thread):
         self.served: list[tuple[float, str]] = []  # (time, url) of each success
 
     def run(self) -> None:
-        current = 0
+        failover = Failover(self.urls)
         with httpx.Client(timeout=httpx.Timeout(self.timeout, connect=self.timeout)) as client:
+
+            def get(url: str) -> str:
+                try:
+                    r = client.get(url + "/api/exercises")
+                except httpx.HTTPError as exc:
+                    raise TryNext(type(exc).__name__) from None
+                if r.status_code != 200:
+                    raise TryNext(f"answered {r.status_code}")
+                return url
+
             while not self.stop.is_set():
                 self.sent += 1
-                for attempt in range(len(self.urls)):
-                    url = self.urls[(current + attempt) % len(self.urls)]
-                    try:
-                        r = client.get(url + "/api/exercises")
-                    except httpx.HTTPError:
-                        continue
-                    if r.status_code == 200:
-                        current = (current + attempt) % len(self.urls)
-                        self.served.append((time.monotonic(), url))
-                        break
-                else:
+                try:
+                    url = failover.call_sync(get, safe=True)
+                except Unreachable:
                     self.failed += 1
+                else:
+                    self.served.append((time.monotonic(), url))
                 time.sleep(1 / self.rate)
 
 
