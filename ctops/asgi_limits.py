@@ -13,13 +13,15 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ctops.opsapi import error_body
+
 # (status, message) -> the JSON body of an error answer, in the shape the wrapped API uses
 ErrorShape = Callable[[int, str], dict]
 
 
 def ops_error(status: int, message: str) -> dict:
-    """ctops's own shape: {"error": ..., "detail": ...}."""
-    return {"error": message, "detail": None}
+    """The ops API's shape (ctops.opsapi): {"error": ..., "detail": ...}."""
+    return error_body(message)
 
 
 class BodyLimit:
