@@ -8,14 +8,17 @@ contract but no longer served, fails here.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+from collections.abc import Callable
 from typing import get_args
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
 from agents import commands as agent_commands
-from ctops import config, opsapi
+from ctops import config, opsapi, serving
 from ctops.auth import Principal
 from ctops.failover import MAYBE_DONE, Failover, TryNext, Unreachable
 from ctops.opsclient import OpsClient
@@ -196,5 +199,27 @@ def test_client_moves_a_read_on_but_never_sends_an_action_that_may_have_arrived_
             frozen.close()
             live.close()
             await live.wait_closed()
+
+    asyncio.run(run())
+
+
+# --- the one way to serve an ASGI app ------------------------------------------------------------
+def test_a_server_in_our_loop_answers_and_leaves_the_process_signals_to_its_owner() -> None:
+    async def hello(scope: dict, receive: object, send: Callable) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run() -> None:
+        mine = signal.getsignal(signal.SIGTERM)
+        served = await serving.start(serving.config(hello, "127.0.0.1", 0))
+        try:
+            # the dispatcher stops all its servers and loops together on its own SIGTERM handler
+            assert signal.getsignal(signal.SIGTERM) is mine
+            async with httpx.AsyncClient() as client:
+                r = await client.get(f"http://127.0.0.1:{served.port}/")
+            assert r.status_code == 200 and r.text == "ok"
+        finally:
+            await served.stop()
+        assert served.task.done()
 
     asyncio.run(run())
