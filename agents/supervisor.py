@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from agents import handdown
 from agents.probes import ProbeResult, probe
 from agents.sdnotify import NotifyListener
+from ctops.clock import now_ms
 from ctops.config import ProcessSpec
 from ctops.opsapi import ProcessAction
 from ctops.wire import AgentEvent, ProcessState, WatchdogStatus
@@ -648,4 +649,4 @@ class Supervisor:
 
     def _event(self, kind: str, process: str | None, severity: str, message: str) -> None:
         self.on_event(AgentEvent(id=uuid.uuid4().hex, kind=kind, process=process, severity=severity,
-                                 message=message, ts_ms=int(time.time() * 1000)))
+                                 message=message, ts_ms=now_ms()))
