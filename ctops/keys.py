@@ -117,6 +117,14 @@ class Keys:
     def quarantine_cursor(self) -> str:
         return f"{self.prefix}:quarantine:cursor"
 
+    # exceptions: a hash per group (sealed by the ingest script), indexed by last seen, count, resolved
+    def exc_group(self, gid: str) -> str:
+        return f"{self.prefix}:exc:group:{gid}"
+
+    def exc_groups_index(self, name: str) -> str:
+        """`last`, `count` or `resolved`: sorted sets of group ids."""
+        return f"{self.prefix}:exc:groups:{name}"
+
     # LLM pool: staff controls (field "pin" -> provider, "disabled:<provider>" -> who), read by every dispatcher
     @property
     def llm_control(self) -> str:

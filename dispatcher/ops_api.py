@@ -199,7 +199,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
     @app.get("/api/v1/audit")
     async def audit(_: Annotated[Principal, Depends(require("read"))],
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, str]]:
-        return await rt.store.read_audit(limit)
+        return await rt.store.read_audit(limit, reader=f"dispatcher:{rt.spec.name}")
 
     @app.post("/api/v1/servers/{name}/{action}", response_model=ActionResult, responses=_404)
     async def server_action(name: str, action: Literal["drain", "disable", "enable"],

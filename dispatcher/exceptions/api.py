@@ -63,7 +63,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
                       authenticate: Authenticate) -> APIRouter:
     lim = rt.dep.limits
     store = ExceptionStore(rt.redis, rt.keys.prefix, lim.exceptions_stream_max, lim.exceptions_max_groups,
-                           lim.exceptions_ttl_s)
+                           lim.exceptions_ttl_s, reader=f"dispatcher:{rt.spec.name}")
     router = APIRouter(tags=["exceptions"])
     rt.exceptions = store  # type: ignore[attr-defined] - for benchmarks and tests that hold the runtime
     # per token: a Sentry DSN's key is a token too, so varying the project buys no extra rate
