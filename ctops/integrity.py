@@ -441,12 +441,29 @@ async def contain_idempotency(r: aioredis.Redis, keys: Keys, rkey: str, reader: 
     return tomb if done else None
 
 
-async def summary(r: aioredis.Redis, keys: Keys) -> dict[str, int | None]:
-    """The store's integrity counters for `ctops status` (`store.corrupt_found` ...)."""
-    raw = await r.hgetall(keys.quarantine_stats)
-    stats = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+def _counts(raw: Mapping) -> dict[str, int]:
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k.decode() if isinstance(k, bytes) else k] = int(v)
+        except (ValueError, UnicodeDecodeError):
+            continue  # a damaged counter is left out, never a failed status
+    return out
+
+
+async def summary(r: aioredis.Redis, keys: Keys) -> dict[str, Any]:
+    """The store's integrity counters for `ctops status` (`store.corrupt_found` ...), and what was
+    refused where it arrived, by source (`rejected`; torn capture spool lines as `spool_line`, from
+    what the senders report)."""
+    async with r.pipeline(transaction=False) as p:
+        p.hgetall(keys.quarantine_stats)
+        p.hgetall(keys.rejected)
+        p.hgetall(keys.exc_senders)
+        stats, rejected, senders = (_counts(x) for x in await p.execute())
+    spool = sum(v for k, v in senders.items() if k.endswith("|corrupt"))
     return {"corrupt_found": stats.get("corrupt_found", 0), "repaired": stats.get("repaired", 0),
-            "last_scrub_ms": stats.get("last_scrub_ms")}
+            "last_scrub_ms": stats.get("last_scrub_ms"),
+            "rejected": {**rejected, **({"spool_line": spool} if spool else {})}}
 
 
 # --- verifying the whole state: the leader's scrub and `ctops store verify` ------------------------

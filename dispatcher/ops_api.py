@@ -22,6 +22,7 @@ from starlette.types import ASGIApp
 from ctops.asgi_limits import BodyLimit
 from ctops.auth import Principal
 from ctops.clock import now_ms
+from ctops.rejects import COMMAND_RESULT, REJECTS, source_of
 from ctops.wire import (
     ActionResult,
     ClusterState,
@@ -89,12 +90,14 @@ def create_ops_app(rt: Runtime) -> FastAPI:
                             headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
+            REJECTS.note(source_of(request.url.path), f"{request.url.path}: body is not valid JSON")
             return JSONResponse(ErrorBody(error="request body is not valid JSON").model_dump(), 400)
         detail = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in errors]
         fields = ", ".join(d["field"] for d in detail)
+        REJECTS.note(source_of(request.url.path), f"{request.url.path}: invalid {fields}")
         return JSONResponse(ErrorBody(error=f"invalid request: {fields}", detail=detail).model_dump(), 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -300,6 +303,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         if host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {host!r}")
         if not _CMD_ID.match(cmd_id):
+            REJECTS.note(COMMAND_RESULT, f"a result for the malformed command id {cmd_id[:80]!r}")
             raise ApiError(422, "invalid request: cmd_id")
         await rt.commands.reply(cmd_id, reply)
         return {"ok": True}
@@ -317,4 +321,4 @@ def create_ops_app(rt: Runtime) -> FastAPI:
 
 
 def wrap(app: FastAPI, max_body: int) -> ASGIApp:
-    return BodyLimit(app, max_body)
+    return BodyLimit(app, max_body, on_reject=lambda path, _status, why: REJECTS.note(source_of(path), why))

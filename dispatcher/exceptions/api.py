@@ -29,6 +29,7 @@ from ctops.capture.wire import (
     IngestResult,
     TailPage,
 )
+from ctops.rejects import EXCEPTIONS, REJECTS
 from ctops.wire import ErrorBody
 from dispatcher.exceptions.sentry import EnvelopeError, inflate, load_json, parse_envelope, sentry_key, to_event
 from dispatcher.exceptions.store import ExceptionStore, Ingested
@@ -181,8 +182,10 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
             raw = [load_json(p) for h, p in items if h.get("type") == "event"]
             events = [ExceptionEvent.model_validate(to_event(ev, project_id)) for ev in raw]
         except EnvelopeError as exc:
+            REJECTS.note(EXCEPTIONS, f"Sentry envelope: {exc}")
             raise ApiError(exc.status, str(exc)) from None
         except ValueError as exc:  # includes pydantic's ValidationError and bad JSON
+            REJECTS.note(EXCEPTIONS, f"Sentry event: {str(exc).splitlines()[0]}")
             detail = exc.errors(include_url=False) if isinstance(exc, ValidationError) else None
             raise ApiError(400, f"not a usable Sentry event: {str(exc).splitlines()[0]}", detail=detail) from None
         return events, (events[0].event_id.removeprefix("sentry-") if events else "")

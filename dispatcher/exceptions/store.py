@@ -207,7 +207,7 @@ class ExcKeys:
 
     @property
     def senders(self) -> str:
-        return f"{self.prefix}:exc:senders"
+        return self.shared.exc_senders
 
 
 @dataclass(slots=True)
