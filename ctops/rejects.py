@@ -24,6 +24,9 @@ log = logging.getLogger("ctops.rejects")
 HEARTBEAT, COMMAND_RESULT, EXCEPTIONS, REQUEST_BODY = "heartbeat", "command_result", "exceptions", "request_body"
 LLM_ANSWER, IDEMPOTENCY_REPLAY, SPOOL_LINE = "llm_answer", "idempotency_replay", "spool_line"
 
+# what FastAPI says (400) of a body it cannot decode at all, e.g. bytes that are not UTF-8
+UNPARSABLE = "There was an error parsing the body"
+
 _BY_PATH = ((re.compile(r"^/api/v1/heartbeat/?$"), HEARTBEAT),
             (re.compile(r"^/api/v1/agents/[^/]+/commands/[^/]+/result/?$"), COMMAND_RESULT),
             (re.compile(r"^/api/v1/exceptions/?$|^/api/[^/]+/envelope/?$"), EXCEPTIONS))

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 from ctops.asgi_limits import BodyLimit
 from ctops.auth import Principal
 from ctops.clock import now_ms
-from ctops.rejects import COMMAND_RESULT, REJECTS, source_of
+from ctops.rejects import COMMAND_RESULT, REJECTS, UNPARSABLE, source_of
 from ctops.wire import (
     ActionResult,
     ClusterState,
@@ -101,7 +101,11 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         return JSONResponse(ErrorBody(error=f"invalid request: {fields}", detail=detail).model_dump(), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == UNPARSABLE:
+            # FastAPI's words for a body it could not decode (e.g. not UTF-8): said plainly, and counted
+            REJECTS.note(source_of(request.url.path), f"{request.url.path}: body is not JSON in UTF-8")
+            return JSONResponse(ErrorBody(error="request body is not valid JSON in UTF-8").model_dump(), 400)
         # keeps the router's headers, e.g. Allow on a 405
         return JSONResponse(ErrorBody(error=str(exc.detail)).model_dump(), exc.status_code, headers=exc.headers)
 
