@@ -221,3 +221,13 @@ def test_an_exception_group_written_before_envelopes_is_read_and_sealed(c: Clust
     with raw(c) as r:
         assert unseal_fields(key, r.hgetall(key), "exc-group")[2] is False  # sealed now
     assert verify(c)["corrupt"] == 0
+
+
+def test_chaos_corrupt_random_damages_an_audit_entry_or_a_group_that_verify_finds(c: Cluster) -> None:
+    staff_actions(c, 3)
+    send_exception(c, "RandomTargetError", 1)
+    for kind in ("audit", "exc-group"):
+        before = verify(c)["by_kind"].get(kind, {}).get("corrupt", 0)
+        done = cli(c, "chaos", "corrupt", "--random", kind)
+        assert done.returncode == 0 and done.stdout.startswith("corrupt "), done.stderr
+        assert verify(c)["by_kind"][kind]["corrupt"] == before + 1

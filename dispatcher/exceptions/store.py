@@ -366,6 +366,8 @@ class ExceptionStore:
     # --- actions -------------------------------------------------------------------------------
     async def set_status(self, gid: str, action: str, *, minutes: int | None = None,
                          assignee: str | None = None) -> GroupView | None:
+        if not await self.r.exists(self.k.group(gid)):
+            return None  # before touching the indexes: an unknown id must leave no trace there
         for _ in range(2):
             done = _s(await self._apply(gid, action, minutes, assignee))
             if done != "damaged":
