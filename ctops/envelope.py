@@ -176,18 +176,13 @@ def unseal_fields(key: str, raw: Mapping[str | bytes, str | bytes] | None,
 # (fields sorted bytewise, never by the server's locale). `env_check(key, kind)` gives 'missing',
 # 'legacy', 'damaged' or 'intact' and the generation; `env_seal(key, kind, gen)` writes `_env`.
 LUA_HASH_ENVELOPE = """
+local byte = string.byte
 local function env_lt(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
+  for i = 1, #a do
+    local x, y = byte(a, i), byte(b, i)
+    if x ~= y then return y ~= nil and x < y end
   end
   return #a < #b
-end
-local function env_be(n, width)
-  local out = {}
-  for i = width, 1, -1 do out[i] = string.char(n % 256); n = math.floor(n / 256) end
-  return table.concat(out)
 end
 local function env_digest(key, kind, gen, flat)
   local names, vals = {}, {}
@@ -195,10 +190,10 @@ local function env_digest(key, kind, gen, flat)
     if flat[i] ~= '_env' then names[#names + 1] = flat[i]; vals[flat[i]] = flat[i + 1] end
   end
   table.sort(names, env_lt)
-  local parts = {key, '\\0', kind, '\\0', env_be(gen, 8)}
+  local parts = {key, '\\0', kind, '\\0', struct.pack('>I8', gen)}
   for _, n in ipairs(names) do
     local v = vals[n]
-    parts[#parts + 1] = env_be(#n, 4) .. n .. env_be(#v, 4) .. v
+    parts[#parts + 1] = struct.pack('>I4', #n) .. n .. struct.pack('>I4', #v) .. v
   end
   return redis.sha1hex(table.concat(parts))
 end
