@@ -231,3 +231,24 @@ def test_chaos_corrupt_random_damages_an_audit_entry_or_a_group_that_verify_find
         done = cli(c, "chaos", "corrupt", "--random", kind)
         assert done.returncode == 0 and done.stdout.startswith("corrupt "), done.stderr
         assert verify(c)["by_kind"][kind]["corrupt"] == before + 1
+
+
+def test_a_quarantined_audit_entry_is_put_back_as_a_new_entry_on_restore(c: Cluster) -> None:
+    staff_actions(c, 3)
+    k = keys(c).audit
+    done = cli(c, "chaos", "corrupt", k)
+    damaged_id = done.stdout.split("of entry ")[1].split()[0]
+    audit(c)  # the read sets it aside
+    with raw(c) as r:
+        [item] = [f for _id, f in r.xrange(keys(c).quarantine_log) if f.get(b"entry", b"").decode() == damaged_id]
+        assert not r.xrange(k, damaged_id, damaged_id)
+    qid = item[b"qid"].decode()
+    put_back = cli(c, "store", "quarantine", "restore", qid)
+    assert put_back.returncode == 0, put_back.stderr
+    with raw(c) as r:
+        entries = r.xrange(k)
+    # the damaged bytes are back, byte for byte, under a new id (a stream takes no older id), and
+    # the restore itself is audited after it
+    restored = [(i, f) for i, f in entries if b"\xff\xfe damaged" in f.values()]
+    assert len(restored) == 1 and restored[0][0].decode() > damaged_id
+    assert entries[-1][1][b"action"] == b"quarantine-restore"
