@@ -153,3 +153,14 @@ def test_a_torn_spool_line_is_skipped_and_counted_where_staff_see_it(c: Cluster,
     wait_rejected(c, "spool_line", 1)
     groups = httpx.get(c.ops_url() + "/api/v1/exceptions/groups", headers=c.auth("viewer"), timeout=10).json()
     assert next(g for g in groups["groups"] if g["type"] == "SpoolTestError")["count"] == 3
+
+
+def test_a_damaged_command_in_a_hosts_queue_is_dropped_not_a_500(c: Cluster) -> None:
+    queue = Keys(prefix=c.prefix).commands("host-1")
+    with redis.Redis.from_url(c.redis.url) as r:
+        r.rpush(queue, b"\xff{not a command")
+    url = f"{c.ops_url()}/api/v1/agents/host-1/commands"
+    r1 = httpx.get(url, params={"wait_ms": 0}, headers=c.auth("agent"), timeout=10)
+    assert r1.status_code == 200 and r1.json() == []
+    with redis.Redis.from_url(c.redis.url) as r:
+        assert r.llen(queue) == 0
