@@ -18,7 +18,7 @@ import redis
 from ctops.capture.forwarder import Forwarder
 from ctops.capture.spool import Spool
 from ctops.keys import Keys
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, wait_for
 from trainer.fake_llm import control_headers
 

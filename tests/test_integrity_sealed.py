@@ -17,8 +17,8 @@ import redis
 
 from ctops.envelope import LUA_HASH_ENVELOPE, SHA1, Corrupt, seal_fields, unseal_fields
 from ctops.keys import Keys
-from ctops.procs import ctops_argv
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.procs import ctops_argv
+from ctops_tools.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, events, wait_for
 
 
