@@ -19,7 +19,9 @@ ServiceRole = Literal["trainer", "dispatcher"]
 TRAINER_KEYS = ("session:*", "submission:*", "submissions:open", "reviews:pending", "idempotency:*",
                 "trainer:*", "server:*:sessions", "store:writes-unconfirmed",
                 # damaged records a trainer found: set aside, logged and counted (ctops.integrity)
-                "quarantine:*")
+                "quarantine:*",
+                # delivered data it refused, counted by source (ctops.rejects)
+                "rejected")
 
 # data commands only; the denials after them win, whatever category also lists a command
 _SERVICE_COMMANDS = ["-@all", "+@read", "+@write", "+@keyspace", "+@string", "+@hash", "+@list", "+@set",
