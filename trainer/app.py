@@ -29,7 +29,7 @@ from ctops.envelope import Corrupt
 from ctops.keys import Keys
 from trainer import review, sandbox
 from trainer.exercises import EXERCISES
-from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprint
+from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprint, generated_key_ttl_s
 from trainer.lease import Lease
 from trainer.readiness import StoreProbe
 from trainer.review import Reviewer
@@ -110,7 +110,8 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64), verify=tls)
         reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
         app.state.worker = Worker(app.state.store, keys, server_name, deployment, reviewer, runs)
-        app.state.idem = Idempotency(raw, keys, server_name, deployment.trainer)
+        app.state.idem = Idempotency(raw, keys, server_name, deployment.trainer,
+                                     generated_key_ttl_s(deployment.timings))
         app.state.worker.start_loops()
         app.state.sandbox = (await asyncio.to_thread(sandbox.confinement, deployment.sandbox)).to_dict()
         app.state.probe = StoreProbe(app.state.store)

@@ -7,6 +7,12 @@ and its claim expires; one dying after leaves the outcome for every repeat. A re
 request gets the stored outcome; a repeat of one still in progress (possibly on another server)
 waits for it, up to a bound, then gets a 409 it can retry.
 
+How long an outcome is kept depends on whose key it is. A client's own key may come again much later
+(a browser resending after a reconnect): `[trainer] idempotency_ttl_s`, a day by default. A key the
+dispatcher made for a write that came without one (`ctops-...`) is sent only by the dispatcher's own
+tries of that one request, so its outcome is kept only as long as such a try can still reach a server
+(`generated_key_ttl_s`); every keyless POST would otherwise leave a record behind for a day.
+
 A finished outcome is sealed (`ctops.envelope`). One found damaged is set aside and replaced by a
 tombstone; every repeat of that key then gets a 410 saying to check the resource and use a new key
 (the request may well have been executed, so it must not run again under the same key).
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +33,7 @@ import redis.asyncio as aioredis
 from fastapi.responses import JSONResponse
 from redis.asyncio.client import Pipeline
 
-from ctops.config import TrainerSettings
+from ctops.config import Timings, TrainerSettings
 from ctops.envelope import Corrupt
 from ctops.integrity import IDEMPOTENCY, contain_idempotency, read_idempotency, seal_json
 from ctops.keys import Keys
@@ -35,6 +42,8 @@ from trainer.lease import Lease, LeaseLost
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
 KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+# the start of the keys the dispatcher makes for writes without one (dispatcher/proxy.py)
+GENERATED_PREFIX = "ctops-"
 POLL_SECONDS = 0.05
 
 
@@ -58,18 +67,33 @@ def fingerprint(method: str, path: str, body: bytes) -> str:
     return hashlib.sha256(b"%s %s\n%s" % (method.encode(), path.encode(), body)).hexdigest()
 
 
+def generated_key_ttl_s(t: Timings) -> int:
+    """How long an outcome under a dispatcher-made key is kept: as long as a try carrying that key can
+    still reach a server. The dispatcher sends its tries of a request within `retry_total_ms` of its
+    arrival, each connecting within `upstream_connect_timeout_ms`, and waits at most
+    `upstream_read_timeout_ms` for a try's answer; past the sum it has answered the learner, and the
+    key, never shown to anyone, is not sent again. (A try left unread in the socket of a server frozen
+    for longer than this, then thawed, would run once more; the agent's watchdog replaces a hung
+    server long before, and the answer goes nowhere: the dispatcher closed that connection.)"""
+    return max(1, math.ceil((t.retry_total_ms + t.upstream_connect_timeout_ms + t.upstream_read_timeout_ms) / 1000))
+
+
 def problem(status: int, detail: str, error: str = "", **extra: object) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 409 else None
     return JSONResponse({"error": error or f"http_{status}", "detail": detail, **extra}, status, headers=headers)
 
 
 class Idempotency:
-    def __init__(self, client: aioredis.Redis, keys: Keys, server: str, settings: TrainerSettings) -> None:
-        """`client` must not decode responses: a damaged outcome has to reach the check as bytes."""
+    def __init__(self, client: aioredis.Redis, keys: Keys, server: str, settings: TrainerSettings,
+                 generated_ttl_s: int | None = None) -> None:
+        """`client` must not decode responses: a damaged outcome has to reach the check as bytes.
+        `generated_ttl_s`: how long outcomes under dispatcher-made keys are kept (`generated_key_ttl_s`);
+        None: as long as any other."""
         self.r = client
         self.k = keys
         self.server = server
         self.settings = settings
+        self.generated_ttl_s = generated_ttl_s or settings.idempotency_ttl_s
 
     async def run(self, key: str | None, fp: str, prepare: Prepare, after: After | None = None) -> JSONResponse:
         """Execute `prepare` (which must not write) and commit its writes, at most once per key.
@@ -92,7 +116,8 @@ class Idempotency:
             claim.token = json.dumps({"state": "pending", "fingerprint": fp, "server": self.server,
                                       "nonce": claim.token})
             if await claim.acquire():
-                done = await self._execute(claim, prepare, rkey)
+                ttl = self.generated_ttl_s if key.startswith(GENERATED_PREFIX) else self.settings.idempotency_ttl_s
+                done = await self._execute(claim, prepare, rkey, ttl)
                 if done is not None:
                     if after:
                         await after(done)
@@ -130,7 +155,7 @@ class Idempotency:
                 return tomb
         return None
 
-    async def _execute(self, claim: Lease, prepare: Prepare, rkey: str) -> Outcome | None:
+    async def _execute(self, claim: Lease, prepare: Prepare, rkey: str, ttl_s: int) -> Outcome | None:
         fp = json.loads(claim.token)["fingerprint"]
         async with claim.kept():
             outcome, writes = await prepare()
@@ -140,7 +165,7 @@ class Idempotency:
 
             def commit(p: Pipeline) -> None:
                 writes(p)
-                p.set(rkey, stored, ex=self.settings.idempotency_ttl_s)
+                p.set(rkey, stored, ex=ttl_s)
 
             try:
                 await claim.write(commit)
