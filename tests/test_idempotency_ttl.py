@@ -12,7 +12,7 @@ import redis
 
 from ctops.config import Timings
 from ctops.keys import Keys
-from tests.cluster import Cluster, make_cluster, wait_for  # noqa: F401 - make_cluster is a fixture
+from tests.cluster import Cluster, wait_for
 from trainer.idempotency import generated_key_ttl_s
 
 # tries within 200 ms, each connecting within 100 ms and answered within 700 ms: 1 s in all
