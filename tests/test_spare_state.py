@@ -33,7 +33,8 @@ def test_spare_state_through_a_crash_and_a_lost_spare(make_cluster) -> None:
                      and (p.get("spare") or {}).get("state") == "ready" and p, timeout=60)
     serving, spare_pid = first["pid"], first["spare"]["pid"]
     assert spare_pid and spare_pid != serving and pid_alive(spare_pid)
-    text = wait_for("ctops status showing it", lambda: (t := status_text(c)) and f"spare ready pid {spare_pid}" in t and t)
+    text = wait_for("ctops status showing it",
+                    lambda: (t := status_text(c)) and f"spare ready pid {spare_pid}" in t and t)
     assert "no warm spare" not in text
 
     # the server crashes: the spare takes over, and a new spare is started and gets ready
