@@ -1,6 +1,7 @@
 """`ctops bench proxy`: the dispatcher's data plane against HAProxy 2.6, side by side in one run.
 
-Both proxies front the same two "hello" backends (ctops.bench.hello, separate processes), both
+Both proxies front the same two backends (separate processes): "hello" servers (ctops.bench.hello)
+for GETs, trainer-like ones (ctops.bench.proxy_learners: JSON answers, some chunked) for `--mix learners`; both
 run one thread, and the same wrk load hits each in turn, alternating rounds so that drift in the
 machine affects both alike. With two or more CPUs, the proxy under test gets a CPU of its own
 and wrk and the backends share the others: the same for both proxies.
@@ -38,7 +39,8 @@ TARGETS = {"get": (0.9, 1.2), "learners": (1.0, 1.1)}
 
 # `--mix learners`: what a learner's browser sends the trainer, in proportion: a session opened, JSON
 # submissions of about 1 and 4 KB (without Idempotency-Key, as most learners' clients), polls of a
-# submission, the exercise list; all with the session cookie
+# submission, the exercise list; all with the session cookie. The backends answer as the trainer does
+# (ctops.bench.proxy_learners): JSON with a length, the exercise list chunked
 LEARNERS_LUA = """\
 local hdrs = {["Content-Type"] = "application/json", ["Cookie"] = "ctops_session=s1"}
 local function submission(lines)
@@ -225,7 +227,8 @@ class Bench:
         backends = []
         for i in (1, 2):
             port = free_port()
-            proc = self.spawn(self.pin_load + py + ["-m", "ctops.bench.hello", "--port", str(port)], f"backend{i}")
+            module = "ctops.bench.proxy_learners" if self.mix == "learners" else "ctops.bench.hello"
+            proc = self.spawn(self.pin_load + py + ["-m", module, "--port", str(port)], f"backend{i}")
             _wait_port(port, proc, f"backend {i}")
             backends.append(f"127.0.0.1:{port}")
 
@@ -355,7 +358,8 @@ def render(result: dict) -> str:
     lines = [
         f"proxy benchmark ({s['mix']} mix): wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s"
         f" x {s['rounds']} pairs, "
-        f"2 hello backends, HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}; "
+        f"2 {'trainer-like' if s['mix'] == 'learners' else 'hello'} backends, "
+        f"HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}; "
         f"data plane {s['data_plane']}",
         "",
         f"{'mean':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}{'CPU us/req':>12}",
