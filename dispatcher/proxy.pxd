@@ -3,8 +3,9 @@
 # __init__ and with the signatures below; the build fails on a mismatch.
 
 cdef Py_ssize_t _PIPELINE, _BACKPRESSURE, _NONE, _HEADER, _IDLE, _UPSTREAM, _FIRST_BYTE
-cdef Py_ssize_t _MEMO_ENTRIES, _MEMO_HEAD_MAX, _CHUNKED_BODY, _CHUNK_CUT_MAX
-cdef dict _request_heads, _response_heads
+cdef Py_ssize_t _MEMO_ENTRIES, _MEMO_HEAD_MAX, _CHUNKED_BODY, _CHUNK_CUT_MAX, _KEY_POOL, _key_at
+cdef bytes _key_random
+cdef dict _request_heads, _response_heads, _write_heads
 
 cdef class Request
 cdef class ClientConnection

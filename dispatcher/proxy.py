@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import time
+from binascii import hexlify
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -310,6 +311,7 @@ _MEMO_ENTRIES = 4096
 _MEMO_HEAD_MAX = 2048
 _request_heads: dict[bytes, tuple[bytes, bytes, bytes | None, bytes]] = {}
 _response_heads: dict[bytes, int] = {}
+_write_heads: dict[bytes, tuple[bytes, bytes, bytes | None, bytes, bool, int] | bool] = {}
 
 
 def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] | None:
@@ -335,13 +337,32 @@ _FAST_WRITE = re.compile(rb"(POST|PUT|PATCH|DELETE) (/[!-~]*) HTTP/1\.1\r\n(" + 
 _COUNTED = re.compile(rb"^(?i:(host|content-length|idempotency-key|cookie)):[ \t]*([^\r]*?)[ \t]*\r", re.M)
 
 
-def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, bytes | None, bytes, bool] | None:
-    """(method, target, cookies, the head without its final CRLF, has an Idempotency-Key) when `data`
-    is exactly one plain write for a learner's route: one Host, one Content-Length equal to the body
-    that follows the head to the end of `data`, no other framing; else None (the parser decides)."""
-    m = _FAST_WRITE.match(data)
-    if m is None or m.end() > header_max:
+def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, bytes | None, bytes, bool, int] | None:
+    """(method, target, cookies, the head without its final CRLF, has an Idempotency-Key, body length) when
+    `data` is exactly one plain write for a learner's route: one Host, one Content-Length equal to the
+    body that follows the head to the end of `data`, no other framing; else None (the parser decides).
+    What a head is, is remembered per exact head (`_write_heads`)."""
+    end = data.find(b"\r\n\r\n", 0, header_max) + 4
+    if end == 3:
         return None
+    head = data[:end]
+    hit = _write_heads.get(head)
+    if hit is None:
+        hit = _write_head(head)
+        if end <= _MEMO_HEAD_MAX:
+            if len(_write_heads) >= _MEMO_ENTRIES:
+                _write_heads.clear()
+            _write_heads[head] = hit
+    if hit is False or hit[5] != len(data) - end:
+        return None
+    return hit
+
+
+def _write_head(head: bytes) -> tuple[bytes, bytes, bytes | None, bytes, bool, int] | bool:
+    """`fast_write_request`'s verdict on a head (to its blank line): its parts, or False."""
+    m = _FAST_WRITE.fullmatch(head)
+    if m is None:
+        return False
     hosts = lengths = 0
     length = b""
     key = False
@@ -357,10 +378,9 @@ def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, byte
             cookies.append(value)
         else:
             key = True
-    if (hosts != 1 or lengths != 1 or not length.isdigit() or len(length) > 15
-            or int(length) != len(data) - m.end() or hidden_path(m.group(2))):
-        return None
-    return m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, data[:m.end() - 2], key
+    if hosts != 1 or lengths != 1 or not length.isdigit() or len(length) > 15 or hidden_path(m.group(2)):
+        return False
+    return m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, head[:-2], key, int(length)
 
 
 def fast_response_length(head: bytes) -> int:
@@ -375,6 +395,25 @@ def fast_response_length(head: bytes) -> int:
         _response_heads.clear()
     _response_heads[head] = clen
     return clen
+
+
+# random bytes for generated keys, drawn many keys' worth at a time (one getrandom per 256 keys, not one
+# per keyless write)
+_KEY_POOL = 4096
+_key_random = b""
+_key_at = 0
+
+
+def generated_key() -> bytes:
+    """A fresh key for a write that came without an Idempotency-Key: "ctops-" and 32 random hex digits
+    (trainer/idempotency.py knows these by their start)."""
+    global _key_random, _key_at
+    i = _key_at
+    if i + 16 > len(_key_random):
+        _key_random = os.urandom(_KEY_POOL)
+        i = 0
+    _key_at = i + 16
+    return b"ctops-" + hexlify(_key_random[i:i + 16])
 
 
 def hidden_path(target: bytes) -> bool:
@@ -534,7 +573,7 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
                     if method == b"POST":
                         r.opens = opens_session(method, write[1])
                     if not write[4] and method not in IDEMPOTENT:
-                        head += b"Idempotency-Key: ctops-%b\r\n" % os.urandom(16).hex().encode()
+                        head += b"Idempotency-Key: %b\r\n" % generated_key()
                     self._head_ready(r, write[1], write[2], head + self.forwarded + body)
                     return
         self.read_len = len(data)
@@ -619,7 +658,7 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
             # every try of it carries the same key and the trainer executes it at most once
             # (trainer/idempotency.py): a write can then go again like a read. The trainer keeps outcomes under
             # our "ctops-" keys only as long as these tries may come (its GENERATED_PREFIX, generated_key_ttl_s)
-            out += (b"Idempotency-Key: ctops-", os.urandom(16).hex().encode(), b"\r\n")
+            out += (b"Idempotency-Key: ", generated_key(), b"\r\n")
         if te is not None:
             # the one framing a server cannot read differently from us: a single "chunked" coding on
             # HTTP/1.1 without a length. Anything else (repeated, other codings, with Content-Length,
