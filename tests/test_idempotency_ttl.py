@@ -5,6 +5,8 @@ A real dispatcher in front of a real trainer, with a short retry window configur
 from __future__ import annotations
 
 import hashlib
+import signal
+import time
 from collections.abc import Callable
 
 import httpx
@@ -48,3 +50,32 @@ def test_outcomes_of_keyless_writes_expire_with_the_retry_window(make_cluster: C
         # the session the keyless write made is still there: only the outcome record went
         sid = created.json()["session_id"]
         assert httpx.get(f"{c.data_url()}/api/sessions/{sid}", timeout=30).status_code == 200
+
+
+def _sessions_of(r: redis.Redis, prefix: str, learner: str) -> int:
+    return sum(1 for k in r.scan_iter(f"{prefix}:session:*")
+               if r.type(k) == b"hash" and r.hget(k, "learner") == learner.encode())
+
+
+def test_a_try_left_in_a_frozen_server_past_the_window_is_not_run_again(make_cluster) -> None:
+    """A keyless write sent to a server that then froze is answered by another; the frozen one, thawed
+    after the outcome's short life is over, finds the try it never read: it must not run it again."""
+    # tries for up to 3 s, so a hung server's request moves on (first-byte deadline + probe) in time
+    c = make_cluster(trainers=2, timings={**WINDOW, "retry_total_ms": 3000})
+    c.start_all()
+    window = generated_key_ttl_s(Timings(**{**WINDOW, "retry_total_ms": 3000}))
+    with httpx.Client(base_url=c.data_url(), timeout=30) as learner, redis.Redis.from_url(c.redis.url) as r:
+        first = learner.post("/api/sessions", json={"learner": "warm-up"})
+        home = learner.cookies["ctops_srv"].rsplit(".", 1)[0]
+        c.signal(home, signal.SIGSTOP)
+        try:
+            moved = learner.post("/api/sessions", json={"learner": "frozen-once"})
+            assert moved.status_code == 201 and moved.json()["server"] != home, moved.text
+            assert first.status_code == 201
+            time.sleep(window + 1)  # the outcome of the generated key is gone (the window, not a timing assert)
+        finally:
+            c.signal(home, signal.SIGCONT)
+        c.wait_state(home, "up")
+        # the thawed server has read what waited in its socket by the time it passes health checks again
+        wait_for("the thawed server answering", lambda: httpx.get(c.trainer_url(home) + "/healthz").is_success)
+        assert _sessions_of(r, c.prefix, "frozen-once") == 1

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from redis.asyncio.client import Pipeline
 
@@ -59,6 +60,7 @@ class Outcome:
 
 
 Writes = Callable[[Pipeline], None]
+Gone = Callable[[], Awaitable[bool]]
 Prepare = Callable[[], Awaitable[tuple[Outcome, Writes]]]
 After = Callable[[Outcome], Awaitable[None]]
 
@@ -72,10 +74,19 @@ def generated_key_ttl_s(t: Timings) -> int:
     still reach a server. The dispatcher sends its tries of a request within `retry_total_ms` of its
     arrival, each connecting within `upstream_connect_timeout_ms`, and waits at most
     `upstream_read_timeout_ms` for a try's answer; past the sum it has answered the learner, and the
-    key, never shown to anyone, is not sent again. (A try left unread in the socket of a server frozen
-    for longer than this, then thawed, would run once more; the agent's watchdog replaces a hung
-    server long before, and the answer goes nowhere: the dispatcher closed that connection.)"""
+    key, never shown to anyone, is not sent again. A try left unread in the socket of a server frozen
+    for longer than that is found when the server thaws, its outcome gone: it is not run, because the
+    dispatcher closed that connection when it moved the request on (`client_gone`)."""
     return max(1, math.ceil((t.retry_total_ms + t.upstream_connect_timeout_ms + t.upstream_read_timeout_ms) / 1000))
+
+
+async def client_gone(request: Request) -> bool:
+    """Whether the client (the dispatcher) has closed the connection this request came on. A close
+    that already waits in the socket is seen by the event loop one iteration after the request's bytes,
+    and handed to the app one more later: let both pass before asking."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    return await request.is_disconnected()
 
 
 def problem(status: int, detail: str, error: str = "", **extra: object) -> JSONResponse:
@@ -95,10 +106,13 @@ class Idempotency:
         self.settings = settings
         self.generated_ttl_s = generated_ttl_s or settings.idempotency_ttl_s
 
-    async def run(self, key: str | None, fp: str, prepare: Prepare, after: After | None = None) -> JSONResponse:
+    async def run(self, key: str | None, fp: str, prepare: Prepare, after: After | None = None,
+                  gone: Gone | None = None) -> JSONResponse:
         """Execute `prepare` (which must not write) and commit its writes, at most once per key.
 
-        `after` runs only on the execution that committed (e.g. to start background work)."""
+        `after` runs only on the execution that committed (e.g. to start background work). `gone`: whether
+        the client has left (`client_gone`); a try under a dispatcher-made key whose dispatcher has left
+        is not run (see `generated_key_ttl_s`)."""
         if key is None:
             outcome, writes = await prepare()
             async with self.r.pipeline(transaction=True) as p:
@@ -109,6 +123,11 @@ class Idempotency:
             return outcome.response()
         if not KEY_RE.match(key):
             return problem(400, f"{HEADER} must be 1 to 255 printable ASCII characters without spaces")
+        generated = key.startswith(GENERATED_PREFIX)
+        if generated and gone is not None and await gone():
+            # the dispatcher moved this try on long ago and has answered the learner; the outcome under
+            # its key may have expired already, so running it now could run it twice. Nobody reads this
+            return problem(410, "the dispatcher that sent this request has given up on it; not executed")
         rkey = self.k.idempotency(hashlib.sha256(key.encode()).hexdigest())
         deadline = time.monotonic() + self.settings.idempotency_wait_ms / 1000
         while True:
@@ -116,7 +135,7 @@ class Idempotency:
             claim.token = json.dumps({"state": "pending", "fingerprint": fp, "server": self.server,
                                       "nonce": claim.token})
             if await claim.acquire():
-                ttl = self.generated_ttl_s if key.startswith(GENERATED_PREFIX) else self.settings.idempotency_ttl_s
+                ttl = self.generated_ttl_s if generated else self.settings.idempotency_ttl_s
                 done = await self._execute(claim, prepare, rkey, ttl)
                 if done is not None:
                     if after:
