@@ -67,6 +67,9 @@ request = function()
 end
 """
 
+# HAProxy's session affinity, for the learner mix
+LEARNERS_AFFINITY = "    cookie ctops_srv insert indirect nocache httponly\n"
+
 HAPROXY_CFG = """\
 global
     nbthread 1
@@ -233,7 +236,12 @@ class Bench:
             backends.append(f"127.0.0.1:{port}")
 
         port = free_port()
-        servers = "\n".join(f"    server s{i + 1} {b}" for i, b in enumerate(backends))
+        servers = "\n".join(f"    server s{i + 1} {b}" + (f" cookie s{i + 1}" if self.mix == "learners" else "")
+                            for i, b in enumerate(backends))
+        if self.mix == "learners":
+            # the same function as the data plane's: a learner with a session but no server cookie is
+            # given one on each answer (the wrk script, unlike a browser, never sends it back)
+            servers = LEARNERS_AFFINITY + servers
         cfg = self.tmp / "haproxy.cfg"
         cfg.write_text(HAPROXY_CFG.format(port=port, servers=servers))
         proc = self.spawn(self.pin_proxy + [self.haproxy, "-db", "-f", str(cfg)], "haproxy")
