@@ -15,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # (status, message) -> the JSON body of an error answer, in the shape the wrapped API uses
 ErrorShape = Callable[[int, str], dict]
+# (path, status, message): told of every body refused here, to count it (ctops.rejects)
+OnReject = Callable[[str, int, str], None]
 
 
 def ops_error(status: int, message: str) -> dict:
@@ -26,8 +28,9 @@ class BodyLimit:
     """Refuse bodies over `max_bytes` with 413 before the app sees them, whether or not a
     Content-Length was sent; a malformed Content-Length is a 400."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, error: ErrorShape = ops_error) -> None:
-        self.app, self.max_bytes, self.error = app, max_bytes, error
+    def __init__(self, app: ASGIApp, max_bytes: int, error: ErrorShape = ops_error,
+                 on_reject: OnReject | None = None) -> None:
+        self.app, self.max_bytes, self.error, self.on_reject = app, max_bytes, error, on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -36,10 +39,10 @@ class BodyLimit:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit():
-                    await self._answer(send, 400, "invalid Content-Length")
+                    await self._answer(scope, send, 400, "invalid Content-Length")
                     return
                 if int(value) > self.max_bytes:
-                    await self._answer(send, 413, f"request body over {self.max_bytes} bytes")
+                    await self._answer(scope, send, 413, f"request body over {self.max_bytes} bytes")
                     return
         # read the whole body here (bodies under the limit are small) so an oversized one never
         # reaches the app, whose body parsing would turn any error into a generic 400
@@ -52,7 +55,7 @@ class BodyLimit:
             chunk = msg.get("body", b"")
             seen += len(chunk)
             if seen > self.max_bytes:
-                await self._answer(send, 413, f"request body over {self.max_bytes} bytes")
+                await self._answer(scope, send, 413, f"request body over {self.max_bytes} bytes")
                 return
             chunks.append(chunk)
             if not msg.get("more_body"):
@@ -69,7 +72,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _answer(self, send: Send, status: int, message: str) -> None:
+    async def _answer(self, scope: Scope, send: Send, status: int, message: str) -> None:
+        if self.on_reject is not None:
+            self.on_reject(scope.get("path", ""), status, message)
         body = json.dumps(self.error(status, message)).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

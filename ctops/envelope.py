@@ -18,6 +18,7 @@ them on its next write instead of refusing them.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ VERSION = 1
 _HEAD = struct.Struct(">3sBB")  # magic, version, length of kind
 _TAIL = struct.Struct(">QQ")  # generation, checksum
 ENV_FIELD = "_env"
+# Redis scripts cannot compute xxHash (their Lua has SHA-1 only), so a hash that a script rewrites
+# (an exception group, updated by the ingest script) is sealed with SHA-1 over the same fields; its
+# `_env` digest is then written `sha1=<40 hex>`. `LUA_HASH_ENVELOPE` is that seal for scripts.
+SHA1 = "sha1"
 
 
 class Corrupt(ValueError):
@@ -111,22 +116,32 @@ def unseal(key: str, raw: str | bytes | None, kind: str | None = None) -> Record
     return Record(body, found_kind, generation)
 
 
-def _fields_digest(key: str, kind: str, generation: int, fields: Mapping[str, str | bytes]) -> int:
-    h = xxhash.xxh3_64()
+def _fields_bytes(fields: Mapping[str, str | bytes]) -> bytes:
+    out = []
     for name in sorted(fields):
         if name == ENV_FIELD:
             continue
         n = name.encode()
         v = _as_bytes(fields[name])
         # lengths first: ("ab","c") and ("a","bc") must not collide
-        h.update(len(n).to_bytes(4, "big") + n + len(v).to_bytes(4, "big") + v)
-    return checksum(key, kind, generation, h.digest())
+        out.append(len(n).to_bytes(4, "big") + n + len(v).to_bytes(4, "big") + v)
+    return b"".join(out)
 
 
-def seal_fields(key: str, kind: str, fields: Mapping[str, str | bytes], generation: int = 0) -> dict[str, str | bytes]:
+def _fields_digest(key: str, kind: str, generation: int, fields: Mapping[str, str | bytes],
+                   digest: str = "xxh3") -> str:
+    if digest == SHA1:
+        head = key.encode() + b"\0" + kind.encode() + b"\0" + generation.to_bytes(8, "big")
+        return "sha1=" + hashlib.sha1(head + _fields_bytes(fields)).hexdigest()
+    inner = xxhash.xxh3_64_digest(_fields_bytes(fields))
+    return f"{checksum(key, kind, generation, inner):016x}"
+
+
+def seal_fields(key: str, kind: str, fields: Mapping[str, str | bytes], generation: int = 0,
+                digest: str = "xxh3") -> dict[str, str | bytes]:
     """The hash's fields plus `_env`; write them all at once (HSET with every field, after DEL)."""
     out: dict[str, str | bytes] = {k: v for k, v in fields.items() if k != ENV_FIELD}
-    out[ENV_FIELD] = f"{VERSION}:{kind}:{generation}:{_fields_digest(key, kind, generation, out):016x}"
+    out[ENV_FIELD] = f"{VERSION}:{kind}:{generation}:{_fields_digest(key, kind, generation, out, digest)}"
     return out
 
 
@@ -150,8 +165,54 @@ def unseal_fields(key: str, raw: Mapping[str | bytes, str | bytes] | None,
     version, found_kind, gen, digest = parts[0], parts[1], int(parts[2]), parts[3]
     if version != str(VERSION):
         raise Corrupt(key, "version", f"format {version}, this build reads {VERSION}")
-    if f"{_fields_digest(key, found_kind, gen, fields):016x}" != digest:
+    if _fields_digest(key, found_kind, gen, fields, SHA1 if digest.startswith("sha1=") else "xxh3") != digest:
         raise Corrupt(key, "checksum", f"kind {found_kind}, generation {gen}")
     if kind is not None and found_kind != kind:
         raise Corrupt(key, "kind", f"found {found_kind!r}, expected {kind!r}")
     return fields, gen, False
+
+
+# The SHA-1 seal of a hash, for Redis scripts: the same canonical bytes as `_fields_digest`
+# (fields sorted bytewise, never by the server's locale). `env_check(key, kind)` gives 'missing',
+# 'legacy', 'damaged' or 'intact' and the generation; `env_seal(key, kind, gen)` writes `_env`.
+LUA_HASH_ENVELOPE = """
+local byte = string.byte
+local function env_lt(a, b)
+  for i = 1, #a do
+    local x, y = byte(a, i), byte(b, i)
+    if x ~= y then return y ~= nil and x < y end
+  end
+  return #a < #b
+end
+local function env_digest(key, kind, gen, flat)
+  local names, vals = {}, {}
+  for i = 1, #flat, 2 do
+    if flat[i] ~= '_env' then names[#names + 1] = flat[i]; vals[flat[i]] = flat[i + 1] end
+  end
+  table.sort(names, env_lt)
+  local parts = {key, '\\0', kind, '\\0', struct.pack('>I8', gen)}
+  for _, n in ipairs(names) do
+    local v = vals[n]
+    parts[#parts + 1] = struct.pack('>I4', #n) .. n .. struct.pack('>I4', #v) .. v
+  end
+  return redis.sha1hex(table.concat(parts))
+end
+local function env_check(key, kind)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return 'missing', 0 end
+  local env = nil
+  for i = 1, #flat, 2 do if flat[i] == '_env' then env = flat[i + 1] end end
+  if not env then return 'legacy', 0 end
+  local ver, k, gen, dig = string.match(env, '^(%d+):([^:]*):(%d+):sha1=(%x+)$')
+  if ver ~= '1' or k ~= kind then return 'damaged', 0 end
+  gen = tonumber(gen)
+  if env_digest(key, kind, gen, flat) ~= dig then return 'damaged', gen end
+  return 'intact', gen
+end
+local function env_seal(key, kind, gen)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return end
+  redis.call('HSET', key, '_env', '1:' .. kind .. ':' .. string.format('%d', gen) .. ':sha1='
+             .. env_digest(key, kind, gen, flat))
+end
+"""

@@ -18,33 +18,40 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
+from ctops.capture.fingerprint import culprit
 from ctops.clock import now_ms
-from ctops.envelope import Corrupt, seal, seal_fields, unseal, unseal_fields
+from ctops.envelope import SHA1, Corrupt, seal, seal_fields, unseal, unseal_fields
 from ctops.keys import Keys
 from ctops.redisacl import glob_escape
 
 # the log is read by the dispatcher leader within seconds; it need not hold more than a burst
 LOG_MAXLEN = 10_000
+# the audit log keeps this many staff actions
+AUDIT_MAXLEN = 100_000
 # record kinds, as counted and as named in staff events
 SESSION, SUBMISSION, IDEMPOTENCY = "session", "submission", "idempotency"
-KINDS = (SESSION, SUBMISSION, IDEMPOTENCY)
+AUDIT, EXC_GROUP = "audit", "exc-group"
+KINDS = (SESSION, SUBMISSION, IDEMPOTENCY, AUDIT, EXC_GROUP)
+
+log = logging.getLogger("ctops.integrity")
 
 Reader = Callable[[Any], Awaitable[object]]
 Replace = Callable[[Pipeline, str], None]
 
 
 
-def _wrong_type(key: str, exc: ResponseError) -> Corrupt:
+def wrong_type(key: str, exc: ResponseError) -> Corrupt:
     if "WRONGTYPE" in str(exc):
         return Corrupt(key, "type", "the key holds a value of another Redis type")
     raise exc
@@ -56,7 +63,7 @@ async def read_json(c: Any, key: str, kind: str) -> tuple[dict, int, bool] | Non
     try:
         raw = await c.get(key)
     except ResponseError as exc:
-        raise _wrong_type(key, exc) from None
+        raise wrong_type(key, exc) from None
     rec = unseal(key, raw, kind)
     if rec is None:
         return None
@@ -73,7 +80,7 @@ async def read_hash(c: Any, key: str, kind: str) -> tuple[dict[str, str], int, b
     try:
         raw = await c.hgetall(key)
     except ResponseError as exc:
-        raise _wrong_type(key, exc) from None
+        raise wrong_type(key, exc) from None
     return unseal_fields(key, raw, kind)
 
 
@@ -92,6 +99,26 @@ class Contained:
     repaired: bool
 
 
+def _entry(key: str, kind: str, damage: Corrupt, *, session: str, reader: str, repaired: bool,
+           **more: str) -> dict[str, str | int]:
+    """A quarantine log entry (also the item's description), as the leader relays it to staff."""
+    return {"qid": f"q_{now_ms()}_{secrets.token_hex(3)}", "key": key, "kind": kind, "reason": damage.reason,
+            "detail": damage.detail, "session": session, "reader": reader, "at_ms": now_ms(),
+            "outcome": "repaired" if repaired else "set aside", **more}
+
+
+def _set_aside(p: Pipeline, keys: Keys, entry: dict[str, str | int], kind: str, repaired: bool,
+               kept: Mapping[str, bytes | str | int]) -> None:
+    """Queue the quarantine item, its log entry and the counters (inside the caller's MULTI)."""
+    p.hset(keys.quarantine_item(str(entry["qid"])), mapping={**entry, **kept})
+    p.xadd(keys.quarantine_log, entry, maxlen=LOG_MAXLEN, approximate=True)
+    p.hincrby(keys.quarantine_stats, "corrupt_found", 1)
+    p.hincrby(keys.quarantine_stats, f"corrupt_found:{kind}", 1)
+    if repaired:
+        p.hincrby(keys.quarantine_stats, "repaired", 1)
+        p.hincrby(keys.quarantine_stats, f"repaired:{kind}", 1)
+
+
 async def contain(r: aioredis.Redis, keys: Keys, key: str, kind: str, read: Reader, *, reader: str,
                   session: str = "", replace: Replace | None = None, repaired: bool = False) -> Contained | None:
     """Set the damaged record at `key` aside and replace it, atomically. `read` re-reads it inside
@@ -108,18 +135,10 @@ async def contain(r: aioredis.Redis, keys: Keys, key: str, kind: str, read: Read
                 return None
             dump = await p.dump(key)
             ttl = await p.pttl(key)
-            qid = f"q_{now_ms()}_{secrets.token_hex(3)}"
-            entry = {"qid": qid, "key": key, "kind": kind, "reason": damage.reason, "detail": damage.detail,
-                     "session": session, "reader": reader, "at_ms": now_ms(),
-                     "outcome": "repaired" if repaired else "set aside"}
+            entry = _entry(key, kind, damage, session=session, reader=reader, repaired=repaired)
+            qid = str(entry["qid"])
             p.multi()
-            p.hset(keys.quarantine_item(qid), mapping={**entry, "ttl_ms": ttl, "dump": dump or b""})
-            p.xadd(keys.quarantine_log, entry, maxlen=LOG_MAXLEN, approximate=True)
-            p.hincrby(keys.quarantine_stats, "corrupt_found", 1)
-            p.hincrby(keys.quarantine_stats, f"corrupt_found:{kind}", 1)
-            if repaired:
-                p.hincrby(keys.quarantine_stats, "repaired", 1)
-                p.hincrby(keys.quarantine_stats, f"repaired:{kind}", 1)
+            _set_aside(p, keys, entry, kind, repaired, {"ttl_ms": ttl, "dump": dump or b""})
             p.delete(key)
             if replace is not None:
                 replace(p, qid)
@@ -131,6 +150,194 @@ async def contain(r: aioredis.Redis, keys: Keys, key: str, kind: str, read: Read
                 continue  # rewritten meanwhile: look again
             return Contained(qid, damage.reason, repaired)
     return None
+
+
+# --- entries of a stream (the audit log): sealed one by one, set aside one by one ---------------
+# An entry cannot be rewritten in place, so a damaged one is moved into the quarantine (its fields,
+# byte for byte) and deleted from the stream; the rest of the stream is served as it is.
+
+def seal_entry(stream: str, kind: str, fields: Mapping[str, object]) -> dict[str, str | bytes]:
+    """An entry's fields plus `_env` (checksum over the stream's key, the kind and the fields)."""
+    return seal_fields(stream, kind, {k: str(v) for k, v in fields.items()})
+
+
+def check_entry(stream: str, kind: str, raw: Mapping[str | bytes, str | bytes]) -> tuple[dict[str, str], bool]:
+    """(fields without `_env`, legacy); raises Corrupt. Entries written before envelopes are legacy."""
+    got = unseal_fields(stream, raw, kind)
+    if got is None:
+        raise Corrupt(stream, "schema", "an empty entry")
+    fields, _gen, legacy = got
+    if kind == AUDIT and not (fields.get("action") and fields.get("ts_ms", "").isdigit()):
+        raise Corrupt(stream, "schema", "not an audit entry (no action or time)")
+    return fields, legacy
+
+
+def _latin1(raw: Mapping[str | bytes, str | bytes]) -> str:
+    """The entry's fields as JSON, byte for byte (latin-1 maps every byte to one character)."""
+    b = {(k if isinstance(k, bytes) else k.encode()).decode("latin-1"):
+         (v if isinstance(v, bytes) else v.encode()).decode("latin-1") for k, v in raw.items()}
+    return json.dumps(b)
+
+
+async def contain_entry(r: aioredis.Redis, keys: Keys, stream: str, eid: str, kind: str, *,
+                        reader: str) -> Contained | None:
+    for _ in range(5):
+        async with r.pipeline(transaction=True) as p:
+            await p.watch(stream)
+            got = await p.xrange(stream, eid, eid)
+            if not got:
+                return None
+            try:
+                check_entry(stream, kind, got[0][1])
+            except Corrupt as exc:
+                damage = Corrupt(stream, exc.reason, f"entry {eid}: {exc.detail}")
+            else:
+                return None
+            entry = _entry(stream, kind, damage, session="", reader=reader, repaired=False, entry=eid)
+            p.multi()
+            _set_aside(p, keys, entry, kind, False, {"entry_fields": _latin1(got[0][1]), "ttl_ms": -1, "dump": b""})
+            p.xdel(stream, eid)
+            try:
+                await p.execute()
+            except WatchError:
+                continue  # another entry was added meanwhile: look again
+            return Contained(str(entry["qid"]), damage.reason, False)
+    return None
+
+
+async def _stream_ofwrong_type(r: aioredis.Redis, keys: Keys, stream: str, kind: str, reader: str) -> None:
+    async def check(c: Any) -> None:
+        if (t := await c.type(stream)) not in (b"stream", "stream", b"none", "none"):
+            raise Corrupt(stream, "type", f"the key holds a {t!r}, not a stream")
+
+    await contain(r, keys, stream, kind, check, reader=reader)
+
+
+async def read_entries(r: aioredis.Redis, keys: Keys, stream: str, kind: str, count: int, *,
+                       reader: str) -> list[tuple[str, dict[str, str]]]:
+    """The newest `count` entries, checked: a damaged one is set aside (once) and left out, so the
+    rest is served. `r` must be a bytes client."""
+    try:
+        entries = await r.xrevrange(stream, count=count)
+    except ResponseError as exc:
+        wrong_type(stream, exc)
+        await _stream_ofwrong_type(r, keys, stream, kind, reader)
+        return []
+    out = []
+    for eid, raw in entries:
+        sid = eid.decode() if isinstance(eid, bytes) else eid
+        try:
+            fields, _legacy = check_entry(stream, kind, raw)
+        except Corrupt as exc:
+            log.error("damaged %s entry %s in %s (%s): set aside", kind, sid, stream, exc.reason)
+            try:
+                await contain_entry(r, keys, stream, sid, kind, reader=reader)
+            except (RedisError, OSError) as err:
+                log.warning("cannot set the damaged entry %s aside: %s", sid, err)
+            continue
+        out.append((sid, fields))
+    return out
+
+
+async def upgrade_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str) -> int:
+    """Seal the legacy entries of a stream, keeping every entry's id and order: the stream is
+    rebuilt beside it and swapped in, unless an entry was added meanwhile (then again). Damaged
+    entries are left as they are, for the checks to set aside. How many entries were sealed."""
+    tmp = f"{stream}:upgrade"
+    for _ in range(5):
+        async with r.pipeline(transaction=True) as p:
+            await p.watch(stream)
+            entries = await p.xrange(stream)
+            todo = 0
+            rebuilt: list[tuple[str, Mapping]] = []
+            for eid, raw in entries:
+                try:
+                    fields, legacy = check_entry(stream, kind, raw)
+                except Corrupt:
+                    rebuilt.append((eid, raw))
+                    continue
+                todo += legacy
+                rebuilt.append((eid, seal_entry(stream, kind, fields) if legacy else raw))
+            if not todo:
+                return 0
+            await r.delete(tmp)
+            async with r.pipeline(transaction=False) as w:
+                for eid, fields in rebuilt:
+                    w.xadd(tmp, fields, id=eid)
+                await w.execute()
+            p.multi()
+            p.rename(tmp, stream)
+            try:
+                await p.execute()
+            except WatchError:
+                continue
+            return todo
+    return 0
+
+
+# --- exception groups: hashes that the dispatcher's ingest script seals (SHA-1, see envelope) ---
+
+_GROUP_STATUSES = ("unresolved", "acknowledged", "resolved", "muted", "regressed")
+
+
+def check_group(key: str, fields: dict[str, str]) -> None:
+    """What listing a group reads must parse: numbers are numbers, the status is a status."""
+    for name in ("count", "first_ms", "last_ms", "resolved_ms", "mute_until_ms"):
+        if fields.get(name) and not fields[name].lstrip("-").isdigit():
+            raise Corrupt(key, "schema", f"{name} is not a number")
+    if fields.get("status", "unresolved") not in _GROUP_STATUSES:
+        raise Corrupt(key, "schema", "not a group status")
+
+
+async def read_group(c: Any, key: str) -> tuple[dict[str, str], int, bool] | None:
+    got = await read_hash(c, key, EXC_GROUP)
+    if got is not None:
+        check_group(key, got[0])
+    return got
+
+
+async def _rebuilt_group(r: aioredis.Redis, keys: Keys, gid: str) -> dict[str, str] | None:
+    """A damaged group's hash as its indexes and its latest intact event tell it (status reset to
+    unresolved, so staff look at it again); None when the indexes no longer know it."""
+    async with r.pipeline(transaction=False) as p:
+        p.zscore(keys.exc_groups_index("count"), gid)
+        p.zscore(keys.exc_groups_index("last"), gid)
+        p.lrange(f"{keys.exc_group(gid)}:recent", 0, -1)
+        count, last, recent = await p.execute(raise_on_error=False)
+    if not isinstance(count, float) or not isinstance(last, float):
+        return None
+    events = []
+    for raw in recent if isinstance(recent, list) else []:
+        try:
+            ev = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and isinstance(ev.get("ts_ms"), int):
+            events.append(ev)
+    latest = max(events, key=lambda e: e["ts_ms"], default={})
+    frames = [f for f in latest.get("frames", []) if isinstance(f, dict)]
+    return {"id": gid, "type": str(latest.get("type", "?")), "culprit": culprit(frames) if frames else "",
+            "status": "unresolved", "count": str(int(count)), "last_ms": str(int(last)),
+            "first_ms": str(min((e["ts_ms"] for e in events), default=int(last))),
+            "message": str(latest.get("message", ""))[:500]}
+
+
+async def contain_group(r: aioredis.Redis, keys: Keys, gid: str, reader: str) -> Contained | None:
+    """Set a damaged exception group aside; rebuilt from its indexes and latest events when they
+    still know it, else dropped from the indexes (the next event of its kind starts it afresh)."""
+    key = keys.exc_group(gid)
+    rebuilt = await _rebuilt_group(r, keys, gid)
+
+    def replace(p: Pipeline, _qid: str) -> None:
+        if rebuilt is None:
+            for index in ("last", "count", "resolved"):
+                p.zrem(keys.exc_groups_index(index), gid)
+            return
+        p.hset(key, mapping=seal_fields(key, EXC_GROUP, rebuilt, 0, digest=SHA1))
+        p.zrem(keys.exc_groups_index("resolved"), gid)
+
+    return await contain(r, keys, key, EXC_GROUP, lambda c: read_group(c, key), reader=reader, replace=replace,
+                         repaired=rebuilt is not None)
 
 
 # --- the records of trainer/ and how each is contained ------------------------------------------
@@ -234,12 +441,29 @@ async def contain_idempotency(r: aioredis.Redis, keys: Keys, rkey: str, reader: 
     return tomb if done else None
 
 
-async def summary(r: aioredis.Redis, keys: Keys) -> dict[str, int | None]:
-    """The store's integrity counters for `ctops status` (`store.corrupt_found` ...)."""
-    raw = await r.hgetall(keys.quarantine_stats)
-    stats = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+def _counts(raw: Mapping) -> dict[str, int]:
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k.decode() if isinstance(k, bytes) else k] = int(v)
+        except (ValueError, UnicodeDecodeError):
+            continue  # a damaged counter is left out, never a failed status
+    return out
+
+
+async def summary(r: aioredis.Redis, keys: Keys) -> dict[str, Any]:
+    """The store's integrity counters for `ctops status` (`store.corrupt_found` ...), and what was
+    refused where it arrived, by source (`rejected`; torn capture spool lines as `spool_line`, from
+    what the senders report)."""
+    async with r.pipeline(transaction=False) as p:
+        p.hgetall(keys.quarantine_stats)
+        p.hgetall(keys.rejected)
+        p.hgetall(keys.exc_senders)
+        stats, rejected, senders = (_counts(x) for x in await p.execute())
+    spool = sum(v for k, v in senders.items() if k.endswith("|corrupt"))
     return {"corrupt_found": stats.get("corrupt_found", 0), "repaired": stats.get("repaired", 0),
-            "last_scrub_ms": stats.get("last_scrub_ms")}
+            "last_scrub_ms": stats.get("last_scrub_ms"),
+            "rejected": {**rejected, **({"spool_line": spool} if spool else {})}}
 
 
 # --- verifying the whole state: the leader's scrub and `ctops store verify` ------------------------
@@ -252,17 +476,26 @@ def classify(keys: Keys, key: str) -> tuple[str, str] | None:
     parts = key[len(head):].split(":")
     if len(parts) == 2 and parts[0] in ("session", "submission", "idempotency") and parts[1]:
         return parts[0], parts[1]
+    if parts == [AUDIT]:
+        return AUDIT, ""
+    if len(parts) == 3 and parts[:2] == ["exc", "group"] and parts[2]:
+        return EXC_GROUP, parts[2]
     return None
 
 
 def _check_fetched(kind: str, key: str, value: object) -> None:
     """Raise Corrupt if a value fetched in a scrub batch (GET or HGETALL reply, or the error) is bad."""
     if isinstance(value, ResponseError):
-        raise _wrong_type(key, value)
+        raise wrong_type(key, value)
     if isinstance(value, Exception):
         raise value
     if kind == SESSION:
         unseal_fields(key, value, SESSION)  # type: ignore[arg-type]
+        return
+    if kind == EXC_GROUP:
+        got = unseal_fields(key, value, EXC_GROUP)  # type: ignore[arg-type]
+        if got is not None:
+            check_group(key, got[0])
         return
     rec = unseal(key, value, kind)  # type: ignore[arg-type]
     if rec is None:
@@ -307,6 +540,9 @@ class ScrubReport:
 
 
 async def _contain_any(r: aioredis.Redis, keys: Keys, kind: str, ident: str, key: str, reader: str) -> str:
+    if kind == EXC_GROUP:
+        got = await contain_group(r, keys, ident, reader)
+        return "ok" if got is None else "repaired" if got.repaired else "quarantined"
     if kind == SESSION:
         done = await contain_session(r, keys, ident, reader)
     elif kind == SUBMISSION:
@@ -330,10 +566,14 @@ async def scrub(r: aioredis.Redis, keys: Keys, *, repair: bool, reader: str, rat
     while True:
         cursor, names = await r.scan(cursor, match=pattern, count=batch)
         found = [(n.decode(errors="replace"), c) for n in names if (c := classify(keys, n.decode(errors="replace")))]
+        for key, _ in [f for f in found if f[1][0] == AUDIT]:
+            await _scrub_stream(r, keys, key, AUDIT, report, repair=repair, reader=reader, rate=rate,
+                                batch=batch, started=started)
+        found = [f for f in found if f[1][0] != AUDIT]
         if found:
             async with r.pipeline(transaction=False) as p:
                 for key, (kind, _ident) in found:
-                    if kind == SESSION:
+                    if kind in (SESSION, EXC_GROUP):
                         p.hgetall(key)
                     else:
                         p.get(key)
@@ -355,6 +595,39 @@ async def scrub(r: aioredis.Redis, keys: Keys, *, repair: bool, reader: str, rat
             break
     report.elapsed_ms = int((time.monotonic() - started) * 1000)
     return report
+
+
+async def _scrub_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str, report: ScrubReport, *,
+                        repair: bool, reader: str, rate: float, batch: int, started: float) -> None:
+    """Every entry of a stream, `batch` at a time; with `repair`, damaged ones are set aside and
+    legacy ones sealed (the stream rebuilt with the same ids)."""
+    legacy = 0
+    after = "-"
+    while True:
+        try:
+            entries = await r.xrange(stream, min=after, count=batch)
+        except ResponseError as exc:
+            report.add(kind, "quarantined" if repair else "corrupt", stream, wrong_type(stream, exc).reason)
+            if repair:
+                await _stream_ofwrong_type(r, keys, stream, kind, reader)
+            return
+        for eid, raw in entries:
+            sid = eid.decode() if isinstance(eid, bytes) else eid
+            try:
+                legacy += check_entry(stream, kind, raw)[1]
+            except Corrupt as exc:
+                done = await contain_entry(r, keys, stream, sid, kind, reader=reader) if repair else None
+                report.add(kind, "quarantined" if done else "corrupt" if not repair else "ok",
+                           f"{stream}#{sid}", exc.reason)
+            else:
+                report.add(kind, "ok")
+        if len(entries) < batch:
+            break
+        after = "(" + (entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0])
+        if rate > 0 and (ahead := report.checked / rate - (time.monotonic() - started)) > 0:
+            await asyncio.sleep(ahead)
+    if repair and legacy:
+        log.info("%s: %d entries written before envelopes sealed", stream, await upgrade_stream(r, keys, stream, kind))
 
 
 async def record_scrub(r: aioredis.Redis, keys: Keys, report: ScrubReport) -> None:
@@ -388,12 +661,17 @@ async def release(r: aioredis.Redis, keys: Keys, qid: str, *, restore: bool, act
     f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in item.items()}
     key = f["key"].decode() if isinstance(f["key"], bytes) else f["key"]
     async with r.pipeline(transaction=True) as p:
-        if restore:
+        if restore and f.get("entry_fields"):
+            # a stream entry goes back as a new entry (a stream takes no id older than its last)
+            fields = {k.encode("latin-1"): v.encode("latin-1") for k, v in json.loads(f["entry_fields"]).items()}
+            p.xadd(key, fields)  # type: ignore[arg-type]
+        elif restore:
             ttl = int(f.get("ttl_ms", b"0") or 0)
             p.restore(key, max(ttl, 0), f["dump"], replace=True)
         p.delete(keys.quarantine_item(qid))
-        p.xadd(keys.audit, {"ts_ms": now_ms(), "who": actor, "role": role,
-                            "action": "quarantine-restore" if restore else "quarantine-discard", "target": key,
-                            "result": f"ok ({qid})", "via": via}, maxlen=LOG_MAXLEN, approximate=True)
+        p.xadd(keys.audit, seal_entry(keys.audit, AUDIT, {  # type: ignore[arg-type]
+            "ts_ms": now_ms(), "who": actor, "role": role,
+            "action": "quarantine-restore" if restore else "quarantine-discard", "target": key,
+            "result": f"ok ({qid})", "via": via}), maxlen=AUDIT_MAXLEN, approximate=True)
         await p.execute()
     return {"qid": qid, "key": key, "action": "restore" if restore else "discard"}

@@ -117,6 +117,24 @@ class Keys:
     def quarantine_cursor(self) -> str:
         return f"{self.prefix}:quarantine:cursor"
 
+    # exceptions: a hash per group (sealed by the ingest script), indexed by last seen, count, resolved
+    def exc_group(self, gid: str) -> str:
+        return f"{self.prefix}:exc:group:{gid}"
+
+    def exc_groups_index(self, name: str) -> str:
+        """`last`, `count` or `resolved`: sorted sets of group ids."""
+        return f"{self.prefix}:exc:groups:{name}"
+
+    @property
+    def exc_senders(self) -> str:
+        """Per sender, what it lost: `sender|dropped`, `sender|corrupt` (torn spool lines), `sender|rejected`."""
+        return f"{self.prefix}:exc:senders"
+
+    # delivered data refused or skipped where it arrived, by source (ctops.rejects)
+    @property
+    def rejected(self) -> str:
+        return f"{self.prefix}:rejected"
+
     # LLM pool: staff controls (field "pin" -> provider, "disabled:<provider>" -> who), read by every dispatcher
     @property
     def llm_control(self) -> str:

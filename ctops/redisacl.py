@@ -3,7 +3,7 @@
 Learner code runs on the trainers' machines, so a trainer's credentials are treated as the first
 thing an attacker gets: the trainer user reaches only the keys `trainer/` uses and, like every
 service user, no command that reconfigures, persists, replicates, flushes or stops Redis.
-The launcher (`ctops.redis_embed`) writes these rules into every node's ACL file; an operator
+The launcher (`ctops_tools.redis_embed`) writes these rules into every node's ACL file; an operator
 running their own Redis prints them with `python -m ctops.redisacl --prefix PREFIX`.
 """
 
@@ -19,7 +19,9 @@ ServiceRole = Literal["trainer", "dispatcher"]
 TRAINER_KEYS = ("session:*", "submission:*", "submissions:open", "reviews:pending", "idempotency:*",
                 "trainer:*", "server:*:sessions", "store:writes-unconfirmed",
                 # damaged records a trainer found: set aside, logged and counted (ctops.integrity)
-                "quarantine:*")
+                "quarantine:*",
+                # delivered data it refused, counted by source (ctops.rejects)
+                "rejected")
 
 # data commands only; the denials after them win, whatever category also lists a command
 _SERVICE_COMMANDS = ["-@all", "+@read", "+@write", "+@keyspace", "+@string", "+@hash", "+@list", "+@set",

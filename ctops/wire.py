@@ -183,6 +183,8 @@ class ClusterState(_Wire):
     # the serving dispatcher's data-plane counters: requests, retries, redispatches, errors by kind
     proxy: dict[str, Any] | None = None
     store: StoreView | None = None
+    # delivered data refused or skipped where it arrived, cluster-wide, by source (ctops.rejects)
+    rejected: dict[str, int] = Field(default_factory=dict)
 
 
 class ActionResult(_Wire):

@@ -6,7 +6,7 @@ it talks to, runs the command and posts the reply, which the staff request is wa
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 import uuid
 
@@ -14,6 +14,8 @@ from redis.asyncio import Redis
 
 from ctops.keys import Keys
 from ctops.wire import CommandReply, CommandRequest
+
+log = logging.getLogger("ctops.dispatcher.commands")
 
 REPLY_TTL_S = 300
 QUEUE_TTL_S = 3600
@@ -36,7 +38,12 @@ class CommandRelay:
             # withdraw it if the agent has not taken it yet, so it does not run late and surprise anyone
             await self.r.lrem(self.k.commands(host), 1, cmd.model_dump_json())
             return None
-        return CommandReply.model_validate_json(got[1])
+        try:
+            return CommandReply.model_validate_json(got[1])
+        except ValueError as exc:  # damaged in the store: the staff request still gets an answer
+            log.error("the reply to command %s is damaged and was dropped: %s", cmd.id, str(exc).splitlines()[0])
+            return CommandReply(ok=False, message="the agent answered, but its reply was damaged in the store; "
+                                "check the process's state")
 
     async def next_for(self, host: str, wait_s: float) -> CommandRequest | None:
         if wait_s < 0.001:
@@ -47,7 +54,13 @@ class CommandRelay:
             raw = got[1] if got is not None else None
         if raw is None:
             return None
-        return CommandRequest.model_validate(json.loads(raw))
+        try:
+            return CommandRequest.model_validate_json(raw)
+        except ValueError as exc:
+            # one damaged queue entry must not fail the agent's poll (a 500 every time); it is
+            # dropped with a log line, and the staff request that queued it times out and says so
+            log.error("a damaged command in the queue of %s was dropped: %s", host, str(exc).splitlines()[0])
+            return None
 
     async def reply(self, cmd_id: str, reply: CommandReply) -> None:
         pipe = self.r.pipeline(transaction=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -48,7 +49,7 @@ def event_message(f: dict[str, str]) -> str:
             f"{f.get('outcome', 'set aside')}; quarantine {f.get('qid', '?')}")
 
 
-async def integrity_summary(redis: Redis, keys: Keys) -> dict[str, int | None]:
+async def integrity_summary(redis: Redis, keys: Keys) -> dict[str, Any]:
     """`corrupt_found`, `repaired`, `last_scrub_ms`, for the store status (`ctops status --json`)."""
     return await integrity.summary(redis, keys)
 

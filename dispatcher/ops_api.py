@@ -22,6 +22,7 @@ from starlette.types import ASGIApp
 from ctops.asgi_limits import BodyLimit
 from ctops.auth import Principal
 from ctops.clock import now_ms
+from ctops.rejects import COMMAND_RESULT, REJECTS, UNPARSABLE, source_of
 from ctops.wire import (
     ActionResult,
     ClusterState,
@@ -89,16 +90,22 @@ def create_ops_app(rt: Runtime) -> FastAPI:
                             headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
+            REJECTS.note(source_of(request.url.path), f"{request.url.path}: body is not valid JSON")
             return JSONResponse(ErrorBody(error="request body is not valid JSON").model_dump(), 400)
         detail = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in errors]
         fields = ", ".join(d["field"] for d in detail)
+        REJECTS.note(source_of(request.url.path), f"{request.url.path}: invalid {fields}")
         return JSONResponse(ErrorBody(error=f"invalid request: {fields}", detail=detail).model_dump(), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == UNPARSABLE:
+            # FastAPI's words for a body it could not decode (e.g. not UTF-8): said plainly, and counted
+            REJECTS.note(source_of(request.url.path), f"{request.url.path}: body is not JSON in UTF-8")
+            return JSONResponse(ErrorBody(error="request body is not valid JSON in UTF-8").model_dump(), 400)
         # keeps the router's headers, e.g. Allow on a 405
         return JSONResponse(ErrorBody(error=str(exc.detail)).model_dump(), exc.status_code, headers=exc.headers)
 
@@ -199,7 +206,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
     @app.get("/api/v1/audit")
     async def audit(_: Annotated[Principal, Depends(require("read"))],
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, str]]:
-        return await rt.store.read_audit(limit)
+        return await rt.store.read_audit(limit, reader=f"dispatcher:{rt.spec.name}")
 
     @app.post("/api/v1/servers/{name}/{action}", response_model=ActionResult, responses=_404)
     async def server_action(name: str, action: Literal["drain", "disable", "enable"],
@@ -300,6 +307,7 @@ def create_ops_app(rt: Runtime) -> FastAPI:
         if host not in rt.known_hosts:
             raise ApiError(404, f"unknown host {host!r}")
         if not _CMD_ID.match(cmd_id):
+            REJECTS.note(COMMAND_RESULT, f"a result for the malformed command id {cmd_id[:80]!r}")
             raise ApiError(422, "invalid request: cmd_id")
         await rt.commands.reply(cmd_id, reply)
         return {"ok": True}
@@ -317,4 +325,4 @@ def create_ops_app(rt: Runtime) -> FastAPI:
 
 
 def wrap(app: FastAPI, max_body: int) -> ASGIApp:
-    return BodyLimit(app, max_body)
+    return BodyLimit(app, max_body, on_reject=lambda path, _status, why: REJECTS.note(source_of(path), why))

@@ -14,6 +14,7 @@ from ctops.auth import TokenBook
 from ctops.clock import now_ms
 from ctops.config import Deployment, DispatcherSpec
 from ctops.keys import Keys
+from ctops.rejects import REJECTS
 from ctops.wire import ClusterState, DispatcherView, Heartbeat, HostView, PeerHeartbeat, ServerView
 from dispatcher.commands import CommandRelay
 from dispatcher.events import EventLog
@@ -38,6 +39,7 @@ class Runtime:
     def __init__(self, dep: Deployment, spec: DispatcherSpec, redis: Redis, redis_blocking: Redis) -> None:
         self.dep, self.spec, self.redis = dep, spec, redis
         self.keys = Keys(dep.redis.prefix)
+        REJECTS.attach(redis, self.keys)
         self.store = Store(redis, self.keys)
         self.tokens = TokenBook(dep)
         self.pool = ServerPool(dep.servers, initial_health="down")
@@ -290,7 +292,8 @@ class Runtime:
         plane = getattr(self.pool, "data_plane", None)
         return ClusterState(cluster=dep.cluster, leader=leader, served_by=self.spec.name, now_ms=now,
                             dispatchers=dispatchers, servers=servers, hosts=hosts,
-                            proxy=plane.counters() if plane is not None else None, store=store)
+                            proxy=plane.counters() if plane is not None else None, store=store,
+                            rejected=dict(self.storewatch.integrity.get("rejected") or {}))
 
 
 def diagnose(b: Backend, host: HostView | None, store_down: str | None = None) -> tuple[str, str | None]:

@@ -147,7 +147,7 @@ class StoreWatch:
         self.config_epoch: int | None = None
         self.last_failover_ms: int | None = None
         self.writes_unconfirmed = 0
-        self.integrity: dict[str, int | None] = {}
+        self.integrity: dict[str, Any] = {}
         self.error: str | None = None
         self.checked_ms: int | None = None
         self.pending: deque[StoreEvent] = deque(maxlen=200)

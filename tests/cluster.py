@@ -1,4 +1,4 @@
-"""Test fixtures over `ctops.localcluster`: a real cluster per test, stopped at the end."""
+"""Test fixtures over `ctops_tools.localcluster`: a real cluster per test, stopped at the end."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ctops.localcluster import Cluster, wait_for
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.localcluster import Cluster, wait_for
+from ctops_tools.redis_embed import EmbeddedRedis
 
 __all__ = ["Cluster", "wait_for", "make_cluster", "running_dispatcher", "host", "process", "events"]
 

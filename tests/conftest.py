@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ctops.redis_embed import EmbeddedRedis, use_port_range  # noqa: E402
+from ctops_tools.redis_embed import EmbeddedRedis, use_port_range  # noqa: E402
 
 # each pytest-xdist worker hands out ports from its own range (below the kernel's ephemeral ports,
 # 32768 and up), so workers never race for one

@@ -9,8 +9,8 @@ import signal
 import psutil
 import pytest
 
-from ctops.bench.hammer import Hammer, serving_pid
-from ctops.procs import pid_alive
+from ctops_tools.bench.hammer import Hammer, serving_pid
+from ctops_tools.procs import pid_alive
 from tests.cluster import Cluster, host, process, wait_for
 
 

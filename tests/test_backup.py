@@ -1,4 +1,4 @@
-"""`ctops.backup` on a real primary with a replica: the snapshot comes from the replica, restores
+"""`ctops_tools.backup` on a real primary with a replica: the snapshot comes from the replica, restores
 exactly, and a file of another prefix is refused."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ctops.backup import BackupError, backup, restore
-from ctops.localcluster import wait_for
-from ctops.redis_embed import EmbeddedRedis, EmbeddedStore
+from ctops_tools.backup import BackupError, backup, restore
+from ctops_tools.localcluster import wait_for
+from ctops_tools.redis_embed import EmbeddedRedis, EmbeddedStore
 
 
 def test_backup_from_the_replica_restores_every_key_with_its_ttl(tmp_path: Path) -> None:

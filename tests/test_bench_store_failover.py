@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctops.bench.store_failover import scenario
+from ctops_tools.bench.store_failover import scenario
 
 
 def test_smoke_bench_store_failover_tuned_setup_reports_sane_fields(tmp_path: Path) -> None:
@@ -23,7 +23,7 @@ def test_smoke_bench_store_failover_tuned_setup_reports_sane_fields(tmp_path: Pa
 
 def test_store_with_sentinel_defaults_is_what_sentinels_run(tmp_path: Path) -> None:
     # setup (b) of the bench compares against these; the tuned store stays the default
-    from ctops.redis_embed import EmbeddedStore
+    from ctops_tools.redis_embed import EmbeddedStore
 
     with EmbeddedStore(tmp_path / "store", down_after_ms=30_000, failover_timeout_ms=180_000) as store:
         for s in store.sentinels:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, wait_for
 from tests.trainer_cluster import (
     SLOW_GOOD,

@@ -67,7 +67,7 @@ def test_missing_and_unparsable_files(tmp_path: Path) -> None:
 
 def test_program_stops_at_start_naming_setting_and_file(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace('ops = "127.0.0.1:19080"', 'ops = "127.0.0.1:99999"'))
-    out = subprocess.run([sys.executable, "-m", "ctops.cli", "dispatcher", "--config", str(path), "--name", "A"],
+    out = subprocess.run([sys.executable, "-m", "ctops_tools.cli", "dispatcher", "--config", str(path), "--name", "A"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert str(path) in out.stderr and "dispatchers[0](A).ops" in out.stderr
@@ -75,7 +75,7 @@ def test_program_stops_at_start_naming_setting_and_file(tmp_path: Path) -> None:
 
 def test_agent_without_its_token_env_stops_with_a_clear_message(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD + '\n[[agents]]\nname = "host-1"\ntoken_env = "CTOPS_TEST_NO_SUCH_TOKEN"\n')
-    out = subprocess.run([sys.executable, "-m", "ctops.cli", "agent", "--config", str(path), "--name", "host-1"],
+    out = subprocess.run([sys.executable, "-m", "ctops_tools.cli", "agent", "--config", str(path), "--name", "host-1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "CTOPS_TEST_NO_SUCH_TOKEN" in out.stderr and str(path) in out.stderr

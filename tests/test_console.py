@@ -33,7 +33,6 @@ from console.widgets.banner import OutageBanner
 from console.widgets.live_table import LiveTable
 from console.widgets.servers_table import ServersTable
 from console.widgets.tables import ProcessesTable
-from ctops.redis_embed import free_port
 from ctops.wire import (
     ClusterState,
     DispatcherView,
@@ -45,6 +44,7 @@ from ctops.wire import (
     ServerView,
     WatchdogStatus,
 )
+from ctops_tools.redis_embed import free_port
 from tests.cluster import Cluster
 
 SIZE = (120, 35)
@@ -232,7 +232,7 @@ def test_sighup_exits_cleanly(tmp_path: Path) -> None:
     """Terminal gone: the console leaves by its normal exit path and exits 0."""
     master, slave = pty.openpty()
     dead = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "ctops.cli", "console", "--url", dead, "--token", "t"],
+    proc = subprocess.Popen([sys.executable, "-m", "ctops_tools.cli", "console", "--url", dead, "--token", "t"],
                             stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=CONSOLE_ENV,
                             start_new_session=True)
     os.close(slave)
@@ -256,7 +256,7 @@ def test_terminal_gone_without_a_sighup_exits_cleanly(tmp_path: Path) -> None:
     master, slave = pty.openpty()
     dead = f"http://127.0.0.1:{free_port()}"
     status = tmp_path / "status"
-    script = f'trap "" HUP; "{sys.executable}" -m ctops.cli console --url {dead} --token t; echo $? > "{status}"'
+    script = f'trap "" HUP; "{sys.executable}" -m ctops_tools.cli console --url {dead} --token t; echo $? > "{status}"'
 
     def controlling_tty() -> None:  # a session of its own with the pty as its terminal, as a login has
         os.setsid()

@@ -11,18 +11,20 @@ from pathlib import Path
 
 import httpx
 
-from ctops.procs import pid_alive
+from ctops_tools.procs import pid_alive
 from tests.cluster import wait_for
 
 
 def ctops(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ctops.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "ctops_tools.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_headless_demo_status_chaos_and_clean_stop(tmp_path: Path) -> None:
     state_file = tmp_path / "demo.json"
     log = open(tmp_path / "demo.log", "wb")
-    demo = subprocess.Popen([sys.executable, "-m", "ctops.cli", "demo", "--headless", "--state-file", str(state_file),
+    demo = subprocess.Popen([sys.executable, "-m", "ctops_tools.cli", "demo", "--headless",
+                             "--state-file", str(state_file),
                              "--workdir", str(tmp_path / "work")], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for("state file", lambda: state_file.exists(), timeout=120, every=0.3)
@@ -105,7 +107,7 @@ def test_demo_started_again_on_its_workdir_keeps_tokens_ports_and_state(tmp_path
 
     def run_demo(n: int) -> tuple[subprocess.Popen[bytes], dict]:
         log = open(tmp_path / f"demo{n}.log", "wb")
-        demo = subprocess.Popen([sys.executable, "-m", "ctops.cli", "demo", "--headless", "--state-file",
+        demo = subprocess.Popen([sys.executable, "-m", "ctops_tools.cli", "demo", "--headless", "--state-file",
                                  str(state_file), "--workdir", str(work)], stdout=log, stderr=subprocess.STDOUT)
         wait_for("state file", lambda: state_file.exists() or demo.poll() is not None, timeout=120, every=0.3)
         assert demo.poll() is None, (tmp_path / f"demo{n}.log").read_text()

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ctops.cli import main as ctops_main
+from ctops_tools.cli import main as ctops_main
 from tests.cluster import Cluster, wait_for
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import httpx
 
-from ctops.load import run_load
+from ctops_tools.load import run_load
 from tests.cluster import Cluster, wait_for
 
 

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from ctops.procs import ctops_argv
-from ctops.redis_embed import free_port
+from ctops_tools.procs import ctops_argv
+from ctops_tools.redis_embed import free_port
 from tests.common import wait_http
 from trainer.fake_llm import CONTROL_TOKEN_ENV, control_headers, control_token
 

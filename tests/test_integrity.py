@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from ctops.integrity import seal_json
-from ctops.procs import ctops_argv
-from ctops.redis_embed import EmbeddedRedis
 from ctops.redisacl import glob_escape
+from ctops_tools.procs import ctops_argv
+from ctops_tools.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, wait_for
 from tests.trainer_cluster import (
     GOOD,

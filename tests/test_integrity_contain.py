@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from ctops import integrity
 from ctops.keys import Keys
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.redis_embed import EmbeddedRedis
 
 
 async def _contain_race(url: str, keys: Keys) -> tuple[list, int]:

@@ -13,7 +13,7 @@ import httpx
 import redis
 
 from ctops.keys import Keys
-from ctops.load import run_load
+from ctops_tools.load import run_load
 from tests.cluster import Cluster, wait_for
 
 

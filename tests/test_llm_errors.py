@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from ctops import config
-from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import free_port
+from ctops_tools.procs import Child, ctops_argv, spawn, stop_all
+from ctops_tools.redis_embed import free_port
 from dispatcher.llm import start_llm_pool
 from tests.cluster import wait_for
 from trainer import review

@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 from ctops import config
 from ctops.auth import Principal, TokenBook, hash_token, new_token
 from ctops.keys import Keys
-from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port
 from ctops.serving import serve_asgi
+from ctops_tools.procs import Child, ctops_argv, spawn, stop_all
+from ctops_tools.redis_embed import EmbeddedRedis, free_port
 from dispatcher.llm import LLMPoolHandle, start_llm_pool
 from dispatcher.llm.breaker import Breaker
 from dispatcher.llm.routes import llm_router

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
-from ctops.redis_embed import free_port
+from ctops_tools.redis_embed import free_port
 from tests.cluster import Cluster, events, process, wait_for
 
 

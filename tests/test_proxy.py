@@ -25,7 +25,7 @@ import uvloop
 
 import dispatcher.proxy
 from ctops.config import ServerSpec
-from ctops.redis_embed import free_port  # a port nobody listens on
+from ctops_tools.redis_embed import free_port  # a port nobody listens on
 from dispatcher.pool import ServerPool
 from dispatcher.proxy import ClientConnection, DataPlane, ProxySettings
 

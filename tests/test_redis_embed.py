@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import redis
 
-from ctops.procs import pid_alive
-from ctops.redis_embed import EmbeddedRedis, find_redis_server
+from ctops_tools.procs import pid_alive
+from ctops_tools.redis_embed import EmbeddedRedis, find_redis_server
 
 
 def test_embedded_redis_starts_answers_and_stops(tmp_path) -> None:
@@ -21,7 +21,7 @@ def test_embedded_redis_starts_answers_and_stops(tmp_path) -> None:
 
 
 def test_free_port_never_hands_out_the_same_port_twice() -> None:
-    from ctops.redis_embed import free_port
+    from ctops_tools.redis_embed import free_port
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)

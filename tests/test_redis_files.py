@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from ctops.localcluster import wait_for
-from ctops.redis_embed import EmbeddedRedis, StoreSecrets, find_redis_server
+from ctops_tools.localcluster import wait_for
+from ctops_tools.redis_embed import EmbeddedRedis, StoreSecrets, find_redis_server
 
 
 def aof(node: EmbeddedRedis) -> Path:

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from ctops.config import Sandbox
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.redis_embed import EmbeddedRedis
 from tests.common import FIZZBUZZ_GOOD as GOOD
 from trainer import confine, sandbox
 from trainer.budget import RunCgroup

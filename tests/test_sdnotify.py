@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from ctops.procs import Child, stop_all
+from ctops_tools.procs import Child, stop_all
 
 
 def test_agent_notifies_systemd(tmp_path, make_cluster) -> None:
@@ -19,7 +19,7 @@ def test_agent_notifies_systemd(tmp_path, make_cluster) -> None:
     sock.bind(sock_path)
     sock.settimeout(10)
     env = {**os.environ, **c.env, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}
-    proc = subprocess.Popen([sys.executable, "-m", "ctops.cli", "agent", "--config", str(c.config),
+    proc = subprocess.Popen([sys.executable, "-m", "ctops_tools.cli", "agent", "--config", str(c.config),
                              "--name", "host-1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         got: list[bytes] = []

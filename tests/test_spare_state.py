@@ -9,9 +9,9 @@ import signal
 import subprocess
 import sys
 
-from ctops.procs import pid_alive
-from ctops.status import missing_spares, render
 from ctops.wire import ClusterState
+from ctops_tools.procs import pid_alive
+from ctops_tools.status import missing_spares, render
 from tests.cluster import Cluster, process, wait_for
 
 
@@ -20,8 +20,8 @@ def spare(c: Cluster) -> dict:
 
 
 def status_text(c: Cluster) -> str:
-    out = subprocess.run([sys.executable, "-m", "ctops.cli", "status", "--url", c.ops_url(), "--token", c.viewer_token],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "ctops_tools.cli", "status", "--url", c.ops_url(),
+                          "--token", c.viewer_token], capture_output=True, text=True, timeout=60)
     return out.stdout
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import httpx
 
-from ctops.procs import ctops_argv
+from ctops_tools.procs import ctops_argv
 from tests.cluster import Cluster, wait_for
 
 

@@ -19,8 +19,8 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from ctops import redisconn
 from ctops.config import RedisSettings
 from ctops.keys import Keys
-from ctops.procs import pid_alive
-from ctops.redis_embed import EmbeddedRedis, EmbeddedStore
+from ctops_tools.procs import pid_alive
+from ctops_tools.redis_embed import EmbeddedRedis, EmbeddedStore
 from tests.cluster import Cluster, wait_for
 
 ADMIN_COMMANDS = [("CONFIG", "SET", "dir", "/tmp"), ("SAVE",), ("BGSAVE",), ("FLUSHALL",), ("FLUSHDB",),

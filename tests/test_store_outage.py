@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from ctops.procs import ctops_argv, spawn
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops_tools.procs import ctops_argv, spawn
+from ctops_tools.redis_embed import EmbeddedRedis, free_port
 from tests.cluster import Cluster, events, wait_for
 from tests.test_notifications import Receiver
 

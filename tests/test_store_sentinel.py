@@ -20,8 +20,8 @@ from console.app import create_app
 from console.client import ConsoleClient
 from console.screens.confirm import ConfirmAction
 from console.widgets.tables import StoreTable
-from ctops.procs import ctops_argv
-from ctops.redis_embed import EmbeddedStore
+from ctops_tools.procs import ctops_argv
+from ctops_tools.redis_embed import EmbeddedStore
 from tests.cluster import Cluster, events, wait_for
 from tests.test_console import SIZE, until
 

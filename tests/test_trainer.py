@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from ctops.keys import Keys
-from ctops.procs import ctops_argv
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops_tools.procs import ctops_argv
+from ctops_tools.redis_embed import EmbeddedRedis, free_port
 from tests.common import FIZZBUZZ_GOOD as GOOD
 from tests.common import wait_http
 from trainer.fake_llm import CONTROL_TOKEN_ENV, control_headers, control_token

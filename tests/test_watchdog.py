@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 from agents.supervisor import Supervisor
-from ctops.bench.hammer import Hammer, get
 from ctops.config import LivenessSpec, ProcessSpec
-from ctops.procs import pid_alive
-from ctops.redis_embed import free_port
 from ctops.wire import AgentEvent
+from ctops_tools.bench.hammer import Hammer, get
+from ctops_tools.procs import pid_alive
+from ctops_tools.redis_embed import free_port
 from tests.cluster import wait_for
 
 

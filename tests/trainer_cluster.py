@@ -14,7 +14,7 @@ import redis
 
 from ctops.envelope import unseal
 from ctops.keys import Keys
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, wait_for
 from tests.common import FIZZBUZZ_GOOD as GOOD
 from trainer.fake_llm import control_headers

@@ -19,14 +19,18 @@ import httpx
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from redis.asyncio.client import Pipeline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctops.asgi_limits import BodyLimit
 from ctops.config import Deployment
 from ctops.envelope import Corrupt
 from ctops.keys import Keys
+from ctops.rejects import REJECTS, REQUEST_BODY, UNPARSABLE
 from trainer import review, sandbox
 from trainer.exercises import EXERCISES
 from trainer.idempotency import (
@@ -115,6 +119,7 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         client = redis_client or connect(deployment.redis)
         raw = raw_twin(redis_client) if redis_client else connect_raw(deployment.redis)
         app.state.store = Store(client, keys, server_name, raw)
+        REJECTS.attach(raw, keys)
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64), verify=tls)
         reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
         app.state.worker = Worker(app.state.store, keys, server_name, deployment, reviewer, runs)
@@ -146,7 +151,21 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         return request.app.state.idem
 
     # counts chunked bodies too: a body without Content-Length is cut off at the limit, not buffered whole
-    app.add_middleware(BodyLimit, max_bytes=BODY_MAX_BYTES, error=_error_shape)
+    app.add_middleware(BodyLimit, max_bytes=BODY_MAX_BYTES, error=_error_shape,
+                       on_reject=lambda path, _status, why: REJECTS.note(REQUEST_BODY, f"{path}: {why}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer (422 naming the field), counted where staff see it
+        REJECTS.note(REQUEST_BODY, f"{request.method} {request.url.path}: {str(exc.errors())[:200]}")
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == UNPARSABLE:
+            REJECTS.note(REQUEST_BODY, f"{request.method} {request.url.path}: body is not JSON in UTF-8")
+            return JSONResponse({"detail": "request body is not valid JSON in UTF-8"}, 400)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Corrupt)
     async def corrupt_record(request: Request, exc: Corrupt) -> JSONResponse:

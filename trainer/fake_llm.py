@@ -23,12 +23,13 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.serve import serve
 
-Mode = Literal["ok", "500", "429", "hang", "slow"]
+# garbage: 200 with a body that is no chat completion (bytes that are not UTF-8 JSON), streamed or not
+Mode = Literal["ok", "500", "429", "hang", "slow", "garbage"]
 MODEL = "fake-gpt-4"
 CONTROL_TOKEN_ENV = "CTOPS_FAKE_LLM_CONTROL_TOKEN"
 # methods that only read; anything else under /_fake/ is control
@@ -151,6 +152,10 @@ def create_app(name: str = "fake", mode: str = "ok", delay_ms: int = 0, token: s
                 await asyncio.sleep(0.2)
             stats["abandoned"] += 1
             return _error(499, "client closed the request", "client_closed")
+        if mode == "garbage":
+            stats["status_200"] += 1
+            ctype = "text/event-stream" if body.get("stream") is True else "application/json"
+            return Response(b"\xff\xfe<html>not a completion", 200, media_type=ctype)
         if mode == "slow":
             await asyncio.sleep(state["delay_ms"] / 1000)
         text = canned_review(name, _last_user_text(body))

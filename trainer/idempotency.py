@@ -38,6 +38,7 @@ from ctops.config import Timings, TrainerSettings
 from ctops.envelope import Corrupt
 from ctops.integrity import IDEMPOTENCY, contain_idempotency, read_idempotency, seal_json
 from ctops.keys import Keys
+from ctops.rejects import IDEMPOTENCY_REPLAY, REJECTS
 from trainer.lease import Lease, LeaseLost
 
 HEADER = "Idempotency-Key"
@@ -122,6 +123,7 @@ class Idempotency:
                 await after(outcome)
             return outcome.response()
         if not KEY_RE.match(key):
+            REJECTS.note(IDEMPOTENCY_REPLAY, f"a malformed {HEADER} ({len(key)} characters)")
             return problem(400, f"{HEADER} must be 1 to 255 printable ASCII characters without spaces")
         generated = key.startswith(GENERATED_PREFIX)
         if generated and gone is not None and await gone():
@@ -152,6 +154,7 @@ class Idempotency:
                                f"session) before sending it again with a new {HEADER}",
                                "idempotency_outcome_damaged", idempotency_key=key, quarantine=stored.get("quarantine"))
             if stored.get("fingerprint") != fp:
+                REJECTS.note(IDEMPOTENCY_REPLAY, f"an {HEADER} repeated with a different request")
                 return problem(422, f"this {HEADER} was already used for a different request")
             if stored["state"] == "done":
                 return Outcome(stored["status"], stored["body"], stored.get("headers", {})).response(replayed=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import httpx
 
 from ctops.config import Deployment, TrainerSettings
+from ctops.rejects import LLM_ANSWER, REJECTS
 from trainer.exercises import Exercise
 
 log = logging.getLogger("trainer.review")
@@ -141,5 +142,6 @@ class Reviewer:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError("empty review")
         except (ValueError, KeyError, IndexError, TypeError):
+            REJECTS.note(LLM_ANSWER, f"{ep.name}: the answer is not a chat completion")
             raise Failed("the answer is not a chat completion") from None
         return text.strip()[:REVIEW_MAX_CHARS], resp.headers.get(PROVIDER_HEADER, ep.name)

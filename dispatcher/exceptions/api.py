@@ -29,6 +29,7 @@ from ctops.capture.wire import (
     IngestResult,
     TailPage,
 )
+from ctops.rejects import EXCEPTIONS, REJECTS
 from ctops.wire import ErrorBody
 from dispatcher.exceptions.sentry import EnvelopeError, inflate, load_json, parse_envelope, sentry_key, to_event
 from dispatcher.exceptions.store import ExceptionStore, Ingested
@@ -63,7 +64,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
                       authenticate: Authenticate) -> APIRouter:
     lim = rt.dep.limits
     store = ExceptionStore(rt.redis, rt.keys.prefix, lim.exceptions_stream_max, lim.exceptions_max_groups,
-                           lim.exceptions_ttl_s)
+                           lim.exceptions_ttl_s, reader=f"dispatcher:{rt.spec.name}")
     router = APIRouter(tags=["exceptions"])
     rt.exceptions = store  # type: ignore[attr-defined] - for benchmarks and tests that hold the runtime
     # per token: a Sentry DSN's key is a token too, so varying the project buys no extra rate
@@ -181,8 +182,10 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
             raw = [load_json(p) for h, p in items if h.get("type") == "event"]
             events = [ExceptionEvent.model_validate(to_event(ev, project_id)) for ev in raw]
         except EnvelopeError as exc:
+            REJECTS.note(EXCEPTIONS, f"Sentry envelope: {exc}")
             raise ApiError(exc.status, str(exc)) from None
         except ValueError as exc:  # includes pydantic's ValidationError and bad JSON
+            REJECTS.note(EXCEPTIONS, f"Sentry event: {str(exc).splitlines()[0]}")
             detail = exc.errors(include_url=False) if isinstance(exc, ValidationError) else None
             raise ApiError(400, f"not a usable Sentry event: {str(exc).splitlines()[0]}", detail=detail) from None
         return events, (events[0].event_id.removeprefix("sentry-") if events else "")

@@ -3,16 +3,25 @@
 One Lua call per event does dedupe (SET NX with a TTL), the group update, the regression check and
 the append to the capped stream atomically: two dispatchers ingesting at once can never both see a
 resolved group "regress", and a retried batch never counts an event twice.
+
+A group's hash is sealed (`ctops.envelope`, the SHA-1 form scripts can compute): the ingest script
+checks it before changing it and seals it again after, unless it found it damaged, which it leaves
+for the readers here to set aside (`ctops.integrity.contain_group`). A damaged group is never a 500:
+it is set aside, rebuilt from its indexes, and the rest of the list is served.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from ctops import integrity
 from ctops.capture.fingerprint import culprit, fingerprint
 from ctops.capture.wire import (
     ExceptionEvent,
@@ -21,6 +30,11 @@ from ctops.capture.wire import (
     Occurrence,
     SenderCounters,
 )
+from ctops.envelope import LUA_HASH_ENVELOPE, Corrupt, unseal_fields
+from ctops.integrity import EXC_GROUP
+from ctops.keys import Keys
+
+log = logging.getLogger("ctops.dispatcher.exceptions")
 
 STREAM_MAXLEN = 10_000
 # an event id is remembered this long, so a batch resent (a spool replayed) within it is not counted
@@ -39,7 +53,7 @@ SCAN_MAX = 5000  # groups looked at per list request
 # one call per group per batch; the seen keys are built from ARGV[8] and other groups' keys (to
 # forget them) from ARGV[11] (fine outside Redis Cluster). Every key written has a TTL, the number of
 # groups is capped (the oldest resolved group goes first, then the oldest), and so is the stream.
-_INGEST = """
+_INGEST = LUA_HASH_ENVELOPE + """
 local g, hosts_k, services_k, recent_k, last_k, count_k, stream_k, resolved_k = unpack(KEYS)
 local gid, now, ttl, maxlen, recent_max, seen = ARGV[1], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local max_groups, gttl, gprefix, prune = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
@@ -56,6 +70,7 @@ local function oldest(index)
   end
   return nil
 end
+local sealed, gen = env_check(g, 'exc-group')
 local status = redis.call('HGET', g, 'status')
 local resolved_ms = tonumber(redis.call('HGET', g, 'resolved_ms') or '0')
 local last_ts = tonumber(redis.call('HGET', g, 'last_ms') or '-1')
@@ -118,8 +133,23 @@ if added > 0 then
   end
   redis.call('XTRIM', stream_k, 'MINID', '~', tostring(now - gttl * 1000))
   for _, k in ipairs({last_k, count_k, resolved_k, stream_k}) do redis.call('EXPIRE', k, gttl) end
+  -- a damaged group stays unsealed, so the next read sets it aside instead of this laundering it
+  if sealed ~= 'damaged' then env_seal(g, 'exc-group', gen + 1) end
 end
 return out
+"""
+
+# a staff action on a group: checked first, changed, sealed again; ARGV = n, n name/value pairs to
+# set, then names to delete. 'missing', 'damaged' (nothing changed) or 'intact'/'legacy'
+_MUTATE = LUA_HASH_ENVELOPE + """
+local g = KEYS[1]
+local state, gen = env_check(g, 'exc-group')
+if state == 'missing' or state == 'damaged' then return state end
+local n = tonumber(ARGV[1])
+for i = 2, 1 + 2 * n, 2 do redis.call('HSET', g, ARGV[i], ARGV[i + 1]) end
+for i = 2 + 2 * n, #ARGV do redis.call('HDEL', g, ARGV[i]) end
+env_seal(g, 'exc-group', gen + 1)
+return state
 """
 
 # counters are cumulative per sender: keep the highest value seen (batches may arrive out of order)
@@ -140,11 +170,15 @@ def _s(v: Any) -> str:
 class ExcKeys:
     prefix: str
 
+    @property
+    def shared(self) -> Keys:
+        return Keys(self.prefix)
+
     def seen(self, event_id: str) -> str:
         return f"{self.prefix}:exc:seen:{event_id}"
 
     def group(self, gid: str) -> str:
-        return f"{self.prefix}:exc:group:{gid}"
+        return self.shared.exc_group(gid)
 
     def hosts(self, gid: str) -> str:
         return f"{self.prefix}:exc:group:{gid}:hosts"
@@ -157,15 +191,15 @@ class ExcKeys:
 
     @property
     def by_last(self) -> str:
-        return f"{self.prefix}:exc:groups:last"
+        return self.shared.exc_groups_index("last")
 
     @property
     def by_count(self) -> str:
-        return f"{self.prefix}:exc:groups:count"
+        return self.shared.exc_groups_index("count")
 
     @property
     def resolved(self) -> str:
-        return f"{self.prefix}:exc:groups:resolved"
+        return self.shared.exc_groups_index("resolved")
 
     @property
     def stream(self) -> str:
@@ -173,7 +207,7 @@ class ExcKeys:
 
     @property
     def senders(self) -> str:
-        return f"{self.prefix}:exc:senders"
+        return self.shared.exc_senders
 
 
 @dataclass(slots=True)
@@ -185,12 +219,20 @@ class Ingested:
 
 class ExceptionStore:
     def __init__(self, redis: Redis, prefix: str, stream_maxlen: int = STREAM_MAXLEN, max_groups: int = MAX_GROUPS,
-                 ttl_s: int = GROUP_TTL_S) -> None:
+                 ttl_s: int = GROUP_TTL_S, reader: str = "dispatcher") -> None:
         self.r = redis
         self.k = ExcKeys(prefix)
         self.stream_maxlen, self.max_groups, self.ttl_s = stream_maxlen, max_groups, ttl_s
+        self.reader = reader  # who read a damaged group, for the quarantine
         self._ingest = redis.register_script(_INGEST)
         self._counters = redis.register_script(_COUNTERS)
+        self._mutate = redis.register_script(_MUTATE)
+
+    async def _set_aside(self, gid: str) -> None:
+        done = await integrity.contain_group(self.r, self.k.shared, gid, self.reader)
+        if done is not None:
+            log.error("exception group %s was damaged (%s): set aside as %s, %s", gid, done.reason, done.qid,
+                      "rebuilt from its indexes" if done.repaired else "dropped")
 
     async def ingest(self, events: list[ExceptionEvent], counters: SenderCounters | None = None) -> Ingested:
         now = int(time.time() * 1000)
@@ -204,22 +246,23 @@ class ExceptionStore:
             by_group.setdefault(gid, []).append(e)
             culprits.setdefault(gid, (e.type, culprit(frames)))
         pipe = self.r.pipeline(transaction=False)
-        k = self.k
         for gid, evs in by_group.items():
-            args: list[str | int] = [gid, culprits[gid][0], culprits[gid][1], now, SEEN_TTL_S, self.stream_maxlen,
-                                     RECENT_MAX, k.seen(""), self.max_groups, self.ttl_s, k.group(""),
-                                     PRUNE_PER_CALL]
-            for e in evs:
-                args += [e.event_id, e.ts_ms, e.host, e.service, e.message[:500],
-                         stored_json(e)]
-            await self._ingest(keys=[k.group(gid), k.hosts(gid), k.services(gid), k.recent(gid), k.by_last,
-                                     k.by_count, k.stream, k.resolved], args=args, client=pipe)
+            await self._ingest_call(gid, culprits[gid], evs, now, pipe)
         if counters is not None:
             s = counters.sender
             await self._counters(keys=[self.k.senders], args=[f"{s}|dropped", counters.dropped, f"{s}|corrupt",
                                                               counters.corrupt, f"{s}|rejected", counters.rejected],
                                  client=pipe)
-        results = await pipe.execute()
+        results = await pipe.execute(raise_on_error=False)
+        for i, gid in enumerate(by_group):
+            if isinstance(results[i], ResponseError):
+                # the group's keys hold damage the script trips over (another type, a number that
+                # is not one): set it aside, then ingest its events again, once
+                await self._set_aside(gid)
+                results[i] = await self._ingest_call(gid, culprits[gid], by_group[gid], now, self.r)
+        for res in results:
+            if isinstance(res, Exception):
+                raise res
         accepted = dup = 0
         regressed = []
         for (gid, evs), res in zip(by_group.items(), results, strict=False):
@@ -232,6 +275,16 @@ class ExceptionStore:
                 regressed.append((gid, sids[i], evs[i]))
         return Ingested(accepted, dup, regressed)
 
+    async def _ingest_call(self, gid: str, type_culprit: tuple[str, str], evs: list[ExceptionEvent], now: int,
+                           client: Any) -> Any:
+        k = self.k
+        args: list[str | int] = [gid, type_culprit[0], type_culprit[1], now, SEEN_TTL_S, self.stream_maxlen,
+                                 RECENT_MAX, k.seen(""), self.max_groups, self.ttl_s, k.group(""), PRUNE_PER_CALL]
+        for e in evs:
+            args += [e.event_id, e.ts_ms, e.host, e.service, e.message[:500], stored_json(e)]
+        return await self._ingest(keys=[k.group(gid), k.hosts(gid), k.services(gid), k.recent(gid), k.by_last,
+                                        k.by_count, k.stream, k.resolved], args=args, client=client)
+
     # --- reading -------------------------------------------------------------------------------
     async def groups(self, sort: str = "last") -> list[GroupView]:
         index = self.k.by_count if sort == "count" else self.k.by_last
@@ -242,7 +295,7 @@ class ExceptionStore:
         views = await self._views([gid])
         return views[0] if views else None
 
-    async def _views(self, gids: list[str]) -> list[GroupView]:
+    async def _views(self, gids: list[str], again: bool = True) -> list[GroupView]:
         if not gids:
             return []
         pipe = self.r.pipeline(transaction=False)
@@ -250,28 +303,45 @@ class ExceptionStore:
             pipe.hgetall(self.k.group(gid))
             pipe.smembers(self.k.hosts(gid))
             pipe.smembers(self.k.services(gid))
-        raw = await pipe.execute()
+        raw = await pipe.execute(raise_on_error=False)
         now = int(time.time() * 1000)
-        out = []
+        out: dict[str, GroupView] = {}
+        damaged, legacy = [], []
         for i, gid in enumerate(gids):
-            h = {_s(k): _s(v) for k, v in raw[3 * i].items()}
-            if not h:
+            key = self.k.group(gid)
+            try:
+                if isinstance(raw[3 * i], ResponseError):
+                    raise integrity.wrong_type(key, raw[3 * i])
+                got = unseal_fields(key, raw[3 * i], EXC_GROUP)
+                if got is None:
+                    continue
+                integrity.check_group(key, got[0])
+            except Corrupt as exc:
+                log.error("exception group %s is damaged: %s", gid, exc)
+                damaged.append(gid)
                 continue
-            out.append(_view(gid, h, sorted(_s(x) for x in raw[3 * i + 1]), sorted(_s(x) for x in raw[3 * i + 2]),
-                             now))
-        return out
+            if got[2]:
+                legacy.append(gid)
+            out[gid] = _view(gid, got[0], _members(raw[3 * i + 1]), _members(raw[3 * i + 2]), now)
+        for gid in damaged:
+            await self._set_aside(gid)
+        for gid in legacy:  # written before envelopes: sealed now, unless it changed meanwhile
+            await self._mutate(keys=[self.k.group(gid)], args=[0])
+        if damaged and again:
+            out.update({v.id: v for v in await self._views(damaged, again=False)})
+        return [out[g] for g in gids if g in out]
 
     async def recent(self, gid: str, limit: int = RECENT_MAX) -> list[ExceptionEvent]:
         raw = await self.r.lrange(self.k.recent(gid), 0, limit - 1)
-        return [ExceptionEvent.model_validate_json(x) for x in raw]
+        return [e for x in raw if (e := _event(x, gid)) is not None]
 
     async def tail(self, after: str | None, limit: int) -> tuple[list[Occurrence], str | None]:
         if after:
             entries = await self.r.xrange(self.k.stream, min=f"({after}", count=limit)
         else:
             entries = list(reversed(await self.r.xrevrange(self.k.stream, count=limit)))
-        items = [Occurrence(id=_s(i), group_id=_s(f[b"g"]), event=ExceptionEvent.model_validate_json(f[b"e"]))
-                 for i, f in entries]
+        items = [Occurrence(id=_s(i), group_id=_s(f[b"g"]), event=e) for i, f in entries
+                 if b"g" in f and (e := _event(f.get(b"e", b""), _s(i))) is not None]
         cursor = items[-1].id if items else after
         if cursor is None:
             last = await self.r.xrevrange(self.k.stream, count=1)
@@ -296,34 +366,65 @@ class ExceptionStore:
     # --- actions -------------------------------------------------------------------------------
     async def set_status(self, gid: str, action: str, *, minutes: int | None = None,
                          assignee: str | None = None) -> GroupView | None:
+        if not await self.r.exists(self.k.group(gid)):
+            return None  # before touching the indexes: an unknown id must leave no trace there
+        for _ in range(2):
+            done = _s(await self._apply(gid, action, minutes, assignee))
+            if done != "damaged":
+                break
+            await self._set_aside(gid)  # then the action is applied to the rebuilt group
+        return None if done == "missing" else await self.group(gid)
+
+    async def _apply(self, gid: str, action: str, minutes: int | None, assignee: str | None) -> Any:
         key = self.k.group(gid)
-        if not await self.r.exists(key):
-            return None
         now = int(time.time() * 1000)
-        last_ms = int(await self.r.hget(key, "last_ms") or 0)
+        last_ms = int(await self.r.zscore(self.k.by_last, gid) or 0)
+        sets: dict[str, str | int] = {}
+        dels: list[str] = []
         pipe = self.r.pipeline(transaction=True)
         if action in ("acknowledge", "unresolve", "mute"):
             pipe.zrem(self.k.resolved, gid)
         if action == "acknowledge":
-            pipe.hset(key, mapping={"status": "acknowledged"})
-            pipe.hdel(key, "mute_until_ms")
+            sets, dels = {"status": "acknowledged"}, ["mute_until_ms"]
         elif action == "resolve":
-            pipe.hset(key, mapping={"status": "resolved", "resolved_ms": now})
-            pipe.hdel(key, "mute_until_ms")
+            sets, dels = {"status": "resolved", "resolved_ms": now}, ["mute_until_ms"]
             # resolved groups are the first to go when the cap on groups is reached
             pipe.zadd(self.k.resolved, {gid: last_ms})
         elif action == "unresolve":
-            pipe.hset(key, mapping={"status": "unresolved"})
-            pipe.hdel(key, "mute_until_ms")
+            sets, dels = {"status": "unresolved"}, ["mute_until_ms"]
         elif action == "mute":
-            pipe.hset(key, mapping={"status": "muted", "mute_until_ms": now + (minutes or 60) * 60_000})
+            sets = {"status": "muted", "mute_until_ms": now + (minutes or 60) * 60_000}
         elif action == "assign":
             if assignee:
-                pipe.hset(key, "assignee", assignee)
+                sets = {"assignee": assignee}
             else:
-                pipe.hdel(key, "assignee")
-        await pipe.execute()
-        return await self.group(gid)
+                dels = ["assignee"]
+        args: list[str | int] = [len(sets)]
+        for name, value in sets.items():
+            args += [name, value]
+        try:
+            await self._mutate(keys=[key], args=[*args, *dels], client=pipe)
+            return (await pipe.execute())[-1]
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                return "damaged"
+            raise
+
+
+def _members(v: object) -> list[str]:
+    """A set's members as text; a set of another type or undecodable bytes must not fail a listing."""
+    if not isinstance(v, set | list):
+        return []
+    return sorted(x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in v)
+
+
+def _event(raw: bytes | str, where: str) -> ExceptionEvent | None:
+    """A stored event, or None (logged) when it no longer parses: one damaged event must not hide the rest."""
+    try:
+        return ExceptionEvent.model_validate_json(raw)
+    except (ValidationError, ValueError) as exc:
+        log.error("a stored exception event (%s) is damaged and skipped: %s", where, str(exc)[:200])
+        return None
 
 
 def stored_json(e: ExceptionEvent) -> str:

@@ -25,9 +25,10 @@ from ctops import integrity
 from ctops.config import LLMProviderSpec, LLMSettings
 from ctops.envelope import Corrupt
 from ctops.keys import Keys
+from ctops.rejects import LLM_ANSWER, REJECTS
 from ctops.wire import LLMPoolView
 from dispatcher.llm.breaker import BreakerState
-from dispatcher.llm.providers import Provider
+from dispatcher.llm.providers import ANSWER_MAX_BYTES, Provider, answer_problem, stream_problem
 
 # the record kind of the staff controls, as counted and named in `record_corrupt` events
 CONTROL_KIND = "llm-control"
@@ -321,17 +322,31 @@ class LLMPool:
                 await resp.aread()
                 raise TryFailed(f"HTTP {status}")
             if not stream or status >= 400 or not ctype.startswith("text/event-stream"):
-                return Answer(p.name, status, ctype, body=await resp.aread())
+                body = bytearray()
+                async for part in resp.aiter_bytes():
+                    body += part
+                    if len(body) > ANSWER_MAX_BYTES:
+                        raise self._invalid(p, f"an answer over {ANSWER_MAX_BYTES} bytes")
+                if 200 <= status < 300 and (why := answer_problem(bytes(body))):
+                    raise self._invalid(p, why)
+                return Answer(p.name, status, ctype, body=bytes(body))
             chunks = resp.aiter_raw()
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
                 raise TryFailed("empty stream") from None
+            if why := stream_problem(first):
+                raise self._invalid(p, why)
             handed_over = True
             return Answer(p.name, status, ctype, first=first, chunks=chunks, response=resp)
         finally:
             if not handed_over:
                 await resp.aclose()
+
+    @staticmethod
+    def _invalid(p: Provider, why: str) -> TryFailed:
+        REJECTS.note(LLM_ANSWER, f"provider {p.name}: {why}")
+        return TryFailed(f"invalid answer: {why}")
 
     # --- background: health checks, probes, staff controls --------------------------------------
     def start(self) -> None:

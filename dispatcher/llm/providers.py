@@ -4,6 +4,7 @@ check results and staff controls, and the view of it the ops API serves."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 
@@ -14,6 +15,34 @@ from dispatcher.llm.breaker import Breaker, Listener
 LATENCY_SAMPLES = 200
 # below this many samples a provider's p99 says little, so stalls are judged by its timeout alone
 MIN_SAMPLES_FOR_STALL = 5
+
+
+# a provider's answer is checked before it is passed on (schema, size, encoding); a bad one fails
+# that try, so the next provider is asked and the breaker counts it, like an error status
+ANSWER_MAX_BYTES = 4 * 1024 * 1024
+_SSE_START = (b"data:", b":", b"event:", b"id:", b"retry:")
+
+
+def answer_problem(body: bytes) -> str | None:
+    """Why a 2xx answer to a chat completion is not one, or None: it must be UTF-8 JSON with a
+    non-empty `choices` list whose first item has a `message` with text (or null) content."""
+    try:
+        obj = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        return "the answer is not JSON in UTF-8"
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "the answer has no choices"
+    message = choices[0].get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str | None):
+        return "the answer's first choice has no message content"
+    return None
+
+
+def stream_problem(first: bytes) -> str | None:
+    """Why the first chunk of a streamed answer does not start server-sent events, or None."""
+    head = first.lstrip()
+    return None if not head or head.startswith(_SSE_START) else "the stream is not server-sent events"
 
 
 def percentile(values: list[float], q: float) -> float | None:

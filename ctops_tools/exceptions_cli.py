@@ -12,7 +12,7 @@ from ctops import statefile
 from ctops.capture.client import ExceptionsClient
 from ctops.capture.wire import GroupList, Occurrence, traceback_text
 from ctops.opsclient import OpsClient, OpsError, Unreachable
-from ctops.status import target
+from ctops_tools.status import target
 
 
 def _age(ms: int) -> str:

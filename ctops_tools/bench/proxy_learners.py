@@ -4,7 +4,7 @@ proxies, not it, set the pace. Session opened: 201 with a cookie; submission: 20
 polls: 200 with a submission's steps and review (~0.9 KB); the exercise list: a chunked answer in
 two chunks (~2 KB), as a streamed answer comes.
 
-    python -m ctops.bench.proxy_learners --port PORT
+    python -m ctops_tools.bench.proxy_learners --port PORT
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ async def serve(host: str, port: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m ctops.bench.proxy_learners")
+    ap = argparse.ArgumentParser(prog="python -m ctops_tools.bench.proxy_learners")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     args = ap.parse_args()

@@ -1,7 +1,8 @@
 """`ctops chaos corrupt KEY | --random KIND`: damage one stored record, for demos and tests.
 
 The damage is what the integrity checks must catch: one flipped byte in the middle of a string
-record, one field of a hash overwritten with bytes that are not UTF-8. Nothing else is touched.
+record, one field of a hash overwritten with bytes that are not UTF-8, one field of the middle entry
+of a stream (the audit log) likewise. Nothing else is touched.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import redis
 
 from ctops import redisconn, statefile
 from ctops.config import load
-from ctops.integrity import KINDS, classify
+from ctops.integrity import AUDIT, EXC_GROUP, KINDS, classify
 from ctops.keys import Keys
 from ctops.redisacl import glob_escape
 
@@ -35,11 +36,33 @@ def damage(r: redis.Redis, key: str) -> str:
         field = sorted(f for f in r.hkeys(key) if f != b"_env")[0]
         r.hset(key, field, b"\xff\xfe damaged")
         return f"overwrote field {field.decode(errors='replace')} with bytes that are not UTF-8"
-    raise ValueError(f"{key} is a {kind}; only string and hash records are damaged")
+    if kind == "stream":
+        return _damage_entry(r, key)
+    raise ValueError(f"{key} is a {kind}; only string, hash and stream records are damaged")
+
+
+def _damage_entry(r: redis.Redis, key: str) -> str:
+    """A stream entry cannot be changed in place: the stream is rebuilt with the same ids, one entry
+    altered, and swapped in at once."""
+    entries = r.xrange(key)
+    if not entries:
+        raise ValueError(f"{key} is an empty stream")
+    target, fields = entries[len(entries) // 2]
+    field = sorted(f for f in fields if f != b"_env")[0]
+    tmp = f"{key}:chaos"
+    with r.pipeline(transaction=True) as p:
+        p.delete(tmp)
+        for eid, f in entries:
+            p.xadd(tmp, {**f, field: b"\xff\xfe damaged"} if eid == target else f, id=eid)
+        p.rename(tmp, key)
+        p.execute()
+    return f"overwrote field {field.decode(errors='replace')} of entry {target.decode()} with bytes that are not UTF-8"
 
 
 def pick(r: redis.Redis, keys: Keys, kind: str) -> str:
-    found = [k.decode() for k in r.scan_iter(match=f"{glob_escape(keys.prefix)}:{kind}:*", count=1000)]
+    pattern = {AUDIT: keys.audit, EXC_GROUP: keys.exc_group("*")}.get(kind, f"{keys.prefix}:{kind}:*")
+    pattern = glob_escape(keys.prefix) + pattern[len(keys.prefix):]
+    found = [k.decode() for k in r.scan_iter(match=pattern, count=1000)]
     found = [k for k in found if (c := classify(keys, k)) and c[0] == kind]
     if not found:
         raise ValueError(f"no {kind} record to damage")

@@ -79,7 +79,7 @@ def thaw_store(doc: dict[str, Any]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "corrupt":
-        return importlib.import_module("ctops.corrupt").run(args)
+        return importlib.import_module("ctops_tools.corrupt").run(args)
     try:
         doc = statefile.read(args.state_file)
         by_role = statefile.redis_nodes(doc) and re.fullmatch(r"redis|redis-primary|redis-replica-\d+", args.target)

@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 
 from ctops import config
-from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops_tools.procs import Child, ctops_argv, spawn, stop_all
+from ctops_tools.redis_embed import EmbeddedRedis, free_port
 from trainer.fake_llm import CONTROL_TOKEN_ENV, control_headers, control_token
 
 RATE = 20.0  # requests per second
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m ctops.bench.llm")
+    ap = argparse.ArgumentParser(prog="python -m ctops_tools.bench.llm")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--duration", type=float, default=MIN_DURATION_S)
     with contextlib.suppress(KeyboardInterrupt):

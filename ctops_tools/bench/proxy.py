@@ -1,12 +1,13 @@
 """`ctops bench proxy`: the dispatcher's data plane against HAProxy 2.6, side by side in one run.
 
-Both proxies front the same two backends (separate processes): "hello" servers (ctops.bench.hello)
-for GETs, trainer-like ones (ctops.bench.proxy_learners: JSON answers, some chunked) for `--mix learners`; both
+Both proxies front the same two backends (separate processes): "hello" servers
+(ctops_tools.bench.hello) for GETs, trainer-like ones (ctops_tools.bench.proxy_learners: JSON answers,
+some chunked) for `--mix learners`; both
 run one thread, and the same wrk load hits each in turn, alternating rounds so that drift in the
 machine affects both alike. With two or more CPUs, the proxy under test gets a CPU of its own
 and wrk and the backends share the others: the same for both proxies.
 
-    python -m ctops.bench.proxy --serve PORT --backends 127.0.0.1:P1,127.0.0.1:P2
+    python -m ctops_tools.bench.proxy --serve PORT --backends 127.0.0.1:P1,127.0.0.1:P2
 
 runs the data plane standalone, as the benchmark starts it.
 """
@@ -27,8 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ctops.procs import sigterm_as_interrupt
-from ctops.redis_embed import free_port
+from ctops_tools.procs import sigterm_as_interrupt
+from ctops_tools.redis_embed import free_port
 
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
@@ -40,7 +41,7 @@ TARGETS = {"get": (0.9, 1.2), "learners": (1.0, 1.1)}
 # `--mix learners`: what a learner's browser sends the trainer, in proportion: a session opened, JSON
 # submissions of about 1 and 4 KB (without Idempotency-Key, as most learners' clients), polls of a
 # submission, the exercise list; all with the session cookie. The backends answer as the trainer does
-# (ctops.bench.proxy_learners): JSON with a length, the exercise list chunked
+# (ctops_tools.bench.proxy_learners): JSON with a length, the exercise list chunked
 LEARNERS_LUA = """\
 local hdrs = {["Content-Type"] = "application/json", ["Cookie"] = "ctops_session=s1"}
 local function submission(lines)
@@ -230,7 +231,7 @@ class Bench:
         backends = []
         for i in (1, 2):
             port = free_port()
-            module = "ctops.bench.proxy_learners" if self.mix == "learners" else "ctops.bench.hello"
+            module = "ctops_tools.bench.proxy_learners" if self.mix == "learners" else "ctops_tools.bench.hello"
             proc = self.spawn(self.pin_load + py + ["-m", module, "--port", str(port)], f"backend{i}")
             _wait_port(port, proc, f"backend {i}")
             backends.append(f"127.0.0.1:{port}")
@@ -249,7 +250,7 @@ class Bench:
         ports["haproxy"] = (port, proc)
 
         port = free_port()
-        proc = self.spawn(self.pin_proxy + py + ["-m", "ctops.bench.proxy", "--serve", str(port),
+        proc = self.spawn(self.pin_proxy + py + ["-m", "ctops_tools.bench.proxy", "--serve", str(port),
                                                  "--backends", ",".join(backends)], "dispatcher")
         _wait_port(port, proc, "dispatcher")
         ports["dispatcher"] = (port, proc)
@@ -401,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m ctops.bench.proxy")
+    ap = argparse.ArgumentParser(prog="python -m ctops_tools.bench.proxy")
     ap.add_argument("--serve", type=int, metavar="PORT", help="run the data plane standalone on PORT")
     ap.add_argument("--backends", default="", help="host:port,host:port (with --serve)")
     ap.add_argument("--json", action="store_true")

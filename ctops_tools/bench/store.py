@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from ctops import integrity
 from ctops.envelope import seal_fields
 from ctops.keys import Keys
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.redis_embed import EmbeddedRedis
 
 PREFIX = "bench"
 N_OPS = 3000

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import httpx
 
-from ctops.bench.proxy import HAPROXY, _ensure_tool, _haproxy_version, _wait_port
-from ctops.load import SOLUTIONS, percentile
-from ctops.procs import sigterm_as_interrupt
-from ctops.redis_embed import free_port
+from ctops_tools.bench.proxy import HAPROXY, _ensure_tool, _haproxy_version, _wait_port
+from ctops_tools.load import SOLUTIONS, percentile
+from ctops_tools.procs import sigterm_as_interrupt
+from ctops_tools.redis_embed import free_port
 
 HEALTH_BYTES = 150  # health checks are smaller than this; proxied learner requests larger
 TARGETS = ("dispatcher", "haproxy-defaults", "haproxy-tuned")
@@ -279,8 +279,8 @@ class HAProxy:
 
 
 def measure(learners: int, before: float, kill_to_freeze: float, freeze: float, after: float) -> dict:
-    from ctops.localcluster import Cluster, wait_for
-    from ctops.redis_embed import EmbeddedRedis
+    from ctops_tools.localcluster import Cluster, wait_for
+    from ctops_tools.redis_embed import EmbeddedRedis
 
     haproxy_path = _ensure_tool(HAPROXY, "haproxy")
     tmp = Path(tempfile.mkdtemp(prefix="ctops-bench-failover-"))
@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m ctops.bench.failover")
+    ap = argparse.ArgumentParser(prog="python -m ctops_tools.bench.failover")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--learners", type=int, default=8)
     sys.exit(run(ap.parse_args()))

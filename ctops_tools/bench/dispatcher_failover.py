@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from ctops.localcluster import Cluster, wait_for
-from ctops.redis_embed import EmbeddedRedis
+from ctops_tools.localcluster import Cluster, wait_for
+from ctops_tools.redis_embed import EmbeddedRedis
 
 TARGET_S = 1.5
 KEEPALIVED_DEFAULT_S = 3.6

@@ -16,8 +16,8 @@ from typing import Any
 
 from ctops import statefile
 from ctops.auth import hash_token, new_token
-from ctops.procs import Child, ctops_argv, sigterm_as_interrupt, spawn, stop_all
-from ctops.redis_embed import EmbeddedStore, StoreSecrets, free_port, port_free
+from ctops_tools.procs import Child, ctops_argv, sigterm_as_interrupt, spawn, stop_all
+from ctops_tools.redis_embed import EmbeddedStore, StoreSecrets, free_port, port_free
 
 HOSTS = 3
 DISPATCHERS = ("A", "B")

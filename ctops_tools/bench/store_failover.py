@@ -40,9 +40,9 @@ import redis
 from ctops.envelope import Corrupt, unseal
 from ctops.integrity import SUBMISSION
 from ctops.keys import Keys
-from ctops.load import SOLUTIONS, percentile
-from ctops.localcluster import Cluster, wait_for
-from ctops.redis_embed import EmbeddedRedis, EmbeddedStore
+from ctops_tools.load import SOLUTIONS, percentile
+from ctops_tools.localcluster import Cluster, wait_for
+from ctops_tools.redis_embed import EmbeddedRedis, EmbeddedStore
 
 TARGET_FAILED, TARGET_WRITES_BACK_S, TARGET_LOST = 0, 3.0, 0
 LEARNERS = 6

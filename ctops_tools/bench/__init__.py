@@ -1,6 +1,6 @@
 """`ctops bench …`: each target measured side by side with its peer in one run.
 
-`ctops bench NAME` runs `run(args)` of the module `ctops.bench.<NAME>` (dashes as underscores);
+`ctops bench NAME` runs `run(args)` of the module `ctops_tools.bench.<NAME>` (dashes as underscores);
 the console's refresh benchmark lives with the console.
 """
 
@@ -13,7 +13,7 @@ MODULES = {"console": "console.bench"}
 
 
 def run(args: argparse.Namespace) -> int:
-    module = MODULES.get(args.which, f"ctops.bench.{args.which.replace('-', '_')}")
+    module = MODULES.get(args.which, f"ctops_tools.bench.{args.which.replace('-', '_')}")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:

@@ -9,25 +9,25 @@ import sys
 
 from ctops.config import ConfigError
 
-DEFAULT_STATE_FILE = ".ctops/demo.json"
-# `ctops bench NAME` runs ctops.bench.<NAME with - as _>:run
+DEFAULT_STATE_FILE = ".ctops_tools/demo.json"
+# `ctops bench NAME` runs ctops_tools.bench.<NAME with - as _>:run
 BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console",
               "store-failover", "store"]
 
 # subcommand -> "module:function" taking the parsed arguments and returning an exit code
 HANDLERS = {
-    "demo": "ctops.demo:run",
+    "demo": "ctops_tools.demo:run",
     "dispatcher": "dispatcher.main:run",
     "agent": "agents.main:run",
     "trainer": "trainer.main:run",
     "fake-llm": "trainer.fake_llm:run",
     "console": "console.main:run",
-    "status": "ctops.status:run",
-    "chaos": "ctops.chaos:run",
-    "store": "ctops.storecli:run",
-    "bench": "ctops.bench:run",
-    "load": "ctops.load:run",
-    "exceptions": "ctops.exceptions_cli:run",
+    "status": "ctops_tools.status:run",
+    "chaos": "ctops_tools.chaos:run",
+    "store": "ctops_tools.storecli:run",
+    "bench": "ctops_tools.bench:run",
+    "load": "ctops_tools.load:run",
+    "exceptions": "ctops_tools.exceptions_cli:run",
 }
 
 

@@ -44,7 +44,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def ctops_argv(*args: str) -> list[str]:
     """The same ctops the caller runs, whatever its PATH says."""
-    return [sys.executable, "-m", "ctops.cli", *args]
+    return [sys.executable, "-m", "ctops_tools.cli", *args]
 
 
 @dataclass

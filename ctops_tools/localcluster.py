@@ -19,8 +19,8 @@ import httpx
 
 from ctops import statefile
 from ctops.auth import hash_token, new_token
-from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, EmbeddedStore, free_port, redis_toml
+from ctops_tools.procs import Child, ctops_argv, spawn, stop_all
+from ctops_tools.redis_embed import EmbeddedRedis, EmbeddedStore, free_port, redis_toml
 from trainer.fake_llm import CONTROL_TOKEN_ENV, control_token
 
 T = TypeVar("T")

@@ -13,9 +13,9 @@ import sys
 from typing import Any
 
 from ctops import integrity, redisconn, statefile
-from ctops.backup import BackupError, backup, read_backup, restore
 from ctops.config import Deployment, load
 from ctops.keys import Keys
+from ctops_tools.backup import BackupError, backup, read_backup, restore
 
 
 def deployment(args: argparse.Namespace) -> Deployment:

@@ -22,8 +22,8 @@ import httpx
 from ctops.auth import hash_token, new_token
 from ctops.capture.forwarder import Forwarder
 from ctops.capture.spool import Spool
-from ctops.procs import ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port
+from ctops_tools.procs import ctops_argv, spawn, stop_all
+from ctops_tools.redis_embed import EmbeddedRedis, free_port
 
 TARGET_EVENTS_PER_S = 2000
 BATCH = 100

@@ -27,12 +27,12 @@ from pathlib import Path
 import psutil
 
 from ctops.auth import hash_token, new_token
-from ctops.bench.hammer import Hammer, get, serving_pid
-from ctops.procs import Child, ctops_argv, spawn, stop_all
-from ctops.redis_embed import EmbeddedRedis, free_port, redis_toml
+from ctops_tools.bench.hammer import Hammer, get, serving_pid
+from ctops_tools.procs import Child, ctops_argv, spawn, stop_all
+from ctops_tools.redis_embed import EmbeddedRedis, free_port, redis_toml
 
 HANG_CAP_S = 10.0
-# the demo's trainer liveness (ctops/demo.py), for both programs
+# the demo's trainer liveness (ctops_tools/demo.py), for both programs
 LIVENESS = {"interval_ms": 250, "timeout_ms": 400, "failures": 2}
 TARGETS = {"crash_s": 0.2, "hang_s": 1.2, "refused": 0, "agent_cpu_percent": 1.0, "agent_rss_mb": 40}
 
@@ -186,8 +186,8 @@ def run_ctops(root: Path, redis: EmbeddedRedis, prog: Program, reps: int, listen
 
 
 def demo_trainer(root: Path, redis: EmbeddedRedis) -> Program:
-    """The demo's trainer-1: the demo's own deployment file (ctops/demo.py) against this Redis."""
-    from ctops.demo import PREFIX, Ports, agent_token_env, new_tokens, write_deployment  # noqa: PLC0415
+    """The demo's trainer-1: the demo's own deployment file (ctops_tools/demo.py) against this Redis."""
+    from ctops_tools.demo import PREFIX, Ports, agent_token_env, new_tokens, write_deployment  # noqa: PLC0415
 
     cfg = root / "demo.toml"
     tokens = new_tokens()

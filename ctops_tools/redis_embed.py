@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from ctops import redisacl
-from ctops.procs import die_with_parent
+from ctops_tools.procs import die_with_parent
 
 
 class RedisLaunchError(RuntimeError):
@@ -511,7 +511,7 @@ class EmbeddedStore:
         self.stop()
 
 
-def main() -> None:  # pragma: no cover - convenience: python -m ctops.redis_embed
+def main() -> None:  # pragma: no cover - convenience: python -m ctops_tools.redis_embed
     r = EmbeddedRedis().start()
     print(r.url, flush=True)
     try:
