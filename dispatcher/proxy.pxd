@@ -42,6 +42,7 @@ cdef class UpstreamConnection:
     cdef public bint reused, read_paused, got_bytes, head_sent, tunnel, until_close, chunk_out, interim
     cdef public bint discard, flushed, hold, failed, chunks, resume
     cdef public Py_ssize_t remaining, fd
+    cdef public double idle_since
     cpdef _fast_response(self, ClientConnection client, Request r, data)
     cpdef _pass_body(self, ClientConnection client, Request r, data)
     cpdef _pass_chunks(self, ClientConnection client, Request r, bytes buf, Py_ssize_t pos, Py_ssize_t sent)

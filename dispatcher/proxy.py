@@ -959,6 +959,7 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
         # exception after the answer), so it is not reused whatever its headers say
         self.failed = False
         self.fd = -1  # the socket, to look for an EOF before the connection is reused (see UpstreamPool)
+        self.idle_since = 0.0
 
     def unbind(self) -> None:
         self.req = None
@@ -1321,7 +1322,7 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
             r.backend = None
         if reusable and r.complete and not self.until_close:
             self.reused = True
-            if not self.plane.upstreams.release(self):
+            if not self.plane.upstreams.release(self, self.plane.now):
                 self.transport.close()  # type: ignore[union-attr]
         else:
             self.transport.close()  # type: ignore[union-attr]
@@ -1501,7 +1502,7 @@ class DataPlane:
                 conn.dkind = _UPSTREAM
                 conn.deadline = now + self.t_read
         if not fresh:
-            up = self.upstreams.acquire(b)
+            up = self.upstreams.acquire(b, now)
             if up is not None:
                 self._attach(r, up)  # type: ignore[arg-type]
                 return
@@ -1680,7 +1681,7 @@ class DataPlane:
     def upstream_idle(self, up: UpstreamConnection) -> None:
         up.unbind()
         up.reused = True
-        if up.transport is None or up.transport.is_closing() or not self.upstreams.release(up):
+        if up.transport is None or up.transport.is_closing() or not self.upstreams.release(up, self.now):
             if up.transport is not None:
                 up.transport.close()
 
