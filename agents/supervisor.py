@@ -92,6 +92,8 @@ class Supervised:
     spare: Spare | None = None
     spare_due: float = 0.0  # a spare that died is started again no sooner than this
     spare_failures: int = 0
+    handovers: int = 0  # times a spare took over
+    handed_to: int | None = None  # the pid of the spare that took over last, until a new spare starts
 
     @property
     def pid(self) -> int | None:
@@ -149,7 +151,7 @@ class Supervisor:
         now = time.monotonic()
         with self.lock:
             procs = [{"name": i.spec.name, "state": i.state, "pid": i.pid, "restarts": i.restarts,
-                      "last_exit": i.last_exit, "check_latency_ms": i.check_latency_ms}
+                      "last_exit": i.last_exit, "check_latency_ms": i.check_latency_ms, "spare": self._spare_view(i)}
                      for i in self.items.values()]
             wd = WatchdogStatus(checker_alive=now - self.checker_beat < STALL_AFTER,
                                 guard_alive=now - self.guard_beat < STALL_AFTER,
@@ -162,6 +164,18 @@ class Supervisor:
         with self.lock:
             sp = self.items[name].spare
             return None if sp is None or sp.proc.returncode is not None else {"pid": sp.proc.pid, "ready": sp.ready}
+
+    @staticmethod
+    def _spare_view(item: Supervised) -> dict | None:
+        """For the heartbeat: the state of the warm spare of a process configured with one (see SpareView)."""
+        if not item.spec.warm_spare:
+            return None
+        sp = item.spare
+        if sp is not None and sp.proc.returncode is None:
+            return {"state": "ready" if sp.ready else "warming", "pid": sp.proc.pid, "handovers": item.handovers}
+        if item.handed_to is not None and item.handed_to == item.pid:
+            return {"state": "handed_over", "pid": item.handed_to, "handovers": item.handovers}
+        return {"state": "none", "pid": None, "handovers": item.handovers}
 
     def freeze_checker_for_test(self) -> None:
         """Test hook: the current checker stops beating, as if stuck in a call that never returns."""
@@ -424,6 +438,7 @@ class Supervisor:
             return
         assert launch.handover is not None
         item.spare = Spare(launch.proc, os.pidfd_open(launch.proc.pid), launch.handover)
+        item.handed_to = None
         log.info("started a warm spare for %s (pid %d)", item.spec.name, launch.proc.pid)
 
     def _spare_failed(self, item: Supervised, now: float, reason: str) -> None:
@@ -495,6 +510,8 @@ class Supervisor:
         item.spare = None
         sp.handover.close()
         item.proc, item.pidfd = sp.proc, sp.pidfd
+        item.handovers += 1
+        item.handed_to = sp.proc.pid
         if item.notify:
             item.notify.last_ping = None
         self._adopt(item, now)

@@ -312,8 +312,17 @@ def process_raw(h: HostView, p: ProcessMetrics | None, watchdog: object) -> Raw:
         return (h.name, h.state, None, None, None, None, None, None, None, watchdog, None)
     return (
         h.name, h.state, p.name, p.state, p.pid, p.restarts, round(p.cpu_percent), p.rss_bytes >> 20,
-        None if p.check_latency_ms is None else round(p.check_latency_ms), watchdog, p.last_exit,
+        None if p.check_latency_ms is None else round(p.check_latency_ms), watchdog, _with_spare(p),
     )
+
+
+def _with_spare(p: ProcessMetrics) -> str | None:
+    """The last exit, after the warm spare's state for a process configured with one."""
+    sp = p.spare
+    if sp is None:
+        return p.last_exit
+    spare = f"spare {sp.state.replace('_', ' ')}" + (f" {sp.pid}" if sp.pid else "")
+    return f"{spare}; {p.last_exit}" if p.last_exit else spare
 
 
 def host_rows(hosts: list[HostView]) -> dict[str, Raw]:

@@ -15,6 +15,9 @@ from ctops.opsapi import LeadershipAction, ProcessAction, ProviderAction
 ServerState = Literal["up", "suspect", "down", "draining", "disabled"]
 HostState = Literal["alive", "late", "lost"]
 ProcessState = Literal["running", "starting", "backoff", "stopped", "fatal"]
+# a supervised server's warm spare (`warm_spare = true`): none started; started, importing; waiting to be
+# handed the socket; or the last one took over and no new one is started yet
+SpareState = Literal["none", "warming", "ready", "handed_over"]
 
 
 class _Wire(BaseModel):
@@ -30,6 +33,14 @@ class ProcessMetrics(_Wire):
     rss_bytes: int = Field(0, ge=0)
     last_exit: str | None = Field(None, max_length=500)
     check_latency_ms: float | None = Field(None, ge=0)
+    spare: SpareView | None = None  # only for a process configured with a warm spare
+
+
+class SpareView(_Wire):
+    state: SpareState
+    # the spare's pid; for `handed_over`, the process that took over (now serving)
+    pid: int | None = Field(None, ge=1)
+    handovers: int = Field(0, ge=0)  # times a spare took over since the agent started
 
 
 class HostMetrics(_Wire):

@@ -15,7 +15,7 @@ import sys
 
 from ctops import statefile
 from ctops.opsclient import OpsClient, OpsError, Unreachable
-from ctops.wire import ClusterState
+from ctops.wire import ClusterState, SpareView
 
 OK, DEGRADED, CRITICAL, UNKNOWN = 0, 1, 2, 3
 VERDICT = {OK: "OK", DEGRADED: "DEGRADED", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -87,9 +87,22 @@ def render(st: ClusterState) -> str:
     lines += ["", f"  {'host':<12} {'state':<9} {'hb age':>8}  processes"]
     for h in st.hosts:
         age = f"{h.heartbeat_age_ms} ms" if h.heartbeat_age_ms is not None else "-"
-        procs = ", ".join(f"{p.name}:{p.state}" for p in h.processes)
+        procs = ", ".join(f"{p.name}:{p.state}" + (f" (spare {_spare_text(p.spare)})" if p.spare else "")
+                          for p in h.processes)
         lines.append(f"  {h.name:<12} {h.state:<9} {age:>8}  {procs}")
+    lines += missing_spares(st)
     return "\n".join(lines)
+
+
+def _spare_text(sp: SpareView) -> str:
+    return sp.state.replace("_", " ") + (f" pid {sp.pid}" if sp.pid else "")
+
+
+def missing_spares(st: ClusterState) -> list[str]:
+    """A line for each server configured with a warm spare that has none at hand: its next restart is cold."""
+    return [f"  no warm spare: {p.name} on {h.name} (spare {_spare_text(p.spare)}); a restart now starts it cold"
+            for h in st.hosts if h.state != "lost"
+            for p in h.processes if p.spare is not None and p.spare.state in ("none", "handed_over")]
 
 
 def _store_line(st: ClusterState) -> str:

@@ -3,8 +3,9 @@
 # __init__ and with the signatures below; the build fails on a mismatch.
 
 cdef Py_ssize_t _PIPELINE, _BACKPRESSURE, _NONE, _HEADER, _IDLE, _UPSTREAM, _FIRST_BYTE
-cdef Py_ssize_t _MEMO_ENTRIES, _MEMO_HEAD_MAX
-cdef dict _request_heads, _response_heads
+cdef Py_ssize_t _MEMO_ENTRIES, _MEMO_HEAD_MAX, _CHUNKED_BODY, _CHUNK_CUT_MAX, _KEY_POOL, _key_at
+cdef bytes _key_random
+cdef dict _request_heads, _response_heads, _write_heads
 
 cdef class Request
 cdef class ClientConnection
@@ -35,14 +36,18 @@ cdef class ClientConnection:
 
 cdef class UpstreamConnection:
     cdef public DataPlane plane
-    cdef public object backend, transport, parser, out, reason, hdrs
+    cdef public object backend, transport, parser, out, reason, hdrs, cut
     cdef public Request req
     cdef public ClientConnection client
     cdef public bint reused, read_paused, got_bytes, head_sent, tunnel, until_close, chunk_out, interim
-    cdef public bint discard, flushed, hold, failed
+    cdef public bint discard, flushed, hold, failed, chunks, resume
     cdef public Py_ssize_t remaining, fd
+    cdef public double idle_since
     cpdef _fast_response(self, ClientConnection client, Request r, data)
     cpdef _pass_body(self, ClientConnection client, Request r, data)
+    cpdef _pass_chunks(self, ClientConnection client, Request r, bytes buf, Py_ssize_t pos, Py_ssize_t sent)
+    cpdef _resume_parser(self, ClientConnection client, bytes buf, Py_ssize_t line, Py_ssize_t sent)
+    cpdef _parse(self, ClientConnection client, data)
     cpdef _complete(self, Request r, bint reusable)
     cpdef _flush(self, ClientConnection client)
 

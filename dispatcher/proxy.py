@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import time
+from binascii import hexlify
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -264,9 +265,10 @@ def _cookie_value(cookie: bytes, name: bytes) -> bytes | None:
 
 
 # The fast path. Most requests are a plain GET or HEAD head in one read, and most answers a head
-# with one Content-Length and no hop-by-hop header: each is checked by one strict pattern and passed
-# on nearly as it came, without a parser callback per header. Anything else (a body, HTTP/1.0, an
-# unusual character, a header the proxy must act on) does not match and goes to httptools.
+# with one Content-Length, or one `Transfer-Encoding: chunked`, and no other hop-by-hop header: each is
+# checked by one strict pattern and passed on nearly as it came, without a parser callback per header.
+# Anything else (HTTP/1.0, an unusual character, a header the proxy must act on) does not match and
+# goes to httptools.
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"[\t -~\x80-\xff]*"  # no CR, LF or other control; one way only to match a line (no blow-up)
 _HOP_NAMES = rb"connection|keep-alive|te|trailer|transfer-encoding|upgrade|proxy-" + _TOKEN
@@ -288,6 +290,19 @@ _NOT_CL = _lines_without(_HOP_NAMES + rb"|content-length")
 # (a 5xx takes the parser's path: the connection is not kept after it, see `UpstreamConnection.failed`)
 _FAST_RESPONSE = re.compile(rb"HTTP/1\.1 (?!204|304)([2-4]\d\d) " + _VALUE + rb"\r\n" + _NOT_CL
                             + rb"(?i:content-length):[ \t]*(\d{1,15})[ \t]*\r\n" + _NOT_CL + rb"\r\n")
+# the same with one chunked coding and no length (`_NOT_CL` keeps any other Transfer-Encoding out)
+_FAST_CHUNKED = re.compile(rb"HTTP/1\.1 (?!204|304)[2-4]\d\d " + _VALUE + rb"\r\n" + _NOT_CL
+                           + rb"(?i:transfer-encoding):[ \t]*(?i:chunked)[ \t]*\r\n" + _NOT_CL + rb"\r\n")
+_CHUNKED_BODY = -2  # what `fast_response_length` says of such a head
+# A chunk's size line with the CRLF before it (ending the chunk before, or the head): a bare size, no
+# extension. A chunk of a fast-path answer is passed on as it came once its size line matched this
+_CHUNK = re.compile(rb"\r\n([0-9A-Fa-f]{1,15})\r\n")
+# what a read may end in before it has all of such a line: kept until the next read completes it
+_CHUNK_CUT = re.compile(rb"\r(?:\n[0-9A-Fa-f]{0,15}\r?)?")
+_CHUNK_CUT_MAX = 19
+# fed to the parser ahead of the rest of a fast-path chunked answer that is unusual after all (a chunk
+# extension, trailers): the parser takes over at the chunk-size line it stopped at (`UpstreamConnection.resume`)
+_RESUME_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 # Heads checked lately, by their exact bytes: the same heads come again and again (a browser's
 # requests, a server's answers within the second of their Date), and a lookup costs a fraction of
@@ -296,6 +311,7 @@ _MEMO_ENTRIES = 4096
 _MEMO_HEAD_MAX = 2048
 _request_heads: dict[bytes, tuple[bytes, bytes, bytes | None, bytes]] = {}
 _response_heads: dict[bytes, int] = {}
+_write_heads: dict[bytes, tuple[bytes, bytes, bytes | None, bytes, bool, int] | bool] = {}
 
 
 def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] | None:
@@ -321,13 +337,32 @@ _FAST_WRITE = re.compile(rb"(POST|PUT|PATCH|DELETE) (/[!-~]*) HTTP/1\.1\r\n(" + 
 _COUNTED = re.compile(rb"^(?i:(host|content-length|idempotency-key|cookie)):[ \t]*([^\r]*?)[ \t]*\r", re.M)
 
 
-def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, bytes | None, bytes, bool] | None:
-    """(method, target, cookies, the head without its final CRLF, has an Idempotency-Key) when `data`
-    is exactly one plain write for a learner's route: one Host, one Content-Length equal to the body
-    that follows the head to the end of `data`, no other framing; else None (the parser decides)."""
-    m = _FAST_WRITE.match(data)
-    if m is None or m.end() > header_max:
+def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, bytes | None, bytes, bool, int] | None:
+    """(method, target, cookies, the head without its final CRLF, has an Idempotency-Key, body length) when
+    `data` is exactly one plain write for a learner's route: one Host, one Content-Length equal to the
+    body that follows the head to the end of `data`, no other framing; else None (the parser decides).
+    What a head is, is remembered per exact head (`_write_heads`)."""
+    end = data.find(b"\r\n\r\n", 0, header_max) + 4
+    if end == 3:
         return None
+    head = data[:end]
+    hit = _write_heads.get(head)
+    if hit is None:
+        hit = _write_head(head)
+        if end <= _MEMO_HEAD_MAX:
+            if len(_write_heads) >= _MEMO_ENTRIES:
+                _write_heads.clear()
+            _write_heads[head] = hit
+    if hit is False or hit[5] != len(data) - end:
+        return None
+    return hit
+
+
+def _write_head(head: bytes) -> tuple[bytes, bytes, bytes | None, bytes, bool, int] | bool:
+    """`fast_write_request`'s verdict on a head (to its blank line): its parts, or False."""
+    m = _FAST_WRITE.fullmatch(head)
+    if m is None:
+        return False
     hosts = lengths = 0
     length = b""
     key = False
@@ -343,21 +378,42 @@ def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, byte
             cookies.append(value)
         else:
             key = True
-    if (hosts != 1 or lengths != 1 or not length.isdigit() or len(length) > 15
-            or int(length) != len(data) - m.end() or hidden_path(m.group(2))):
-        return None
-    return m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, data[:m.end() - 2], key
+    if hosts != 1 or lengths != 1 or not length.isdigit() or len(length) > 15 or hidden_path(m.group(2)):
+        return False
+    return m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, head[:-2], key, int(length)
 
 
 def fast_response_length(head: bytes) -> int:
-    """The Content-Length of a plain answer's `head` (up to its blank line), else -1; remembered.
-    Callers look in `_response_heads` first."""
+    """The Content-Length of a plain answer's `head` (up to its blank line), `_CHUNKED_BODY` for a plain
+    chunked one, else -1; remembered. Callers look in `_response_heads` first."""
     m = _FAST_RESPONSE.fullmatch(head)
-    clen = int(m.group(2)) if m is not None else -1
+    if m is not None:
+        clen = int(m.group(2))
+    else:
+        clen = _CHUNKED_BODY if _FAST_CHUNKED.fullmatch(head) is not None else -1
     if len(_response_heads) >= _MEMO_ENTRIES:
         _response_heads.clear()
     _response_heads[head] = clen
     return clen
+
+
+# random bytes for generated keys, drawn many keys' worth at a time (one getrandom per 256 keys, not one
+# per keyless write)
+_KEY_POOL = 4096
+_key_random = b""
+_key_at = 0
+
+
+def generated_key() -> bytes:
+    """A fresh key for a write that came without an Idempotency-Key: "ctops-" and 32 random hex digits
+    (trainer/idempotency.py knows these by their start)."""
+    global _key_random, _key_at
+    i = _key_at
+    if i + 16 > len(_key_random):
+        _key_random = os.urandom(_KEY_POOL)
+        i = 0
+    _key_at = i + 16
+    return b"ctops-" + hexlify(_key_random[i:i + 16])
 
 
 def hidden_path(target: bytes) -> bool:
@@ -517,7 +573,7 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
                     if method == b"POST":
                         r.opens = opens_session(method, write[1])
                     if not write[4] and method not in IDEMPOTENT:
-                        head += b"Idempotency-Key: ctops-%b\r\n" % os.urandom(16).hex().encode()
+                        head += b"Idempotency-Key: %b\r\n" % generated_key()
                     self._head_ready(r, write[1], write[2], head + self.forwarded + body)
                     return
         self.read_len = len(data)
@@ -600,8 +656,9 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
         if not idem and method not in IDEMPOTENT:
             # a write without the client's key gets one of ours, kept in the head that is replayed, so
             # every try of it carries the same key and the trainer executes it at most once
-            # (trainer/idempotency.py): a write can then go again like a read
-            out += (b"Idempotency-Key: ctops-", os.urandom(16).hex().encode(), b"\r\n")
+            # (trainer/idempotency.py): a write can then go again like a read. The trainer keeps outcomes under
+            # our "ctops-" keys only as long as these tries may come (its GENERATED_PREFIX, generated_key_ttl_s)
+            out += (b"Idempotency-Key: ", generated_key(), b"\r\n")
         if te is not None:
             # the one framing a server cannot read differently from us: a single "chunked" coding on
             # HTTP/1.1 without a length. Anything else (repeated, other codings, with Content-Length,
@@ -894,11 +951,15 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
         self.chunk_out = False
         self.interim = False
         self.discard = False  # the parser expects a body that will not come (HEAD): replace it
-        self.remaining = 0  # body bytes still to pass through after a fast-path head
+        self.remaining = 0  # body bytes still to pass through after a fast-path head (of the chunk, if chunked)
+        self.chunks = False  # a fast-path chunked answer is being passed through (`_pass_chunks`)
+        self.cut = b""  # the start of a chunk-size line that the last read cut short (not yet passed on)
+        self.resume = False  # the parser is being given `_RESUME_CHUNKED`: its head is not an answer's
         # the answer is a server error: the server may be closing this connection as it sent it (an
         # exception after the answer), so it is not reused whatever its headers say
         self.failed = False
         self.fd = -1  # the socket, to look for an EOF before the connection is reused (see UpstreamPool)
+        self.idle_since = 0.0
 
     def unbind(self) -> None:
         self.req = None
@@ -970,9 +1031,20 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
             if r.plain and not client.read_eof and self._fast_response(client, r, data):
                 return
         client.deadline = self.plane.time() + self.plane.t_read
-        if self.remaining:
+        if self.chunks:
+            cut = self.cut
+            rest = self._pass_chunks(client, r, cut + data, 0, min(len(cut), 2)) if cut else \
+                self._pass_chunks(client, r, data, 0, 0)
+            if rest is None:
+                return
+            data = rest
+        elif self.remaining:
             self._pass_body(client, r, data)
             return
+        self._parse(client, data)
+
+    def _parse(self, client: ClientConnection, data: bytes) -> None:
+        """The parser's path: `data` goes through httptools, answer bytes reach the client once per read."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -1021,6 +1093,11 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
     def on_headers_complete(self) -> None:
         r = self.req
         if r is None or self.discard:
+            return
+        if self.resume:  # the fast path's head was passed on already: the chunks that follow are re-chunked
+            self.resume = False
+            self.hdrs = None
+            self.chunk_out = True
             return
         p = self.parser
         status = p.get_status_code()
@@ -1091,9 +1168,9 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
     # -- the fast path ---------------------------------------------------------------------------
 
     def _fast_response(self, client: ClientConnection, r: Request, data: bytes) -> bool:
-        """The first read of an answer to a `plain` request, holding a plain head with Content-Length and
-        at least the start of its body (or all of an empty one): passed on as it came. False (nothing
-        done) when it needs the parser's path."""
+        """The first read of an answer to a `plain` request, holding a plain head with Content-Length (or
+        chunked) and at least the start of its body (or all of an empty one): passed on as it came. False
+        (nothing done) when it needs the parser's path."""
         end = data.find(b"\r\n\r\n", 0, _MEMO_HEAD_MAX) + 4
         if end == 3:
             return False
@@ -1102,12 +1179,23 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
         if clen is None:
             clen = fast_response_length(head)
         body = len(data) - end
-        if clen < 0 or body > clen or (body == 0 and clen):
-            return False  # a head alone waits in the parser's path until its body starts (see `hold`)
+        if clen < 0:
+            if clen != _CHUNKED_BODY or body == 0:
+                return False  # a head alone waits in the parser's path until its body starts (see `hold`)
+        elif body > clen or (body == 0 and clen):
+            return False
         aff = r.affinity
         if aff is not None and aff != self.backend.cookie:
-            data = b"%b%b\r\n%b" % (data[:end - 2], self.backend.set_cookie, data[end:])
+            cookie = self.backend.set_cookie
+            data = b"%b%b\r\n%b" % (data[:end - 2], cookie, data[end:])
+            end += len(cookie)
         self.flushed = self.head_sent = True
+        if clen == _CHUNKED_BODY:
+            self.chunks = True
+            rest = self._pass_chunks(client, r, data, end - 2, 0)  # from the CRLF before the first size line
+            if rest is not None:
+                self._parse(client, rest)
+            return True
         if not client.closed:
             client.transport.write(data)
         if body < clen:
@@ -1128,6 +1216,83 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
         self.remaining = rem - len(data)
         if not self.remaining:
             self._complete(r, not extra)
+
+    def _pass_chunks(self, client: ClientConnection, r: Request, buf: bytes, pos: int, sent: int) -> bytes | None:
+        """More of a fast-path chunked answer, `buf` from `pos` on (`buf`: a size line the read before cut
+        short, its first `sent` bytes passed on already, then this read). Chunks whose size line is bare
+        hex pass on as they came, up to the last one; None once all of `buf` is dealt with. Anything
+        else is the parser's to judge from the size line it is found at: it gets `_RESUME_CHUNKED` and
+        the rest, which are returned for it (a chunk extension, trailers: the parser re-chunks without
+        them, as it does every answer it relays; a malformed line: a broken answer). The CRLF closing a
+        chunk's data is the proxy's own to check: the parser, started after it, cannot."""
+        n = len(buf)
+        rem = self.remaining
+        cut = False
+        while True:
+            if rem:
+                if n - pos <= rem:
+                    rem -= n - pos
+                    pos = n
+                    break
+                pos += rem
+                rem = 0
+            m = _CHUNK.match(buf, pos)
+            if m is None:
+                if pos == n:
+                    break
+                if n - pos < _CHUNK_CUT_MAX and _CHUNK_CUT.fullmatch(buf, pos) is not None:
+                    cut = True
+                    break
+                if buf.startswith(b"\r\n", pos):
+                    return self._resume_parser(client, buf, pos + 2, sent)
+                self.remaining = 0
+                self.chunks = False
+                if not client.closed and pos > sent:
+                    client.transport.write(buf[sent:pos])
+                self._broken("invalid response from trainer server")
+                return None
+            size = int(m.group(1), 16)
+            if size:
+                rem = size
+                pos = m.end()
+                continue
+            end = m.end()  # the last chunk: the answer ends at the next CRLF unless trailers follow
+            if buf.startswith(b"\r\n", end):
+                self.chunks = False
+                self.cut = b""
+                self.remaining = 0
+                if not client.closed:
+                    client.transport.write(buf if end + 2 == n and not sent else buf[sent:end + 2])
+                # more than the answer: the rest cannot be trusted as a next answer, the connection goes
+                self._complete(r, end + 2 == n)
+                return None
+            if n - end < 2 and buf.startswith(b"\r"[:n - end], end):
+                cut = True
+                break
+            return self._resume_parser(client, buf, pos + 2, sent)
+        self.remaining = rem
+        if cut:
+            # kept from the CRLF before the size line; that CRLF, ending a chunk (or the head), goes on now
+            # so that a stream's chunk reaches the client whole before the next one exists
+            self.cut = buf[pos:]
+            pos = min(pos + 2, n)
+        else:
+            if self.cut:
+                self.cut = b""
+            pos = n
+        if pos > sent and not client.closed:
+            client.transport.write(buf if pos == n and not sent else buf[sent:pos])
+        return None
+
+    def _resume_parser(self, client: ClientConnection, buf: bytes, line: int, sent: int) -> bytes:
+        """Pass on `buf` up to the chunk-size line at `line`; the parser relays the rest."""
+        self.chunks = False
+        self.cut = b""
+        self.remaining = 0
+        self.resume = True
+        if not client.closed and line > sent:
+            client.transport.write(buf[sent:line])
+        return _RESUME_CHUNKED + buf[line:]
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -1157,7 +1322,7 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
             r.backend = None
         if reusable and r.complete and not self.until_close:
             self.reused = True
-            if not self.plane.upstreams.release(self):
+            if not self.plane.upstreams.release(self, self.plane.now):
                 self.transport.close()  # type: ignore[union-attr]
         else:
             self.transport.close()  # type: ignore[union-attr]
@@ -1337,7 +1502,7 @@ class DataPlane:
                 conn.dkind = _UPSTREAM
                 conn.deadline = now + self.t_read
         if not fresh:
-            up = self.upstreams.acquire(b)
+            up = self.upstreams.acquire(b, now)
             if up is not None:
                 self._attach(r, up)  # type: ignore[arg-type]
                 return
@@ -1375,6 +1540,8 @@ class DataPlane:
         up.req = r
         up.got_bytes = up.head_sent = up.until_close = up.chunk_out = up.flushed = up.hold = up.failed = False
         up.remaining = 0
+        up.chunks = up.resume = False
+        up.cut = b""
         if conn.write_paused:
             up.pause_reading()
         unsent = r.unsent
@@ -1514,7 +1681,7 @@ class DataPlane:
     def upstream_idle(self, up: UpstreamConnection) -> None:
         up.unbind()
         up.reused = True
-        if up.transport is None or up.transport.is_closing() or not self.upstreams.release(up):
+        if up.transport is None or up.transport.is_closing() or not self.upstreams.release(up, self.now):
             if up.transport is not None:
                 up.transport.close()
 

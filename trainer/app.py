@@ -33,7 +33,15 @@ from ctops.keys import Keys
 from ctops.rejects import REJECTS, REQUEST_BODY, UNPARSABLE
 from trainer import review, sandbox
 from trainer.exercises import EXERCISES
-from trainer.idempotency import HEADER, Idempotency, Outcome, Writes, fingerprint
+from trainer.idempotency import (
+    HEADER,
+    Idempotency,
+    Outcome,
+    Writes,
+    client_gone,
+    fingerprint,
+    generated_key_ttl_s,
+)
 from trainer.lease import Lease
 from trainer.readiness import StoreProbe
 from trainer.review import Reviewer
@@ -115,7 +123,8 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         app.state.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64), verify=tls)
         reviewer = Reviewer(app.state.http, review.endpoints(deployment), deployment.trainer)
         app.state.worker = Worker(app.state.store, keys, server_name, deployment, reviewer, runs)
-        app.state.idem = Idempotency(raw, keys, server_name, deployment.trainer)
+        app.state.idem = Idempotency(raw, keys, server_name, deployment.trainer,
+                                     generated_key_ttl_s(deployment.timings))
         app.state.worker.start_loops()
         app.state.sandbox = (await asyncio.to_thread(sandbox.confinement, deployment.sandbox)).to_dict()
         app.state.probe = StoreProbe(app.state.store)
@@ -215,7 +224,8 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
             cookie = f"{COOKIE}={session['session_id']}; HttpOnly; Path=/; SameSite=lax"
             return Outcome(201, {**session, "server": server_name}, {"set-cookie": cookie}), writes
 
-        return await idem(request).run(idem_key, await _fingerprint(request), prepare)
+        return await idem(request).run(idem_key, await _fingerprint(request), prepare,
+                                       gone=lambda: client_gone(request))
 
     async def session_or_404(request: Request, sid: str) -> dict:
         session = await store(request).get_session(sid)
@@ -274,7 +284,8 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
             worker(request).start(sub_id, lease_for[sub_id])
             await st.touch(sid)
 
-        response = await idem(request).run(idem_key, await _fingerprint(request), prepare, after)
+        response = await idem(request).run(idem_key, await _fingerprint(request), prepare, after,
+                                           gone=lambda: client_gone(request))
         if wait <= 0 or response.status_code != 202:
             return response
         accepted = json.loads(response.body)

@@ -1,6 +1,8 @@
 """`ctops bench proxy`: the dispatcher's data plane against HAProxy 2.6, side by side in one run.
 
-Both proxies front the same two "hello" backends (ctops_tools.bench.hello, separate processes), both
+Both proxies front the same two backends (separate processes): "hello" servers
+(ctops_tools.bench.hello) for GETs, trainer-like ones (ctops_tools.bench.proxy_learners: JSON answers,
+some chunked) for `--mix learners`; both
 run one thread, and the same wrk load hits each in turn, alternating rounds so that drift in the
 machine affects both alike. With two or more CPUs, the proxy under test gets a CPU of its own
 and wrk and the backends share the others: the same for both proxies.
@@ -38,7 +40,8 @@ TARGETS = {"get": (0.9, 1.2), "learners": (1.0, 1.1)}
 
 # `--mix learners`: what a learner's browser sends the trainer, in proportion: a session opened, JSON
 # submissions of about 1 and 4 KB (without Idempotency-Key, as most learners' clients), polls of a
-# submission, the exercise list; all with the session cookie
+# submission, the exercise list; all with the session cookie. The backends answer as the trainer does
+# (ctops_tools.bench.proxy_learners): JSON with a length, the exercise list chunked
 LEARNERS_LUA = """\
 local hdrs = {["Content-Type"] = "application/json", ["Cookie"] = "ctops_session=s1"}
 local function submission(lines)
@@ -64,6 +67,9 @@ request = function()
   return reqs[i]
 end
 """
+
+# HAProxy's session affinity, for the learner mix
+LEARNERS_AFFINITY = "    cookie ctops_srv insert indirect nocache httponly\n"
 
 HAPROXY_CFG = """\
 global
@@ -225,13 +231,18 @@ class Bench:
         backends = []
         for i in (1, 2):
             port = free_port()
-            proc = self.spawn(self.pin_load + py + ["-m", "ctops_tools.bench.hello", "--port", str(port)],
-                              f"backend{i}")
+            module = "ctops_tools.bench.proxy_learners" if self.mix == "learners" else "ctops_tools.bench.hello"
+            proc = self.spawn(self.pin_load + py + ["-m", module, "--port", str(port)], f"backend{i}")
             _wait_port(port, proc, f"backend {i}")
             backends.append(f"127.0.0.1:{port}")
 
         port = free_port()
-        servers = "\n".join(f"    server s{i + 1} {b}" for i, b in enumerate(backends))
+        servers = "\n".join(f"    server s{i + 1} {b}" + (f" cookie s{i + 1}" if self.mix == "learners" else "")
+                            for i, b in enumerate(backends))
+        if self.mix == "learners":
+            # the same function as the data plane's: a learner with a session but no server cookie is
+            # given one on each answer (the wrk script, unlike a browser, never sends it back)
+            servers = LEARNERS_AFFINITY + servers
         cfg = self.tmp / "haproxy.cfg"
         cfg.write_text(HAPROXY_CFG.format(port=port, servers=servers))
         proc = self.spawn(self.pin_proxy + [self.haproxy, "-db", "-f", str(cfg)], "haproxy")
@@ -356,7 +367,8 @@ def render(result: dict) -> str:
     lines = [
         f"proxy benchmark ({s['mix']} mix): wrk -t1 -c{s['connections']} -d{s['duration_s']:g}s"
         f" x {s['rounds']} pairs, "
-        f"2 hello backends, HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}; "
+        f"2 {'trainer-like' if s['mix'] == 'learners' else 'hello'} backends, "
+        f"HAProxy {s['haproxy']} (nbthread 1); pinning proxy={s['pinning']['proxy']}; "
         f"data plane {s['data_plane']}",
         "",
         f"{'mean':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>9}{'CPU us/req':>12}",
