@@ -89,7 +89,8 @@ class OpsClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, timeout: float | None = None) -> httpx.Response:
+    async def _request(self, method: str, path: str, timeout: float | None = None,
+                       json: object | None = None) -> httpx.Response:
         """Try the URL that last answered first, then the others in order; stick with whichever answers.
 
         Only transport failures move on: an HTTP error is the cluster's answer, not an outage. A GET
@@ -98,12 +99,14 @@ class OpsClient:
         """
         tried: list[tuple[str, str]] = []
         n = len(self.urls)
-        kw = {"timeout": httpx.Timeout(timeout, connect=1.0)} if timeout is not None else {}
+        kw: dict[str, object] = {"timeout": httpx.Timeout(timeout, connect=1.0)} if timeout is not None else {}
+        if json is not None:
+            kw["json"] = json
         for step in range(n):
             i = (self._current + step) % n
             url = self.urls[i]
             try:
-                resp = await self._http.request(method, f"{url}{API}{path}", **kw)
+                resp = await self._http.request(method, f"{url}{API}{path}", **kw)  # type: ignore[arg-type]
             except httpx.ConnectError as exc:
                 tried.append((url, _reason(exc)))
                 continue

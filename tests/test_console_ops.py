@@ -24,7 +24,7 @@ from console.widgets.events_log import EventsLog
 from console.widgets.tables import DispatchersTable, ProcessesTable, ProvidersTable
 from ctops.wire import Event
 from tests.cluster import Cluster, wait_for
-from tests.test_console import SIZE, fixed_events, fixed_source, fixed_state, until
+from tests.test_console import SIZE, fixed_events, fixed_source, fixed_state, snapshot_lines, until
 
 TAB_KEYS = {"servers": "1", "hosts": "2", "events": "3", "dispatchers": "4", "llm": "5"}
 
@@ -258,8 +258,9 @@ async def test_fixed_process_restart_and_step_down() -> None:
         await until(pilot, "result toast", lambda: noticed(app, "Restart trainer-6 on host-6"))
         await show_tab(pilot, app, "dispatchers")
         said = await confirm(pilot, app, "D")
-        # B is unhealthy in the fixed cluster: the dialog says so
-        assert "Without a healthy standby" in said
+        # B is unhealthy in the fixed cluster: the dialog says nobody takes over, in a sentence that reads
+        assert "Dispatcher A stops leading, and no standby is healthy to take over" in said
+        assert "takes over within" not in said and "(!)" not in said
         await until(pilot, "leader toast", lambda: noticed(app, "Leader changed", "B"))
         assert noticed(app, "Leadership moved", "A → B")
 
@@ -306,10 +307,43 @@ def on_tab(name: str, then: Callable[[Pilot[int]], Any] | None = None) -> Callab
     return go
 
 
+def _line(lines: list[str], *words: str) -> str:
+    found = [ln for ln in lines if all(w in ln for w in words)]
+    assert found, f"no line with {words} in:\n" + "\n".join(lines)
+    return found[0]
+
+
 @pytest.mark.parametrize("tab", ["hosts", "events", "dispatchers", "llm"])
 @pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])
-def test_snapshot_tab(snap_compare: Callable[..., bool], tab: str, size: tuple[int, int]) -> None:
+def test_snapshot_tab(snap_compare: Callable[..., bool], tab: str, size: tuple[int, int],
+                      request: pytest.FixtureRequest) -> None:
     assert snap_compare(fixed()[0], terminal_size=size, run_before=on_tab(tab))
+    lines = snapshot_lines(request)
+    wide = size[0] >= 200
+    assert len(lines) == size[1] and "1 Servers" in _line(lines, "6 Store")
+    # what the accepted picture shows, in words
+    if tab == "hosts":
+        assert "lost" in _line(lines, "host-5") and "✖ fatal" in _line(lines, "host-9", "trainer-9")
+        assert "▲ backoff" in _line(lines, "host-6", "trainer-6")
+        if wide:  # the watchdog column: host-4's checker thread is dead, and the row says so
+            host4 = _line(lines, "host-4", "trainer-4")
+            assert "✖ checker dead (gen 2)" in host4 and "ok gen" not in host4
+            assert "ok gen 1" in _line(lines, "host-1", "trainer-1")
+            assert "crash loop: 5 exits in 60 s" in _line(lines, "host-9")
+    elif tab == "events":
+        crash = _line(lines, "crash_loop", "trainer-9")
+        if wide:  # the whole line, message and source, on a 200-column terminal
+            assert "trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)" in crash
+            assert "checker thread silent for 2 s; generation 2 started  (agent:host-4)" in \
+                _line(lines, "watchdog_restarted")
+        else:
+            assert crash.endswith("…") and len(crash) <= 80
+    elif tab == "dispatchers":
+        leader, standby = _line(lines, "★ leader"), _line(lines, "◇ standby")
+        assert leader.split()[0] == "A" and "healthy" in leader
+        assert standby.split()[0] == "B" and "UNHEALTHY" in standby
+    else:
+        assert "✖ down" in _line(lines, "primary", "open") and "● up" in _line(lines, "secondary", "closed")
 
 
 def test_snapshot_step_down_dialog(snap_compare: Callable[..., bool]) -> None:

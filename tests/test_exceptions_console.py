@@ -16,7 +16,8 @@ from textual.widgets import Input, Static
 
 from console.app import create_app
 from console.client import ConsoleClient
-from console.screens.exceptions import ConfirmExceptionAction, ExceptionsScreen
+from console.screens.confirm import ConfirmAction
+from console.screens.exceptions import ExceptionsScreen
 from tests.cluster import Cluster, wait_for
 
 SIZE = (140, 45)
@@ -101,7 +102,7 @@ async def test_trainer_exception_shows_with_its_traceback_and_can_be_triaged(clu
 
         # resolve (confirmed), then it happens again: regressed
         await pilot.press("s")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("y")
         await until(pilot, "resolved", lambda: scr.shown and scr.shown[0].status == "resolved")
         raise_in_trainer(cluster, "again")
@@ -110,17 +111,17 @@ async def test_trainer_exception_shows_with_its_traceback_and_can_be_triaged(clu
 
         # mute and assign take a value in the dialog
         await pilot.press("m")
-        await until(pilot, "mute dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "mute dialog", lambda: isinstance(app.screen, ConfirmAction))
         app.screen.query_one(Input).value = "15"
         await pilot.press("enter")
         await until(pilot, "muted", lambda: scr.shown and scr.shown[0].status == "muted")
         await pilot.press("n")
-        await until(pilot, "assign dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "assign dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("a", "n", "a", "enter")
         await until(pilot, "assigned", lambda: scr.shown and scr.shown[0].assignee == "ana")
         # a cancelled action changes nothing
         await pilot.press("a")
-        await until(pilot, "ack dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "ack dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("n")
         await until(pilot, "dialog closed", lambda: app.screen is scr)
         assert [a for _, a in scr.acted] == ["resolve", "mute", "assign"]
@@ -160,7 +161,7 @@ async def test_live_tail_follows_pauses_and_filters(cluster: Cluster) -> None:
         await pilot.press("backspace", "backspace", "backspace", "escape", "t")  # groups: a viewer may not resolve
         await until(pilot, "a group", lambda: len(scr.shown) == 1)
         await pilot.press("s")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("y")
         await until(pilot, "refusal toast", lambda: any("may not" in n.message for n in app._notifications))
         assert api(cluster, "/groups")["groups"][0]["status"] == "unresolved"
