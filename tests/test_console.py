@@ -553,15 +553,42 @@ async def _loaded(pilot: Pilot[int]) -> None:
     await pilot.pause()
 
 
-def test_snapshot_main_80x24(snap_compare: Callable[..., bool]) -> None:
+def _line(lines: list[str], *words: str) -> str:
+    found = [ln for ln in lines if all(w in ln for w in words)]
+    assert found, f"no line with {words} in:\n" + "\n".join(lines)
+    return found[0]
+
+
+def _servers_in_words(lines: list[str]) -> None:
+    """The fixed cluster's servers as the table must show them, whatever the terminal size."""
+    assert "▲ suspect" in _line(lines, "trainer-3 ") and "2.4s" in _line(lines, "trainer-3 ")
+    assert "✖ down" in _line(lines, "trainer-5 ", "host/net down")
+    assert "✖ down" in _line(lines, "trainer-6 ", "software fault")
+    assert "◐ draining" in _line(lines, "trainer-7 ") and "○ disabled" in _line(lines, "trainer-8 ")
+    assert "93%" in _line(lines, "trainer-10 ")
+    assert "training-eu" in lines[0] and "leader A" in lines[0] and "dispatchers 1/2 healthy" in lines[0]
+    assert _line(lines, "servers 12:", "7 ● up", "1 ▲ suspect", "2 ✖ down")
+    assert _line(lines, "d Drain", "x Disable", "e Enable")
+
+
+def test_snapshot_main_80x24(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     assert snap_compare(fixed_app(), terminal_size=(80, 24), run_before=_loaded)
+    lines = snapshot_lines(request)
+    _servers_in_words(lines)
+    assert not any("Dispatcher" in ln and "Role" in ln for ln in lines)  # no room for the overview
 
 
-def test_snapshot_main_200x50(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_main_200x50(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     assert snap_compare(fixed_app(), terminal_size=(200, 50), run_before=_loaded)
+    lines = snapshot_lines(request)
+    _servers_in_words(lines)
+    assert "no agent heartbeat for 31 s" in _line(lines, "trainer-5 ")
+    # the overview: dispatchers, and the recent events drawn to the pane's full width
+    assert _line(lines, "★ leader").split()[0] == "A" and _line(lines, "◇ standby", "UNHEALTHY").split()[0] == "B"
+    assert "trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)" in _line(lines, "crash_loop")
 
 
-def test_snapshot_confirm_dialog(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_confirm_dialog(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     async def open_dialog(pilot: Pilot[int]) -> None:
         await _loaded(pilot)
         await pilot.press("down", "down", "d")
@@ -569,9 +596,12 @@ def test_snapshot_confirm_dialog(snap_compare: Callable[..., bool]) -> None:
         await pilot.pause()
 
     assert snap_compare(fixed_app(), terminal_size=(80, 24), run_before=open_dialog)
+    screen = "\n".join(snapshot_lines(request))
+    assert "Drain trainer-3?" in screen and "Now suspect (admin enabled) on host-3." in screen
+    assert "its 21 active session(s)" in screen and "Drain (y)" in screen and "Cancel (n)" in screen
 
 
-def test_snapshot_outage_banner(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_outage_banner(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     source = FixedSource(fixed_state())
     app = create_app(source, interval=3600)
 
@@ -585,3 +615,8 @@ def test_snapshot_outage_banner(snap_compare: Callable[..., bool]) -> None:
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=go_dark)
+    lines = snapshot_lines(request)
+    assert "STALE" in lines[0]
+    assert _line(lines, "⚠  ops API unreachable: fixed://training-eu: connection refused")
+    assert _line(lines, "Showing the last data, from 0 s ago (stale). Retrying…")
+    _servers_in_words(lines)  # the last data stays on screen

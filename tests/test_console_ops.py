@@ -346,19 +346,26 @@ def test_snapshot_tab(snap_compare: Callable[..., bool], tab: str, size: tuple[i
         assert "✖ down" in _line(lines, "primary", "open") and "● up" in _line(lines, "secondary", "closed")
 
 
-def test_snapshot_step_down_dialog(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_step_down_dialog(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     async def ask(pilot: Pilot[int]) -> None:
         await pilot.press("D")
         await until(pilot, "confirm dialog", lambda: isinstance(pilot.app.screen, ConfirmAction))
 
     assert snap_compare(fixed()[0], terminal_size=(80, 24), run_before=on_tab("dispatchers", ask))
+    screen = " ".join(ln.strip(" █") for ln in snapshot_lines(request))
+    assert "Dispatcher A steps down?" in screen and "Step down (y)" in screen
+    assert "no standby is healthy to take over" in " ".join(screen.split())
+    assert "(!)" not in screen and "takes over within" not in screen
 
 
-def test_snapshot_restart_dialog(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_restart_dialog(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     async def ask(pilot: Pilot[int]) -> None:
         await pilot.press("down", "R")
         await until(pilot, "confirm dialog", lambda: isinstance(pilot.app.screen, ConfirmAction))
 
     assert snap_compare(fixed()[0], terminal_size=(80, 24), run_before=on_tab("hosts", ask))
+    screen = "\n".join(snapshot_lines(request))
+    assert "Restart trainer-2 on host-2?" in screen and "Now running, pid 4002, 1 restart(s); host alive." in screen
+    assert "Restart (y)" in screen and "Cancel (n)" in screen
 
 

@@ -79,8 +79,10 @@ class ConfirmAction(ModalScreen[str | None]):
             yield Label(self.detail, id="confirm-detail")
             if self.field is not None:
                 f = self.field
-                yield Input(f.value, placeholder=f.placeholder, id="confirm-input", type=f.kind,  # type: ignore[arg-type]
-                            max_length=f.max_length)
+                field = Input(f.value, placeholder=f.placeholder, id="confirm-input", type=f.kind,  # type: ignore[arg-type]
+                              max_length=f.max_length)
+                field.cursor_blink = False  # a steady cursor: the dialog looks the same in every picture of it
+                yield field
             with Horizontal(id="confirm-buttons"):
                 yield Button(f"{self.verb} (y)", variant="warning", id="yes")
                 yield Button("Cancel (n)", variant="primary", id="no")
