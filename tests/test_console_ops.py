@@ -284,6 +284,32 @@ async def test_new_critical_events_toast_but_the_backlog_does_not() -> None:
         assert app.events_seen[-1].event_id == "new"
 
 
+async def test_a_dead_watchdog_thread_reads_as_dead_not_ok() -> None:
+    app, _ = fixed()  # host-4: checker thread dead, generation 2, one thread restart
+    async with app.run_test(size=(200, 50)) as pilot:
+        await loaded(pilot)
+        await show_tab(pilot, app, "hosts")
+        t = app.query_one(ProcessesTable)
+        assert t.get_cell("host-4/trainer-4", "watchdog").plain == "✖ checker dead (gen 2)"
+        assert t.get_cell("host-1/trainer-1", "watchdog").plain == "ok gen 1"
+        assert t.get_cell("host-5/", "watchdog").plain == "—"  # no watchdog report: unknown, not ok
+
+
+async def test_event_lines_fill_a_wide_terminal() -> None:
+    app, _ = fixed()
+    async with app.run_test(size=(200, 50)) as pilot:
+        await loaded(pilot)
+        await show_tab(pilot, app, "events")
+        log = app.query_one("#events", EventsLog)
+        await until(pilot, "the pane drawn", lambda: len(log.lines) == len(fixed_events()))
+        texts = [strip.text for strip in log.lines]
+        assert any(t.rstrip().endswith("trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)") for t in texts)
+        assert not any("…" in t for t in texts)
+        await pilot.resize_terminal(80, 24)  # narrower: the lines are drawn again, cut to the new width
+        await until(pilot, "redrawn narrower", lambda: all(len(s.text) <= 80 for s in log.lines))
+        assert any(s.text.rstrip().endswith("…") for s in log.lines)
+
+
 async def test_providers_404_says_so() -> None:
     source = FixedSource(fixed_state())  # no providers: answers 404 like a dispatcher without an LLM pool
     app, _ = fixed(source)
