@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from rich.text import Text
 from textual.pilot import Pilot
 from textual.widgets import Label, Static
@@ -22,6 +23,9 @@ from console.screens.confirm import ConfirmAction
 from console.source import FixedSource
 from console.widgets.banner import StoreBanner
 from console.widgets.tables import QuarantineTable, StoreTable
+from ctops import integrity
+from ctops.envelope import Corrupt
+from ctops.keys import Keys
 from ctops.wire import ClusterState, QuarantinedRecord, StoreReplicaView, StoreSentinelView, StoreView
 from tests.cluster import Cluster
 from tests.test_console import SIZE, T0, fixed_events, fixed_providers, fixed_state, svg_lines, until
@@ -321,3 +325,57 @@ async def test_one_node_store_on_a_live_cluster(running_dispatcher: Cluster) -> 
     assert entry["who"] == "test-operator" and entry["result"].startswith("refused: this store is one node")
     view = store_view(c)
     assert view["mode"] == "single" and view["primary"] == node and view["replicas"] == view["sentinels"] == []
+
+
+async def quarantine(c: Cluster, key: str, session: str) -> str:
+    """Damage the record at `key` and set it aside through the store's own containment code."""
+    r = aioredis.Redis.from_url(c.redis.url)  # bytes, as integrity.contain wants
+    try:
+        await r.set(key, b"\x00garbage \xff not a record")
+
+        async def damaged(_: object) -> object:
+            raise Corrupt(key, "checksum", "damaged by the test")
+
+        got = await integrity.contain(r, Keys(prefix=c.prefix), key, "session", damaged, reader="test",
+                                      session=session)
+        assert got is not None
+        return got.qid
+    finally:
+        await r.aclose()
+
+
+def discard_as(c: Cluster, role: str, qid: str) -> httpx.Response:
+    return httpx.post(f"{c.ops_url()}/api/v1/store/quarantine/{qid}/discard", json={"confirm": qid},
+                      headers=c.auth(role), timeout=10)
+
+
+def integrity_view(c: Cluster, role: str = "viewer") -> dict[str, Any]:
+    r = httpx.get(f"{c.ops_url()}/api/v1/store/integrity", headers=c.auth(role), timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+async def test_a_quarantined_record_is_discarded_from_the_console_on_a_live_cluster(
+        running_dispatcher: Cluster) -> None:
+    c = running_dispatcher
+    k = Keys(prefix=c.prefix)
+    gone, kept = k.session("s-console-1"), k.session("s-console-2")
+    q1 = await quarantine(c, gone, "s-console-1")
+    q2 = await quarantine(c, kept, "s-console-2")
+    # a viewer may list them but not act on them
+    assert {q["qid"] for q in integrity_view(c)["quarantined"]} == {q1, q2}
+    assert discard_as(c, "viewer", q1).status_code == 403
+    app = create_app(ConsoleClient([c.ops_url()], c.operator_token), interval=0.3)
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        table = await quarantine_row(pilot, q1)
+        assert table.get_cell(q1, "key").plain == gone and table.get_cell(q1, "outcome").plain == "set aside"
+        assert table.get_cell(q2, "key").plain == kept
+        said = await confirm(pilot, "X")
+        assert f"Discard quarantined record {q1}?" in said and "session s-console-1" in said
+        await until(pilot, "the discard result", lambda: noticed(app, "Quarantined record discarded", q1), timeout=30)
+        await until(pilot, "the row gone", lambda: table.shown(q1) is None, timeout=30)
+        assert table.shown(q2) is not None
+    assert [q["qid"] for q in integrity_view(c)["quarantined"]] == [q2]
+    mine = [(e["action"], e["target"], e["who"]) for e in audit(c) if e["action"].startswith("quarantine-")]
+    assert mine == [("quarantine-discard", gone, "test-operator")]
