@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, cast
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static, TabPane
@@ -330,7 +331,9 @@ class StoreTab(ConsoleTab):
                       "Move the cursor to a quarantined record first (Tab moves between the tables).")
             return
         kind, key, outcome, reason, _at, session, _ = row
-        now = f"{kind} record {key}, set aside ({reason}); {outcome}" + (f"; session {session}" if session else "")
+        # keys and reasons come from the store: shown as text, never read as markup (test prefixes hold brackets)
+        now = escape(f"{kind} record {key}, set aside ({reason}); {outcome}"
+                     + (f"; session {session}" if session else ""))
         effect = {
             "discard": "Its damaged bytes are deleted for good. What is at the key now stays as it is.",
             "restore": "Its damaged bytes are put back at the key, replacing what is there now; the next read "

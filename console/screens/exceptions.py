@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
@@ -406,8 +407,8 @@ class ExceptionsScreen(ModalScreen[None]):
                               + (f", assigned to {r.group.assignee}" if r.group.assignee else "") + f" (by {r.by}).")
 
         cast("ConsoleApp", self.app).ask(Ask(
-            f"{action.capitalize()} [b]{group.type}[/b]?",
-            f"{group.message[:150]}\n{group.count} events, now {group.status}. " + _EFFECT[action],
+            f"{action.capitalize()} [b]{escape(group.type)}[/b]?",
+            f"{escape(group.message[:150])}\n{group.count} events, now {group.status}. " + _EFFECT[action],
             action.capitalize(), action, f"exception group {group.id}", "exception groups", call,
             field=_field(action, group), then=self.action_refresh))
 
