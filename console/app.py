@@ -2,8 +2,10 @@
 
 The fetch timer is armed only after a fetch has finished (dolphie's way), so a slow ops API
 slows the refresh instead of piling requests up. One fetch cycle reads the state, the new
-events (by cursor) and the LLM providers; parsing and row preparation run in worker threads,
-and the tables only touch cells whose text changes.
+events (by cursor), the LLM providers and, while the Store tab is shown, the quarantined records;
+parsing and row preparation run in worker threads, and the tables only touch cells whose text
+changes. Each tab is a widget (console/tabs.py) that applies a fetch and owns its keys; every
+action goes through `ask`, the one confirm-then-act flow.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -22,42 +24,31 @@ from typing import Literal
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.containers import Horizontal, Vertical
 from textual.events import Resize
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.widgets import Footer, TabbedContent
 
-from console.client import Action, OpsError, Unreachable, Whoami
-from console.commands import ACTION_TAB, COMMANDS, TABS, available, bindings
-from console.format import split_process_key, store_summary
+from console.client import OpsError, Unreachable, Whoami
+from console.commands import bindings, commands
 from console.messages import ActionDone, ActionFailed, FetchFailed, StateFetched, WhoamiFetched
 from console.prepare import prepare
-from console.screens.confirm import ConfirmAction
+from console.screens.confirm import Ask, ConfirmAction
 from console.screens.help import HelpScreen
 from console.source import Source
+from console.tabs import TABS, ConsoleTab, ServersTab
 from console.widgets.banner import OutageBanner, StoreBanner
 from console.widgets.events_log import EventsLog
 from console.widgets.live_table import LiveTable
-from console.widgets.servers_table import ServersTable
 from console.widgets.summary import ClusterSummary
-from console.widgets.tables import DispatchersTable, ProcessesTable, ProvidersTable, StoreTable
-from ctops.wire import ClusterState, Event, LLMProviderView
+from console.widgets.tables import ServersTable
+from ctops.wire import ClusterState, Event, LLMProviderView, StoreIntegrityView
 
 Severity = Literal["information", "warning", "error"]
 
 EVENTS_PAGE = 200
 EVENT_PAGES_PER_CYCLE = 5  # a burst larger than this is caught up over the next cycles
 PROVIDERS_RETRY_CYCLES = 30  # after a 404 (no LLM pool on this dispatcher), ask again this rarely
-ROOMY = (110, 36)  # from this size on the servers tab also shows the dispatchers and recent events
-
-
-def _discard(data: str) -> None:
-    """Output once the terminal is gone."""
-
-
-def _nothing() -> None:
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +56,15 @@ class Notice:
     severity: Severity
     title: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one applied fetch cost, for whoever watches (`ctops bench console`); the app keeps none of it."""
+
+    parse_ms: float  # rows prepared in the worker thread
+    apply_ms: float  # on the event loop, wall
+    apply_cpu_ms: float  # the same in CPU time (a busy machine does not inflate it)
 
 
 class ConsoleApp(App[int]):
@@ -79,12 +79,14 @@ class ConsoleApp(App[int]):
         interval: float = 1.0,
         keymap: Mapping[str, str] | None = None,
         handle_sighup: bool = False,
+        on_applied: Callable[[Applied], None] | None = None,
     ) -> None:
         super().__init__()
         self.source = source
         self.interval = interval
         self.keymap_overrides = dict(keymap or {})
         self.handle_sighup = handle_sighup
+        self.on_applied = on_applied
         self.cluster: ClusterState | None = None
         self.providers: list[LLMProviderView] | None = None
         self.who: Whoami | None = None
@@ -94,9 +96,6 @@ class ConsoleApp(App[int]):
         self.failures = 0
         self.notices: deque[Notice] = deque(maxlen=50)  # what the toasts said, newest last
         self.events_seen: deque[Event] = deque(maxlen=500)  # what the events pane shows, newest last
-        self.apply_ms: deque[float] = deque(maxlen=1000)  # time on the event loop per applied fetch
-        self.apply_cpu_ms: deque[float] = deque(maxlen=1000)  # the same in CPU time (immune to a busy machine)
-        self.parse_ms: deque[float] = deque(maxlen=1000)  # time in the worker thread per fetch
         self._event_cursor: str | None = None
         self._events_primed = False  # the backlog shown at start is not toasted
         self._leader_known = False
@@ -113,34 +112,9 @@ class ConsoleApp(App[int]):
         yield OutageBanner(id="banner")
         yield StoreBanner(id="store-banner")
         with TabbedContent(id="tabs", initial="tab-servers"):
-            for i, (name, title) in enumerate(TABS, start=1):
-                with TabPane(f"{i} {title}", id=f"tab-{name}"):
-                    yield from self._pane(name)
+            for i, tab in enumerate(TABS, start=1):
+                yield tab(i)
         yield Footer()
-
-    def _pane(self, name: str) -> ComposeResult:
-        if name == "servers":
-            with Vertical(id="servers-pane"):
-                yield ServersTable(id="servers")
-                with Horizontal(id="overview"):
-                    yield DispatchersTable(id="dispatchers-mini", classes="mini")
-                    yield EventsLog(id="events-mini", max_lines=200, classes="mini")
-        elif name == "hosts":
-            yield ProcessesTable(id="processes")
-        elif name == "events":
-            yield EventsLog(id="events")
-        elif name == "dispatchers":
-            yield DispatchersTable(id="dispatchers")
-            yield Static("[dim]P promotes the selected standby; D makes the leader step down. "
-                         "Both ask first and are audited.[/dim]", id="dispatchers-hint")
-        elif name == "llm":
-            yield ProvidersTable(id="providers")
-            yield Static("", id="providers-note")
-        elif name == "store":
-            yield Static("", id="store-summary")
-            yield StoreTable(id="store-nodes")
-            yield Static("[dim]F fails the store over now: the Sentinels promote a replica. "
-                         "It asks first and is audited.[/dim]", id="store-hint")
 
     def on_mount(self) -> None:
         if self.keymap_overrides:
@@ -156,10 +130,7 @@ class ConsoleApp(App[int]):
                 self.set_interval(1.0, partial(self._check_terminal, fd))
         self.main.query_one(OutageBanner).display = False
         self.main.query_one(StoreBanner).display = False
-        self.main.query_one("#providers-note").display = False
-        for mini in self.main.query(".mini"):
-            mini.can_focus = False
-        self._fit_layout(self.size.width, self.size.height)
+        self.main.query_one(ServersTab).fit(self.size.width, self.size.height)
         self.main.query_one(ClusterSummary).show(None, None, False)
         self.main.query_one(ServersTable).focus()
         self.fetch_whoami()
@@ -181,10 +152,7 @@ class ConsoleApp(App[int]):
         self.exit()
 
     def on_resize(self, event: Resize) -> None:
-        self._fit_layout(event.size.width, event.size.height)
-
-    def _fit_layout(self, width: int, height: int) -> None:
-        self.main.query_one("#overview").display = width >= ROOMY[0] and height >= ROOMY[1]
+        self.main.query_one(ServersTab).fit(event.size.width, event.size.height)
 
     async def on_unmount(self) -> None:
         if self.handle_sighup:
@@ -200,20 +168,19 @@ class ConsoleApp(App[int]):
     def active_tab(self) -> str:
         return (self.main.query_one(TabbedContent).active or "tab-servers").removeprefix("tab-")
 
+    def tab(self, name: str | None = None) -> ConsoleTab:
+        return self.main.query_one(f"#tab-{name or self.active_tab}", ConsoleTab)
+
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.refresh_bindings()
-        for t in event.pane.query(LiveTable):
-            t.catch_up()
-        tables = event.pane.query(DataTable)
-        if tables:
-            tables.first().focus()
+        if isinstance(event.pane, ConsoleTab):
+            event.pane.shown()
 
     # -- workers: I/O only (parsing in threads), results go back as messages ----------------------
 
     @work(exclusive=True, group="fetch")
     async def fetch_state(self) -> None:
-        started = time.perf_counter()
         try:
             state = await self.source.state()
         except Unreachable as exc:
@@ -228,14 +195,14 @@ class ConsoleApp(App[int]):
         try:
             events = await self._fetch_events()
             providers, providers_error = await self._fetch_providers()
+            integrity, integrity_error = await self._fetch_integrity()
             fetched = time.perf_counter()
-            prepared = await asyncio.to_thread(prepare, state, providers)
+            prepared = await asyncio.to_thread(prepare, state, providers, integrity)
         except Exception as exc:  # noqa: BLE001 - a worker error would end the app; report it and go on
             self.post_message(FetchFailed(f"{type(exc).__name__}: {exc}", unreachable=False))
             return
-        self.post_message(StateFetched(state, prepared, events, providers, providers_error,
-                                       fetch_ms=(fetched - started) * 1000,
-                                       parse_ms=(time.perf_counter() - fetched) * 1000))
+        self.post_message(StateFetched(state, prepared, events, providers, providers_error, integrity,
+                                       integrity_error, parse_ms=(time.perf_counter() - fetched) * 1000))
 
     async def _fetch_events(self) -> list[Event] | None:
         out: list[Event] = []
@@ -262,6 +229,16 @@ class ConsoleApp(App[int]):
         except Exception as exc:  # noqa: BLE001
             return None, f"{type(exc).__name__}: {exc}"
 
+    async def _fetch_integrity(self) -> tuple[StoreIntegrityView | None, str | None]:
+        if self.active_tab != "store":
+            return None, None  # the quarantine list is only read while someone looks at it
+        try:
+            return await self.source.integrity(), None
+        except OpsError as exc:
+            return None, "this dispatcher has no integrity API (404)" if exc.status == 404 else str(exc)
+        except Exception as exc:  # noqa: BLE001
+            return None, f"{type(exc).__name__}: {exc}"
+
     @work(exclusive=True, group="whoami")
     async def fetch_whoami(self) -> None:
         try:
@@ -271,17 +248,33 @@ class ConsoleApp(App[int]):
         self.post_message(WhoamiFetched(who))
 
     @work(group="actions")
-    async def perform(self, target: str, action: str, what: str, call: Callable[[], Awaitable[ActionDone]]) -> None:
+    async def perform(self, ask: Ask, value: str) -> None:
         try:
-            done = await call()
+            done = await ask.call(value)
         except OpsError as exc:
-            self.post_message(ActionFailed(target, action, exc.status, str(exc), what))
+            self.post_message(ActionFailed(ask.target, ask.action, exc.status, str(exc), ask.what))
         except Unreachable as exc:
-            self.post_message(ActionFailed(target, action, None, str(exc), what))
+            self.post_message(ActionFailed(ask.target, ask.action, None, str(exc), ask.what))
         except Exception as exc:  # noqa: BLE001
-            self.post_message(ActionFailed(target, action, None, f"{type(exc).__name__}: {exc}", what))
+            self.post_message(ActionFailed(ask.target, ask.action, None, f"{type(exc).__name__}: {exc}", ask.what))
         else:
             self.post_message(done)
+        if ask.then is not None:
+            ask.then()
+
+    # -- the one confirm-then-act flow -------------------------------------------------------------
+
+    def ask(self, ask: Ask) -> None:
+        """Say what will happen and wait for yes; only then act (in a worker) and report the answer."""
+
+        def answered(value: str | None) -> None:
+            if value is None:
+                return
+            if ask.sent is not None:
+                self.notice("information", *ask.sent)
+            self.perform(ask, value)
+
+        self.push_screen(ConfirmAction(ask.question, ask.detail, ask.verb, ask.field), answered)
 
     # -- handlers: apply results to widgets -------------------------------------------------------
 
@@ -290,11 +283,17 @@ class ConsoleApp(App[int]):
         if self._closing or self.main._closing or not self.main.query(ClusterSummary):
             return  # a fetch that lands while the app exits finds its widgets already gone
         t0, c0 = time.perf_counter(), time.thread_time()
+        if msg.prepared is None:
+            msg.prepared = prepare(msg.state, msg.providers, msg.integrity)
         state = msg.state
-        prepared = msg.prepared if msg.prepared is not None else prepare(state, msg.providers)
         previous = self.cluster
         self.cluster = state
         self._last_ok = time.monotonic()
+        if msg.prepared.providers is not None:
+            self.providers = msg.providers
+            self._providers_supported = True
+        elif msg.providers_error == "404":
+            self._providers_supported = False
         if self.who is None:
             # the first whoami may have failed (a slow or absent dispatcher): ask again once one answers,
             # or the console would never learn its role
@@ -303,15 +302,11 @@ class ConsoleApp(App[int]):
             self.stale = False
             self.main.query_one(OutageBanner).clear_problem()
             self.main.query_one(ServersTable).remove_class("-stale")
-        tab = self.active_tab
+        active = self.active_tab
         with self.batch_update():
-            # tables of other tabs only keep their rows until shown: nothing of theirs is visible
-            self.main.query_one(ServersTable).apply(prepared.servers, visible=tab == "servers")
-            self.main.query_one(ProcessesTable).apply(prepared.processes, visible=tab == "hosts")
-            for t in self.main.query(DispatchersTable):
-                t.apply(prepared.dispatchers)
-            self._apply_providers(msg, prepared.providers)
-            self._apply_store(state, prepared.store, tab == "store")
+            for tab in self.main.query(ConsoleTab):
+                tab.apply(msg, visible=tab.NAME == active)
+            self.main.query_one(StoreBanner).show(state.store)
             self._show_summary()
             self._leadership(previous, state)
             if msg.events:
@@ -319,33 +314,10 @@ class ConsoleApp(App[int]):
             elif msg.events is not None:
                 self._events_primed = True
         self.applied += 1
-        self.parse_ms.append(msg.parse_ms)
-        self.apply_ms.append((time.perf_counter() - t0) * 1000)
-        self.apply_cpu_ms.append((time.thread_time() - c0) * 1000)
+        if self.on_applied is not None:
+            self.on_applied(Applied(msg.parse_ms, (time.perf_counter() - t0) * 1000,
+                                    (time.thread_time() - c0) * 1000))
         self._arm()
-
-    def _apply_providers(self, msg: StateFetched, rows: dict[str, object] | None) -> None:
-        note = self.main.query_one("#providers-note", Static)
-        if rows is not None:
-            self.providers = msg.providers
-            self._providers_supported = True
-            self.main.query_one(ProvidersTable).apply(rows)  # type: ignore[arg-type]
-            note.display = False
-        elif msg.providers_error == "404":
-            self._providers_supported = False
-            note.update("This dispatcher has no LLM pool API (/api/v1/llm/providers answered 404).")
-            note.display = True
-        elif msg.providers_error:
-            note.update(f"Could not read the LLM providers: {msg.providers_error}")
-            note.display = True
-
-    def _apply_store(self, state: ClusterState, rows: dict[str, object], visible: bool) -> None:
-        self.main.query_one(StoreTable).apply(rows, visible=visible)  # type: ignore[arg-type]
-        summary = store_summary(state.store)
-        pane = self.main.query_one("#store-summary", Static)
-        if pane.content != summary:
-            pane.update(summary)
-        self.main.query_one(StoreBanner).show(state.store)
 
     def _leadership(self, previous: ClusterState | None, state: ClusterState) -> None:
         if not self._leader_known:
@@ -356,13 +328,13 @@ class ConsoleApp(App[int]):
         if state.leader == before:
             return
         if state.leader is None:
-            self._notice("error", "No leader",
-                         f"Dispatcher {before} no longer leads and no standby has taken over yet.")
+            self.notice("error", "No leader",
+                        f"Dispatcher {before} no longer leads and no standby has taken over yet.")
         else:
             epoch = next((d.epoch for d in state.dispatchers if d.name == state.leader), None)
             tail = f" (epoch {epoch})" if epoch is not None else ""
-            self._notice("warning", "Leader changed",
-                         f"Dispatcher {state.leader} now leads{tail}; before: {before or 'none'}.")
+            self.notice("warning", "Leader changed",
+                        f"Dispatcher {state.leader} now leads{tail}; before: {before or 'none'}.")
         self._leader_announced = state.leader
 
     def _events(self, events: list[Event]) -> None:
@@ -382,14 +354,14 @@ class ConsoleApp(App[int]):
         critical = [e for e in events if e.severity == "critical"]
         if len(critical) > 5:
             kinds = ", ".join(sorted({e.kind for e in critical}))
-            self._notice("error", f"{len(critical)} critical events", f"{kinds}. See the Events tab (3).")
+            self.notice("error", f"{len(critical)} critical events", f"{kinds}. See the Events tab (3).")
         else:
             for e in critical:
-                self._notice("error", f"{e.kind}: {e.target or e.source}", e.message)
+                self.notice("error", f"{e.kind}: {e.target or e.source}", e.message)
         for e in events:
             if e.kind == "leader_changed" and e.target and e.target != self._leader_announced:
                 self._leader_announced = e.target
-                self._notice("warning", "Leader changed", e.message)
+                self.notice("warning", "Leader changed", e.message)
 
     @on(FetchFailed)
     def _fetch_failed(self, msg: FetchFailed) -> None:
@@ -412,7 +384,7 @@ class ConsoleApp(App[int]):
 
     @on(ActionDone)
     def _action_done(self, msg: ActionDone) -> None:
-        self._notice(msg.severity, msg.title, msg.message)  # type: ignore[arg-type]
+        self.notice(msg.severity, msg.title, msg.message)  # type: ignore[arg-type]
         self.action_refresh_now()
 
     @on(ActionFailed)
@@ -429,166 +401,13 @@ class ConsoleApp(App[int]):
         if msg.status == 403:
             role = f"role {self.who.role}" if self.who else "this token"
             text = f"Your token ({role}) may not {msg.action} {msg.what}; nothing changed. ({msg.reason})"
-        self._notice("error", title, text)
+        self.notice("error", title, text)
         self.action_refresh_now()
 
-    # -- actions (keys, palette) ------------------------------------------------------------------
-
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        tab = ACTION_TAB.get(action)
-        return tab is None or tab == self.active_tab  # False also hides the binding from the footer
+    # -- app-wide actions (keys, palette); the tabs own the rest ----------------------------------
 
     def action_show_tab(self, name: str) -> None:
         self.main.query_one(TabbedContent).active = f"tab-{name}"
-
-    def action_drain(self) -> None:
-        self._confirm_server("drain")
-
-    def action_disable(self) -> None:
-        self._confirm_server("disable")
-
-    def action_enable(self) -> None:
-        self._confirm_server("enable")
-
-    def action_process(self, action: str) -> None:
-        key = self.main.query_one(ProcessesTable).selected
-        if key is None:
-            self._notice("warning", "No process selected", "Move the cursor to a supervised process first.")
-            return
-        host, process = split_process_key(key)
-        h = next((h for h in self.cluster.hosts if h.name == host), None) if self.cluster else None
-        p = next((p for p in h.processes if p.name == process), None) if h else None
-        if h is None or p is None:
-            self._notice("warning", "No supervised process", f"Host {host} reports no supervised process.")
-            return
-        now = f"Now {p.state}" + (f", pid {p.pid}" if p.pid else "") + f", {p.restarts} restart(s); host {h.state}."
-        effect = {
-            "restart": "The agent stops it (SIGTERM, then SIGKILL after the grace period) and starts it again. "
-                       "While it is down the dispatcher sends its learners to other servers.",
-            "stop": "The agent stops it and leaves it stopped (no automatic restart) until you start it. "
-                    "Its learners move to other servers.",
-            "start": "The agent starts it and supervises it again.",
-        }[action]
-        if h.state != "alive":
-            effect += f"\nHost {host} is {h.state}: its agent may not answer (the request gives up after ~15 s)."
-        source = self.source
-
-        async def call() -> ActionDone:
-            r = await source.process_action(host, process, action)  # type: ignore[arg-type]
-            return ActionDone(f"{action.capitalize()} {r.process} on {r.host}" + ("" if r.ok else " failed"),
-                              f"{r.message} (by {r.by})", "information" if r.ok else "error")
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self._notice("information", f"{action.capitalize()} {process}",
-                             f"Sent to the agent on {host}; its answer comes within ~15 s.")
-                self.perform(f"{process} on {host}", action, "processes", call)
-
-        self.push_screen(ConfirmAction(f"{action.capitalize()} [b]{process}[/b] on [b]{host}[/b]?",
-                                       f"{now}\n{effect}", action.capitalize()), answered)
-
-    def action_leadership(self, action: str) -> None:
-        st = self.cluster
-        if st is None:
-            return
-        selected = self.main.query_one("#dispatchers", DispatchersTable).selected
-        leader = st.leader
-        standbys = [d.name for d in st.dispatchers if d.name != leader and d.role == "standby" and d.healthy]
-        if action == "promote":
-            if selected is None or selected == leader:
-                self._notice("warning", "Select a standby",
-                             f"{selected or 'Nothing'} is selected; move the cursor to a standby to promote.")
-                return
-            target = selected
-            question = f"Promote dispatcher [b]{target}[/b] to leader?"
-            detail = (f"Dispatcher {leader or '(none)'} stops leading; {target} takes over within ~1 s. "
-                      "Learners' requests keep being served.")
-        else:
-            if leader is None:
-                self._notice("warning", "No leader", "No dispatcher leads right now; nothing to step down.")
-                return
-            target = leader
-            takers = ", ".join(standbys) if standbys else "no healthy standby (!)"
-            question = f"Dispatcher [b]{leader}[/b] steps down?"
-            detail = (f"Dispatcher {leader} stops leading; {takers} takes over within ~1 s. "
-                      "Learners' requests keep being served.")
-            if not standbys:
-                detail += "\nWithout a healthy standby the cluster may have no leader for a while."
-        if selected is not None and action == "step-down" and selected != leader:
-            detail += f"\n(The leader is {leader}, not the selected {selected}.)"
-        source = self.source
-
-        async def call() -> ActionDone:
-            r = await source.leadership(target, action)  # type: ignore[arg-type]
-            return ActionDone("Leadership moved",
-                              f"{r.leader_before} → {r.leader_after} (epoch {r.epoch}), {r.action} by {r.by}.",
-                              "warning")
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.perform(f"dispatcher {target}", action, "dispatchers", call)
-
-        verb = "Promote" if action == "promote" else "Step down"
-        self.push_screen(ConfirmAction(question, detail, verb), answered)
-
-    def action_provider(self, action: str) -> None:
-        name = self.main.query_one(ProvidersTable).selected
-        p = next((p for p in self.providers or [] if p.name == name), None)
-        if p is None:
-            self._notice("warning", "No provider selected", "Move the cursor to an LLM provider first.")
-            return
-        effect = {
-            "pin": f"Every LLM request goes to {name} first, whatever the priorities, until you unpin it "
-                   f"(requests still fail over when {name} fails).",
-            "unpin": "Requests go by priority and health again.",
-            "disable": f"{name} gets no requests; they go to the next provider by priority.",
-            "enable": f"{name} gets requests again, by priority and health.",
-        }[action]
-        flags = ", ".join(f for f, on_ in (("pinned", p.pinned), ("disabled", p.disabled)) if on_) or "not pinned"
-        detail = (f"Now {p.state}, breaker {p.breaker.replace('_', '-')}, priority {p.priority}, {flags}.\n"
-                  f"{effect}\nTakes effect at once on every dispatcher.")
-        source = self.source
-
-        async def call() -> ActionDone:
-            r = await source.provider_action(name, action)  # type: ignore[arg-type, arg-type]
-            pinned = f"pinned: {r.pinned}" if r.pinned else "nothing pinned"
-            return ActionDone(f"{action.capitalize()} {r.provider}",
-                              f"{r.provider} is now {r.provider_state.state}; {pinned} (by {r.by}).")
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.perform(f"provider {name}", action, "LLM providers", call)
-
-        self.push_screen(ConfirmAction(f"{action.capitalize()} LLM provider [b]{name}[/b]?", detail,
-                                       action.capitalize()), answered)
-
-    def action_store_failover(self) -> None:
-        store = self.cluster.store if self.cluster else None
-        if store is None:
-            self._notice("warning", "No store status", "This dispatcher reports no store status.")
-            return
-        if not store.sentinels:
-            self._notice("warning", "Nothing to fail over to",
-                         f"The store is one node ({store.primary}) without Sentinels or replicas.")
-            return
-        up = [r.name for r in store.replicas if r.state == "up"]
-        detail = (f"Primary now: {store.primary or 'none'}; replicas up: {', '.join(up) or 'none (!)'}.\n"
-                  "The Sentinels promote a replica and the old primary becomes a replica. Writes pause for "
-                  "a few seconds; learners' requests that need the store wait or get a 503 to retry.")
-        if store.failover_in_progress:
-            detail += "\nA failover is already in progress."
-        source = self.source
-
-        async def call() -> ActionDone:
-            r = await source.store_failover()
-            return ActionDone("Store failed over", f"primary {r.primary_before} → {r.primary_after}, by {r.by}.",
-                              "warning")
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.perform("the store", "fail over", "store", call)
-
-        self.push_screen(ConfirmAction("Fail the store over [b]now[/b]?", detail, "Fail over"), answered)
 
     def action_refresh_now(self) -> None:
         self._stop_timer()
@@ -603,47 +422,27 @@ class ConsoleApp(App[int]):
         self._show_summary()
 
     def action_exceptions(self) -> None:
-        from console.screens.exceptions import open_exceptions  # noqa: PLC0415 - loaded when first opened
+        from console.screens.exceptions import ExceptionsScreen  # noqa: PLC0415 - loaded when first opened
 
-        open_exceptions(self)
+        if not isinstance(self.screen, ExceptionsScreen):
+            self.push_screen(ExceptionsScreen(self.source, interval=self.interval))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(self.keymap_overrides))
 
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:  # type: ignore[type-arg]
         yield from super().get_system_commands(screen)
-        tab = self.active_tab
-        for c in COMMANDS:
-            if c.palette and available(c, tab):
-                title = c.title
-                if c.tab in ("servers", "hosts", "llm"):
-                    title += {"servers": " selected server", "hosts": " selected process",
-                              "llm": " selected LLM provider"}[c.tab]
-                elif c.id.startswith("console.tab."):
-                    title = f"Show {c.title}"
+        for c in commands():
+            if c.palette:
+                title = f"Show {c.title}" if c.id.startswith("console.tab.") else c.title
                 yield SystemCommand(title, c.help, partial(self.run_action, c.action))
+        tab = self.tab()
+        for c in commands(tab.NAME):
+            if c.palette:
+                yield SystemCommand(c.title + tab.PALETTE_SUFFIX, c.help, partial(self.run_action, c.action, tab))
 
     # -- helpers ----------------------------------------------------------------------------------
-
-    def _confirm_server(self, action: Action) -> None:
-        name = self.main.query_one(ServersTable).selected
-        server = next((s for s in self.cluster.servers if s.name == name), None) if self.cluster else None
-        if server is None:
-            self._notice("warning", "No server selected", "Move the cursor to a server first.")
-            return
-        source = self.source
-
-        async def call() -> ActionDone:
-            r = await source.act(server.name, action)
-            return ActionDone(f"{action.capitalize()}: {r.server}",
-                              f"{r.server} is now {r.state} (admin {r.admin}), by {r.by}.")
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.perform(server.name, action, "servers", call)
-
-        self.push_screen(ConfirmAction.for_server(action, server), answered)
 
     def _arm(self) -> None:
         self._stop_timer()
@@ -658,12 +457,20 @@ class ConsoleApp(App[int]):
     def _show_summary(self) -> None:
         self.main.query_one(ClusterSummary).show(self.cluster, self.who, self.stale, self.paused)
 
-    def _notice(self, severity: Severity, title: str, message: str) -> None:
+    def notice(self, severity: Severity, title: str, message: str) -> None:
         self.notices.append(Notice(severity, title, message))
         self.notify(Text(message).markup, title=title, severity=severity, timeout=10 if severity == "error" else 5)
 
     def tables(self) -> list[LiveTable]:
         return list(self.main.query(LiveTable))
+
+
+def _discard(data: str) -> None:
+    """Output once the terminal is gone."""
+
+
+def _nothing() -> None:
+    pass
 
 
 def _stream_key(stream_id: str) -> tuple[int, int]:
@@ -680,6 +487,7 @@ def create_app(
     interval: float = 1.0,
     keymap: Mapping[str, str] | None = None,
     handle_sighup: bool = False,
+    on_applied: Callable[[Applied], None] | None = None,
 ) -> ConsoleApp:
     """The app factory: production passes a ConsoleClient, tests a FixedSource (no network)."""
-    return ConsoleApp(source, interval=interval, keymap=keymap, handle_sighup=handle_sighup)
+    return ConsoleApp(source, interval=interval, keymap=keymap, handle_sighup=handle_sighup, on_applied=on_applied)

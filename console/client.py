@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
+from ctops.capture.client import ExceptionsClient
+from ctops.capture.wire import GroupActionResult, GroupDetail, GroupList, TailPage
+from ctops.opsapi import QuarantineAction
 from ctops.opsclient import Action, OpsClient, OpsError, Unreachable, Whoami
-from ctops.wire import ClusterState, HostView, ServerView
+from ctops.wire import ClusterState, HostView, QuarantineResult, ServerView, StoreIntegrityView
 
 __all__ = ["Action", "ConsoleClient", "OpsError", "Unreachable", "Whoami", "parse_state"]
 
@@ -63,3 +67,25 @@ class ConsoleClient(OpsClient):
     async def parse_state(self, resp: httpx.Response) -> ClusterState:
         # a 2,000-host state takes tens of ms to parse: off the event loop that draws the screen
         return await asyncio.to_thread(parse_state, resp.content)
+
+    async def integrity(self) -> StoreIntegrityView:
+        return await self.get(StoreIntegrityView, "/store/integrity")
+
+    async def quarantine_action(self, qid: str, action: QuarantineAction) -> QuarantineResult:
+        # the route wants the id named again in the body: the console's confirm dialog is that second naming
+        return await self.post(QuarantineResult, f"/store/quarantine/{quote(qid, safe='')}/{action}",
+                               json={"confirm": qid})
+
+    # exception groups: the same calls as `ctops exceptions`, so the exceptions screen reads a Source too
+    async def exception_groups(self, sort: str, limit: int) -> GroupList:
+        return await ExceptionsClient(self).groups(sort=sort, limit=limit)
+
+    async def exception_group(self, gid: str) -> GroupDetail:
+        return await ExceptionsClient(self).group(gid)
+
+    async def exception_tail(self, after: str | None, limit: int) -> TailPage:
+        return await ExceptionsClient(self).tail(after, limit)
+
+    async def exception_act(self, gid: str, action: str, *, minutes: int | None = None,
+                            assignee: str | None = None) -> GroupActionResult:
+        return await ExceptionsClient(self).act(gid, action, minutes=minutes, assignee=assignee)

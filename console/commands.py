@@ -1,4 +1,8 @@
-"""The one command table: key bindings, the footer, the help screen and the command palette all come from it."""
+"""The one command table: key bindings, the footer, the help screen and the command palette all come from it.
+
+A command with a `tab` is bound on that tab's widget (console/tabs.py), which owns its action, so a key
+acts only where its rows are shown; the others are bound on the app.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ TAB_TITLES = dict(TABS)
 class Command:
     id: str  # binding id: a keymap maps this to another key
     key: str
-    action: str  # app action, without "action_" (may carry parameters)
+    action: str  # action of the tab widget (or the app), without "action_" (may carry parameters)
     title: str  # footer label and palette title
     help: str
     footer: bool = True
@@ -36,10 +40,6 @@ class Command:
     def key_in(self, keymap: Mapping[str, str]) -> str:
         return keymap.get(self.id, self.key)
 
-    @property
-    def action_name(self) -> str:
-        return self.action.partition("(")[0]
-
 
 def _tab(i: int, name: str, title: str) -> Command:
     return Command(f"console.tab.{name}", str(i), f"show_tab('{name}')", title, f"Show the {title} tab.",
@@ -49,12 +49,12 @@ def _tab(i: int, name: str, title: str) -> Command:
 COMMANDS: tuple[Command, ...] = (
     *(_tab(i, name, title) for i, (name, title) in enumerate(TABS, start=1)),
     # servers
-    Command("console.drain", "d", "drain", "Drain",
+    Command("console.drain", "d", "server('drain')", "Drain",
             "Drain the selected server: no new sessions; active sessions finish there.", tab="servers"),
-    Command("console.disable", "x", "disable", "Disable",
+    Command("console.disable", "x", "server('disable')", "Disable",
             "Disable the selected server: take it out of rotation now; sessions move to other servers.",
             tab="servers"),
-    Command("console.enable", "e", "enable", "Enable",
+    Command("console.enable", "e", "server('enable')", "Enable",
             "Enable the selected server: put it back into rotation.", tab="servers"),
     # supervised processes
     Command("console.process.restart", "R", "process('restart')", "Restart",
@@ -78,9 +78,14 @@ COMMANDS: tuple[Command, ...] = (
     Command("console.llm.enable", "e", "provider('enable')", "Enable",
             "Enable the selected LLM provider again.", tab="llm"),
     # the shared store
-    Command("console.store.failover", "F", "store_failover", "Fail over",
+    Command("console.store.failover", "F", "failover", "Fail over",
             "Fail the store over now: the Sentinels promote a replica to primary (SENTINEL FAILOVER).",
             tab="store"),
+    Command("console.store.discard", "X", "quarantine('discard')", "Discard",
+            "Discard the selected quarantined record: its damaged bytes are deleted for good.", tab="store"),
+    Command("console.store.restore", "R", "quarantine('restore')", "Restore",
+            "Put the selected quarantined record's bytes back at its key (to examine it, or when the check "
+            "was wrong).", tab="store"),
     # everywhere
     Command("console.exceptions", "E", "exceptions", "Exceptions",
             "Open exceptions triage: groups, tracebacks, ack / resolve / mute / assign, live tail.", footer=False),
@@ -91,20 +96,15 @@ COMMANDS: tuple[Command, ...] = (
     Command("console.quit", "q", "quit", "Quit", "Leave the console.", palette=False),
 )
 
-# action name -> the tab it belongs to (actions on the selected row of that tab's table)
-ACTION_TAB: dict[str, str] = {c.action_name: c.tab for c in COMMANDS if c.tab}
-ACTION_TAB["provider"] = "llm"
-
-# actions that change a server; each asks for confirmation first
-SERVER_ACTIONS: tuple[str, ...] = ("drain", "disable", "enable")
 
 
-def bindings() -> list[Binding]:
-    return [c.binding() for c in COMMANDS]
+def bindings(tab: str | None = None) -> list[Binding]:
+    """The bindings of one tab's widget, or (None) the app's own."""
+    return [c.binding() for c in COMMANDS if c.tab == tab]
 
 
-def available(c: Command, tab: str) -> bool:
-    return c.tab is None or c.tab == tab
+def commands(tab: str | None = None) -> list[Command]:
+    return [c for c in COMMANDS if c.tab == tab]
 
 
 def display_key(key: str) -> str:

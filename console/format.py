@@ -14,7 +14,16 @@ from datetime import datetime, tzinfo
 
 from rich.text import Text
 
-from ctops.wire import DispatcherView, Event, HostView, LLMProviderView, ProcessMetrics, ServerView, StoreView
+from ctops.wire import (
+    DispatcherView,
+    Event,
+    HostView,
+    LLMProviderView,
+    ProcessMetrics,
+    QuarantinedRecord,
+    ServerView,
+    StoreView,
+)
 
 # the glyph and the word carry the state without colour (NO_COLOR, monochrome terminals);
 # colours are base ANSI names so they survive 256- and 16-colour terminals
@@ -159,11 +168,12 @@ def _ms(v: object) -> Text:
 def _watchdog(v: object) -> Text:
     if v is None:
         return Text("—", style="dim")
-    ok, generation, restarts = v  # type: ignore[misc]
-    if ok:
-        tail = f" ({restarts} restarts)" if restarts else ""
-        return Text(f"ok gen {generation}{tail}", style="green" if not restarts else "yellow")
-    return Text(f"✖ {ok or 'thread dead'}", style="bold red")
+    dead, generation, restarts = v  # type: ignore[misc]
+    if dead:  # the names of the dead threads: never read as "ok"
+        return Text(f"✖ {dead} (gen {generation})", style="bold red", no_wrap=True, overflow="ellipsis")
+    tail = f" ({restarts} restarts)" if restarts else ""
+    return Text(f"ok gen {generation}{tail}", style="green" if not restarts else "yellow", no_wrap=True,
+                overflow="ellipsis")
 
 
 def _role(v: object) -> Text:
@@ -232,7 +242,6 @@ SERVER_COLUMNS: tuple[Column, ...] = (
     Column("host", Text("Host"), 9, _plain),
     Column("error", Text("Detail / last error"), 48, _error),
 )
-COLUMNS = SERVER_COLUMNS  # the name the first version used
 
 
 def bucket_age(ms: int | None) -> int | None:
@@ -266,13 +275,6 @@ def server_raw(s: ServerView) -> Raw:
     )
 
 
-raw = server_raw  # the name the first version used
-
-
-def cell(column: int, value: object) -> Text:
-    return SERVER_COLUMNS[column].render(value)
-
-
 # --- hosts and their supervised processes ----------------------------------------------------------
 
 PROCESS_COLUMNS: tuple[Column, ...] = (
@@ -285,7 +287,7 @@ PROCESS_COLUMNS: tuple[Column, ...] = (
     Column("cpu", _r("CPU"), 4, _percent),
     Column("rss", _r("RSS"), 5, _bytes),
     Column("check", _r("Check"), 6, _ms),
-    Column("watchdog", Text("Watchdog"), 16, _watchdog),
+    Column("watchdog", Text("Watchdog"), 24, _watchdog),
     Column("last_exit", Text("Last exit"), 40, _plain),
 )
 
@@ -300,11 +302,12 @@ def split_process_key(key: str) -> tuple[str, str | None]:
 
 
 def _watchdog_raw(h: HostView) -> object:
+    """(the dead threads' names, or None while both run; generation; restarts)."""
     w = h.watchdog
     if w is None:
         return None
     dead = [n for n, alive in (("checker", w.checker_alive), ("guard", w.guard_alive)) if not alive]
-    return (True if not dead else " and ".join(dead) + " dead", w.generation, w.thread_restarts + w.loop_restarts)
+    return (" and ".join(dead) + " dead" if dead else None, w.generation, w.thread_restarts + w.loop_restarts)
 
 
 def process_raw(h: HostView, p: ProcessMetrics | None, watchdog: object) -> Raw:
@@ -447,12 +450,41 @@ def store_summary(store: StoreView | None) -> Text:
                   (" · repaired ", ""), (str(store.repaired), "bold"), (" · last full check took ", ""),
                   (scrub, "bold")]
         if store.corrupt_found > store.repaired:
-            parts.append(("  (ctops store quarantine list)", "dim"))
+            parts.append(("  (set aside: see Quarantined below)", "dim"))
     if store.diagnosis:
         parts += [("\n", ""), (store.diagnosis, "bold red" if not store.available else "yellow")]
     elif store.error:
         parts += [("\n", ""), (store.error, "dim")]
     return Text.assemble(*parts)
+
+
+# --- quarantined records (damaged records set aside, ctops/integrity.py) -----------------------------
+
+def _clock(v: object) -> Text:
+    if not v:
+        return Text("—", style="dim")
+    return Text(datetime.fromtimestamp(int(v) / 1000, LOCAL_TZ).strftime("%m-%d %H:%M:%S"))  # type: ignore[call-overload]
+
+
+def _outcome(v: object) -> Text:
+    return Text(str(v), style="green" if v == "repaired" else "bold yellow")
+
+
+QUARANTINE_COLUMNS: tuple[Column, ...] = (
+    # kind, key and outcome fit 80 columns; the rest shows on wider terminals or by scrolling
+    Column("kind", Text("Kind"), 11, _plain),
+    Column("key", Text("Key"), 32, _plain),
+    Column("outcome", Text("Outcome"), 9, _outcome),
+    Column("reason", Text("Reason"), 12, _plain),
+    Column("at", Text("Set aside"), 14, _clock),
+    Column("session", Text("Session"), 14, _plain),
+    Column("qid", Text("Quarantine id"), 24, _plain),
+)
+
+
+def quarantine_rows(items: list[QuarantinedRecord]) -> dict[str, Raw]:
+    """Keyed by quarantine id, which starts with when it was set aside: the oldest comes first."""
+    return {q.qid: (q.kind, q.key, q.outcome, q.reason, q.at_ms, q.session or None, q.qid) for q in items}
 
 
 # --- events ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from textual.message import Message
 
 from console.client import Whoami
 from console.format import Raw
-from ctops.wire import ClusterState, Event, LLMProviderView
+from ctops.wire import ClusterState, Event, LLMProviderView, StoreIntegrityView
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,7 @@ class Prepared:
     dispatchers: dict[str, Raw]
     providers: dict[str, Raw] | None
     store: dict[str, Raw] = field(default_factory=dict)
+    quarantined: dict[str, Raw] | None = None  # None: not read this time (Store tab not shown) or not served
 
 
 @dataclass
@@ -29,9 +30,9 @@ class StateFetched(Message):
     events: list[Event] | None = None  # None: not fetched this time (or the fetch failed)
     providers: list[LLMProviderView] | None = None
     providers_error: str | None = None
-    fetch_ms: float = 0.0
-    parse_ms: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    integrity: StoreIntegrityView | None = None
+    integrity_error: str | None = None
+    parse_ms: float = 0.0  # rows prepared in the worker thread (`ctops bench console` reports it)
 
 
 @dataclass

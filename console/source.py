@@ -1,11 +1,32 @@
-"""What the app reads from: the ops API in production, a fixed in-memory cluster in tests and snapshots."""
+"""What the app reads from: the ops API in production, a fixed in-memory cluster in tests and snapshots.
+
+Every screen reads the same Source, the exceptions screen included, so each one renders from fixed
+data in snapshot tests and needs no cluster.
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 from console.client import OpsError, Unreachable, Whoami
-from ctops.opsapi import ACTION_GRANT, ADMIN_FOR, LeadershipAction, ProcessAction, ProviderAction, role_may
+from ctops.capture.wire import (
+    ExceptionStats,
+    GroupActionResult,
+    GroupDetail,
+    GroupList,
+    GroupView,
+    Occurrence,
+    TailPage,
+)
+from ctops.opsapi import (
+    ACTION_GRANT,
+    ADMIN_FOR,
+    LeadershipAction,
+    ProcessAction,
+    ProviderAction,
+    QuarantineAction,
+    role_may,
+)
 from ctops.opsapi import ServerAction as Action
 from ctops.wire import (
     ActionResult,
@@ -15,7 +36,10 @@ from ctops.wire import (
     LeadershipResult,
     LLMActionResult,
     LLMProviderView,
+    QuarantinedRecord,
+    QuarantineResult,
     StoreFailoverResult,
+    StoreIntegrityView,
 )
 
 
@@ -30,6 +54,13 @@ class Source(Protocol):
     async def leadership(self, name: str, action: LeadershipAction) -> LeadershipResult: ...
     async def provider_action(self, name: str, action: ProviderAction) -> LLMActionResult: ...
     async def store_failover(self) -> StoreFailoverResult: ...
+    async def integrity(self) -> StoreIntegrityView: ...
+    async def quarantine_action(self, qid: str, action: QuarantineAction) -> QuarantineResult: ...
+    async def exception_groups(self, sort: str, limit: int) -> GroupList: ...
+    async def exception_group(self, gid: str) -> GroupDetail: ...
+    async def exception_tail(self, after: str | None, limit: int) -> TailPage: ...
+    async def exception_act(self, gid: str, action: str, *, minutes: int | None = None,
+                            assignee: str | None = None) -> GroupActionResult: ...
     async def aclose(self) -> None: ...
 
 
@@ -41,12 +72,19 @@ class FixedSource:
     """
 
     def __init__(self, state: ClusterState, *, role: str = "operator", name: str = "test",
-                 events: list[Event] | None = None, providers: list[LLMProviderView] | None = None) -> None:
+                 events: list[Event] | None = None, providers: list[LLMProviderView] | None = None,
+                 quarantined: list[QuarantinedRecord] | None = None,
+                 exceptions: list[tuple[GroupView, GroupDetail]] | None = None,
+                 tail: list[Occurrence] | None = None) -> None:
         self.current = state
         self.who = Whoami(name=name, role=role)
         self.reachable = True
         self.event_log: list[Event] = list(events or [])
         self.providers_list = providers
+        self.quarantined: list[QuarantinedRecord] = list(quarantined or [])
+        self.groups: dict[str, GroupDetail] = {g.id: d for g, d in exceptions or []}
+        self.tail_items: list[Occurrence] = list(tail or [])
+        self.audit: list[tuple[str, str, str]] = []  # (who, action, target), as the ops API audits
         self.calls: list[tuple[str, ...]] = []
 
     def describe(self) -> str:
@@ -143,6 +181,61 @@ class FixedSource:
             update={"primary": new.name, "replicas": replicas, "last_failover_ms": self.current.now_ms})})
         self.calls.append(("store_failover",))
         return StoreFailoverResult(ok=True, primary_before=old, primary_after=new.name, by=self.who.name)
+
+    async def integrity(self) -> StoreIntegrityView:
+        self._check()
+        store = self.current.store
+        return StoreIntegrityView(corrupt_found=store.corrupt_found if store else 0,
+                                  repaired=store.repaired if store else 0,
+                                  last_scrub_ms=store.last_scrub_ms if store else None,
+                                  quarantined=list(self.quarantined))
+
+    async def quarantine_action(self, qid: str, action: QuarantineAction) -> QuarantineResult:
+        self._operator(f"{action} quarantined records")
+        item = next((q for q in self.quarantined if q.qid == qid), None)
+        if item is None:
+            raise OpsError(404, f"nothing quarantined as {qid!r}")
+        self.quarantined.remove(item)
+        self.calls.append(("quarantine", qid, action))
+        self.audit.append((self.who.name, f"quarantine-{action}", item.key))
+        return QuarantineResult(qid=qid, key=item.key, action=action)
+
+    async def exception_groups(self, sort: str, limit: int) -> GroupList:
+        self._check()
+        groups = [d.group for d in self.groups.values()]
+        groups.sort(key=(lambda g: (-g.count, -g.last_seen_ms)) if sort == "count" else (lambda g: -g.last_seen_ms))
+        stats = ExceptionStats(groups=len(groups), events=sum(g.count for g in groups), dropped=0, corrupt=0,
+                               rejected=0)
+        return GroupList(groups=groups[:limit], total=len(groups), stats=stats)
+
+    async def exception_group(self, gid: str) -> GroupDetail:
+        self._check()
+        if gid not in self.groups:
+            raise OpsError(404, f"no exception group {gid!r}")
+        return self.groups[gid]
+
+    async def exception_tail(self, after: str | None, limit: int) -> TailPage:
+        self._check()
+        items = [o for o in self.tail_items if after is None or _stream_key(o.id) > _stream_key(after)][:limit]
+        cursor = items[-1].id if items else after
+        return TailPage(items=items, cursor=cursor)
+
+    async def exception_act(self, gid: str, action: str, *, minutes: int | None = None,
+                            assignee: str | None = None) -> GroupActionResult:
+        self._operator(f"{action} exception groups")
+        detail = await self.exception_group(gid)
+        status = {"acknowledge": "acknowledged", "resolve": "resolved", "unresolve": "unresolved",
+                  "mute": "muted"}.get(action, detail.group.status)
+        upd: dict[str, object] = {"status": status}
+        if action == "mute" and minutes:
+            upd["mute_until_ms"] = self.current.now_ms + minutes * 60_000
+        if action == "assign":
+            upd["assignee"] = assignee or None
+        group = detail.group.model_copy(update=upd)
+        self.groups[gid] = detail.model_copy(update={"group": group})
+        self.calls.append(("exception", gid, action))
+        self.audit.append((self.who.name, f"exception_{action}", gid))
+        return GroupActionResult(ok=True, group=group, by=self.who.name)
 
     async def aclose(self) -> None:
         return None

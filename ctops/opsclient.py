@@ -7,7 +7,7 @@ needs is a public method; an area with many routes (exception groups) builds on 
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -151,15 +151,19 @@ class OpsClient:
         """GET `path` (under /api/v1) and validate the answer as `model`."""
         return parse(model, await self.request("GET", path))
 
-    async def post(self, model: type[M], path: str, timeout: float | None = None) -> M:
+    async def post(self, model: type[M], path: str, timeout: float | None = None,
+                   json: object | None = None) -> M:
         """POST an action to `path` (under /api/v1) and validate the answer as `model`."""
-        return parse(model, await self.request("POST", path, timeout=timeout))
+        return parse(model, await self.request("POST", path, timeout=timeout, json=json))
 
-    async def request(self, method: str, path: str, timeout: float | None = None) -> httpx.Response:
+    async def request(self, method: str, path: str, timeout: float | None = None,
+                      json: object | None = None) -> httpx.Response:
         """One request to whichever dispatcher answers (see ctops.failover). An HTTP error is the
         cluster's answer, not an outage: it raises OpsError and is not tried elsewhere. A GET moves on
         after any transport failure; an action only when it could not connect."""
-        kw = {"timeout": httpx.Timeout(timeout, connect=1.0)} if timeout is not None else {}
+        kw: dict[str, Any] = {"timeout": httpx.Timeout(timeout, connect=1.0)} if timeout is not None else {}
+        if json is not None:
+            kw["json"] = json
 
         async def send(url: str) -> httpx.Response:
             try:

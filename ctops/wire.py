@@ -305,3 +305,34 @@ class PeerHeartbeat(_Wire):
     role: Literal["leader", "standby"]
     epoch: int = Field(ge=0)
     sent_at_ms: int = Field(ge=0)
+
+
+class QuarantinedRecord(BaseModel):
+    """A damaged record set aside (ctops/integrity.py), as `GET /api/v1/store/integrity` lists it.
+    Read leniently (extra fields ignored): the log entry may gain fields before every reader knows them."""
+
+    model_config = ConfigDict(extra="ignore")
+    qid: str
+    key: str
+    kind: str
+    reason: str
+    detail: str = ""
+    session: str = ""
+    reader: str = ""
+    at_ms: int = 0
+    outcome: str = ""
+
+
+class StoreIntegrityView(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    corrupt_found: int = 0
+    repaired: int = 0
+    last_scrub_ms: int | None = None
+    quarantined: list[QuarantinedRecord] = Field(default_factory=list)
+
+
+class QuarantineResult(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    qid: str
+    key: str
+    action: Literal["discard", "restore"]

@@ -3,9 +3,11 @@ and snapshots of the screens from a fixed, network-free cluster state."""
 
 from __future__ import annotations
 
+import html
 import io
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -31,8 +33,7 @@ from console.screens.help import HelpScreen
 from console.source import FixedSource
 from console.widgets.banner import OutageBanner
 from console.widgets.live_table import LiveTable
-from console.widgets.servers_table import ServersTable
-from console.widgets.tables import ProcessesTable
+from console.widgets.tables import ProcessesTable, ServersTable
 from ctops.wire import (
     ClusterState,
     DispatcherView,
@@ -228,8 +229,11 @@ def _wait_for_footer(master: int) -> None:
 CONSOLE_ENV = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
 
 
-def test_sighup_exits_cleanly(tmp_path: Path) -> None:
-    """Terminal gone: the console leaves by its normal exit path and exits 0."""
+def test_sighup_exits_cleanly_with_the_terminal_still_open(tmp_path: Path) -> None:
+    """SIGHUP while the terminal is still there (it is what `ctops console` gets first when an SSH
+    session drops): the console leaves by its normal exit path and exits 0. The pty stays open and
+    drained until the console is gone, so only the signal can end it (a closed terminal would end it
+    by itself, see the next test)."""
     master, slave = pty.openpty()
     dead = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "ctops_tools.cli", "console", "--url", dead, "--token", "t"],
@@ -238,13 +242,20 @@ def test_sighup_exits_cleanly(tmp_path: Path) -> None:
     os.close(slave)
     try:
         _wait_for_footer(master)
-        os.close(master)  # the SSH session drops ...
-        proc.send_signal(signal.SIGHUP)  # ... and the kernel hangs up
-        assert proc.wait(timeout=20) == 0
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:  # keep reading: a full pty would block its writes
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    pass
+        assert proc.poll() == 0, f"console after SIGHUP: {proc.poll()} (None: still running)"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        os.close(master)
 
 
 def test_terminal_gone_without_a_sighup_exits_cleanly(tmp_path: Path) -> None:
@@ -512,6 +523,29 @@ async def test_no_server_selected_warns() -> None:
 
 # --- snapshots (fixed state, no network) ---------------------------------------------------------
 
+def svg_lines(svg: str) -> list[str]:
+    """The screen's text, line by line, from a Rich SVG export (cells are 12.2 x 24.4 units there)."""
+    grid: dict[int, dict[int, str]] = {}
+    for m in re.finditer(r'<text class="terminal-r\d+" x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>', svg):
+        row, col = round((float(m[2]) - 20) / 24.4), round(float(m[1]) / 12.2)
+        for i, ch in enumerate(html.unescape(m[3]).replace("\xa0", " ")):
+            grid.setdefault(row, {})[col + i] = ch
+    if not grid:
+        return []
+    lines = []
+    for row in range(max(grid) + 1):
+        cells = grid.get(row, {})
+        lines.append("".join(cells.get(c, " ") for c in range(max(cells) + 1 if cells else 0)).rstrip())
+    return lines
+
+
+def snapshot_lines(request: pytest.FixtureRequest) -> list[str]:
+    """The accepted snapshot of the running test, as lines of text: every snapshot test also says in
+    words what its picture shows, so a picture accepted with a bug in it fails on the words."""
+    path = Path(request.node.path).parent / "__snapshots__" / Path(request.node.path).stem / f"{request.node.name}.svg"
+    return svg_lines(path.read_text())
+
+
 async def _loaded(pilot: Pilot[int]) -> None:
     app = pilot.app
     assert isinstance(app, ConsoleApp)
@@ -519,15 +553,42 @@ async def _loaded(pilot: Pilot[int]) -> None:
     await pilot.pause()
 
 
-def test_snapshot_main_80x24(snap_compare: Callable[..., bool]) -> None:
+def _line(lines: list[str], *words: str) -> str:
+    found = [ln for ln in lines if all(w in ln for w in words)]
+    assert found, f"no line with {words} in:\n" + "\n".join(lines)
+    return found[0]
+
+
+def _servers_in_words(lines: list[str]) -> None:
+    """The fixed cluster's servers as the table must show them, whatever the terminal size."""
+    assert "▲ suspect" in _line(lines, "trainer-3 ") and "2.4s" in _line(lines, "trainer-3 ")
+    assert "✖ down" in _line(lines, "trainer-5 ", "host/net down")
+    assert "✖ down" in _line(lines, "trainer-6 ", "software fault")
+    assert "◐ draining" in _line(lines, "trainer-7 ") and "○ disabled" in _line(lines, "trainer-8 ")
+    assert "93%" in _line(lines, "trainer-10 ")
+    assert "training-eu" in lines[0] and "leader A" in lines[0] and "dispatchers 1/2 healthy" in lines[0]
+    assert _line(lines, "servers 12:", "7 ● up", "1 ▲ suspect", "2 ✖ down")
+    assert _line(lines, "d Drain", "x Disable", "e Enable")
+
+
+def test_snapshot_main_80x24(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     assert snap_compare(fixed_app(), terminal_size=(80, 24), run_before=_loaded)
+    lines = snapshot_lines(request)
+    _servers_in_words(lines)
+    assert not any("Dispatcher" in ln and "Role" in ln for ln in lines)  # no room for the overview
 
 
-def test_snapshot_main_200x50(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_main_200x50(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     assert snap_compare(fixed_app(), terminal_size=(200, 50), run_before=_loaded)
+    lines = snapshot_lines(request)
+    _servers_in_words(lines)
+    assert "no agent heartbeat for 31 s" in _line(lines, "trainer-5 ")
+    # the overview: dispatchers, and the recent events drawn to the pane's full width
+    assert _line(lines, "★ leader").split()[0] == "A" and _line(lines, "◇ standby", "UNHEALTHY").split()[0] == "B"
+    assert "trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)" in _line(lines, "crash_loop")
 
 
-def test_snapshot_confirm_dialog(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_confirm_dialog(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     async def open_dialog(pilot: Pilot[int]) -> None:
         await _loaded(pilot)
         await pilot.press("down", "down", "d")
@@ -535,9 +596,12 @@ def test_snapshot_confirm_dialog(snap_compare: Callable[..., bool]) -> None:
         await pilot.pause()
 
     assert snap_compare(fixed_app(), terminal_size=(80, 24), run_before=open_dialog)
+    screen = "\n".join(snapshot_lines(request))
+    assert "Drain trainer-3?" in screen and "Now suspect (admin enabled) on host-3." in screen
+    assert "its 21 active session(s)" in screen and "Drain (y)" in screen and "Cancel (n)" in screen
 
 
-def test_snapshot_outage_banner(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_outage_banner(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     source = FixedSource(fixed_state())
     app = create_app(source, interval=3600)
 
@@ -551,3 +615,8 @@ def test_snapshot_outage_banner(snap_compare: Callable[..., bool]) -> None:
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=go_dark)
+    lines = snapshot_lines(request)
+    assert "STALE" in lines[0]
+    assert _line(lines, "⚠  ops API unreachable: fixed://training-eu: connection refused")
+    assert _line(lines, "Showing the last data, from 0 s ago (stale). Retrying…")
+    _servers_in_words(lines)  # the last data stays on screen

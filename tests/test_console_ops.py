@@ -24,7 +24,7 @@ from console.widgets.events_log import EventsLog
 from console.widgets.tables import DispatchersTable, ProcessesTable, ProvidersTable
 from ctops.wire import Event
 from tests.cluster import Cluster, wait_for
-from tests.test_console import SIZE, fixed_events, fixed_source, fixed_state, until
+from tests.test_console import SIZE, fixed_events, fixed_source, fixed_state, snapshot_lines, until
 
 TAB_KEYS = {"servers": "1", "hosts": "2", "events": "3", "dispatchers": "4", "llm": "5"}
 
@@ -258,8 +258,9 @@ async def test_fixed_process_restart_and_step_down() -> None:
         await until(pilot, "result toast", lambda: noticed(app, "Restart trainer-6 on host-6"))
         await show_tab(pilot, app, "dispatchers")
         said = await confirm(pilot, app, "D")
-        # B is unhealthy in the fixed cluster: the dialog says so
-        assert "Without a healthy standby" in said
+        # B is unhealthy in the fixed cluster: the dialog says nobody takes over, in a sentence that reads
+        assert "Dispatcher A stops leading, and no standby is healthy to take over" in said
+        assert "takes over within" not in said and "(!)" not in said
         await until(pilot, "leader toast", lambda: noticed(app, "Leader changed", "B"))
         assert noticed(app, "Leadership moved", "A → B")
 
@@ -281,6 +282,32 @@ async def test_new_critical_events_toast_but_the_backlog_does_not() -> None:
         await until(pilot, "another refresh", lambda: app.applied > seen + 1)
         assert sum(1 for n in app.notices if n.title.startswith("crash_loop")) == 1
         assert app.events_seen[-1].event_id == "new"
+
+
+async def test_a_dead_watchdog_thread_reads_as_dead_not_ok() -> None:
+    app, _ = fixed()  # host-4: checker thread dead, generation 2, one thread restart
+    async with app.run_test(size=(200, 50)) as pilot:
+        await loaded(pilot)
+        await show_tab(pilot, app, "hosts")
+        t = app.query_one(ProcessesTable)
+        assert t.get_cell("host-4/trainer-4", "watchdog").plain == "✖ checker dead (gen 2)"
+        assert t.get_cell("host-1/trainer-1", "watchdog").plain == "ok gen 1"
+        assert t.get_cell("host-5/", "watchdog").plain == "—"  # no watchdog report: unknown, not ok
+
+
+async def test_event_lines_fill_a_wide_terminal() -> None:
+    app, _ = fixed()
+    async with app.run_test(size=(200, 50)) as pilot:
+        await loaded(pilot)
+        await show_tab(pilot, app, "events")
+        log = app.query_one("#events", EventsLog)
+        await until(pilot, "the pane drawn", lambda: len(log.lines) == len(fixed_events()))
+        texts = [strip.text for strip in log.lines]
+        assert any(t.rstrip().endswith("trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)") for t in texts)
+        assert not any("…" in t for t in texts)
+        await pilot.resize_terminal(80, 24)  # narrower: the lines are drawn again, cut to the new width
+        await until(pilot, "redrawn narrower", lambda: all(len(s.text) <= 80 for s in log.lines))
+        assert any(s.text.rstrip().endswith("…") for s in log.lines)
 
 
 async def test_providers_404_says_so() -> None:
@@ -306,25 +333,65 @@ def on_tab(name: str, then: Callable[[Pilot[int]], Any] | None = None) -> Callab
     return go
 
 
+def _line(lines: list[str], *words: str) -> str:
+    found = [ln for ln in lines if all(w in ln for w in words)]
+    assert found, f"no line with {words} in:\n" + "\n".join(lines)
+    return found[0]
+
+
 @pytest.mark.parametrize("tab", ["hosts", "events", "dispatchers", "llm"])
 @pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])
-def test_snapshot_tab(snap_compare: Callable[..., bool], tab: str, size: tuple[int, int]) -> None:
+def test_snapshot_tab(snap_compare: Callable[..., bool], tab: str, size: tuple[int, int],
+                      request: pytest.FixtureRequest) -> None:
     assert snap_compare(fixed()[0], terminal_size=size, run_before=on_tab(tab))
+    lines = snapshot_lines(request)
+    wide = size[0] >= 200
+    assert len(lines) == size[1] and "1 Servers" in _line(lines, "6 Store")
+    # what the accepted picture shows, in words
+    if tab == "hosts":
+        assert "lost" in _line(lines, "host-5") and "✖ fatal" in _line(lines, "host-9", "trainer-9")
+        assert "▲ backoff" in _line(lines, "host-6", "trainer-6")
+        if wide:  # the watchdog column: host-4's checker thread is dead, and the row says so
+            host4 = _line(lines, "host-4", "trainer-4")
+            assert "✖ checker dead (gen 2)" in host4 and "ok gen" not in host4
+            assert "ok gen 1" in _line(lines, "host-1", "trainer-1")
+            assert "crash loop: 5 exits in 60 s" in _line(lines, "host-9")
+    elif tab == "events":
+        crash = _line(lines, "crash_loop", "trainer-9")
+        if wide:  # the whole line, message and source, on a 200-column terminal
+            assert "trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)" in crash
+            assert "checker thread silent for 2 s; generation 2 started  (agent:host-4)" in \
+                _line(lines, "watchdog_restarted")
+        else:
+            assert crash.endswith("…") and len(crash) <= 80
+    elif tab == "dispatchers":
+        leader, standby = _line(lines, "★ leader"), _line(lines, "◇ standby")
+        assert leader.split()[0] == "A" and "healthy" in leader
+        assert standby.split()[0] == "B" and "UNHEALTHY" in standby
+    else:
+        assert "✖ down" in _line(lines, "primary", "open") and "● up" in _line(lines, "secondary", "closed")
 
 
-def test_snapshot_step_down_dialog(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_step_down_dialog(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     async def ask(pilot: Pilot[int]) -> None:
         await pilot.press("D")
         await until(pilot, "confirm dialog", lambda: isinstance(pilot.app.screen, ConfirmAction))
 
     assert snap_compare(fixed()[0], terminal_size=(80, 24), run_before=on_tab("dispatchers", ask))
+    screen = " ".join(ln.strip(" █") for ln in snapshot_lines(request))
+    assert "Dispatcher A steps down?" in screen and "Step down (y)" in screen
+    assert "no standby is healthy to take over" in " ".join(screen.split())
+    assert "(!)" not in screen and "takes over within" not in screen
 
 
-def test_snapshot_restart_dialog(snap_compare: Callable[..., bool]) -> None:
+def test_snapshot_restart_dialog(snap_compare: Callable[..., bool], request: pytest.FixtureRequest) -> None:
     async def ask(pilot: Pilot[int]) -> None:
         await pilot.press("down", "R")
         await until(pilot, "confirm dialog", lambda: isinstance(pilot.app.screen, ConfirmAction))
 
     assert snap_compare(fixed()[0], terminal_size=(80, 24), run_before=on_tab("hosts", ask))
+    screen = "\n".join(snapshot_lines(request))
+    assert "Restart trainer-2 on host-2?" in screen and "Now running, pid 4002, 1 restart(s); host alive." in screen
+    assert "Restart (y)" in screen and "Cancel (n)" in screen
 
 

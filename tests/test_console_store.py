@@ -1,10 +1,9 @@
-"""The console's Store tab (6) and its confirmed, audited "fail over the store now" action, the
-shared-state banner, and snapshots at 80x24 and 200x50 (whose text is also checked in words)."""
+"""The console's Store tab (6): its confirmed, audited "fail over the store now" action, the quarantined
+records with their confirmed, audited discard / restore, the shared-state banner, and snapshots at
+80x24 and 200x50 (whose text is also checked in words)."""
 
 from __future__ import annotations
 
-import html
-import re
 from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from rich.text import Text
 from textual.pilot import Pilot
 from textual.widgets import Label, Static
@@ -22,10 +22,13 @@ from console.client import ConsoleClient
 from console.screens.confirm import ConfirmAction
 from console.source import FixedSource
 from console.widgets.banner import StoreBanner
-from console.widgets.tables import StoreTable
-from ctops.wire import ClusterState, StoreReplicaView, StoreSentinelView, StoreView
+from console.widgets.tables import QuarantineTable, StoreTable
+from ctops import integrity
+from ctops.envelope import Corrupt
+from ctops.keys import Keys
+from ctops.wire import ClusterState, QuarantinedRecord, StoreReplicaView, StoreSentinelView, StoreView
 from tests.cluster import Cluster
-from tests.test_console import SIZE, T0, fixed_events, fixed_providers, fixed_state, until
+from tests.test_console import SIZE, T0, fixed_events, fixed_providers, fixed_state, svg_lines, until
 
 SNAPSHOTS = Path(__file__).parent / "__snapshots__" / "test_console_store"
 
@@ -43,7 +46,7 @@ def fixed_store(**kw: Any) -> StoreView:
                   StoreReplicaView(name="redis-3", state="down", lag_ms=None, address="127.0.1.3:6379")],
         sentinels=[StoreSentinelView(name=f"sentinel-{i}", state="down" if i == 3 else "up",
                                      address=f"127.0.1.{i}:26379") for i in (1, 2, 3)],
-        last_failover_ms=T0 - 3_600_000, writes_unconfirmed=3)
+        last_failover_ms=T0 - 3_600_000, writes_unconfirmed=3, corrupt_found=3, repaired=1, last_scrub_ms=2500)
     return base.model_copy(update=kw)
 
 
@@ -51,8 +54,21 @@ def store_state(**kw: Any) -> ClusterState:
     return fixed_state().model_copy(update={"store": fixed_store(**kw)})
 
 
-def fixed(state: ClusterState | None = None, role: str = "operator") -> tuple[ConsoleApp, FixedSource]:
-    source = FixedSource(state or store_state(), role=role, events=fixed_events(), providers=fixed_providers())
+def fixed_quarantine() -> list[QuarantinedRecord]:
+    return [
+        QuarantinedRecord(qid="q_1700000000000_a1b2c3", key="ctops:session:s-7f3a", kind="session",
+                          reason="checksum", detail="crc32c mismatch", session="s-7f3a", reader="trainer-2",
+                          at_ms=T0 - 60_000, outcome="set aside"),
+        QuarantinedRecord(qid="q_1699999000000_d4e5f6", key="ctops:submission:u-19", kind="submission",
+                          reason="undecodable", session="s-0c11", reader="ctops store verify",
+                          at_ms=T0 - 1_060_000, outcome="repaired"),
+    ]
+
+
+def fixed(state: ClusterState | None = None, role: str = "operator",
+          quarantined: list[QuarantinedRecord] | None = None) -> tuple[ConsoleApp, FixedSource]:
+    source = FixedSource(state or store_state(), role=role, events=fixed_events(), providers=fixed_providers(),
+                         quarantined=fixed_quarantine() if quarantined is None else quarantined)
     return create_app(source, interval=3600), source
 
 
@@ -152,23 +168,86 @@ async def test_store_away_shows_a_banner_not_a_host_failure() -> None:
         assert not banner.display
 
 
+async def quarantine_row(pilot: Pilot[int], qid: str) -> QuarantineTable:
+    app = pilot.app
+    table = app.query_one(QuarantineTable)
+    await until(pilot, "the quarantined records", lambda: table.shown(qid) is not None)
+    table.focus()
+    table.move_cursor(row=table.get_row_index(qid))
+    await pilot.pause()
+    assert table.selected == qid
+    return table
+
+
+async def test_quarantined_records_are_listed_and_discarded_when_confirmed() -> None:
+    app, source = fixed()
+    q1, q2 = (q.qid for q in fixed_quarantine())
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        table = await quarantine_row(pilot, q1)
+        assert table.row_count == 2
+        assert table.get_cell(q1, "key").plain == "ctops:session:s-7f3a"
+        assert table.get_cell(q1, "outcome").plain == "set aside"
+        assert table.get_cell(q2, "outcome").plain == "repaired"
+        title = static_plain(app.query_one("#quarantine-title", Static))
+        assert "Quarantined records 2" in Text.from_markup(title).plain
+        summary = static_plain(app.query_one("#store-summary", Static))
+        assert "Damaged records found 3 · repaired 1" in summary
+        said = await confirm(pilot, "X")
+        assert f"Discard quarantined record {q1}?" in said
+        assert "session record ctops:session:s-7f3a, set aside (checksum); set aside; session s-7f3a" in said
+        assert "deleted for good" in said
+        await until(pilot, "the result", lambda: noticed(app, "Quarantined record discarded", q1, "audited"))
+        assert source.calls == [("quarantine", q1, "discard")]
+        assert source.audit == [("test", "quarantine-discard", "ctops:session:s-7f3a")]
+        await until(pilot, "the row gone", lambda: table.shown(q1) is None)
+        assert table.row_count == 1
+
+
+async def test_a_quarantined_record_is_put_back_when_confirmed_and_cancel_changes_nothing() -> None:
+    app, source = fixed()
+    q1, q2 = (q.qid for q in fixed_quarantine())
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        await quarantine_row(pilot, q2)
+        await pilot.press("R")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        await pilot.press("n")
+        await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+        assert source.calls == [] and len(source.quarantined) == 2
+        said = await confirm(pilot, "R")
+        assert f"Restore quarantined record {q2}?" in said and "put back at the key" in said
+        await until(pilot, "the result", lambda: noticed(app, "Quarantined record put back", q2))
+        assert source.calls == [("quarantine", q2, "restore")]
+        assert [q.qid for q in source.quarantined] == [q1]
+
+
+async def test_a_viewer_may_not_discard_a_quarantined_record() -> None:
+    app, source = fixed(role="viewer")
+    q1 = fixed_quarantine()[0].qid
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        await quarantine_row(pilot, q1)
+        await confirm(pilot, "X")
+        await until(pilot, "refusal", lambda: noticed(app, "Permission denied", "viewer", "quarantined records",
+                                                      "nothing changed"))
+        assert source.calls == [] and len(source.quarantined) == 2 and source.audit == []
+
+
+async def test_discard_keys_act_only_on_the_store_tab_and_need_a_selected_record() -> None:
+    app, source = fixed(quarantined=[])
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("X")  # a Store key, on the Servers tab: nothing
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmAction)
+        await store_tab(pilot)
+        await pilot.press("X")
+        await until(pilot, "told to select one", lambda: noticed(app, "No quarantined record selected"))
+        assert not isinstance(app.screen, ConfirmAction) and source.calls == []
+
+
 # --- snapshots, read back in words ----------------------------------------------------------------
-
-def svg_lines(svg: str) -> list[str]:
-    """The screen's text, line by line, from a Rich SVG export (cells are 12.2 x 24.4 units there)."""
-    grid: dict[int, dict[int, str]] = {}
-    for m in re.finditer(r'<text class="terminal-r\d+" x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>', svg):
-        row, col = round((float(m[2]) - 20) / 24.4), round(float(m[1]) / 12.2)
-        for i, ch in enumerate(html.unescape(m[3]).replace("\xa0", " ")):
-            grid.setdefault(row, {})[col + i] = ch
-    if not grid:
-        return []
-    lines = []
-    for row in range(max(grid) + 1):
-        cells = grid.get(row, {})
-        lines.append("".join(cells.get(c, " ") for c in range(max(cells) + 1 if cells else 0)).rstrip())
-    return lines
-
 
 @pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])
 def test_snapshot_store_tab(snap_compare: Callable[..., bool], size: tuple[int, int],
@@ -186,8 +265,15 @@ def test_snapshot_store_tab(snap_compare: Callable[..., bool], size: tuple[int, 
     assert any("redis-2" in ln and "replica" in ln and "0ms" in ln for ln in lines)
     assert any("redis-3" in ln and "✖ down" in ln for ln in lines)
     assert any("sentinel-3" in ln and "✖ down" in ln for ln in lines)
-    assert any("F" in ln and "Fail over" in ln for ln in lines[-2:])
+    assert any("F" in ln and "Fail over" in ln and "Discard" in ln and "Restore" in ln for ln in lines[-2:])
     assert len(lines) == size[1]
+    # the damage found and the quarantined records, each with its key, kind and outcome
+    assert any("Damaged records found 3 · repaired 1 · last full check took 2.5 s" in ln for ln in lines)
+    assert any("Quarantined records 2" in ln for ln in lines)
+    assert any("session" in ln and "ctops:session:s-7f3a" in ln and "set aside" in ln for ln in lines)
+    assert any("submission" in ln and "ctops:submission:u-19" in ln and "repaired" in ln for ln in lines)
+    if size[0] >= 200:
+        assert any("q_1700000000000_a1b2c3" in ln and "checksum" in ln and "s-7f3a" in ln for ln in lines)
 
 
 def test_snapshot_failover_dialog(snap_compare: Callable[..., bool]) -> None:
@@ -239,3 +325,57 @@ async def test_one_node_store_on_a_live_cluster(running_dispatcher: Cluster) -> 
     assert entry["who"] == "test-operator" and entry["result"].startswith("refused: this store is one node")
     view = store_view(c)
     assert view["mode"] == "single" and view["primary"] == node and view["replicas"] == view["sentinels"] == []
+
+
+async def quarantine(c: Cluster, key: str, session: str) -> str:
+    """Damage the record at `key` and set it aside through the store's own containment code."""
+    r = aioredis.Redis.from_url(c.redis.url)  # bytes, as integrity.contain wants
+    try:
+        await r.set(key, b"\x00garbage \xff not a record")
+
+        async def damaged(_: object) -> object:
+            raise Corrupt(key, "checksum", "damaged by the test")
+
+        got = await integrity.contain(r, Keys(prefix=c.prefix), key, "session", damaged, reader="test",
+                                      session=session)
+        assert got is not None
+        return got.qid
+    finally:
+        await r.aclose()
+
+
+def discard_as(c: Cluster, role: str, qid: str) -> httpx.Response:
+    return httpx.post(f"{c.ops_url()}/api/v1/store/quarantine/{qid}/discard", json={"confirm": qid},
+                      headers=c.auth(role), timeout=10)
+
+
+def integrity_view(c: Cluster, role: str = "viewer") -> dict[str, Any]:
+    r = httpx.get(f"{c.ops_url()}/api/v1/store/integrity", headers=c.auth(role), timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+async def test_a_quarantined_record_is_discarded_from_the_console_on_a_live_cluster(
+        running_dispatcher: Cluster) -> None:
+    c = running_dispatcher
+    k = Keys(prefix=c.prefix)
+    gone, kept = k.session("s-console-1"), k.session("s-console-2")
+    q1 = await quarantine(c, gone, "s-console-1")
+    q2 = await quarantine(c, kept, "s-console-2")
+    # a viewer may list them but not act on them
+    assert {q["qid"] for q in integrity_view(c)["quarantined"]} == {q1, q2}
+    assert discard_as(c, "viewer", q1).status_code == 403
+    app = create_app(ConsoleClient([c.ops_url()], c.operator_token), interval=0.3)
+    async with app.run_test(size=SIZE) as pilot:
+        await store_tab(pilot)
+        table = await quarantine_row(pilot, q1)
+        assert table.get_cell(q1, "key").plain == gone and table.get_cell(q1, "outcome").plain == "set aside"
+        assert table.get_cell(q2, "key").plain == kept
+        said = await confirm(pilot, "X")
+        assert f"Discard quarantined record {q1}?" in said and "session s-console-1" in said
+        await until(pilot, "the discard result", lambda: noticed(app, "Quarantined record discarded", q1), timeout=30)
+        await until(pilot, "the row gone", lambda: table.shown(q1) is None, timeout=30)
+        assert table.shown(q2) is not None
+    assert [q["qid"] for q in integrity_view(c)["quarantined"]] == [q2]
+    mine = [(e["action"], e["target"], e["who"]) for e in audit(c) if e["action"].startswith("quarantine-")]
+    assert mine == [("quarantine-discard", gone, "test-operator")]

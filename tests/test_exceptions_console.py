@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,18 @@ import httpx
 import pytest
 from rich.console import Console
 from textual.pilot import Pilot
-from textual.widgets import Input, Static
+from textual.widgets import Input, Label, Static
 
-from console.app import create_app
+import console.format
+import console.screens.exceptions
+from console.app import ConsoleApp, create_app
 from console.client import ConsoleClient
-from console.screens.exceptions import ConfirmExceptionAction, ExceptionsScreen
+from console.screens.confirm import ConfirmAction
+from console.screens.exceptions import ExceptionsScreen
+from console.source import FixedSource
+from ctops.capture.wire import ExceptionEvent, Frame, GroupDetail, GroupView, Occurrence
 from tests.cluster import Cluster, wait_for
+from tests.test_console import fixed_state, snapshot_lines
 
 SIZE = (140, 45)
 
@@ -101,7 +108,7 @@ async def test_trainer_exception_shows_with_its_traceback_and_can_be_triaged(clu
 
         # resolve (confirmed), then it happens again: regressed
         await pilot.press("s")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("y")
         await until(pilot, "resolved", lambda: scr.shown and scr.shown[0].status == "resolved")
         raise_in_trainer(cluster, "again")
@@ -110,17 +117,17 @@ async def test_trainer_exception_shows_with_its_traceback_and_can_be_triaged(clu
 
         # mute and assign take a value in the dialog
         await pilot.press("m")
-        await until(pilot, "mute dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "mute dialog", lambda: isinstance(app.screen, ConfirmAction))
         app.screen.query_one(Input).value = "15"
         await pilot.press("enter")
         await until(pilot, "muted", lambda: scr.shown and scr.shown[0].status == "muted")
         await pilot.press("n")
-        await until(pilot, "assign dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "assign dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("a", "n", "a", "enter")
         await until(pilot, "assigned", lambda: scr.shown and scr.shown[0].assignee == "ana")
         # a cancelled action changes nothing
         await pilot.press("a")
-        await until(pilot, "ack dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "ack dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("n")
         await until(pilot, "dialog closed", lambda: app.screen is scr)
         assert [a for _, a in scr.acted] == ["resolve", "mute", "assign"]
@@ -160,9 +167,154 @@ async def test_live_tail_follows_pauses_and_filters(cluster: Cluster) -> None:
         await pilot.press("backspace", "backspace", "backspace", "escape", "t")  # groups: a viewer may not resolve
         await until(pilot, "a group", lambda: len(scr.shown) == 1)
         await pilot.press("s")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmExceptionAction))
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("y")
         await until(pilot, "refusal toast", lambda: any("may not" in n.message for n in app._notifications))
         assert api(cluster, "/groups")["groups"][0]["status"] == "unresolved"
         await pilot.press("escape")
         await until(pilot, "back on the main screen", lambda: not isinstance(app.screen, ExceptionsScreen))
+
+
+# --- the same screen from a fixed Source: no cluster, snapshots read back in words -------------------
+
+T0 = 1_700_000_000_000
+
+
+def _event(i: int, etype: str, message: str, host: str, ts: int, *, service: str = "trainer") -> ExceptionEvent:
+    frames = [Frame(filename="/srv/trainer/app.py", module="trainer.app", function="submit", lineno=88, in_app=True,
+                    context_line="result = run_checks(sub)"),
+              Frame(filename="/srv/trainer/checks.py", module="trainer.checks", function="run_checks", lineno=41,
+                    in_app=True, context_line="return parse(out)[\"verdict\"]")]
+    return ExceptionEvent(event_id=f"evt-{i:08d}", ts_ms=ts, service=service, host=host, type=etype, message=message,
+                          frames=frames, context={"submission": f"u-{i}"})
+
+
+def fixed_exceptions() -> tuple[list[tuple[GroupView, GroupDetail]], list[Occurrence]]:
+    rows = [
+        ("g-keyerror", "KeyError", "'verdict'", "unresolved", 41, "host-2", T0 - 20_000, None),
+        ("g-timeout", "TimeoutError", "LLM review timed out after 30 s", "regressed", 7, "host-1", T0 - 95_000, None),
+        ("g-decode", "json.decoder.JSONDecodeError", "Expecting value: line 1 column 1 (char 0)", "muted", 3,
+         "host-3", T0 - 3_600_000, "ana"),
+    ]
+    groups, tail = [], []
+    for i, (gid, etype, msg, status, count, host, last, assignee) in enumerate(rows):
+        e = _event(i, etype, msg, host, last)
+        g = GroupView(id=gid, type=etype, message=msg, culprit="trainer.checks.run_checks", count=count,
+                      first_seen_ms=last - 86_400_000, last_seen_ms=last, hosts=[host], services=["trainer"],
+                      status=status, assignee=assignee,  # type: ignore[arg-type]
+                      mute_until_ms=T0 + 3_600_000 if status == "muted" else None)
+        groups.append((g, GroupDetail(group=g, latest=e, recent=[e])))
+        tail.append(Occurrence(id=f"{last}-0", group_id=gid, event=e))
+    tail.sort(key=lambda o: o.event.ts_ms)
+    return groups, tail
+
+
+@pytest.fixture
+def pinned_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console.format, "LOCAL_TZ", UTC)
+    monkeypatch.setattr(console.screens.exceptions, "CLOCK", lambda: T0 / 1000)
+
+
+def fixed_app(role: str = "operator") -> tuple[ConsoleApp, FixedSource]:
+    groups, tail = fixed_exceptions()
+    source = FixedSource(fixed_state(), role=role, exceptions=groups, tail=tail)
+    return create_app(source, interval=3600), source
+
+
+async def opened(pilot: Pilot[int]) -> ExceptionsScreen:
+    app = pilot.app
+    await until(pilot, "first state", lambda: getattr(app, "applied", 0) >= 1)
+    await pilot.press("E")
+    await until(pilot, "exceptions screen", lambda: isinstance(app.screen, ExceptionsScreen))
+    scr = app.screen
+    assert isinstance(scr, ExceptionsScreen)
+    await until(pilot, "groups and detail", lambda: len(scr.shown) == 3 and scr.detail is not None)
+    await pilot.pause()
+    return scr
+
+
+async def test_fixed_groups_resolve_and_mute_through_the_one_confirm_flow(pinned_clock: None) -> None:
+    app, source = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        scr = await opened(pilot)
+        assert [g.id for g in scr.shown] == ["g-keyerror", "g-timeout", "g-decode"]  # last seen first
+        await pilot.press("s")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        question = " ".join(str(w.content) for w in app.screen.query(Label))
+        assert "Resolve [b]KeyError[/b]?" in question and "41 events, now unresolved" in question
+        await pilot.press("y")
+        await until(pilot, "resolved", lambda: scr.shown[0].status == "resolved")
+        assert source.audit == [("test", "exception_resolve", "g-keyerror")]
+        # mute asks for minutes; a bad value keeps the dialog open and changes nothing
+        await pilot.press("m")
+        await until(pilot, "mute dialog", lambda: isinstance(app.screen, ConfirmAction))
+        app.screen.query_one(Input).value = "0"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmAction) and len(source.audit) == 1
+        app.screen.query_one(Input).value = "15"
+        await pilot.press("enter")
+        await until(pilot, "muted", lambda: scr.shown[0].status == "muted")
+        assert scr.shown[0].mute_until_ms == T0 + 15 * 60_000
+        assert [a for _, a in scr.acted] == ["resolve", "mute"]
+
+
+async def test_fixed_viewer_is_refused_and_nothing_changes(pinned_clock: None) -> None:
+    app, source = fixed_app(role="viewer")
+    async with app.run_test(size=SIZE) as pilot:
+        scr = await opened(pilot)
+        await pilot.press("a")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        await pilot.press("y")
+        await until(pilot, "refusal", lambda: any(n.title == "Permission denied" and "exception groups" in n.message
+                                                 for n in app.notices))
+        assert source.audit == [] and scr.shown[0].status == "unresolved" and scr.acted == []
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])
+def test_snapshot_exceptions(snap_compare: Callable[..., bool], size: tuple[int, int], pinned_clock: None,
+                             request: pytest.FixtureRequest) -> None:
+    assert snap_compare(fixed_app()[0], terminal_size=size, run_before=opened)
+    lines = snapshot_lines(request)
+    assert len(lines) == size[1]
+    assert "Exceptions  3 of 3 groups" in lines[0] and "sort: last seen" in lines[0]
+    keyerror = next(ln for ln in lines if "KeyError" in ln and "unresolved" in ln)
+    assert "41" in keyerror and "20s ago" in keyerror
+    assert any("regressed" in ln and "TimeoutError" in ln and "2m ago" in ln for ln in lines)
+    assert any("muted" in ln and "JSONDecodeError" in ln for ln in lines)
+    # the selected (first) group's traceback, below the list
+    assert any("Traceback (most recent call last):" in ln for ln in lines)
+    if size[1] >= 50:
+        assert any('File "/srv/trainer/checks.py", line 41, in run_checks' in ln for ln in lines)
+        assert any("KeyError: 'verdict'" in ln for ln in lines)
+
+
+def test_snapshot_exceptions_tail(snap_compare: Callable[..., bool], pinned_clock: None,
+                                  request: pytest.FixtureRequest) -> None:
+    async def tail(pilot: Pilot[int]) -> None:
+        scr = await opened(pilot)
+        await pilot.press("t")
+        await until(pilot, "the tail", lambda: len(scr.tail_items) == 3)
+        await pilot.pause()
+
+    assert snap_compare(fixed_app()[0], terminal_size=(120, 30), run_before=tail)
+    lines = snapshot_lines(request)
+    assert any("● following · 3 shown" in ln for ln in lines)
+    order = [i for i, ln in enumerate(lines) if "trainer@host-" in ln]
+    assert len(order) == 3
+    assert "json.decoder.JSONDecodeError" in lines[order[0]] and "KeyError: 'verdict'" in lines[order[2]]
+    assert "22:13:00" in lines[order[2]] and "[g-keyerror]" in lines[order[2]]
+
+
+def test_snapshot_mute_dialog(snap_compare: Callable[..., bool], pinned_clock: None,
+                              request: pytest.FixtureRequest) -> None:
+    async def ask(pilot: Pilot[int]) -> None:
+        await opened(pilot)
+        await pilot.press("m")
+        await until(pilot, "mute dialog", lambda: isinstance(pilot.app.screen, ConfirmAction))
+        await pilot.pause()
+
+    assert snap_compare(fixed_app()[0], terminal_size=(80, 24), run_before=ask)
+    screen = "\n".join(snapshot_lines(request))
+    assert "Mute KeyError?" in screen and "41 events, now unresolved" in screen
+    assert "60" in screen and "Mute (y)" in screen and "Cancel (n)" in screen

@@ -12,4 +12,4 @@ def test_store_summary_shows_damaged_records_and_the_last_scrub() -> None:
     text = store_summary(StoreView(available=True, primary="redis-1", corrupt_found=3, repaired=1,
                                    last_scrub_ms=2500)).plain
     assert "Damaged records found 3 · repaired 1 · last full check took 2.5 s" in text
-    assert "ctops store quarantine list" in text
+    assert "set aside: see Quarantined below" in text

@@ -2,32 +2,44 @@
 highlighted traceback and recent occurrences, confirmed actions, and a live tail (follow / pause).
 
 Modal, so the main screen's server keys (drain, disable, ...) cannot fire on rows that are not shown.
-Workers do the I/O; handlers update widgets. Filtering is local, so typing never waits on the network.
+It reads the app's `Source` like every other view (fixed data in tests and snapshots), and its actions go
+through the app's one confirm-then-act flow. Workers do the I/O; handlers update widgets. Filtering is
+local, so typing never waits on the network.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, cast
 
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
-from textual import events, on, work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, VerticalScroll
+from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.timer import Timer
-from textual.widgets import Button, DataTable, Footer, Input, Label, RichLog, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, RichLog, Static, TabbedContent, TabPane
 from textual.widgets.data_table import CellDoesNotExist
 
-from ctops.capture.client import ExceptionsClient
+import console.format
+from console.client import OpsError, Unreachable
+from console.messages import ActionDone
+from console.screens.confirm import Ask, Field
+from console.source import Source
 from ctops.capture.wire import STATUSES, ExceptionStats, GroupDetail, GroupView, Occurrence, traceback_text
-from ctops.opsclient import OpsClient, OpsError, Unreachable
+
+if TYPE_CHECKING:
+    from console.app import ConsoleApp
 
 STATUS_STYLE = {"unresolved": "bold red", "regressed": "bold magenta", "acknowledged": "yellow",
                 "muted": "dim", "resolved": "green"}
@@ -85,17 +97,17 @@ class ExcFailed(Message):
     reason: str
 
 
-@dataclass
-class ExcActed(Message):
-    group: GroupView
-    action: str
-    by: str
-
-
 # --- rendering ---------------------------------------------------------------------------------
 
+CLOCK: Callable[[], float] = time.time  # tests pin it, with console.format.LOCAL_TZ, for stable snapshots
+
+
+def _hms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, console.format.LOCAL_TZ).strftime("%H:%M:%S")
+
+
 def ago(ms: int, now: float | None = None) -> str:
-    s = max(0.0, (now or time.time()) - ms / 1000)
+    s = max(0.0, (now or CLOCK()) - ms / 1000)
     if s < 60:
         return f"{s:.0f}s ago"
     if s < 3600:
@@ -123,7 +135,7 @@ def detail_renderable(d: GroupDetail) -> RenderableType:
         (g.status, STATUS_STYLE.get(g.status, "")),
         f"  ·  {g.count} events  ·  first {ago(g.first_seen_ms)}  ·  last {ago(g.last_seen_ms)}",
         f"  ·  assigned to {g.assignee}" if g.assignee else "",
-        f"  ·  muted until {time.strftime('%H:%M', time.localtime(g.mute_until_ms / 1000))}"
+        f"  ·  muted until {_hms(g.mute_until_ms)[:5]}"
         if g.mute_until_ms else "",
         f"\nservices {', '.join(g.services)}  ·  hosts {', '.join(g.hosts)}  ·  in {g.culprit}  ·  group {g.id}",
         style="dim" if g.status == "muted" else "",
@@ -139,7 +151,7 @@ def detail_renderable(d: GroupDetail) -> RenderableType:
         for col in ("when", "service", "host", "event", "message"):
             t.add_column(col, no_wrap=col != "message")
         for e in d.recent:
-            t.add_row(time.strftime("%H:%M:%S", time.localtime(e.ts_ms / 1000)), e.service, e.host,
+            t.add_row(_hms(e.ts_ms), e.service, e.host,
                       e.event_id[:12], e.message[:120])
         parts += [Text(""), t]
     return Group(*parts)
@@ -147,12 +159,12 @@ def detail_renderable(d: GroupDetail) -> RenderableType:
 
 def tail_line(o: Occurrence) -> Text:
     e = o.event
-    return Text.assemble((time.strftime("%H:%M:%S", time.localtime(e.ts_ms / 1000)), "dim"), " ",
+    return Text.assemble((_hms(e.ts_ms), "dim"), " ",
                          (f"{e.service}@{e.host}", "cyan"), " ", (e.type, "bold red"), ": ", e.message[:200],
                          (f"  [{o.group_id}]", "dim"))
 
 
-# --- confirmation -----------------------------------------------------------------------------
+# --- confirmation (through the app's one flow) -------------------------------------------------
 
 _EFFECT = {
     "acknowledge": "Marks it acknowledged: staff know; it stays listed.",
@@ -163,77 +175,16 @@ _EFFECT = {
 }
 
 
-class ConfirmExceptionAction(ModalScreen[dict | None]):
-    """Cancel (or the input) has the focus, so a stray Enter on a plain action changes nothing."""
+def _minutes(text: str) -> str | None:
+    return None if text.isdigit() and 1 <= int(text) <= 10080 else "Minutes must be 1..10080."
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel", id="exc-confirm.no")]
-    DEFAULT_CSS = """
-    ConfirmExceptionAction { align: center middle; }
-    #exc-confirm-box { grid-size: 1 4; grid-rows: auto auto auto 3; grid-gutter: 1; width: 72; max-width: 100%;
-                       height: auto; padding: 1 2; border: thick $warning; background: $surface; }
-    #exc-confirm-buttons { height: 3; align-horizontal: right; }
-    #exc-confirm-buttons Button { margin-left: 2; }
-    """
 
-    def __init__(self, action: str, group: GroupView) -> None:
-        super().__init__()
-        self.action_name, self.group = action, group
-
-    def compose(self) -> ComposeResult:
-        g = self.group
-        with Grid(id="exc-confirm-box"):
-            yield Label(f"{self.action_name.capitalize()} [b]{g.type}[/b]?", id="exc-confirm-question")
-            yield Label(f"{g.message[:150]}\n{g.count} events, now {g.status}. " + _EFFECT[self.action_name],
-                        id="exc-confirm-detail")
-            if self.action_name == "mute":
-                yield Input("60", placeholder="minutes (1..10080)", id="exc-confirm-input", type="integer")
-            elif self.action_name == "assign":
-                yield Input(g.assignee or "", placeholder="staff name", id="exc-confirm-input", max_length=64)
-            else:
-                yield Label("Press y to confirm, n or Esc to cancel.", id="exc-confirm-hint")
-            with Horizontal(id="exc-confirm-buttons"):
-                yield Button(f"{self.action_name.capitalize()} (y)", variant="warning", id="yes")
-                yield Button("Cancel (n)", variant="primary", id="no")
-
-    def on_mount(self) -> None:
-        inputs = self.query("#exc-confirm-input")
-        (inputs.first() if inputs else self.query_one("#no", Button)).focus()
-
-    def on_key(self, event: events.Key) -> None:
-        if isinstance(self.focused, Input) or event.key not in ("y", "n"):
-            return
-        # stopped here: once this dialog is gone the same key must not reach the screen below ("n" assigns)
-        event.stop()
-        event.prevent_default()
-        if event.key == "y":
-            self._answer()
-        else:
-            self.dismiss(None)
-
-    @on(Input.Submitted)
-    def _submitted(self) -> None:
-        self._answer()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "yes":
-            self._answer()
-        else:
-            self.dismiss(None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    def _answer(self) -> None:
-        params: dict = {}
-        if self.action_name == "mute":
-            text = self.query_one("#exc-confirm-input", Input).value.strip()
-            if not text.isdigit() or not 1 <= int(text) <= 10080:
-                self.notify("Minutes must be 1..10080.", severity="warning")
-                return
-            params["minutes"] = int(text)
-        elif self.action_name == "assign":
-            params["assignee"] = self.query_one("#exc-confirm-input", Input).value.strip()
-        self.dismiss(params)
+def _field(action: str, g: GroupView) -> Field | None:
+    if action == "mute":
+        return Field("60", "minutes (1..10080)", kind="integer", check=_minutes)
+    if action == "assign":
+        return Field(g.assignee or "", "staff name")
+    return None
 
 
 # --- the screen -------------------------------------------------------------------------------
@@ -251,9 +202,9 @@ class ExceptionsScreen(ModalScreen[None]):
     #exc-tail { height: 1fr; }
     """
 
-    def __init__(self, api: ExceptionsClient, *, interval: float = 1.0) -> None:
+    def __init__(self, source: Source, *, interval: float = 1.0) -> None:
         super().__init__()
-        self.api = api
+        self.source = source
         self.interval = interval
         self.groups: list[GroupView] = []
         self.stats: ExceptionStats | None = None
@@ -309,7 +260,7 @@ class ExceptionsScreen(ModalScreen[None]):
     @work(exclusive=True, group="exc-groups")
     async def fetch_groups(self) -> None:
         try:
-            gl = await self.api.groups(sort=self.sort, limit=5000)
+            gl = await self.source.exception_groups(self.sort, 5000)
         except (OpsError, Unreachable) as exc:
             self.post_message(ExcFailed("groups", str(exc)))
         except Exception as exc:  # noqa: BLE001 - a bad answer must not kill the console
@@ -320,7 +271,7 @@ class ExceptionsScreen(ModalScreen[None]):
     @work(exclusive=True, group="exc-detail")
     async def fetch_detail(self, gid: str) -> None:
         try:
-            d = await self.api.group(gid)
+            d = await self.source.exception_group(gid)
         except Exception as exc:  # noqa: BLE001
             self.post_message(ExcFailed("detail", f"{exc}"))
         else:
@@ -329,23 +280,11 @@ class ExceptionsScreen(ModalScreen[None]):
     @work(exclusive=True, group="exc-tail")
     async def fetch_tail(self) -> None:
         try:
-            page = await self.api.tail(self.tail_cursor, 500 if self.tail_cursor else 100)
+            page = await self.source.exception_tail(self.tail_cursor, 500 if self.tail_cursor else 100)
         except Exception as exc:  # noqa: BLE001
             self.post_message(ExcFailed("tail", f"{exc}"))
         else:
             self.post_message(TailFetched(page.items, page.cursor))
-
-    @work(group="exc-actions")
-    async def perform(self, gid: str, action: str, params: dict) -> None:
-        try:
-            r = await self.api.act(gid, action, **params)
-        except OpsError as exc:
-            why = f"your token may not change exception groups ({exc})" if exc.status == 403 else str(exc)
-            self.post_message(ExcFailed(action, why))
-        except Exception as exc:  # noqa: BLE001
-            self.post_message(ExcFailed(action, f"{exc}"))
-        else:
-            self.post_message(ExcActed(r.group, action, r.by))
 
     # -- handlers ----------------------------------------------------------------------------------
 
@@ -381,24 +320,12 @@ class ExceptionsScreen(ModalScreen[None]):
 
     @on(ExcFailed)
     def _failed(self, msg: ExcFailed) -> None:
-        if msg.what in ("groups", "tail", "detail"):
-            self.error = msg.reason
-            self._summary()
-            if msg.what == "groups":
-                self._arm()
-            elif msg.what == "tail":
-                self._arm_tail()
-            return
-        self.app.notify(f"Could not {msg.what}: {msg.reason}", title="Exception action failed", severity="error",
-                        timeout=10)
-
-    @on(ExcActed)
-    def _acted(self, msg: ExcActed) -> None:
-        self.acted.append((msg.group.id, msg.action))
-        self.app.notify(f"{msg.group.type}: now {msg.group.status}"
-                        + (f", assigned to {msg.group.assignee}" if msg.group.assignee else "") + f" (by {msg.by}).",
-                        title=f"{msg.action.capitalize()} done")
-        self.action_refresh()
+        self.error = msg.reason
+        self._summary()
+        if msg.what == "groups":
+            self._arm()
+        elif msg.what == "tail":
+            self._arm_tail()
 
     @on(Input.Changed, "#exc-filter")
     def _filter_changed(self) -> None:
@@ -465,12 +392,25 @@ class ExceptionsScreen(ModalScreen[None]):
         if group is None:
             self.app.notify("Move the cursor to a group first.", title="No group selected", severity="warning")
             return
+        source, acted = self.source, self.acted
 
-        def answered(params: dict | None) -> None:
-            if params is not None:
-                self.perform(group.id, action, params)
+        async def call(value: str) -> ActionDone:
+            params: dict[str, int | str] = {}
+            if action == "mute":
+                params["minutes"] = int(value)
+            elif action == "assign":
+                params["assignee"] = value
+            r = await source.exception_act(group.id, action, **params)  # type: ignore[arg-type]
+            acted.append((r.group.id, action))
+            return ActionDone(f"{action.capitalize()} done",
+                              f"{r.group.type}: now {r.group.status}"
+                              + (f", assigned to {r.group.assignee}" if r.group.assignee else "") + f" (by {r.by}).")
 
-        self.app.push_screen(ConfirmExceptionAction(action, group), answered)
+        cast("ConsoleApp", self.app).ask(Ask(
+            f"{action.capitalize()} [b]{escape(group.type)}[/b]?",
+            f"{escape(group.message[:150])}\n{group.count} events, now {group.status}. " + _EFFECT[action],
+            action.capitalize(), action, f"exception group {group.id}", "exception groups", call,
+            field=_field(action, group), then=self.action_refresh))
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -496,7 +436,7 @@ class ExceptionsScreen(ModalScreen[None]):
         else:
             shown.sort(key=lambda g: -g.last_seen_ms)
         self.shown = shown
-        now = time.time()
+        now = CLOCK()
         rows = [(g.id, Text(g.status, style=STATUS_STYLE.get(g.status, "")), str(g.count), ago(g.last_seen_ms, now),
                  g.type, g.message.replace("\n", " ")[:200], ",".join(g.services), ",".join(g.hosts),
                  g.assignee or "") for g in shown]
@@ -562,12 +502,3 @@ class ExceptionsScreen(ModalScreen[None]):
         if self.following:
             self._tail_timer = self.set_timer(self.interval, self.fetch_tail)
 
-
-def open_exceptions(app: object, interval: float = 1.0) -> bool:
-    """Push the exceptions view over the app, if its data source talks to an ops API."""
-    source = getattr(app, "source", None)
-    if not isinstance(source, OpsClient):
-        app.notify("The exceptions view needs a live ops API.", title="Not available", severity="warning")  # type: ignore[attr-defined]
-        return False
-    app.push_screen(ExceptionsScreen(ExceptionsClient(source), interval=interval))  # type: ignore[attr-defined]
-    return True

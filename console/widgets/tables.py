@@ -1,8 +1,16 @@
-"""The other live tables: supervised processes per host, dispatchers, LLM providers, store nodes."""
+"""The live tables: servers, supervised processes per host, dispatchers, LLM providers, store nodes,
+quarantined records. They only diff and render; the app feeds them rows prepared off the loop."""
 
 from __future__ import annotations
 
-from console.format import DISPATCHER_COLUMNS, PROCESS_COLUMNS, PROVIDER_COLUMNS, STORE_COLUMNS
+from console.format import (
+    DISPATCHER_COLUMNS,
+    PROCESS_COLUMNS,
+    PROVIDER_COLUMNS,
+    QUARANTINE_COLUMNS,
+    SERVER_COLUMNS,
+    STORE_COLUMNS,
+)
 from console.widgets.live_table import LiveTable
 
 
@@ -24,3 +32,13 @@ class StoreTable(LiveTable):
     """The store's nodes: primary, replicas, Sentinels (key: node name)."""
 
     COLUMNS = STORE_COLUMNS
+
+
+class ServersTable(LiveTable):
+    COLUMNS = SERVER_COLUMNS
+
+
+class QuarantineTable(LiveTable):
+    """Damaged records set aside (key: quarantine id, so the oldest comes first)."""
+
+    COLUMNS = QUARANTINE_COLUMNS
