@@ -15,7 +15,6 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static, TabPane
 
-from console.client import Action, LeadershipAction, ProcessAction, ProviderAction, QuarantineAction
 from console.commands import TAB_TITLES, bindings
 from console.format import split_process_key, store_summary
 from console.messages import ActionDone, StateFetched
@@ -30,6 +29,8 @@ from console.widgets.tables import (
     ServersTable,
     StoreTable,
 )
+from ctops.opsapi import LeadershipAction, ProcessAction, ProviderAction, QuarantineAction
+from ctops.opsapi import ServerAction as Action
 
 if TYPE_CHECKING:
     from console.app import ConsoleApp
