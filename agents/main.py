@@ -48,8 +48,6 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     sender.supervisor = sup
     sup.loop_stall_after = max(5.0, 5 * dep.timings.heartbeat_interval_ms / 1000)
     sup.systemd_ping = _systemd_pinger()  # type: ignore[assignment]
-    if os.environ.get("CTOPS_TEST_HOOKS") == "1":
-        loop.add_signal_handler(signal.SIGUSR1, sup.freeze_checker_for_test)
 
     tasks: dict[str, asyncio.Task[None]] = {}
 
