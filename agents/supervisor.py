@@ -109,7 +109,11 @@ class Supervised:
 
 class Supervisor:
     def __init__(self, specs: list[ProcessSpec], log_dir: str | None = None,
-                 on_event: Callable[[AgentEvent], None] | None = None) -> None:
+                 on_event: Callable[[AgentEvent], None] | None = None, *,
+                 restart_loop: Callable[[], None] | None = None, loop_stall_after: float = 5.0,
+                 systemd_ping: Callable[[], None] | None = None) -> None:
+        """`restart_loop`: starts the agent's heartbeat loop again when it has not beaten for
+        `loop_stall_after` s; `systemd_ping`: tells systemd's watchdog all is well (under systemd)."""
         self.items = {s.name: Supervised(s) for s in specs}
         self.log_dir = log_dir
         self.on_event = on_event or (lambda e: None)
@@ -127,11 +131,11 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self._commands: deque[tuple[str, Command, Future[str]]] = deque()
         self._notify_dir: str | None = None
-        # the asyncio heartbeat loop is watched too: (last beat, restart callback)
+        # the asyncio heartbeat loop is watched too, once it beats (the heartbeat sender sets loop_beat)
         self.loop_beat: float | None = None
-        self.restart_loop: Callable[[], None] | None = None
-        self.loop_stall_after = 5.0
-        self.systemd_ping: Callable[[], None] | None = None
+        self.restart_loop = restart_loop
+        self.loop_stall_after = loop_stall_after
+        self.systemd_ping = systemd_ping
 
     # --- public, thread-safe -------------------------------------------------------------------
     def start(self) -> None:
