@@ -4,7 +4,6 @@ the quarantine id again in the body, audited like every staff action."""
 
 # no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
-from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends
@@ -16,6 +15,7 @@ from ctops import integrity
 from ctops.auth import Principal
 from ctops.keys import Keys
 from ctops.wire import ErrorBody
+from dispatcher.ops.auth import Require
 
 
 class Confirm(BaseModel):
@@ -36,7 +36,7 @@ class QuarantineActionResult(BaseModel):
     action: Literal["discard", "restore"]
 
 
-def integrity_router(redis: Redis, keys: Keys, require: Callable[[str], Callable[..., Principal]],
+def integrity_router(redis: Redis, keys: Keys, require: Require,
                      via: str) -> APIRouter:
     router = APIRouter(prefix="/api/v1/store", tags=["store"])
 
