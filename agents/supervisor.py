@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from agents import handdown
 from agents.probes import ProbeResult, probe
 from agents.sdnotify import NotifyListener
+from agents.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, check_move
 from ctops.clock import now_ms
 from ctops.config import ProcessSpec
 from ctops.opsapi import ProcessAction
@@ -68,7 +69,7 @@ class Spare:
 @dataclass(eq=False)
 class Supervised:
     spec: ProcessSpec
-    state: ProcessState = "stopped"
+    state: ProcessState = STOPPED  # changed only by change_state
     proc: subprocess.Popen[bytes] | None = None
     pidfd: int | None = None
     restarts: int = 0
@@ -99,10 +100,23 @@ class Supervised:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
 
+    def change_state(self, new: ProcessState, why: str = "") -> None:
+        """The one way a process's state changes: checked against `agents.states.MOVES` and logged."""
+        old = self.state
+        if new == old:
+            return
+        check_move(self.spec.name, old, new)
+        self.state = new
+        log.info("%s: %s -> %s%s", self.spec.name, old, new, f" ({why})" if why else "")
+
 
 class Supervisor:
     def __init__(self, specs: list[ProcessSpec], log_dir: str | None = None,
-                 on_event: Callable[[AgentEvent], None] | None = None) -> None:
+                 on_event: Callable[[AgentEvent], None] | None = None, *,
+                 restart_loop: Callable[[], None] | None = None, loop_stall_after: float = 5.0,
+                 systemd_ping: Callable[[], None] | None = None) -> None:
+        """`restart_loop`: starts the agent's heartbeat loop again when it has not beaten for
+        `loop_stall_after` s; `systemd_ping`: tells systemd's watchdog all is well (under systemd)."""
         self.items = {s.name: Supervised(s) for s in specs}
         self.log_dir = log_dir
         self.on_event = on_event or (lambda e: None)
@@ -119,13 +133,12 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._commands: deque[tuple[str, Command, Future[str]]] = deque()
-        self._freeze_generation: int | None = None  # test hook
         self._notify_dir: str | None = None
-        # the asyncio heartbeat loop is watched too: (last beat, restart callback)
+        # the asyncio heartbeat loop is watched too, once it beats (the heartbeat sender sets loop_beat)
         self.loop_beat: float | None = None
-        self.restart_loop: Callable[[], None] | None = None
-        self.loop_stall_after = 5.0
-        self.systemd_ping: Callable[[], None] | None = None
+        self.restart_loop = restart_loop
+        self.loop_stall_after = loop_stall_after
+        self.systemd_ping = systemd_ping
 
     # --- public, thread-safe -------------------------------------------------------------------
     def start(self) -> None:
@@ -176,11 +189,6 @@ class Supervisor:
         if item.handed_to is not None and item.handed_to == item.pid:
             return {"state": "handed_over", "pid": item.handed_to, "handovers": item.handovers}
         return {"state": "none", "pid": None, "handovers": item.handovers}
-
-    def freeze_checker_for_test(self) -> None:
-        """Test hook: the current checker stops beating, as if stuck in a call that never returns."""
-        self._freeze_generation = self.generation
-        self._wake()
 
     def stop(self, timeout: float = 15.0) -> None:
         with self.lock:
@@ -250,10 +258,6 @@ class Supervisor:
             while self.running and self.generation == gen:
                 now = time.monotonic()
                 self.checker_beat = now
-                if self._freeze_generation == gen:
-                    while self.generation == gen and self.running:
-                        time.sleep(0.05)  # stuck, as far as the guard can tell
-                    return
                 if now - self.guard_beat > STALL_AFTER:
                     log.error("watchdog guard silent for %.1fs; starting a new one", now - self.guard_beat)
                     self._start_guard()
@@ -298,7 +302,7 @@ class Supervisor:
                 registered[fd] = item
 
     def _timeout(self, now: float) -> float:
-        due = [i.next_start for i in self.items.values() if i.state == "backoff"]
+        due = [i.next_start for i in self.items.values() if i.state == BACKOFF]
         due += [i.check_due for i in self.items.values()
                 if i.pid and i.check is None and i.spec.liveness.kind != "none"]
         due += [i.stop_deadline for i in self.items.values() if i.stop_deadline is not None]
@@ -318,9 +322,9 @@ class Supervisor:
         for item in self.items.values():
             self._reap_spare(item, now)
             self._reap(item, now)
-            if item.state == "backoff" and item.wanted and now >= item.next_start:
+            if item.state == BACKOFF and item.wanted and now >= item.next_start:
                 self._spawn(item, now)
-            elif item.state == "stopped" and item.wanted and item.proc is None and self.running:
+            elif item.state == STOPPED and item.wanted and item.proc is None and self.running:
                 self._spawn(item, now)
             if item.pid:
                 self._liveness(item, now)
@@ -337,7 +341,7 @@ class Supervisor:
             if item.pid:
                 fut.set_result(f"already running (pid {item.pid})")
                 return
-            item.state = "stopped"
+            item.change_state(STOPPED, "started by staff")
             item.proc = None
             self._spawn(item, now)
             fut.set_result(f"started (pid {item.pid})" if item.pid else f"not started: {item.last_exit}")
@@ -348,7 +352,7 @@ class Supervisor:
             self._dismiss_spare(item)
             self._close_listener(item)
             if not item.pid:
-                item.state = "stopped"
+                item.change_state(STOPPED, "stopped by staff")
                 fut.set_result("already stopped")
                 return
             self._graceful_stop(item, now, "stopped by staff")
@@ -360,7 +364,8 @@ class Supervisor:
         item.wanted = True
         item.restart_times.clear()
         if not item.pid:
-            item.state, item.proc = "stopped", None
+            item.change_state(STOPPED, "restarted by staff")
+            item.proc = None
             self._spawn(item, now)
             fut.set_result(f"started (pid {item.pid})")
             return
@@ -420,7 +425,7 @@ class Supervisor:
         item.kill_reason = None
         item.stop_deadline = None
         kind = spec.liveness.kind
-        item.state = "running" if kind == "none" else "starting"
+        item.change_state(RUNNING if kind == "none" else STARTING, f"pid {item.proc.pid}" if item.proc else "")
         # probe soon after start so a restarted server is back in service quickly
         item.check_due = now + min(0.05, spec.liveness.interval_ms / 1000)
 
@@ -428,7 +433,7 @@ class Supervisor:
     def _spare_wanted(self, item: Supervised) -> bool:
         # started once the active process is up, so the two do not compete for the CPU at start
         return (item.spec.warm_spare and item.spare is None and item.wanted and self.running
-                and item.state == "running" and item.pid is not None and item.stop_deadline is None)
+                and item.state == RUNNING and item.pid is not None and item.stop_deadline is None)
 
     def _start_spare(self, item: Supervised, now: float) -> None:
         try:
@@ -551,11 +556,11 @@ class Supervisor:
                 fut.set_result(f"stopped ({describe_exit(code)})")
         waiters, item.waiters = item.waiters, []
         if not item.wanted or not self.running:
-            item.state = "stopped"
+            item.change_state(STOPPED, reason)
             return
         restart = item.spec.restart
         if restart == "never" or (restart == "on-failure" and code == 0 and not item.kill_reason):
-            item.state = "stopped"
+            item.change_state(STOPPED, f"{reason}; restart = {restart}")
             item.wanted = False
             self._dismiss_spare(item)
             self._close_listener(item)
@@ -563,7 +568,8 @@ class Supervisor:
         if item.staff_restart:
             item.staff_restart = False
             item.restarts += 1
-            item.state, item.next_start = "backoff", now
+            item.change_state(BACKOFF, reason)
+            item.next_start = now
             self._event("process_restarted", item.spec.name, "info", f"{item.spec.name} {reason}")
         else:
             # one that answered its liveness probe was healthy: it restarts at once (a crash loop is
@@ -572,7 +578,7 @@ class Supervisor:
             no_probe = item.spec.liveness.kind == "none"
             ran_stable = item.ever_alive if not no_probe else now - item.started_at >= STABLE_AFTER
             self._schedule_restart(item, now, quick=not ran_stable, reason=reason)
-        if item.state == "backoff" and item.next_start <= now:
+        if item.state == BACKOFF and item.next_start <= now:
             self._spawn(item, now)
         for action, fut in waiters:
             if action == "restart":
@@ -584,7 +590,7 @@ class Supervisor:
         while item.restart_times and now - item.restart_times[0] > window:
             item.restart_times.popleft()
         if len(item.restart_times) >= spec.crashloop_restarts:
-            item.state = "fatal"
+            item.change_state(FATAL, "crash loop")
             item.wanted = False
             self._dismiss_spare(item)
             self._close_listener(item)
@@ -599,7 +605,7 @@ class Supervisor:
         if item.quick_exits:
             delay = min(spec.backoff_initial_ms * 2 ** (item.quick_exits - 1), spec.backoff_max_ms) / 1000
         item.restarts += 1
-        item.state = "backoff"
+        item.change_state(BACKOFF, reason or item.last_exit or "")
         item.next_start = now + delay
         self._event("process_restarted", spec.name, "warning",
                     f"{spec.name} {reason or item.last_exit}; restart #{item.restarts}"
@@ -618,8 +624,8 @@ class Supervisor:
             if result.ok:
                 item.check_failures = 0
                 item.ever_alive = True
-                if item.state == "starting":
-                    item.state = "running"
+                if item.state == STARTING:
+                    item.change_state(RUNNING, "liveness probe answered")
             else:
                 in_grace = not item.ever_alive and now - item.started_at < spec.start_grace_ms / 1000
                 if not in_grace:
@@ -653,7 +659,7 @@ class Supervisor:
     def _terminate_blocking(self, item: Supervised, deadline: float) -> None:
         proc = item.proc
         if proc is None or proc.poll() is not None:
-            item.state = "stopped"
+            item.change_state(STOPPED, "agent stopping")
             return
         self._killpg(item, signal.SIGTERM)
         self._killpg(item, signal.SIGCONT)
@@ -662,7 +668,7 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             self._killpg(item, signal.SIGKILL)
             proc.wait()
-        item.state = "stopped"
+        item.change_state(STOPPED, "agent stopping")
 
     def _event(self, kind: str, process: str | None, severity: str, message: str) -> None:
         self.on_event(AgentEvent(id=uuid.uuid4().hex, kind=kind, process=process, severity=severity,

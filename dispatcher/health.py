@@ -112,7 +112,6 @@ class HealthChecker:
         self.store_blind: set[str] = set()  # servers whose last check said the store is away
         self.unconfirmed: dict[str, int] = {}  # per server, as its last readiness answer counted them
         self.rounds = 0  # progress, for the loop watch
-        self.stall_for_test = False
 
     async def _check(self, b: Backend) -> None:
         r = await check_once(b, self.timeout)
@@ -132,9 +131,6 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            if self.stall_for_test:
-                self.stall_for_test = False
-                await asyncio.Event().wait()  # stuck for good, as a bug in a check could leave it
             # every server is checked concurrently so one hung server does not delay the others
             await asyncio.gather(*(self._check(b) for b in self.pool), return_exceptions=True)
             self.rounds += 1

@@ -4,7 +4,6 @@ the quarantine id again in the body, audited like every staff action."""
 
 # no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -17,6 +16,7 @@ from ctops.auth import Principal
 from ctops.keys import Keys
 from ctops.opsapi import QuarantineAction
 from ctops.wire import ErrorBody
+from dispatcher.ops.auth import Require
 
 
 class Confirm(BaseModel):
@@ -37,7 +37,7 @@ class QuarantineActionResult(BaseModel):
     action: QuarantineAction
 
 
-def integrity_router(redis: Redis, keys: Keys, require: Callable[[str], Callable[..., Principal]],
+def integrity_router(redis: Redis, keys: Keys, require: Require,
                      via: str) -> APIRouter:
     router = APIRouter(prefix="/api/v1/store", tags=["store"])
 

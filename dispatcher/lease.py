@@ -79,7 +79,7 @@ class NotLeader(Exception):
 class Lease:
     def __init__(self, redis: Redis, keys: Keys, name: str, ttl_ms: int, renew_ms: int,
                  on_change: Callable[[bool, int], None] | None = None, *, replica_acks: int = 0,
-                 ack_timeout_ms: int = 100) -> None:
+                 ack_timeout_ms: int = 100, hold_off: Callable[[], bool] | None = None) -> None:
         self.r, self.k, self.name = redis, keys, name
         self.ttl_ms, self.renew_ms = ttl_ms, renew_ms
         self.is_leader = False
@@ -90,8 +90,8 @@ class Lease:
         self.refused_writes = 0
         self._rechecking = False
         self.ticks = 0  # progress, for the loop watch
-        # set by the runtime: True while a standby should not try to take the lease (see storewatch)
-        self.hold_off: Callable[[], bool] | None = None
+        # True while a standby should not try to take the lease (see storewatch)
+        self.hold_off = hold_off
         self.replica_acks = replica_acks
         # WAIT must fit in a tick, which is bounded by the renew interval
         self.ack_timeout_ms = max(1, min(ack_timeout_ms, renew_ms // 2))

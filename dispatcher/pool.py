@@ -95,7 +95,6 @@ class ServerPool:
         self._rr = 0
         self.listeners: list[StateListener] = []
         self.slow_start = 0.0  # seconds over which a returning server's weight ramps up
-        self.data_plane: object | None = None  # the DataPlane routing over this pool, once started
 
     def set_affinity_key(self, key: bytes) -> None:
         """Sign the servers' affinity cookies with `key`; a cookie signed otherwise matches none."""

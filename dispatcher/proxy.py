@@ -1393,7 +1393,6 @@ class DataPlane:
             pool.set_affinity_key(os.urandom(32))
             log.warning("no affinity key configured ([proxy] affinity_key_env): a random one for this process, "
                         "so a session sticks to its server only while this dispatcher serves it")
-        pool.data_plane = self
         pool.listeners.append(self._on_state_change)
 
     def counters(self) -> dict:
@@ -1708,6 +1707,7 @@ class DataPlane:
 async def start_data_plane(pool: ServerPool, host: str, port: int, settings: ProxySettings,
                            routes: dict[bytes, Backend] | None = None) -> asyncio.AbstractServer:
     """Listen on host:port and proxy every request to a server from `pool`, or, when its path starts
-    with a prefix in `routes`, to that fixed backend. The DataPlane is `pool.data_plane` afterwards."""
+    with a prefix in `routes`, to that fixed backend (for tools that need only the server; the
+    dispatcher builds its `DataPlane` itself and keeps it)."""
     plane = DataPlane(pool, settings, routes)
     return await plane.start(host, port)

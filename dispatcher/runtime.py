@@ -10,18 +10,14 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ctops.auth import TokenBook
 from ctops.clock import now_ms
 from ctops.config import Deployment, DispatcherSpec
 from ctops.keys import Keys
-from ctops.rejects import REJECTS
 from ctops.wire import ClusterState, DispatcherView, Heartbeat, HostView, PeerHeartbeat, ServerView
-from dispatcher.commands import CommandRelay
 from dispatcher.events import EventLog
 from dispatcher.health import HealthChecker
 from dispatcher.integrity import repair_admin_state
 from dispatcher.lease import Lease, NotLeader
-from dispatcher.llm.pool import LLMPool
 from dispatcher.peers import Peers
 from dispatcher.pool import Backend, ServerPool
 from dispatcher.store import Store
@@ -36,49 +32,32 @@ SHARED_STATE = "shared state unavailable"
 
 
 class Runtime:
-    def __init__(self, dep: Deployment, spec: DispatcherSpec, redis: Redis, redis_blocking: Redis) -> None:
-        self.dep, self.spec, self.redis = dep, spec, redis
-        self.keys = Keys(dep.redis.prefix)
-        REJECTS.attach(redis, self.keys)
-        self.store = Store(redis, self.keys)
-        self.tokens = TokenBook(dep)
-        self.pool = ServerPool(dep.servers, initial_health="down")
-        self.known_hosts = frozenset(a.name for a in dep.agents)
-        self.llm: LLMPool | None = None  # set once the LLM pool runs
-        t = dep.timings
-        self.lease = Lease(redis, self.keys, spec.name, t.lease_ttl_ms, t.lease_renew_ms,
-                           on_change=self._on_leadership, replica_acks=dep.redis.acks_needed,
-                           ack_timeout_ms=dep.redis.replica_ack_timeout_ms)
-        self.events = EventLog(redis, self.keys)
-        self.storewatch = StoreWatch(dep.redis, self.keys, spec.name, self.lease.still_valid,
-                                     emit=self._emit_store_event,
-                                     servers_unconfirmed=lambda: sum(self.health.unconfirmed.values()))
-        self.lease.hold_off = self.storewatch.defer_leadership
+    """Keeps this dispatcher in step with the cluster: reacts to server and leadership changes,
+    syncs staff actions from Redis, publishes health as leader, and builds the state view. Its
+    parts are built and handed in by the composition root (`dispatcher.main.build`)."""
+
+    def __init__(self, dep: Deployment, spec: DispatcherSpec, redis: Redis, keys: Keys, store: Store,
+                 pool: ServerPool, lease: Lease, events: EventLog, storewatch: StoreWatch, peers: Peers,
+                 health: HealthChecker) -> None:
+        self.dep, self.spec, self.redis, self.keys = dep, spec, redis, keys
+        self.store, self.pool, self.lease, self.events = store, pool, lease, events
+        self.storewatch, self.peers, self.health = storewatch, peers, health
         # what was last read from the store, shown (marked by the store's state) while it is away
         self._hosts_raw: dict[str, tuple[Heartbeat | None, int | None]] = {}
         self._dispatchers_raw: dict[str, dict[str, str]] = {}
-        self.commands = CommandRelay(redis_blocking, self.keys)
-        # the mutual heartbeat has its own credential (role "peer"), never an agent's
-        peer_token = os.environ.get(spec.peer_token_env)
-        self.peers = Peers(spec.name, dep.dispatchers, peer_token, t.lease_renew_ms / 1000, self.peer_view,
-                           self._newer_leader, spec.peer_token_env)
         self._host_states: dict[str, str] = {}
-        self.health = HealthChecker(self.pool, t.health_interval_ms / 1000, t.health_timeout_ms / 1000,
-                                    t.fall, t.rise, on_round=self._health_round_done,
-                                    store_reachable=self.storewatch.steadily_reachable)
         self._publish_pending = False
         self.sync_rounds = 0  # progress, for the loop watch
         self.started_ms = now_ms()
-        self.pool.listeners.append(self._on_state_change)
 
     # --- state changes -------------------------------------------------------------------------
-    def _on_state_change(self, b: Backend, old: str, new: str, reason: str) -> None:
+    def on_server_state_change(self, b: Backend, old: str, new: str, reason: str) -> None:
         log.warning("server %s: %s -> %s (%s)", b.name, old, new, reason)
         self._publish_pending = True
         severity = "critical" if new == "down" else ("warning" if new == "suspect" else "info")
         self.emit_as_leader(f"server_{new}", severity, f"{b.name}: {old} -> {new} ({reason})", b.name)
 
-    def _on_leadership(self, leader: bool, epoch: int) -> None:
+    def on_leadership(self, leader: bool, epoch: int) -> None:
         if leader:
             self.emit_as_leader("leader_changed", "warning", f"dispatcher {self.spec.name} now leads (epoch {epoch})",
                                 self.spec.name)
@@ -118,9 +97,6 @@ class Runtime:
         return PeerHeartbeat(name=self.spec.name, role="leader" if self.lease.still_valid() else "standby",
                              epoch=self.lease.epoch, sent_at_ms=now_ms())
 
-    def _newer_leader(self, name: str, epoch: int) -> None:
-        self.lease.recheck(f"peer {name} claims to lead at epoch {epoch}")
-
     def emit_as_leader(self, kind: str, severity: str, message: str, target: str | None) -> None:
         """Derived events come from the leader only, so two dispatchers never report one change twice."""
         if not self.lease.still_valid():
@@ -136,7 +112,7 @@ class Runtime:
         except (RedisError, OSError) as exc:
             log.warning("cannot record event %s: %s", kind, exc)
 
-    async def _emit_store_event(self, ev: StoreEvent) -> None:
+    async def emit_store_event(self, ev: StoreEvent) -> None:
         """Store events with an id are written by whichever dispatcher saw them (deduplicated by the
         id); the others only by the leader. A Redis error propagates: the watch keeps the event."""
         source = f"dispatcher:{self.spec.name}"
@@ -161,7 +137,7 @@ class Runtime:
             elif before == "lost" and h.state != "lost":
                 self.emit_as_leader("host_back", "info", f"{h.name}: heartbeats again", h.name)
 
-    def _health_round_done(self) -> None:
+    def health_round_done(self) -> None:
         # only the leader publishes health to Redis; standbys keep their own view for routing
         if self.lease.still_valid():
             asyncio.get_running_loop().create_task(self._publish())
@@ -244,7 +220,8 @@ class Runtime:
                                   watchdog=hb.watchdog if hb else None))
         return hosts
 
-    async def cluster_state(self) -> ClusterState:
+    async def cluster_state(self, proxy: dict | None = None) -> ClusterState:
+        """The state view; `proxy`: the data plane's counters, when it runs."""
         dep, now = self.dep, now_ms()
         hosts = await self.host_views()
         by_host = {h.name: h for h in hosts}
@@ -289,10 +266,8 @@ class Runtime:
                 lease_age_ms=self.lease.lease_age_ms() if me else None,
                 peer_heartbeat_age_ms=self.peers.age_ms() if me else (
                     int((time.monotonic() - heard) * 1000) if heard else None)))
-        plane = getattr(self.pool, "data_plane", None)
         return ClusterState(cluster=dep.cluster, leader=leader, served_by=self.spec.name, now_ms=now,
-                            dispatchers=dispatchers, servers=servers, hosts=hosts,
-                            proxy=plane.counters() if plane is not None else None, store=store,
+                            dispatchers=dispatchers, servers=servers, hosts=hosts, proxy=proxy, store=store,
                             rejected=dict(self.storewatch.integrity.get("rejected") or {}))
 
 

@@ -8,7 +8,6 @@ waits for the primary to change and is audited like every staff action.
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -16,18 +15,17 @@ from redis.exceptions import RedisError
 
 from ctops.auth import Principal
 from ctops.wire import ErrorBody, StoreFailoverResult, StoreView
+from dispatcher.ops.auth import Audit, Require
 from dispatcher.storewatch import StoreWatch
 
 log = logging.getLogger("ctops.dispatcher.store")
 
-# (who, role, action, target, result, via), e.g. Store.audit
-Audit = Callable[[str, str, str, str, str, str], Awaitable[None]]
 # right after a failover the store may refuse writes for a moment; the audit entry must still land
 AUDIT_TRIES = 20
 AUDIT_PAUSE_S = 0.25
 
 
-def store_router(watch: StoreWatch, require: Callable[[str], Callable[..., Principal]], audit: Audit,
+def store_router(watch: StoreWatch, require: Require, audit: Audit,
                  via: str = "") -> APIRouter:
     router = APIRouter(prefix="/api/v1/store", tags=["store"])
     responses = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -98,12 +99,35 @@ def test_crash_loop_backs_off_then_fatal_with_one_notification(make_sup, events)
     assert proc(sup, "bad")["state"] == "fatal" and proc(sup, "bad")["restarts"] == 4  # no more restarts
 
 
-def test_frozen_checker_is_replaced_and_supervision_goes_on(make_sup, events) -> None:
+class FirstCheckerHangs(Supervisor):
+    """Once `hang` is set, the first checker thread stops beating, as if stuck in a call that never
+    returns (the supervisor has no such call on purpose); what the guard does about it is under test."""
+
+    def __init__(self, *args, **kw) -> None:  # noqa: ANN002,ANN003 - Supervisor's
+        super().__init__(*args, **kw)
+        self.hang = threading.Event()
+
+    def _sync_selector(self, *args) -> None:  # noqa: ANN002 - Supervisor's
+        if self.hang.is_set() and threading.current_thread().name == "watchdog-checker-1":
+            while self.generation == 1 and self.running:
+                time.sleep(0.05)
+        super()._sync_selector(*args)
+
+
+def test_frozen_checker_is_replaced_and_supervision_goes_on(events) -> None:
     port = free_port()
-    sup = make_sup(http_program(port))
+    sup = FirstCheckerHangs([http_program(port)], on_event=events.append)
+    sup.start()
+    try:
+        frozen_checker_is_replaced(sup, events)
+    finally:
+        sup.stop()
+
+
+def frozen_checker_is_replaced(sup: FirstCheckerHangs, events: list[AgentEvent]) -> None:
     p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
     assert sup.snapshot()[1].generation == 1
-    sup.freeze_checker_for_test()
+    sup.hang.set()
     wd = wait_for("new checker", lambda: (wd := sup.snapshot()[1]).generation == 2 and wd.checker_alive and wd)
     assert wd.thread_restarts == 1 and wd.guard_alive
     # the event is sent by the guard after it has published the new checker

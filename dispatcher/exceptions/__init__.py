@@ -1,6 +1,7 @@
 """Exceptions from services: ingest (own batches and Sentry envelopes), grouping, triage.
 
-Wire into the ops app with `app.include_router(exceptions_router(rt, require))`.
+Wired into the ops app by `dispatcher.ops_api.create_ops_app`, with the store built by the
+composition root (`dispatcher.main`).
 """
 
 from dispatcher.exceptions.api import exceptions_router

@@ -10,7 +10,6 @@ neither lost nor doubled. Its id is derived from the stream entry, so a retry st
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -30,14 +29,16 @@ from ctops.capture.wire import (
     IngestResult,
     TailPage,
 )
+from ctops.config import Limits
 from ctops.opsapi import GroupAction
 from ctops.rejects import EXCEPTIONS, REJECTS
 from ctops.wire import ErrorBody
+from dispatcher.events import EventLog
 from dispatcher.exceptions.sentry import EnvelopeError, inflate, load_json, parse_envelope, sentry_key, to_event
 from dispatcher.exceptions.store import ExceptionStore, Ingested
-from dispatcher.ops_api import ApiError
+from dispatcher.ops.auth import Audit, Authenticate, Require
+from dispatcher.ops.errors import ApiError
 from dispatcher.ratelimit import TokenBuckets, retry_after_header
-from dispatcher.runtime import Runtime
 
 log = logging.getLogger("ctops.dispatcher.exceptions")
 
@@ -48,7 +49,6 @@ _404: dict[int | str, dict[str, object]] = {404: {"model": ErrorBody, "descripti
 _SENTRY_RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorBody, "description": "project id is not a Sentry project id"},
     415: {"model": ErrorBody, "description": "unsupported Content-Encoding"}}
-Authenticate = Callable[[Request, str | None, str], Awaitable[Principal]]
 Status = GroupStatus
 
 
@@ -62,13 +62,9 @@ def event_matches(q: str, e: ExceptionEvent) -> bool:
     return matches(q, e.type, e.message, e.service, e.host)
 
 
-def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Principal]],
-                      authenticate: Authenticate) -> APIRouter:
-    lim = rt.dep.limits
-    store = ExceptionStore(rt.redis, rt.keys.prefix, lim.exceptions_stream_max, lim.exceptions_max_groups,
-                           lim.exceptions_ttl_s, reader=f"dispatcher:{rt.spec.name}")
+def exceptions_router(store: ExceptionStore, event_log: EventLog, audit: Audit, lim: Limits, via: str,
+                      require: Require, authenticate: Authenticate) -> APIRouter:
     router = APIRouter(tags=["exceptions"])
-    rt.exceptions = store  # type: ignore[attr-defined] - for benchmarks and tests that hold the runtime
     # per token: a Sentry DSN's key is a token too, so varying the project buys no extra rate
     buckets = TokenBuckets(lim.exceptions_per_s, lim.exceptions_burst)
 
@@ -90,7 +86,7 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
         for gid, sid, e in done.regressed:
             msg = f"{e.type} regressed on {e.host} ({e.service}): {e.message[:200]}"
             try:
-                await rt.events.emit("exception_regressed", "warning", msg, f"dispatcher:{rt.spec.name}", gid,
+                await event_log.emit("exception_regressed", "warning", msg, f"dispatcher:{via}", gid,
                                      event_id=f"exc-regressed:{gid}:{sid}")
             except (RedisError, OSError) as exc:
                 log.warning("cannot record the regression of %s: %s", gid, exc)
@@ -154,11 +150,11 @@ def exceptions_router(rt: Runtime, require: Callable[[str], Callable[..., Princi
         g = await store.set_status(gid, action, minutes=minutes, assignee=(assignee or "").strip() or None) \
             if re.match(_GID, gid) else None
         if g is None:
-            await rt.store.audit(who.name, who.role, action, target, "unknown group", rt.spec.name)
+            await audit(who.name, who.role, action, target, "unknown group", via)
             raise ApiError(404, f"unknown exception group {gid!r}")
         what = {"mute": f"muted for {minutes} min", "assign": f"assigned to {g.assignee or 'nobody'}"}.get(
             action, f"now {g.status}")
-        await rt.store.audit(who.name, who.role, f"exception_{action}", target, f"ok: {what}", rt.spec.name)
+        await audit(who.name, who.role, f"exception_{action}", target, f"ok: {what}", via)
         return GroupActionResult(ok=True, group=g, by=who.name)
 
     async def _group_or_404(gid: str) -> GroupView:

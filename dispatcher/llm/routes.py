@@ -5,7 +5,6 @@ Actions are stored in Redis, which every dispatcher's pool polls, and applied to
 
 # no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -14,12 +13,10 @@ from ctops.auth import Principal
 from ctops.opsapi import ProviderAction
 from ctops.wire import ErrorBody, LLMActionResult, LLMPoolView
 from dispatcher.llm.pool import LLMPool
-
-# (who, role, action, target, result, via), e.g. Store.audit
-Audit = Callable[[str, str, str, str, str, str], Awaitable[None]]
+from dispatcher.ops.auth import Audit, Require
 
 
-def llm_router(pool: LLMPool, require: Callable[[str], Callable[..., Principal]], audit: Audit,
+def llm_router(pool: LLMPool, require: Require, audit: Audit,
                via: str = "") -> APIRouter:
     router = APIRouter(prefix="/api/v1/llm", tags=["llm"])
     responses = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}

@@ -1,0 +1,61 @@
+"""Cluster state and heartbeats: who am I, agents' heartbeats, the dispatchers' mutual heartbeat,
+and the state view (servers, hosts, dispatchers, store, data-plane counters)."""
+
+# no `from __future__ import annotations`: FastAPI must see the closures in the annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from ctops.auth import Principal
+from ctops.clock import now_ms
+from ctops.config import DispatcherSpec
+from ctops.wire import ClusterState, Heartbeat, HeartbeatAck, PeerHeartbeat
+from dispatcher.events import EventLog
+from dispatcher.lease import Lease
+from dispatcher.ops.auth import Auth
+from dispatcher.ops.errors import R404, ApiError
+from dispatcher.peers import Peers
+from dispatcher.store import Store
+
+ClusterStateView = Callable[[dict | None], Awaitable[ClusterState]]
+
+
+def cluster_router(auth: Auth, store: Store, events: EventLog, lease: Lease, peers: Peers,
+                   dispatchers: list[DispatcherSpec], known_hosts: frozenset[str],
+                   cluster_state: ClusterStateView, proxy_counters: Callable[[], dict] | None) -> APIRouter:
+    router = APIRouter()
+    dispatcher_names = {d.name for d in dispatchers}
+
+    @router.get("/api/v1/whoami")
+    async def whoami(who: Annotated[Principal, Depends(auth.principal)]) -> dict[str, str]:
+        return {"name": who.name, "role": who.role}
+
+    @router.post("/api/v1/heartbeat", response_model=HeartbeatAck, responses=R404)
+    async def heartbeat(hb: Heartbeat, request: Request,
+                        who: Annotated[Principal, Depends(auth.require("agent"))]) -> HeartbeatAck:
+        await auth.for_host(request, who, hb.host)
+        if hb.host not in known_hosts:
+            raise ApiError(404, f"unknown host {hb.host!r}", detail={"known": sorted(known_hosts)})
+        await store.save_heartbeat(hb, now_ms())
+        if hb.events:
+            await events.ingest_agent_events(hb.host, hb.events)
+        leader = lease.leader_name
+        url = next((d.ops_url for d in dispatchers if d.name == leader), None)
+        return HeartbeatAck(ok=True, leader=leader, leader_ops_url=url)
+
+    @router.get("/api/v1/state", response_model=ClusterState)
+    async def state(_: Annotated[Principal, Depends(auth.require("read"))]) -> ClusterState:
+        return await cluster_state(proxy_counters() if proxy_counters is not None else None)
+
+    @router.post("/api/v1/peer/heartbeat", response_model=PeerHeartbeat, responses=R404)
+    async def peer_heartbeat(hb: PeerHeartbeat,
+                             who: Annotated[Principal, Depends(auth.require("peer"))]) -> PeerHeartbeat:
+        if not who.speaks_for_dispatcher(hb.name):
+            raise ApiError(403, f"peer token {who.name!r} is for dispatcher {who.dispatcher!r}, not {hb.name!r}")
+        if hb.name not in dispatcher_names:
+            raise ApiError(404, f"unknown dispatcher {hb.name!r}")
+        return peers.received(hb)
+
+    return router
