@@ -11,6 +11,7 @@ import asyncio
 import signal
 import socket
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import get_args
 
 import httpx
@@ -23,8 +24,8 @@ from ctops.auth import Principal
 from ctops.failover import MAYBE_DONE, Failover, TryNext, Unreachable
 from ctops.opsclient import OpsClient
 from dispatcher.llm.pool import LLMPool
-from dispatcher.ops_api import create_ops_app
-from dispatcher.runtime import Runtime
+from dispatcher.main import build as build_parts
+from dispatcher.main import ops_app
 
 
 def ops_openapi() -> dict:
@@ -35,10 +36,10 @@ def ops_openapi() -> dict:
 
     async def build() -> dict:
         redis = Redis.from_url("redis://127.0.0.1:1/0")  # never connected: building the app reads nothing
-        rt = Runtime(dep, dep.dispatchers[0], redis, redis)
-        rt.llm = LLMPool(dep.llm_providers, dep.llm, None, None, lambda *_: None, "A")
+        parts = build_parts(dep, dep.dispatchers[0], redis, redis)
+        llm = SimpleNamespace(pool=LLMPool(dep.llm_providers, dep.llm, None, None, lambda *_: None, "A"))
         try:
-            return create_ops_app(rt).openapi()
+            return ops_app(parts, llm=llm).openapi()  # type: ignore[arg-type] - only .pool is read
         finally:
             await redis.aclose()
 
