@@ -172,6 +172,8 @@ class ClusterState(_Wire):
     # the serving dispatcher's data-plane counters: requests, retries, redispatches, errors by kind
     proxy: dict[str, Any] | None = None
     store: StoreView | None = None
+    # the data-plane build this dispatcher imported: kind (compiled | python), module, stale, hashes
+    data_plane: dict[str, Any] | None = None
 
 
 class ActionResult(_Wire):

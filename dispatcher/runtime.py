@@ -22,6 +22,7 @@ from dispatcher.integrity import repair_admin_state
 from dispatcher.lease import Lease, NotLeader
 from dispatcher.llm.pool import LLMPool
 from dispatcher.peers import Peers
+from dispatcher.planebuild import data_plane_build
 from dispatcher.pool import Backend, ServerPool
 from dispatcher.store import Store
 from dispatcher.storewatch import StoreEvent, StoreWatch
@@ -290,7 +291,8 @@ class Runtime:
         plane = getattr(self.pool, "data_plane", None)
         return ClusterState(cluster=dep.cluster, leader=leader, served_by=self.spec.name, now_ms=now,
                             dispatchers=dispatchers, servers=servers, hosts=hosts,
-                            proxy=plane.counters() if plane is not None else None, store=store)
+                            proxy=plane.counters() if plane is not None else None, store=store,
+                            data_plane=data_plane_build())
 
 
 def diagnose(b: Backend, host: HostView | None, store_down: str | None = None) -> tuple[str, str | None]:
