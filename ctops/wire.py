@@ -190,6 +190,8 @@ class ClusterState(_Wire):
     store: StoreView | None = None
     # delivered data refused or skipped where it arrived, cluster-wide, by source (ctops.rejects)
     rejected: dict[str, int] = Field(default_factory=dict)
+    # the data-plane build this dispatcher imported: kind (compiled | python), module, stale, hashes
+    data_plane: dict[str, Any] | None = None
 
 
 class ActionResult(_Wire):

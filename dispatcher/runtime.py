@@ -19,6 +19,7 @@ from dispatcher.health import HealthChecker
 from dispatcher.integrity import repair_admin_state
 from dispatcher.lease import Lease, NotLeader
 from dispatcher.peers import Peers
+from dispatcher.planebuild import data_plane_build
 from dispatcher.pool import Backend, ServerPool
 from dispatcher.store import Store
 from dispatcher.storewatch import StoreEvent, StoreWatch
@@ -268,7 +269,8 @@ class Runtime:
                     int((time.monotonic() - heard) * 1000) if heard else None)))
         return ClusterState(cluster=dep.cluster, leader=leader, served_by=self.spec.name, now_ms=now,
                             dispatchers=dispatchers, servers=servers, hosts=hosts, proxy=proxy, store=store,
-                            rejected=dict(self.storewatch.integrity.get("rejected") or {}))
+                            rejected=dict(self.storewatch.integrity.get("rejected") or {}),
+                            data_plane=data_plane_build())
 
 
 def diagnose(b: Backend, host: HostView | None, store_down: str | None = None) -> tuple[str, str | None]:

@@ -36,11 +36,23 @@ def _s(v: Any) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
+# a heartbeat replaces the stored one only if it was received later: a request held up by a store
+# outage (its write retried after the store is back) must not put an older state back over a newer one
+_SAVE_HEARTBEAT = """
+local cur = redis.call('HGET', KEYS[1], 'received_ms')
+if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'hb', ARGV[1], 'received_ms', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
+
+
 class Store:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.r = redis
         self.k = keys
         self.admin_damaged: list[str] = []  # servers whose staff state the last read found damaged
+        self._save_heartbeat = redis.register_script(_SAVE_HEARTBEAT)
 
     # --- servers -------------------------------------------------------------------------------
     def health_commands(self, backends: list[Backend], by: str) -> list[list[str | int | float]]:
@@ -79,13 +91,11 @@ class Store:
             await p.execute()
 
     # --- hosts ---------------------------------------------------------------------------------
-    async def save_heartbeat(self, hb: Heartbeat, received_ms: int) -> None:
-        pipe = self.r.pipeline(transaction=False)
+    async def save_heartbeat(self, hb: Heartbeat, received_ms: int) -> bool:
+        """Store a host's latest heartbeat; False if a later one is stored already (this one is kept out)."""
         # events are stored in the event stream, not with the host's last state
-        pipe.hset(self.k.host(hb.host), mapping={"hb": hb.model_dump_json(exclude={"events"}),
-                                                 "received_ms": received_ms})
-        pipe.sadd(self.k.hosts, hb.host)
-        await pipe.execute()
+        return bool(await self._save_heartbeat(keys=[self.k.host(hb.host), self.k.hosts],
+                                               args=[hb.model_dump_json(exclude={"events"}), received_ms, hb.host]))
 
     async def read_hosts(self, names: list[str]) -> dict[str, tuple[Heartbeat | None, int | None]]:
         pipe = self.r.pipeline(transaction=False)

@@ -4,7 +4,9 @@ is marked down by the checks; after SIGCONT it is up again after the rise count.
 from __future__ import annotations
 
 import signal
+import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
@@ -57,3 +59,44 @@ def test_states_are_published_to_redis_for_other_dispatchers(make_cluster) -> No
     st = c.state("B")
     assert st["leader"] in ("A", "B")
     assert {d["name"]: d["healthy"] for d in st["dispatchers"]} == {"A": True, "B": True}
+
+
+def test_down_server_comes_back_after_exactly_rise_passing_checks(make_cluster) -> None:
+    """trainer-1 is a scripted server that, for each passing readiness check, asks the dispatcher how
+    it sees the server before answering: the first `rise` passing checks find it still down, the
+    next one finds it up. Checks are allowed to take long (the server asks the ops API meanwhile)."""
+    rise = 3
+    c: Cluster = make_cluster(trainers=1, timings={"rise": rise, "health_timeout_ms": 5000})
+    mode = {"now": "ok"}
+    seen: list[str] = []
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            status = 200
+            if mode["now"] == "fail":
+                status = 503
+            elif mode["now"] == "rising":
+                seen.append(c.server("trainer-1")["health"])
+            body = b"{}"
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", c.ports["trainer-1"]), Ready)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        c.start("A")
+        c.wait_state("trainer-1", "up")
+        mode["now"] = "fail"
+        assert "HTTP 503" in (c.wait_state("trainer-1", "down")["last_error"] or "")
+        mode["now"] = "rising"
+        wait_for(f"{rise + 1} passing checks", lambda: len(seen) >= rise + 1)
+        assert seen[:rise + 1] == ["down"] * rise + ["up"], seen
+    finally:
+        srv.shutdown()
+        srv.server_close()

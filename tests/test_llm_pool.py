@@ -1,39 +1,32 @@
 """The dispatcher's LLM pool against real fake-LLM processes over real HTTP: failover, breakers,
 streaming through the real `openai` client, staff pin/disable shared through Redis, bad requests.
 
-Outcomes are asserted (who answered, how many calls each provider saw), never durations, except
-"well under the configured timeout" with a wide margin.
+Outcomes are asserted (who answered, how many calls each provider saw), never durations.
 """
 
-# no `from __future__ import annotations`: FastAPI must resolve the closures in ops_app's annotations
+from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 import openai
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 
 from ctops import config
-from ctops.auth import Principal, TokenBook, hash_token, new_token
+from ctops.auth import hash_token, new_token
 from ctops.keys import Keys
-from ctops.serving import serve_asgi
 from ctops_tools.procs import Child, ctops_argv, spawn, stop_all
 from ctops_tools.redis_embed import EmbeddedRedis, free_port
 from dispatcher.llm import LLMPoolHandle, start_llm_pool
 from dispatcher.llm.breaker import Breaker
-from dispatcher.llm.routes import llm_router
 from tests.cluster import wait_for
 from trainer.fake_llm import CONTROL_TOKEN_ENV, control_headers, control_token
 
 TIMEOUT_MS = 3000  # each fake's per-try timeout
-ROOT = Path(__file__).resolve().parent.parent
 TOKENS = {"operator": new_token(), "viewer": new_token()}
 
 
@@ -69,10 +62,10 @@ def calls(url: str) -> int:
     return httpx.get(url + "/_fake/stats", timeout=5).json()["requests"].get("total", 0)
 
 
-def deployment(fakes: dict[str, str], **llm: Any) -> config.Deployment:
+def deployment(fakes: dict[str, str], timeout_ms: int = TIMEOUT_MS, **llm: Any) -> config.Deployment:
     return config.parse({
         "dispatchers": [{"name": "A", "data": "127.0.0.1:1", "ops": "127.0.0.1:2"}],
-        "llm_providers": [{"name": n, "base_url": f"{u}/v1", "priority": i, "timeout_ms": TIMEOUT_MS}
+        "llm_providers": [{"name": n, "base_url": f"{u}/v1", "priority": i, "timeout_ms": timeout_ms}
                           for i, (n, u) in enumerate(fakes.items(), start=1)],
         "llm": {"cooldown_ms": 1000, "health_interval_ms": 500, **llm},
         "tokens": [{"name": f"test-{r}", "role": r, "sha256": hash_token(t)} for r, t in TOKENS.items()],
@@ -187,13 +180,10 @@ async def test_primary_500s_then_hangs_requests_keep_succeeding_without_waiting(
         set_mode(fakes["primary"], "hang")
         base = calls(fakes["primary"])
         for _ in range(8):
-            started = time.monotonic()
             r = await chat(c, h)
-            took = time.monotonic() - started
             assert r.status_code == 200 and r.headers["x-ctops-llm-provider"] == "secondary"
-            # wide margin: a request that waited for the hung primary would take the full 3 s timeout
-            assert took < TIMEOUT_MS / 1000 / 2, f"a request waited {took:.2f}s: it must not wait on an open breaker"
             await asyncio.sleep(0.2)  # spread over more than one cooldown, so probes happen meanwhile
+        # no request was sent to the hung primary (so none waited on it): it saw background probes only
         assert calls(fakes["primary"]) - base <= h.pool.by_name["primary"].probes
         assert provider(h, "primary")["breaker"] != "closed"
 
@@ -207,7 +197,9 @@ async def test_primary_500s_then_hangs_requests_keep_succeeding_without_waiting(
 
 async def test_healthy_primary_that_hangs_is_hedged_and_breaker_opens_after_three(
         fakes: dict[str, str], pools: Pools) -> None:
-    h = await pools.start(deployment(fakes))
+    # tries may take 10 minutes: a request the pool did not hedge would outlast the client's 30 s
+    # timeout below and fail, so an answer shows the hedge (no duration is measured)
+    h = await pools.start(deployment(fakes, timeout_ms=600_000, total_timeout_ms=600_000))
     async with httpx.AsyncClient() as c:
         for _ in range(8):  # the pool learns the primary's usual latency
             assert (await chat(c, h)).headers["x-ctops-llm-provider"] == "primary"
@@ -215,11 +207,9 @@ async def test_healthy_primary_that_hangs_is_hedged_and_breaker_opens_after_thre
         base = calls(fakes["primary"])
         results = []
         for _ in range(10):
-            started = time.monotonic()
             r = await chat(c, h)
-            results.append((r.status_code, r.headers.get("x-ctops-llm-provider"), time.monotonic() - started))
-        assert all(s == 200 and p == "secondary" for s, p, _ in results), results
-        assert all(t < TIMEOUT_MS / 1000 / 2 for *_, t in results), results
+            results.append((r.status_code, r.headers.get("x-ctops-llm-provider")))
+        assert all(s == 200 and p == "secondary" for s, p in results), results
         await async_wait("primary's breaker to open", lambda: provider(h, "primary")["breaker"] != "closed")
         # at most 3 stalled tries opened the breaker; anything more is a background probe
         assert calls(fakes["primary"]) - base <= 3 + h.pool.by_name["primary"].probes
@@ -272,96 +262,58 @@ async def test_streaming_through_the_pool_with_the_openai_client(fakes: dict[str
     client.close()
 
 
-# --- staff control ------------------------------------------------------------------------------------------
-def ops_app(h: LLMPoolHandle, dep: config.Deployment, audit_log: list[tuple[str, ...]]) -> FastAPI:
-    """The slice of the ops API the router needs: real bearer tokens and roles."""
-    book = TokenBook(dep)
-    app = FastAPI()
+# --- staff control, through real dispatchers ----------------------------------------------------------------
+def test_pin_and_disable_change_routing_at_once_on_every_dispatcher(make_cluster: Callable[..., Any]) -> None:
+    """Two real dispatchers over one Redis: a pin or disable made on one takes effect there at once
+    and on the other soon after; each is audited by the dispatcher's real audit log."""
+    c = make_cluster(dispatchers=("A", "B"), trainers=1)
+    c.start_all()
+    fake = {p: f"http://127.0.0.1:{c.ports[p]}" for p in ("primary", "secondary")}
+    lead = wait_for("a leader", lambda: c.state("A")["leader"])
+    other = "B" if lead == "A" else "A"
+    ops = f"{c.ops_url(lead)}/api/v1/llm/providers"
+    op, viewer = c.auth("operator"), c.auth("viewer")
 
-    @app.exception_handler(HTTPException)
-    async def _err(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, exc.status_code)
+    def served_by(d: str) -> str:
+        r = httpx.post(f"{c.data_url(d)}/llm/v1/chat/completions", timeout=30,
+                       json={"model": "gpt-4", "messages": [{"role": "user", "content": "Exercise: fizzbuzz"}]})
+        assert r.status_code == 200, r.text
+        return r.headers["x-ctops-llm-provider"]
 
-    def principal(request: Request) -> Principal:
-        who = book.lookup(request.headers.get("authorization", "").removeprefix("Bearer ").strip())
-        if who is None:
-            raise HTTPException(401, "invalid token")
-        return who
+    assert served_by(lead) == "primary"
+    assert httpx.post(f"{ops}/secondary/pin", headers=viewer).status_code == 403
+    assert httpx.post(f"{ops}/secondary/pin").status_code == 401
+    assert httpx.post(f"{ops}/nobody/pin", headers=op).status_code == 404
 
-    def require(grant: str) -> Callable[..., Principal]:
-        def dep_(who: Annotated[Principal, Depends(principal)]) -> Principal:
-            if not who.may(grant):
-                raise HTTPException(403, f"role {who.role!r} may not do this")
-            return who
-        return dep_
+    r = httpx.post(f"{ops}/secondary/pin", headers=op, timeout=10)
+    assert r.status_code == 200 and r.json()["pinned"] == "secondary", r.text
+    assert served_by(lead) == "secondary", "a pin takes effect at once where it was made"
+    wait_for(f"{other} to follow the pin", lambda: served_by(other) == "secondary")
 
-    async def audit(*entry: str) -> None:
-        audit_log.append(entry)
+    assert httpx.post(f"{ops}/secondary/unpin", headers=op, timeout=10).status_code == 200
+    assert served_by(lead) == "primary"
 
-    app.include_router(llm_router(h.pool, require, audit, via="A"))
-    return app
+    r = httpx.post(f"{ops}/primary/disable", headers=op, timeout=10)
+    assert r.status_code == 200 and r.json()["provider_state"]["state"] == "disabled", r.text
+    before = calls(fake["primary"])
+    assert [served_by(lead) for _ in range(3)] == ["secondary"] * 3
+    wait_for(f"{other} to follow the disable", lambda: served_by(other) == "secondary")
+    assert [served_by(other) for _ in range(3)] == ["secondary"] * 3
+    assert calls(fake["primary"]) == before, "a disabled provider gets no requests"
+    assert httpx.post(f"{ops}/primary/pin", headers=op, timeout=10).status_code == 409
 
+    listing = httpx.get(f"{c.ops_url(other)}/api/v1/llm/providers", headers=viewer, timeout=10).json()
+    assert {p["name"]: p["state"] for p in listing["providers"]} == {"primary": "disabled", "secondary": "up"}
 
-async def test_pin_and_disable_change_routing_at_once_on_every_dispatcher(
-        fakes: dict[str, str], pools: Pools) -> None:
-    dep = deployment(fakes)
-    a = await pools.start(dep, "A")
-    b = await pools.start(dep, "B")  # another dispatcher sharing the same Redis
-    audit_log: list[tuple[str, ...]] = []
-    port = free_port()
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve_asgi(ops_app(a, dep, audit_log), "127.0.0.1", port, stop))
-    ops = f"http://127.0.0.1:{port}/api/v1/llm/providers"
-    op = {"Authorization": f"Bearer {TOKENS['operator']}"}
-    viewer = {"Authorization": f"Bearer {TOKENS['viewer']}"}
-    try:
-        async with httpx.AsyncClient(timeout=10) as c:
-            await async_wait("ops app", lambda: True, probe=lambda: c.get(ops, headers=viewer))
-
-            async def served_by(h: LLMPoolHandle) -> str:
-                r = await chat(c, h)
-                assert r.status_code == 200, r.text
-                return r.headers["x-ctops-llm-provider"]
-
-            assert await served_by(a) == "primary"
-            assert (await c.post(f"{ops}/secondary/pin", headers=viewer)).status_code == 403
-            assert (await c.post(f"{ops}/secondary/pin")).status_code == 401
-            assert (await c.post(f"{ops}/nobody/pin", headers=op)).status_code == 404
-
-            r = await c.post(f"{ops}/secondary/pin", headers=op)
-            assert r.status_code == 200 and r.json()["pinned"] == "secondary", r.text
-            assert await served_by(a) == "secondary", "a pin takes effect at once where it was made"
-            await async_wait("B to see the pin", lambda: b.pool.pinned == "secondary")
-            assert await served_by(b) == "secondary"
-
-            assert (await c.post(f"{ops}/secondary/unpin", headers=op)).status_code == 200
-            assert await served_by(a) == "primary"
-
-            r = await c.post(f"{ops}/primary/disable", headers=op)
-            assert r.status_code == 200 and r.json()["provider_state"]["state"] == "disabled"
-            before = calls(fakes["primary"])
-            assert [await served_by(a) for _ in range(3)] == ["secondary"] * 3
-            await async_wait("B to see the disable", lambda: b.pool.by_name["primary"].disabled_by is not None)
-            assert await served_by(b) == "secondary"
-            assert calls(fakes["primary"]) == before
-            assert (await c.post(f"{ops}/primary/pin", headers=op)).status_code == 409
-
-            listing = (await c.get(ops, headers=viewer)).json()
-            assert {p["name"]: p["state"] for p in listing["providers"]} == {"primary": "disabled",
-                                                                            "secondary": "up"}
-
-            assert (await c.post(f"{ops}/primary/enable", headers=op)).status_code == 200
-            assert await served_by(a) == "primary"
-            await async_wait("B to see the enable", lambda: b.pool.by_name["primary"].disabled_by is None)
-            assert await served_by(b) == "primary"
-        actions = [(e[0], e[2], e[3], e[4].split(":")[0]) for e in audit_log]
-        assert ("test-operator", "llm_pin", "llm:secondary", "ok") in actions
-        assert ("test-operator", "llm_disable", "llm:primary", "ok") in actions
-        assert ("test-operator", "llm_enable", "llm:primary", "ok") in actions
-        assert ("test-operator", "llm_pin", "llm:nobody", "unknown provider") in actions
-    finally:
-        stop.set()
-        await server
+    assert httpx.post(f"{ops}/primary/enable", headers=op, timeout=10).status_code == 200
+    assert served_by(lead) == "primary"
+    wait_for(f"{other} to follow the enable", lambda: served_by(other) == "primary")
+    audit = httpx.get(f"{c.ops_url(other)}/api/v1/audit", headers=viewer, timeout=10).json()
+    actions = [(e["who"], e["action"], e["target"], e["result"].split(":")[0]) for e in audit]
+    assert ("test-operator", "llm_pin", "llm:secondary", "ok") in actions
+    assert ("test-operator", "llm_disable", "llm:primary", "ok") in actions
+    assert ("test-operator", "llm_enable", "llm:primary", "ok") in actions
+    assert ("test-operator", "llm_pin", "llm:nobody", "unknown provider") in actions
 
 
 async def async_wait(what: str, cond: Callable[[], bool], timeout: float = 30.0,
@@ -380,10 +332,6 @@ async def async_wait(what: str, cond: Callable[[], bool], timeout: float = 30.0,
 
 
 # --- through a real dispatcher ---------------------------------------------------------------------------------
-WIRED = "start_llm_pool" in (ROOT / "dispatcher" / "main.py").read_text()
-
-
-@pytest.mark.skipif(not WIRED, reason="the LLM pool is not wired into dispatcher/main.py yet")
 def test_through_a_real_dispatcher_data_port_and_ops_api(make_cluster: Callable[..., Any]) -> None:
     c = make_cluster(trainers=1)
     c.start_all()

@@ -49,21 +49,32 @@ def test_killed_process_gives_one_restart_event(make_cluster) -> None:
 
 
 class Receiver:
-    """A webhook receiver that can be taken down and brought back on the same port."""
+    """A webhook receiver that can be taken down and brought back on the same port, and told to
+    answer the first post holding an event of a given kind with 500 (it read it, but the sender must
+    not count it delivered)."""
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.messages: list[dict] = []
+        self.messages: list[dict] = []  # those answered 2xx, in the order they came
+        self.attempts: list[tuple[int, dict]] = []  # every post read, with the status it got
+        self.fail_once_on: str | None = None
         self.server: ThreadingHTTPServer | None = None
 
     def up(self) -> None:
-        messages = self.messages
+        rx = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                messages.append(json.loads(body))
-                self.send_response(204)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = 204
+                if rx.fail_once_on and any(e["kind"] == rx.fail_once_on for e in body["events"]):
+                    rx.fail_once_on = None
+                    status = 500
+                else:
+                    rx.messages.append(body)
+                rx.attempts.append((status, body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *a: object) -> None:
@@ -90,8 +101,8 @@ def post_events(c: Cluster, evs: list[dict], seq: int) -> None:
     assert r.status_code == 200, r.text
 
 
-def ev(kind: str, target: str, n: int) -> dict:
-    return {"id": uuid.uuid4().hex, "kind": kind, "process": target, "severity": "warning",
+def ev(kind: str, target: str, n: int, severity: str = "warning") -> dict:
+    return {"id": uuid.uuid4().hex, "kind": kind, "process": target, "severity": severity,
             "message": f"{kind} {target} #{n}", "ts_ms": 1}
 
 
@@ -117,7 +128,8 @@ def test_webhook_receiver_down_then_back_gets_every_event_once(make_cluster, tmp
         return [e for e in rx.events() if e["kind"] in ours]
 
     wait_for("every event delivered", lambda: sum(e["count"] for e in mine()) >= 7, timeout=60)
-    assert sorted(e["kind"] for e in mine()) == sorted(ours)  # each once
+    # each once, in the order they happened (the repeated heartbeat stored nothing twice)
+    assert [e["kind"] for e in mine()] == [e["kind"] for e in sent + later]
     assert all(e["count"] == 1 for e in mine())
     ids = [i for e in rx.events() for i in e["ids"]]
     assert len(ids) == len(set(ids))
@@ -135,3 +147,43 @@ def test_webhook_groups_a_burst(make_cluster) -> None:
     got = wait_for("grouped message", lambda: [e for e in rx.events() if e["target"] == "trainer-9"])
     assert len(got) == 1 and got[0]["count"] == 10 and len(got[0]["ids"]) == 10
     rx.down()
+
+
+def test_webhook_min_severity_and_delivery_id(make_cluster) -> None:
+    """`min_severity` leaves out what is below it, in order; a message the receiver answered 500 is
+    sent again with the same `delivery_id` (so the receiver can drop the repeat), and different
+    messages have different ids."""
+    every, picky = Receiver(), Receiver()
+    every.up()
+    picky.up()
+    c: Cluster = make_cluster(trainers=1)
+    with open(c.config, "a") as f:
+        f.write(f'[[webhooks]]\nname = "every"\nurl = "http://127.0.0.1:{every.port}/hook"\ngroup_window_ms = 0\n'
+                f'[[webhooks]]\nname = "picky"\nurl = "http://127.0.0.1:{picky.port}/hook"\n'
+                'min_severity = "warning"\ngroup_window_ms = 0\n')
+    c.start_all()
+    every.fail_once_on = "sev-a"
+    sent = [ev("sev-a", "p1", 1, "info"), ev("sev-b", "p2", 2, "warning"), ev("sev-c", "p3", 3, "critical"),
+            ev("sev-d", "p4", 4, "info"), ev("sev-e", "p5", 5, "critical")]
+    post_events(c, sent, 1)
+    ours = {e["kind"] for e in sent}
+
+    def got(rx: Receiver) -> list[str]:
+        return [e["kind"] for e in rx.events() if e["kind"] in ours]
+
+    wait_for("every event at 'every'", lambda: len(got(every)) == 5, timeout=60)
+    wait_for("warnings and up at 'picky'", lambda: len(got(picky)) >= 3, timeout=60)
+    assert got(every) == ["sev-a", "sev-b", "sev-c", "sev-d", "sev-e"]
+    assert got(picky) == ["sev-b", "sev-c", "sev-e"]
+    assert all(e["severity"] in ("warning", "critical") for e in picky.events())
+    # the refused post and its retry carry the same delivery_id; delivered messages differ
+    status, first = next((s, m) for s, m in every.attempts if any(e["kind"] in ours for e in m["events"]))
+    assert status == 500
+    retry = next(m for m in every.messages if any(e["kind"] in ours for e in m["events"]))
+    assert retry["delivery_id"] == first["delivery_id"] and retry["events"] == first["events"]
+    assert retry["webhook"] == "every" and retry["cluster"] == "test"
+    for rx in (every, picky):
+        ids = [m["delivery_id"] for m in rx.messages]
+        assert all(ids) and len(ids) == len(set(ids))
+    every.down()
+    picky.down()

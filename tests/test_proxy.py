@@ -26,6 +26,7 @@ import uvloop
 import dispatcher.proxy
 from ctops.config import ServerSpec
 from ctops_tools.redis_embed import free_port  # a port nobody listens on
+from dispatcher.planebuild import RECORD, data_plane_build
 from dispatcher.pool import ServerPool
 from dispatcher.proxy import ClientConnection, DataPlane, ProxySettings
 
@@ -46,9 +47,14 @@ BUILDS = {"installed": dispatcher.proxy, "source": proxy_source}
 PLANE = dispatcher.proxy  # the build the running test uses
 
 
+INSTALLED = data_plane_build()
+
+
 @pytest.fixture(autouse=True, params=list(BUILDS))
 def build(request: pytest.FixtureRequest) -> Iterator[str]:
     global PLANE
+    if request.param == "installed" and INSTALLED["kind"] != "compiled":
+        pytest.skip("the installed data plane is plain Python here (no compiled build): the 'source' run covers it")
     PLANE = BUILDS[request.param]
     yield request.param
     PLANE = dispatcher.proxy
@@ -233,14 +239,39 @@ def sha(data: bytes) -> str:
 
 
 def test_both_builds_are_tested() -> None:
-    """Where Cython and a C compiler are at hand, setup.py compiled the data plane and that build is the
-    one installed; the other build under test is the source, run as plain Python."""
+    """Where Cython and a C compiler are at hand, setup.py compiled the data plane from the sources as
+    they are now, and that build is the one installed; the other build under test is the source, run
+    as plain Python. Without a compiler this says so as a skip, with its reason."""
     import shutil
 
     assert Path(proxy_source.__file__).suffix == ".py" and hasattr(proxy_source.Request(None), "__dict__")
-    if importlib.util.find_spec("Cython") is not None and shutil.which("cc"):
-        assert Path(dispatcher.proxy.__file__).suffix == ".so", dispatcher.proxy.__file__
-        assert not hasattr(dispatcher.proxy.Request(None), "__dict__")  # requests are C structs
+    if INSTALLED["kind"] != "compiled":
+        assert importlib.util.find_spec("Cython") is None or not shutil.which("cc"), (
+            "Cython and a C compiler are here, yet the data plane runs as plain Python: run make")
+        pytest.skip("no Cython or C compiler: the data plane runs as plain Python; only the source build is tested")
+    assert Path(dispatcher.proxy.__file__).suffix == ".so", dispatcher.proxy.__file__
+    assert not INSTALLED["stale"], (f"{INSTALLED['module']} was compiled from other sources than "
+                                    "dispatcher/proxy.py and .pxd now: run make")
+    assert not hasattr(dispatcher.proxy.Request(None), "__dict__")  # requests are C structs
+
+
+def test_a_stale_compiled_build_is_found(tmp_path: Path) -> None:
+    """The record setup.py writes next to the compiled module names the sources it came from: an edit
+    since, or no record at all, makes the build stale."""
+    here = HERE.parent / "dispatcher"
+    module = tmp_path / "proxy.cpython-311-x86_64-linux-gnu.so"
+    module.write_bytes(b"not really a module; only its name and neighbours matter here")
+    for name in ("proxy.py", "proxy.pxd"):
+        (tmp_path / name).write_bytes((here / name).read_bytes())
+    assert data_plane_build(str(module))["stale"], "a compiled module without a record is stale"
+    current = data_plane_build(str(module))["source_sha256"]
+    (tmp_path / RECORD).write_text(json.dumps({"source_sha256": current}))
+    assert data_plane_build(str(module)) | {"module": ""} == {
+        "kind": "compiled", "module": "", "source_sha256": current, "built_from": current, "stale": False}
+    with (tmp_path / "proxy.py").open("a") as f:
+        f.write("# an edit after the build\n")
+    assert data_plane_build(str(module))["stale"]
+    assert not data_plane_build(str(tmp_path / "proxy.py"))["stale"], "plain Python is never stale"
 
 
 def test_get_and_post_with_length_and_chunks(backends: Backends) -> None:

@@ -178,14 +178,19 @@ def test_file_and_notify_liveness_replace_a_frozen_process(make_sup, tmp_path, k
     assert "hung" in q["last_exit"]
 
 
-def test_tcp_liveness_replaces_a_process_that_stopped_listening(make_sup) -> None:
+def test_tcp_liveness_replaces_a_process_that_stopped_listening(make_sup, events) -> None:
     port = free_port()
     sup = make_sup(ProcessSpec(name="web", command=[sys.executable, "-c", TCP_PROGRAM, str(port)],
                                liveness=LivenessSpec(kind="tcp", port=port, interval_ms=100, timeout_ms=300,
                                                      failures=2)))
     p = wait_for("running", lambda: (p := proc(sup))["state"] == "running" and p)
+    assert p["restarts"] == 0
     q = wait_for("replaced", lambda: (q := proc(sup))["pid"] not in (None, p["pid"]) and q)
-    assert "hung" in q["last_exit"] and p["restarts"] == 0
+    # read after the fault, from the snapshot that shows the replacement: it was counted and reported
+    assert "hung" in q["last_exit"] and q["restarts"] >= 1
+    wait_for("the old process killed", lambda: not pid_alive(p["pid"]))
+    hung = [e for e in events if e.kind == "process_restarted" and "hung" in e.message]
+    assert hung and hung[0].process == "web"
 
 
 def test_watchdog_sleeps_between_checks(make_sup) -> None:

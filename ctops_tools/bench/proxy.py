@@ -347,12 +347,10 @@ def measure(duration: float, connections: int, mix: str = "get") -> dict:
 
 
 def data_plane_build() -> str:
-    """Which build of the data plane runs here: compiled by setup.py, or its source as plain Python."""
-    import importlib.util
+    """Which build of the data plane runs here, a stale compiled one called out (dispatcher/planebuild.py)."""
+    from dispatcher import planebuild
 
-    spec = importlib.util.find_spec("dispatcher.proxy")
-    origin = (spec.origin or "") if spec else ""
-    return "plain Python" if origin.endswith(".py") else "compiled (Cython)"
+    return planebuild.describe(planebuild.data_plane_build())
 
 
 def _haproxy_version(path: str) -> str:
