@@ -82,7 +82,7 @@ def reset(c: Cluster) -> None:
 
 
 @pytest.fixture(scope="session")
-def _shared_standard(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) -> Iterator[list[Cluster]]:
+def shared_standard(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) -> Iterator[list[Cluster]]:
     """Started on first use; a holder, so a cluster that cannot be reset is replaced by a fresh one."""
     held: list[Cluster] = []
     yield held
@@ -99,7 +99,7 @@ def _fresh_standard(tmp_path_factory: pytest.TempPathFactory, redis_server: Embe
 
 @pytest.fixture
 def running_dispatcher(request: pytest.FixtureRequest, make_cluster: Callable[..., Cluster],
-                       _shared_standard: list[Cluster], tmp_path_factory: pytest.TempPathFactory,
+                       shared_standard: list[Cluster], tmp_path_factory: pytest.TempPathFactory,
                        redis_server: EmbeddedRedis) -> Cluster:
     """One dispatcher in front of three real trainer servers (no agents), all up. Has ops_url(),
     tokens, server_names. Shared by the tests of this process and reset before each (see `reset`),
@@ -108,16 +108,16 @@ def running_dispatcher(request: pytest.FixtureRequest, make_cluster: Callable[..
         c = make_cluster()
         c.start_all()
         return c
-    if _shared_standard:
+    if shared_standard:
         try:
-            reset(_shared_standard[0])
-            return _shared_standard[0]
+            reset(shared_standard[0])
+            return shared_standard[0]
         except (AssertionError, httpx.HTTPError) as exc:
             # a cluster a failed test left beyond repair: the next test gets a new one, and says why
             print(f"shared cluster could not be reset ({exc}); starting a new one")
-            _shared_standard.pop().stop()
-    _shared_standard.append(_fresh_standard(tmp_path_factory, redis_server))
-    return _shared_standard[0]
+            shared_standard.pop().stop()
+    shared_standard.append(_fresh_standard(tmp_path_factory, redis_server))
+    return shared_standard[0]
 
 
 def host(c: Cluster, name: str) -> dict:

@@ -86,4 +86,4 @@ def key_prefix(request: pytest.FixtureRequest) -> str:
     return f"t{os.getpid()}:{request.node.name[:40]}"
 
 
-from tests.cluster import make_cluster, running_dispatcher  # noqa: E402,F401 - fixtures for every test module
+from tests.cluster import make_cluster, running_dispatcher, shared_standard  # noqa: E402,F401 - fixtures for every test module
