@@ -46,11 +46,21 @@ BUILDS = {"installed": dispatcher.proxy, "source": proxy_source}
 PLANE = dispatcher.proxy  # the build the running test uses
 
 
-@pytest.fixture(autouse=True, params=list(BUILDS))
+# the tests that never touch the data plane (the pool alone, or which build is which) run once
+NO_DATA_PLANE = {"test_both_builds_are_tested", "test_least_outstanding_weights_and_slow_start"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.function.__name__ not in NO_DATA_PLANE:
+        metafunc.parametrize("build", list(BUILDS), indirect=True)
+
+
+@pytest.fixture(autouse=True)
 def build(request: pytest.FixtureRequest) -> Iterator[str]:
     global PLANE
-    PLANE = BUILDS[request.param]
-    yield request.param
+    name = getattr(request, "param", "installed")
+    PLANE = BUILDS[name]
+    yield name
     PLANE = dispatcher.proxy
 
 
