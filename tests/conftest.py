@@ -70,7 +70,25 @@ def _starts_processes(item: pytest.Item) -> bool:
     return _listed(item, PROCESS_TESTS) or bool(set(getattr(item, "fixturenames", ())) & PROCESS_FIXTURES)
 
 
+# Seconds a module takes on its own (measured one at a time on the 2-core machine, rounded). pytest-xdist
+# hands whole modules to workers in collection order, so the longest go first and the short ones fill
+# the gaps at the end; a module not listed counts as a middling one.
+MODULE_SECONDS = {
+    "test_leadership.py": 60, "test_console_ops.py": 50, "test_security.py": 45, "test_failover.py": 44,
+    "test_agent.py": 41, "test_ops_schema.py": 35, "test_console.py": 35, "test_integrity_events.py": 35,
+    "test_demo.py": 30, "test_llm_pool.py": 30, "test_notifications.py": 30, "test_store_ha.py": 30,
+    "test_status_exit.py": 30, "test_integrity.py": 28, "test_proxy.py": 28, "test_sandbox.py": 25,
+    "test_exceptions_console.py": 25, "test_diagnosis.py": 24, "test_store_sentinel.py": 20,
+    "test_store_outage.py": 20, "test_bench_store_failover.py": 19, "test_health.py": 18, "test_ops_api.py": 18,
+    "test_exceptions_api.py": 17, "test_checkpoints.py": 17, "test_console_store.py": 16, "test_trainer.py": 15,
+    "test_sdnotify.py": 12, "test_loopwatch.py": 12, "test_llm_errors.py": 11, "test_degraded.py": 11,
+}
+UNLISTED_SECONDS = 15
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # stable: tests keep their order within a module
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, UNLISTED_SECONDS))
     for item in items:
         item.add_marker(pytest.mark.cluster if _starts_processes(item) else pytest.mark.pure)
         if _listed(item, SERIAL_TESTS):

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from tests.cluster import Cluster, events, wait_for
+
+# the watch calls a loop stalled after 4 health rounds: short rounds, a short wait
+pytestmark = pytest.mark.quick_timings
 
 
 def test_stalled_health_loop_is_restarted_and_reported(make_cluster) -> None:
