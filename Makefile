@@ -31,16 +31,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-# Tests mostly wait on real processes. A module stays on one worker (its cluster fixtures are started
-# once), the longest modules first (tests/conftest.py orders them), and each worker hands out ports from
-# its own range. The few timing-sensitive tests (marked
-# `serial`: Redis pauses, hedging, CPU budgets) run afterwards, alone; both parts run, and either failing
-# fails the target.
+# Tests mostly wait on real processes. The tests of a module that shares a fixture (its cluster, its fake)
+# stay on one worker, together; the others spread over all workers, the longest modules first
+# (tests/conftest.py marks and orders them); each worker hands out ports from its own range. The few
+# timing-sensitive tests (marked `serial`: Redis pauses, hedging, CPU budgets) run afterwards, alone;
+# both parts run, and either failing fails the target.
 TEST_WORKERS ?= 3
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"; parallel=$$?; \
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not serial"; parallel=$$?; \
 	$(BIN)/pytest -m serial; serial=$$?; \
 	test $$parallel -eq 0 -a $$serial -eq 0
 

@@ -86,10 +86,21 @@ MODULE_SECONDS = {
 UNLISTED_SECONDS = 15
 
 
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(d.scope in ("module", "class", "package") for fixturedefs in defs for d in fixturedefs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # stable: tests keep their order within a module
     items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, UNLISTED_SECONDS))
     for item in items:
+        # under `--dist loadgroup` a module whose tests share a fixture (its cluster, its fake) stays on
+        # one worker, and the tests of the others spread over all workers
+        if _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
         item.add_marker(pytest.mark.cluster if _starts_processes(item) else pytest.mark.pure)
         if _listed(item, SERIAL_TESTS):
             item.add_marker(pytest.mark.serial)
