@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,18 +71,23 @@ def _starts_processes(item: pytest.Item) -> bool:
     return _listed(item, PROCESS_TESTS) or bool(set(getattr(item, "fixturenames", ())) & PROCESS_FIXTURES)
 
 
-# Seconds a module takes on its own (measured one at a time on the 2-core machine, rounded). pytest-xdist
-# hands whole modules to workers in collection order, so the longest go first and the short ones fill
-# the gaps at the end; a module not listed counts as a middling one.
+# Seconds a module takes on its own, one at a time on the 2-core machine (rounded; those measured while
+# the machine was busy scaled down). pytest-xdist hands out work in collection order, so the longest
+# pieces go first and short ones fill the gaps at the end: a module that stays on one worker is one
+# piece, the other modules' tests are pieces of their own (each counted at the module's average).
+# A module not listed counts as a middling one.
 MODULE_SECONDS = {
-    "test_leadership.py": 60, "test_console_ops.py": 50, "test_security.py": 45, "test_failover.py": 44,
-    "test_agent.py": 41, "test_ops_schema.py": 35, "test_console.py": 35, "test_integrity_events.py": 35,
-    "test_demo.py": 30, "test_llm_pool.py": 30, "test_notifications.py": 30, "test_store_ha.py": 30,
-    "test_status_exit.py": 30, "test_integrity.py": 28, "test_proxy.py": 28, "test_sandbox.py": 25,
-    "test_exceptions_console.py": 25, "test_diagnosis.py": 24, "test_store_sentinel.py": 20,
-    "test_store_outage.py": 20, "test_bench_store_failover.py": 19, "test_health.py": 18, "test_ops_api.py": 18,
-    "test_exceptions_api.py": 17, "test_checkpoints.py": 17, "test_console_store.py": 16, "test_trainer.py": 15,
-    "test_sdnotify.py": 12, "test_loopwatch.py": 12, "test_llm_errors.py": 11, "test_degraded.py": 11,
+    "test_store_ha.py": 70, "test_leadership.py": 60, "test_console_ops.py": 54, "test_security.py": 45,
+    "test_store_sentinel.py": 45, "test_failover.py": 44, "test_agent.py": 41, "test_trainer.py": 40,
+    "test_console.py": 39, "test_store_outage.py": 35, "test_integrity_events.py": 35, "test_demo.py": 33,
+    "test_llm_pool.py": 31, "test_notifications.py": 30, "test_status_exit.py": 30, "test_integrity.py": 28,
+    "test_proxy.py": 28, "test_ops_schema.py": 25, "test_watchdog.py": 25, "test_exceptions_console.py": 25,
+    "test_diagnosis.py": 24, "test_bench_store_failover.py": 19, "test_health.py": 18, "test_ops_api.py": 18,
+    "test_exceptions_api.py": 17, "test_checkpoints.py": 17, "test_console_store.py": 16, "test_sandbox.py": 15,
+    "test_spool.py": 14, "test_loopwatch.py": 12, "test_llm_errors.py": 11, "test_degraded.py": 11,
+    "test_fake_llm.py": 9, "test_envelope.py": 9, "test_idempotency.py": 9, "test_sdnotify.py": 8,
+    "test_redis_embed.py": 8, "test_capture.py": 7, "test_redis_files.py": 6, "test_integrity_contain.py": 6,
+    "test_backup.py": 5, "test_import_contracts.py": 4, "test_config.py": 4, "test_integrity_console.py": 3,
 }
 UNLISTED_SECONDS = 15
 
@@ -94,13 +100,19 @@ def _shares_a_module_fixture(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # stable: tests keep their order within a module
-    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, UNLISTED_SECONDS))
+    per_module = Counter(item.path.name for item in items)
+    weight: dict[str, float] = {}
     for item in items:
+        seconds = MODULE_SECONDS.get(item.path.name, UNLISTED_SECONDS)
         # under `--dist loadgroup` a module whose tests share a fixture (its cluster, its fake) stays on
         # one worker, and the tests of the others spread over all workers
         if _shares_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+            weight[item.nodeid] = seconds
+        else:
+            weight[item.nodeid] = seconds / per_module[item.path.name]
+    items.sort(key=lambda item: -weight[item.nodeid])  # stable: a module's tests keep their order
+    for item in items:
         item.add_marker(pytest.mark.cluster if _starts_processes(item) else pytest.mark.pure)
         if _listed(item, SERIAL_TESTS):
             item.add_marker(pytest.mark.serial)
