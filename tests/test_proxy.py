@@ -56,11 +56,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(autouse=True)
-def build(request: pytest.FixtureRequest) -> Iterator[str]:
+def build(request: pytest.FixtureRequest) -> Iterator[str | None]:
     global PLANE
-    name = getattr(request, "param", "installed")
-    PLANE = BUILDS[name]
-    yield name
+    param = getattr(request, "param", None)  # None: a test in NO_DATA_PLANE
+    PLANE = BUILDS[param or "installed"]
+    yield param
     PLANE = dispatcher.proxy
 
 
