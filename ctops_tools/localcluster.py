@@ -52,6 +52,16 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, ev
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+# Frequent checks, so a test sees a change soon, with generous limits: on a busy 2-core machine a
+# starved (not hung) trainer must not go suspect, nor a starved dispatcher think its loop blocked.
+DEFAULT_TIMINGS = {"heartbeat_interval_ms": 300, "health_interval_ms": 200, "health_timeout_ms": 1500,
+                   "fall": 3, "rise": 2, "heartbeat_timeout_ms": 6000, "loop_blocked_exit_ms": 10_000}
+# For the tests that freeze or kill parts and wait for the cluster to notice: a frozen trainer is
+# down within about a second, and a dispatcher frozen for longer than 2 s shows it does not take
+# being frozen for a blocked loop and exit on thaw.
+QUICK_TIMINGS = {"health_timeout_ms": 300, "fall": 2, "heartbeat_timeout_ms": 4000, "loop_blocked_exit_ms": 2000}
+
+
 @dataclass
 class Cluster:
     root: Path
@@ -103,10 +113,7 @@ class Cluster:
         return [f"host-{i}" for i in range(1, self.trainers + 1)]
 
     def _toml(self) -> str:
-        timings = {"heartbeat_interval_ms": 300, "health_interval_ms": 200, "health_timeout_ms": 300,
-                   "fall": 2, "rise": 2, "heartbeat_timeout_ms": 4000,
-                   # short, so that freezing a dispatcher in a test also shows it does not exit on thaw
-                   "loop_blocked_exit_ms": 2000, **self.timings}
+        timings = {**DEFAULT_TIMINGS, **self.timings}
         out = ['cluster = "test"', self._redis_toml(), "[proxy]", 'affinity_key_env = "CTOPS_AFFINITY_KEY"',
                "[timings]"]
         out += [f"{k} = {v}" for k, v in timings.items()]

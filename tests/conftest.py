@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,120 @@ if _worker.startswith("gw") and _worker[2:].isdigit():
     use_port_range(12000 + 2500 * int(_worker[2:]), 12000 + 2500 * int(_worker[2:]) + 2499)
 
 
+# --- markers: `pure` (in this process only) or `cluster` (Redis, services or other processes) ------
+
+# Fixtures that start processes: a test using any of them, directly or through another fixture, is
+# a cluster test.
+PROCESS_FIXTURES = {"redis_server", "make_cluster", "backends", "fake", "fakes", "busy_fake", "store", "make_sup"}
+# Tests that start processes in their own body (or in a helper it calls): whole modules, or single
+# tests as "module.py::name" (any parametrization).
+PROCESS_TESTS = {
+    "test_backup.py", "test_bench_store_failover.py", "test_demo.py", "test_import_contracts.py",
+    "test_redis_embed.py", "test_redis_files.py", "test_sandbox.py",
+    "test_config.py::test_program_stops_at_start_naming_setting_and_file",
+    "test_config.py::test_agent_without_its_token_env_stops_with_a_clear_message",
+    "test_console.py::test_sighup_exits_cleanly",
+    "test_console.py::test_terminal_gone_without_a_sighup_exits_cleanly",
+    "test_fake_llm.py::test_a_fake_started_without_a_token_refuses_every_switch",
+    "test_security.py::test_a_token_scope_that_names_nothing_stops_the_program",
+    "test_store_ha.py::test_no_new_leader_until_a_replica_has_the_epoch",
+    "test_store_ha.py::test_writes_wait_for_a_replica_learner_refused_staff_kept",
+    "test_store_ha.py::test_store_started_again_on_its_workdir_comes_back_as_it_was_left",
+    "test_trainer.py::test_store_loss_is_a_json_503_with_retry_after_and_only_readiness_reports_it",
+    "test_trainer.py::test_unknown_server_name_is_a_clear_error",
+    "test_watchdog.py::test_a_socket_handed_to_another_pid_is_not_taken",
+    # README-claim tests of helper "claims", merged alongside
+    "test_claims_sdnotify.py", "test_claims_loopwatch.py::test_a_blocked_event_loop_makes_the_process_exit",
+}
+
+
+# Tests whose outcome depends on having the CPU to themselves: Redis paused or frozen under a
+# cluster, LLM requests hedged after a stall, sandbox runs against their CPU and process budgets.
+# `make test` runs them after the rest, one at a time.
+SERIAL_TESTS = {
+    "test_leadership.py::test_redis_pauses_never_make_two_leaders",
+    "test_store_outage.py::test_frozen_redis_restarts_nothing_and_is_reported_as_shared_state",
+    "test_store_outage.py::test_the_leader_keeps_leading_after_a_store_outage",
+    "test_llm_pool.py::test_primary_500s_then_hangs_requests_keep_succeeding_without_waiting",
+    "test_llm_pool.py::test_healthy_primary_that_hangs_is_hedged_and_breaker_opens_after_three",
+    "test_sandbox.py::test_fork_bomb_is_stopped_and_the_next_run_is_fine",
+    "test_sandbox.py::test_parallel_runs_do_not_disturb_each_other",
+    "test_sandbox.py::test_memory_budget_is_for_the_whole_run",
+    "test_claims_outage.py",  # freezes Redis under a cluster
+}
+
+
+def _listed(item: pytest.Item, table: set[str]) -> bool:
+    module = item.path.name
+    return module in table or f"{module}::{getattr(item, 'originalname', item.name)}" in table
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    return _listed(item, PROCESS_TESTS) or bool(set(getattr(item, "fixturenames", ())) & PROCESS_FIXTURES)
+
+
+# Seconds a module takes on its own, one at a time on the 2-core machine (rounded; those measured while
+# the machine was busy scaled down). pytest-xdist hands out work in collection order, so the longest
+# pieces go first and short ones fill the gaps at the end: a module that stays on one worker is one
+# piece, the other modules' tests are pieces of their own (each counted at the module's average).
+# A module not listed counts as a middling one.
+MODULE_SECONDS = {
+    "test_store_ha.py": 70, "test_leadership.py": 60, "test_console_ops.py": 54, "test_security.py": 45,
+    "test_store_sentinel.py": 45, "test_failover.py": 44, "test_agent.py": 41, "test_trainer.py": 40,
+    "test_console.py": 39, "test_store_outage.py": 35, "test_integrity_events.py": 35, "test_demo.py": 33,
+    "test_llm_pool.py": 31, "test_notifications.py": 30, "test_status_exit.py": 30, "test_integrity.py": 28,
+    "test_proxy.py": 28, "test_ops_schema.py": 25, "test_watchdog.py": 25, "test_exceptions_console.py": 25,
+    "test_diagnosis.py": 24, "test_bench_store_failover.py": 19, "test_health.py": 18, "test_ops_api.py": 18,
+    "test_exceptions_api.py": 17, "test_checkpoints.py": 17, "test_console_store.py": 16, "test_sandbox.py": 15,
+    "test_spool.py": 14, "test_loopwatch.py": 12, "test_llm_errors.py": 11, "test_degraded.py": 11,
+    "test_fake_llm.py": 9, "test_envelope.py": 9, "test_idempotency.py": 9, "test_sdnotify.py": 8,
+    "test_redis_embed.py": 8, "test_capture.py": 7, "test_redis_files.py": 6, "test_integrity_contain.py": 6,
+    "test_backup.py": 5, "test_import_contracts.py": 4, "test_config.py": 4, "test_integrity_console.py": 3,
+}
+UNLISTED_SECONDS = 15
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(d.scope in ("module", "class", "package") for fixturedefs in defs for d in fixturedefs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    per_module = Counter(item.path.name for item in items)
+    weight: dict[str, float] = {}
+    for item in items:
+        seconds = MODULE_SECONDS.get(item.path.name, UNLISTED_SECONDS)
+        # under `--dist loadgroup` a module whose tests share a fixture (its cluster, its fake) stays on
+        # one worker, and the tests of the others spread over all workers
+        if _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+            weight[item.nodeid] = seconds
+        else:
+            weight[item.nodeid] = seconds / per_module[item.path.name]
+    items.sort(key=lambda item: -weight[item.nodeid])  # stable: a module's tests keep their order
+    for item in items:
+        item.add_marker(pytest.mark.cluster if _starts_processes(item) else pytest.mark.pure)
+        if _listed(item, SERIAL_TESTS):
+            item.add_marker(pytest.mark.serial)
+
+
+@pytest.fixture(autouse=True)
+def _pure_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked pure that starts a process fails at once, so `make test-pure` stays in-process
+    (and a new test that starts one is told to say so in PROCESS_TESTS above)."""
+    if request.node.get_closest_marker("pure") is None:
+        return
+    where = request.node.nodeid
+
+    def refuse(self: subprocess.Popen, args: object, *rest: object) -> None:
+        raise AssertionError(f"{where} is marked pure but starts a process ({args!r}); "
+                             "list it in PROCESS_TESTS in tests/conftest.py")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     """One real redis-server for the whole run; tests isolate themselves with their own key prefix."""
@@ -33,4 +149,4 @@ def key_prefix(request: pytest.FixtureRequest) -> str:
     return f"t{os.getpid()}:{request.node.name[:40]}"
 
 
-from tests.cluster import make_cluster, running_dispatcher  # noqa: E402,F401 - fixtures for every test module
+from tests.cluster import make_cluster, running_dispatcher, shared_standard  # noqa: E402,F401 - fixtures for every test module

@@ -190,6 +190,7 @@ async def test_viewer_token_drain_is_refused_clearly(cluster: Cluster) -> None:
         assert shown_state(app, "trainer-2") == "up"
 
 
+@pytest.mark.own_cluster  # it kills a part
 async def test_unreachable_api_shows_banner_and_keeps_stale_data(cluster: Cluster) -> None:
     app = live_app(cluster, cluster.operator_token)
     async with app.run_test(size=SIZE) as pilot:

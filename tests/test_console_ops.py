@@ -170,6 +170,7 @@ async def test_restart_process_from_console(make_cluster: Callable[..., Cluster]
     assert entries and entries[0]["who"] == "test-operator" and entries[0]["result"].startswith("ok")
 
 
+@pytest.mark.own_cluster  # it kills a part
 async def test_events_pane_shows_a_killed_server(running_dispatcher: Cluster) -> None:
     c = running_dispatcher
     c.wait_all_up()

@@ -5,8 +5,12 @@ from __future__ import annotations
 import signal
 
 import httpx
+import pytest
 
 from tests.cluster import Cluster, wait_for
+
+# it freezes agents and trainers and waits for the checks to notice
+pytestmark = pytest.mark.quick_timings
 
 
 def diagnosis(c: Cluster, name: str) -> tuple[str, str | None]:

@@ -5,26 +5,44 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from ctops_tools.cli import main as ctops_main
+from ctops_tools.redis_embed import EmbeddedRedis
 from tests.cluster import Cluster, wait_for
 
 
-@pytest.fixture
-def disp(make_cluster: Callable[..., Cluster]) -> Cluster:
+@pytest.fixture(scope="module")
+def one_dispatcher(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) -> Iterator[Cluster]:
     """One dispatcher, nothing behind it: the exceptions API needs no trainer."""
-    c = make_cluster(trainers=1)
-    c.start("A")
+    root = tmp_path_factory.mktemp("exc-api")
+    c = Cluster(root, redis_server, f"t{os.getpid()}:{root.name}", trainers=1)
+    try:
+        c.start("A")
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def disp(one_dispatcher: Cluster) -> Cluster:
+    """The module's dispatcher with no exception, event or audit entry stored: each test starts empty."""
+    c = one_dispatcher
+    with redis.Redis.from_url(c.redis.url) as r:
+        for pattern in (f"{c.prefix}:exc:*", f"{c.prefix}:events", f"{c.prefix}:events:*", f"{c.prefix}:audit"):
+            for key in r.scan_iter(match=pattern, count=1000):
+                r.delete(key)
     wait_for("ops API", lambda: httpx.get(f"{c.ops_url()}/api/v1/whoami", headers=c.auth("viewer"),
                                           timeout=2).status_code == 200)
     return c

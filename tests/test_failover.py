@@ -14,9 +14,13 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from ctops_tools.load import run_load
 from tests.cluster import Cluster, wait_for
+
+# it freezes and kills trainers and waits for the checks to notice
+pytestmark = pytest.mark.quick_timings
 
 
 def _load_in_thread(url: str, concurrency: int, duration: float) -> tuple[threading.Thread, dict]:

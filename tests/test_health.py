@@ -9,8 +9,12 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+import pytest
 
 from tests.cluster import Cluster, wait_for
+
+# it freezes and kills trainers and waits for the checks to notice
+pytestmark = pytest.mark.quick_timings
 
 
 def served_by(c: Cluster, n: int = 12) -> Counter[str]:

@@ -4,10 +4,14 @@ one `record_corrupt` event naming the key, the kind and the learner's session.""
 from __future__ import annotations
 
 import httpx
+import pytest
 import redis
 
 from ctops.keys import Keys
 from tests.cluster import Cluster, events, wait_for
+
+# each test counts the events and records of its own cluster
+pytestmark = pytest.mark.own_cluster
 
 
 def test_a_damaged_session_becomes_one_staff_event_naming_key_and_session(running_dispatcher: Cluster) -> None:

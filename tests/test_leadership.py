@@ -11,11 +11,15 @@ import threading
 import time
 
 import httpx
+import pytest
 import redis
 
 from ctops.keys import Keys
 from ctops_tools.load import run_load
 from tests.cluster import Cluster, wait_for
+
+# a frozen leader must outlast loop_blocked_exit_ms to show it does not take being frozen for a blocked loop
+pytestmark = pytest.mark.quick_timings
 
 
 def leader(c: Cluster, d: str) -> str | None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
@@ -21,6 +22,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.cluster import Cluster, wait_for
+
+# generated requests may change anything an operator may
+pytestmark = pytest.mark.own_cluster
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 PER_OPERATION = 12  # 21 operations: a few hundred requests in all

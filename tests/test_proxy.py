@@ -49,14 +49,24 @@ PLANE = dispatcher.proxy  # the build the running test uses
 
 INSTALLED = data_plane_build()
 
+# the tests that never touch the data plane (the pool alone, or which build is which) run once
+NO_DATA_PLANE = {"test_both_builds_are_tested", "test_least_outstanding_weights_and_slow_start",
+                 "test_a_stale_compiled_build_is_found"}
 
-@pytest.fixture(autouse=True, params=list(BUILDS))
-def build(request: pytest.FixtureRequest) -> Iterator[str]:
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.function.__name__ not in NO_DATA_PLANE:
+        metafunc.parametrize("build", list(BUILDS), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def build(request: pytest.FixtureRequest) -> Iterator[str | None]:
     global PLANE
-    if request.param == "installed" and INSTALLED["kind"] != "compiled":
+    param = getattr(request, "param", None)  # None: a test in NO_DATA_PLANE
+    if param == "installed" and INSTALLED["kind"] != "compiled":
         pytest.skip("the installed data plane is plain Python here (no compiled build): the 'source' run covers it")
-    PLANE = BUILDS[request.param]
-    yield request.param
+    PLANE = BUILDS[param or "installed"]
+    yield param
     PLANE = dispatcher.proxy
 
 
