@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
@@ -32,9 +33,10 @@ RELAY_BATCH = 100
 # below what learners' requests cost Redis
 SCRUB_PAUSE_S = 600.0
 SCRUB_RATE = 5000.0
-# records checked between two yields to the event loop: the data plane shares it, so each slice of
-# checking must stay well under a millisecond
-SCRUB_BATCH = 50
+# records per SCAN and pipelined read: the scrub runs on a thread of its own, but it shares the GIL
+# with the data plane, so one batch's checking (~10 µs a record) must stay far under a millisecond;
+# Redis, too, serves a learner only after the batch's reads
+SCRUB_BATCH = 10
 
 
 def _s(v: object) -> str:
@@ -85,11 +87,16 @@ async def repair_admin_state(redis: Redis, keys: Keys, name: str, backend: objec
 
 
 class IntegrityWatch:
+    """The relay on the dispatcher's event loop (a few commands a second); the scrub on a thread of
+    its own (`ScrubThread`), so that a pass over a million records never runs in the event loop the
+    proxy serves learners from."""
+
     def __init__(self, redis: Redis, keys: Keys, lease: Lease, events: EventLog, name: str,
-                 scrub_rate: float = SCRUB_RATE, scrub_pause_s: float = SCRUB_PAUSE_S) -> None:
+                 scrub_rate: float = SCRUB_RATE, scrub_pause_s: float = SCRUB_PAUSE_S,
+                 scrub_client: Callable[[], Redis] | None = None) -> None:
         self.r, self.k, self.lease, self.events, self.name = redis, keys, lease, events, name
-        self.scrub_rate, self.scrub_pause_s = scrub_rate, scrub_pause_s
-        self.last_scrub: integrity.ScrubReport | None = None
+        self.scrub = ScrubThread(scrub_client, keys, lease.still_valid, name, scrub_rate, scrub_pause_s) \
+            if scrub_client else None
 
     async def relay_once(self) -> int:
         """New quarantine log entries -> `record_corrupt` events; how many were relayed."""
@@ -106,7 +113,13 @@ class IntegrityWatch:
         return len(entries)
 
     async def run(self) -> None:
-        await asyncio.gather(self._every(RELAY_INTERVAL_S, self.relay_once), self._scrub_loop())
+        if self.scrub:
+            self.scrub.start()
+        try:
+            await self._every(RELAY_INTERVAL_S, self.relay_once)
+        finally:
+            if self.scrub:
+                self.scrub.stop()
 
     async def _every(self, interval: float, fn: Callable[[], Awaitable[object]]) -> None:
         while True:
@@ -118,17 +131,67 @@ class IntegrityWatch:
                 log.warning("integrity relay: Redis failed: %s", exc)
             await asyncio.sleep(interval)
 
-    async def _scrub_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.scrub_pause_s)
-            if not self.lease.still_valid():
-                continue
-            try:
-                report = await integrity.scrub(self.r, self.k, repair=True, reader=f"scrub:{self.name}",
-                                               rate=self.scrub_rate, batch=SCRUB_BATCH)
-                await integrity.record_scrub(self.r, self.k, report)
-                self.last_scrub = report
-                log.info("scrub: %d records checked in %d ms, %d repaired, %d quarantined", report.checked,
-                         report.elapsed_ms, report.repaired, report.quarantined)
-            except (RedisError, OSError) as exc:
-                log.warning("scrub: Redis failed: %s", exc)
+
+class ScrubThread:
+    """The leader's background scrub: a full pass at `rate` records/s, then a pause, on a daemon
+    thread with its own event loop and its own Redis client (a client belongs to one loop), in
+    batches of SCRUB_BATCH. Results go where a pass always put them (`quarantine:stats`, read by
+    `ctops status` and the Store tab); damage it sets aside is relayed as events like a read's."""
+
+    def __init__(self, client: Callable[[], Redis], keys: Keys, leading: Callable[[], bool], name: str,
+                 rate: float, pause_s: float) -> None:
+        self.client, self.k, self.leading, self.name = client, keys, leading, name
+        self.rate, self.pause_s = rate, pause_s
+        self.last: integrity.ScrubReport | None = None
+        self.passes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._main, name=f"scrub-{name}", daemon=True)
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(5)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            self._task = loop.create_task(self._run())
+            self._ready.set()
+            loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            loop.close()
+
+    async def _run(self) -> None:
+        r = self.client()
+        try:
+            while True:
+                await asyncio.sleep(self.pause_s)
+                if not self.leading():
+                    continue
+                await self.pass_once(r)
+        finally:
+            await r.aclose()
+
+    async def pass_once(self, r: Redis) -> integrity.ScrubReport | None:
+        try:
+            report = await integrity.scrub(r, self.k, repair=True, reader=f"scrub:{self.name}", rate=self.rate,
+                                           batch=SCRUB_BATCH)
+            await integrity.record_scrub(r, self.k, report)
+        except (RedisError, OSError) as exc:
+            log.warning("scrub: Redis failed: %s", exc)
+            return None
+        self.last, self.passes = report, self.passes + 1
+        log.info("scrub: %d records checked in %d ms, %d repaired, %d quarantined", report.checked,
+                 report.elapsed_ms, report.repaired, report.quarantined)
+        return report
