@@ -184,6 +184,7 @@ class ScrubThread:
             await r.aclose()
 
     async def pass_once(self, r: Redis) -> integrity.ScrubReport | None:
+        log.info("scrub: pass started at %g records/s", self.rate)
         try:
             report = await integrity.scrub(r, self.k, repair=True, reader=f"scrub:{self.name}", rate=self.rate,
                                            batch=SCRUB_BATCH)
