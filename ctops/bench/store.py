@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -238,7 +239,8 @@ def learners_through_proxy(node: EmbeddedRedis, root: Path, rounds: int, seconds
                     got = _latencies_ms(http, sids, seconds)
                     scans = _delta(before, _commands(admin), "scan") / (time.monotonic() - t0)
                     (on if scrub else off).extend(got)
-                    per_round.append({"scrub": scrub, **_ms(got), "scan_calls_per_s": round(scans, 1)})
+                    per_round.append({"scrub": scrub, **_ms(got), "scan_calls_per_s": round(scans, 1),
+                                      "load_1min": round(os.getloadavg()[0], 1)})
                     if scrub:
                         scan_rates.append(scans)
             _restart_dispatcher(c, False)
@@ -246,7 +248,13 @@ def learners_through_proxy(node: EmbeddedRedis, root: Path, rounds: int, seconds
         return {"rounds": per_round, "scrub_off": _ms(off), "scrub_on": _ms(on),
                 "scrub_rate_configured": SCRUB_RATE, "scrub_batch": SCRUB_BATCH,
                 "scrub_records_per_s_seen": round(statistics.mean(scan_rates) * SCRUB_BATCH) if scan_rates else 0,
-                "p99_added_ms": round(percentile(on, 99) - percentile(off, 99), 3), "submission": subs}
+                "p99_added_ms": round(percentile(on, 99) - percentile(off, 99), 3),
+                # each round with the scrub against the round without it just before: the machine's
+                # other load changes less within a pair than across the run
+                "p99_added_ms_median_of_pairs": round(statistics.median(
+                    on_r["p99_ms"] - off_r["p99_ms"] for off_r, on_r in zip(per_round[::2], per_round[1::2],
+                                                                             strict=True)), 3),
+                "submission": subs}
     finally:
         c.stop()
         admin.close()
@@ -321,10 +329,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"learners through the proxy, {args.reps} rounds of {args.duration} s each way: p99 scrub off "
           f"{ln['scrub_off']['p99_ms']} ms, scrub on {ln['scrub_on']['p99_ms']} ms ({ln['p99_added_ms']:+} ms); "
           f"p50 {ln['scrub_off']['p50_ms']} / {ln['scrub_on']['p50_ms']} ms; scrub at "
-          f"~{ln['scrub_records_per_s_seen']} records/s seen (configured {ln['scrub_rate_configured']})")
+          f"~{ln['scrub_records_per_s_seen']} records/s seen (configured {ln['scrub_rate_configured']}); "
+          f"median of paired rounds {ln['p99_added_ms_median_of_pairs']:+} ms")
     for rd in ln["rounds"]:
         print(f"  scrub {'on ' if rd['scrub'] else 'off'}: {rd['requests']} requests, p50 {rd['p50_ms']} ms, "
-              f"p99 {rd['p99_ms']} ms, SCAN {rd['scan_calls_per_s']}/s")
+              f"p99 {rd['p99_ms']} ms, SCAN {rd['scan_calls_per_s']}/s, load {rd['load_1min']}")
     e = report["envelope_in_submission"]
     print(f"submission p50 {e['submission_p50_ms']} ms (commands per submission "
           f"{json.dumps(ln['submission']['commands_per_submission'])}); envelope inside it "
