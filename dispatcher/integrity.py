@@ -10,15 +10,19 @@ event across leader changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import threading
+import multiprocessing
+import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
-from ctops import integrity
+from ctops import integrity, logs, redisconn
+from ctops.config import RedisSettings
 from ctops.envelope import Corrupt
 from ctops.keys import Keys
 from dispatcher.events import EventLog
@@ -33,9 +37,8 @@ RELAY_BATCH = 100
 # below what learners' requests cost Redis
 SCRUB_PAUSE_S = 600.0
 SCRUB_RATE = 5000.0
-# records per SCAN and pipelined read: the scrub runs on a thread of its own, but it shares the GIL
-# with the data plane, so one batch's checking (~10 µs a record) must stay far under a millisecond;
-# Redis, too, serves a learner only after the batch's reads
+# records per SCAN and pipelined read: Redis serves a learner only after a batch's reads, and the
+# scrub's CPU comes in short slices between the sleeps that keep it to its rate
 SCRUB_BATCH = 10
 
 
@@ -87,16 +90,15 @@ async def repair_admin_state(redis: Redis, keys: Keys, name: str, backend: objec
 
 
 class IntegrityWatch:
-    """The relay on the dispatcher's event loop (a few commands a second); the scrub on a thread of
-    its own (`ScrubThread`), so that a pass over a million records never runs in the event loop the
-    proxy serves learners from."""
+    """The relay on the dispatcher's event loop (a few commands a second); the scrub in a process
+    of its own (`ScrubProcess`), so that a pass over a million records never runs in the event loop
+    the proxy serves learners from, nor holds the interpreter lock the proxy needs."""
 
     def __init__(self, redis: Redis, keys: Keys, lease: Lease, events: EventLog, name: str,
                  scrub_rate: float = SCRUB_RATE, scrub_pause_s: float = SCRUB_PAUSE_S,
-                 scrub_client: Callable[[], Redis] | None = None) -> None:
+                 scrub_store: RedisSettings | None = None) -> None:
         self.r, self.k, self.lease, self.events, self.name = redis, keys, lease, events, name
-        self.scrub = ScrubThread(scrub_client, keys, lease.still_valid, name, scrub_rate, scrub_pause_s) \
-            if scrub_client else None
+        self.scrub = ScrubProcess(scrub_store, name, scrub_rate, scrub_pause_s) if scrub_store else None
 
     async def relay_once(self) -> int:
         """New quarantine log entries -> `record_corrupt` events; how many were relayed."""
@@ -116,10 +118,15 @@ class IntegrityWatch:
         if self.scrub:
             self.scrub.start()
         try:
-            await self._every(RELAY_INTERVAL_S, self.relay_once)
+            await self._every(RELAY_INTERVAL_S, self._tick)
         finally:
             if self.scrub:
                 self.scrub.stop()
+
+    async def _tick(self) -> int:
+        if self.scrub:
+            self.scrub.set_leading(self.lease.still_valid())
+        return await self.relay_once()
 
     async def _every(self, interval: float, fn: Callable[[], Awaitable[object]]) -> None:
         while True:
@@ -132,67 +139,71 @@ class IntegrityWatch:
             await asyncio.sleep(interval)
 
 
-class ScrubThread:
-    """The leader's background scrub: a full pass at `rate` records/s, then a pause, on a daemon
-    thread with its own event loop and its own Redis client (a client belongs to one loop), in
-    batches of SCRUB_BATCH. Results go where a pass always put them (`quarantine:stats`, read by
-    `ctops status` and the Store tab); damage it sets aside is relayed as events like a read's."""
+class ScrubProcess:
+    """The leader's background scrub: a full pass at `rate` records/s, then a pause, in a child
+    process with its own Redis connection, SCRUB_BATCH records at a time. It scrubs only while the
+    dispatcher says it leads (a shared flag, refreshed every second) and exits when the dispatcher
+    is gone. Results go where a pass always put them (`quarantine:stats`, read by `ctops status`
+    and the Store tab); damage it sets aside is relayed as events like a read's."""
 
-    def __init__(self, client: Callable[[], Redis], keys: Keys, leading: Callable[[], bool], name: str,
-                 rate: float, pause_s: float) -> None:
-        self.client, self.k, self.leading, self.name = client, keys, leading, name
-        self.rate, self.pause_s = rate, pause_s
-        self.last: integrity.ScrubReport | None = None
-        self.passes = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._thread = threading.Thread(target=self._main, name=f"scrub-{name}", daemon=True)
-        self._ready = threading.Event()
+    def __init__(self, store: RedisSettings, name: str, rate: float, pause_s: float) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process running an event loop
+        self._leading = ctx.Value("b", 0, lock=False)
+        self._proc = ctx.Process(target=_scrub_main, name=f"scrub-{name}", daemon=True,
+                                 args=(store, name, rate, pause_s, self._leading, os.getpid()))
 
     def start(self) -> None:
-        self._thread.start()
-        self._ready.wait(5)
+        self._proc.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        loop, task = self._loop, self._task
-        if loop is not None and task is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(task.cancel)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def set_leading(self, leading: bool) -> None:
+        self._leading.value = int(leading)
 
-    def _main(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self._task = loop.create_task(self._run())
-            self._ready.set()
-            loop.run_until_complete(self._task)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            loop.close()
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
 
-    async def _run(self) -> None:
-        r = self.client()
-        try:
-            while True:
-                await asyncio.sleep(self.pause_s)
-                if not self.leading():
-                    continue
-                await self.pass_once(r)
-        finally:
-            await r.aclose()
+    def stop(self, timeout: float = 2.0) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout)
 
-    async def pass_once(self, r: Redis) -> integrity.ScrubReport | None:
-        log.info("scrub: pass started at %g records/s", self.rate)
-        try:
-            report = await integrity.scrub(r, self.k, repair=True, reader=f"scrub:{self.name}", rate=self.rate,
-                                           batch=SCRUB_BATCH)
-            await integrity.record_scrub(r, self.k, report)
-        except (RedisError, OSError) as exc:
-            log.warning("scrub: Redis failed: %s", exc)
-            return None
-        self.last, self.passes = report, self.passes + 1
-        log.info("scrub: %d records checked in %d ms, %d repaired, %d quarantined", report.checked,
-                 report.elapsed_ms, report.repaired, report.quarantined)
-        return report
+
+def _scrub_main(store: RedisSettings, name: str, rate: float, pause_s: float, leading: Any,
+                parent: int) -> None:
+    logs.setup(f"dispatcher[{name}] scrub")
+    asyncio.run(_scrub_loop(store, name, rate, pause_s, lambda: bool(leading.value), parent))
+
+
+async def _scrub_loop(store: RedisSettings, name: str, rate: float, pause_s: float,
+                      leading: Callable[[], bool], parent: int) -> None:
+    passes = asyncio.create_task(_passes(store, name, rate, pause_s, leading))
+    # a dispatcher killed outright leaves no scrub behind, even in the middle of a pass
+    while os.getppid() == parent:
+        done, _ = await asyncio.wait({passes}, timeout=0.5)
+        if done:
+            break
+    passes.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await passes
+
+
+async def _passes(store: RedisSettings, name: str, rate: float, pause_s: float, leading: Callable[[], bool]) -> None:
+    r = redisconn.async_client(store, "dispatcher")
+    keys = Keys(store.prefix)
+    try:
+        while True:
+            await asyncio.sleep(pause_s)
+            if not leading():
+                continue
+            log.info("scrub: pass started at %g records/s", rate)
+            try:
+                report = await integrity.scrub(r, keys, repair=True, reader=f"scrub:{name}", rate=rate,
+                                               batch=SCRUB_BATCH)
+                await integrity.record_scrub(r, keys, report)
+            except (RedisError, OSError) as exc:
+                log.warning("scrub: Redis failed: %s", exc)
+                continue
+            log.info("scrub: %d records checked in %d ms, %d repaired, %d quarantined", report.checked,
+                     report.elapsed_ms, report.repaired, report.quarantined)
+    finally:
+        await r.aclose()

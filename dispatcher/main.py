@@ -69,7 +69,7 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
     loops = [asyncio.create_task(c, name=n) for n, c in (
         ("loopwatch", watch.run()), ("peers", rt.peers.run()),
         ("integrity", IntegrityWatch(redis, rt.keys, rt.lease, rt.events, spec.name, t.scrub_rate,
-                                     t.scrub_interval_ms / 1000, scrub_client=lambda: redis_client(dep)).run()),
+                                     t.scrub_interval_ms / 1000, scrub_store=dep.redis).run()),
         *((f"webhook-{h.spec.name}", h.run()) for h in hooks))]
     ops = asyncio.create_task(serve_asgi(wrap(create_ops_app(rt), dep.limits.ops_body_max_bytes),
                                          ops_host, ops_port, stop))
