@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mix", choices=["get", "learners"], default="get",
                    help="proxy: the load, GETs of / or a learners' mix (sessions, submissions, polls)")
     b.add_argument("--events", type=int, default=100_000, help="exceptions: events in the spool to replay")
+    b.add_argument("--records", type=int, default=1_000_000, help="store: records to fill the store with")
 
     ex = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming")
     exs = ex.add_subparsers(dest="exc_command", required=True, metavar="ACTION")

@@ -180,8 +180,10 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
     ports = Ports(args.base_port, previous.get("ports"))
     # the duplicated store: a primary, two replicas and three Sentinels, locked with fresh passwords
     # (or, restarted on this workdir, with those of the last run: see EmbeddedStore)
+    # a node whose AOF is damaged in the middle is resynced from a healthy one, said on stderr
     store = EmbeddedStore(work / "redis", secrets_=StoreSecrets.generate(), prefix=PREFIX,
-                          ports=[ports.take() for _ in range(6)]).start()
+                          ports=[ports.take() for _ in range(6)],
+                          report=lambda m: print(f"ctops demo: redis: {m}", file=sys.stderr, flush=True)).start()
     children: list[Child] = []
     try:
         tokens = previous.get("tokens") or new_tokens()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -23,9 +24,21 @@ import redis
 from ctops import redisacl
 from ctops_tools.procs import die_with_parent
 
+log = logging.getLogger("ctops_tools.redis_embed")
+
 
 class RedisLaunchError(RuntimeError):
     pass
+
+
+class DamagedAof(RedisLaunchError):
+    """The node refused to start because its append-only file is damaged before its end (a torn
+    last write alone loads: `aof-load-truncated yes`)."""
+
+
+# what redis-server logs when it gives up on its AOF (6.2: one file; 7: a directory of them)
+AOF_REFUSED = ("Bad file format reading the append only file", "Unrecoverable error reading the append only file")
+AOF_NAMES = ("appendonly.aof", "appendonlydir")
 
 
 def find_redis_server() -> str:
@@ -241,15 +254,47 @@ class EmbeddedRedis:
             lines.append(f"replicaof {self.replica_of[0]} {self.replica_of[1]}")
         return "\n".join(lines) + "\n"
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+    def start(self, timeout: float = 10.0, replica_of_now: tuple[str, int] | None = None) -> EmbeddedRedis:
+        """`replica_of_now`: start as a replica of that node whatever the config says (its config is
+        rewritten to match once it runs, so a later restart keeps the role)."""
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         conf = Path(self.data_dir, "redis.conf")
         # a node restarted on its own directory keeps the config Sentinel may have rewritten (its role)
         if not conf.exists():
             _write_secret(Path(self.data_dir, "users.acl"), "\n".join(self._acl_lines()) + "\n")
             _write_secret(conf, self._config())
-        self._launch([find_redis_server(), str(conf)], timeout)
+        extra = ["--replicaof", replica_of_now[0], str(replica_of_now[1])] if replica_of_now else []
+        self._launch([find_redis_server(), str(conf), *extra], timeout)
+        self._wait_loaded(find_redis_server(), timeout)
+        if replica_of_now:
+            with self.admin() as r:
+                r.config_rewrite()
         return self
+
+    def configured_primary(self) -> bool:
+        """Whether its config file makes it a primary (no `replicaof`): its role when last stopped,
+        as Sentinel last rewrote it."""
+        conf = Path(self.data_dir, "redis.conf")
+        return not any(line.split()[:1] == ["replicaof"] for line in conf.read_text().splitlines())
+
+    def set_aof_aside(self) -> Path:
+        """Move its append-only file(s) into a new `damaged-aof-TIME` directory beside them, kept
+        for examination: never cut (`redis-check-aof --fix` drops everything after the damage)."""
+        aside = Path(self.data_dir, f"damaged-aof-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}")
+        aside.mkdir()
+        for name in AOF_NAMES:
+            if Path(self.data_dir, name).exists():
+                Path(self.data_dir, name).rename(aside / name)
+        return aside
+
+    def replicate(self, primary: EmbeddedRedis | None) -> None:
+        """Make it a replica of PRIMARY now (None: a primary), and its config say so."""
+        with self.admin() as r:
+            if primary is None:
+                r.replicaof("NO", "ONE")
+            else:
+                r.replicaof(primary.host, primary.port)
+            r.config_rewrite()
 
     def _launch(self, args: list[str], timeout: float) -> None:
         # its own session: a Ctrl+C in the terminal must not take Redis away before the processes
@@ -258,16 +303,38 @@ class EmbeddedRedis:
                                      stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_private_child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                logs = [p for p in Path(self.data_dir).glob("*.log")]
-                tail = logs[0].read_text(errors="replace")[-500:] if logs else ""
-                raise RedisLaunchError(f"{args[0]} exited with {self.proc.returncode}: {err}{tail}")
+            self._check_running(args[0])
             if _ping(self.host, self.port):
                 return
             time.sleep(0.02)
         self.stop()
         raise RedisLaunchError(f"{self.name} did not answer PING on {self.host}:{self.port} in {timeout}s")
+
+    def _check_running(self, binary: str) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            return
+        err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+        logs = [p for p in Path(self.data_dir).glob("*.log")]
+        tail = logs[0].read_text(errors="replace")[-500:] if logs else ""
+        kind = DamagedAof if any(m in tail for m in AOF_REFUSED) else RedisLaunchError
+        raise kind(f"{binary} exited with {self.proc.returncode}: {err}{tail}")
+
+    def _wait_loaded(self, binary: str, timeout: float) -> None:
+        """Until it has loaded its data: a node answers (NOAUTH) while it still reads its AOF, and
+        one whose AOF is damaged exits only when the reading reaches the damage."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_running(binary)
+            try:
+                with self.admin(decode_responses=True) as r:
+                    if str(r.info("persistence").get("loading")) == "0":
+                        return
+            except (redis.BusyLoadingError, redis.ConnectionError, redis.TimeoutError):
+                pass
+            time.sleep(0.02)
+        self.stop()
+        raise RedisLaunchError(f"{self.name} did not finish loading its data in {timeout}s")
 
     def admin(self, **kw: Any) -> redis.Redis:
         return redis.Redis(host=self.host, port=self.port, username=ADMIN_USER, password=self.secrets.admin,
@@ -341,6 +408,11 @@ class EmbeddedSentinel(EmbeddedRedis):
                            socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
 
 
+def _dbsize(node: EmbeddedRedis) -> int:
+    with node.admin() as r:
+        return int(r.dbsize())
+
+
 class EmbeddedStore:
     """The duplicated database: a primary, replicas and Sentinels, all locked, under one workdir.
 
@@ -355,8 +427,11 @@ class EmbeddedStore:
     def __init__(self, workdir: str | os.PathLike[str], *, secrets_: StoreSecrets | None = None,
                  prefix: str | None = None, replicas: int = 2, sentinels: int = 3, service: str = "ctops",
                  ports: list[int] | None = None, host: str = "127.0.0.1", min_replicas: int = 1,
-                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000,
+                 report: Callable[[str], None] | None = None) -> None:
         self.workdir = Path(workdir)
+        # what start-up did on its own (a node resynced), for the operator: the demo prints it
+        self.report = report or log.warning
         self.service, self.host = service, host
         previous = self._previous(replicas + 1 + sentinels)
         self.restarted = previous is not None
@@ -406,8 +481,14 @@ class EmbeddedStore:
         _write_secret(self.workdir / "store.json", json.dumps({
             "secrets": self.secrets.to_dict(), "ports": [n.port for n in [*self.nodes, *self.sentinels]]}))
         try:
+            damaged: list[EmbeddedRedis] = []
             for n in self.nodes:
-                n.start()
+                try:
+                    n.start()
+                except DamagedAof:
+                    damaged.append(n)
+            if damaged:
+                self._resync(damaged, timeout)
             # sentinels started before the replicas are in sync could see no good replica to promote
             self._wait("replicas in sync", lambda: all(self._link_up(n) for n in self.nodes[1:]), timeout)
             for s in self.sentinels:
@@ -417,6 +498,36 @@ class EmbeddedStore:
             self.stop()
             raise
         return self
+
+    def _resync(self, damaged: list[EmbeddedRedis], timeout: float) -> None:
+        """Nodes whose AOF is damaged in the middle load a full copy from a healthy node instead:
+        their files are set aside (kept), they start empty as replicas and full-sync. A damaged node
+        that was the primary syncs from the healthy node with the most keys (made a primary for the
+        time it takes) and is then handed its role back, so the Sentinels' view stays true."""
+        healthy = [n for n in self.nodes if n not in damaged]
+        if not healthy:
+            raise RedisLaunchError("every Redis node's append-only file is damaged: nothing to resync from; "
+                                   "restore from a backup (README: restore after losing every Redis node)")
+        old_primary = next((n for n in damaged if n.configured_primary()), None)
+        source = next((n for n in healthy if n.configured_primary()), None)
+        if source is None:
+            source = max(healthy, key=_dbsize)
+            source.replicate(None)
+        for n in damaged:
+            aside = n.set_aof_aside()
+            self.report(f"{n.name}: its append-only file is damaged before its end; set aside in {aside} "
+                        f"(not cut with redis-check-aof --fix); starting it empty as a replica of {source.name} "
+                        f"to load a full copy")
+            n.start(replica_of_now=(source.host, source.port))
+        self._wait("damaged nodes to load a full copy", lambda: all(self._link_up(n) for n in damaged), timeout)
+        if old_primary is not None:
+            old_primary.replicate(None)
+            for n in self.nodes:
+                if n is not old_primary:
+                    n.replicate(old_primary)
+        for n in damaged:
+            self.report(f"{n.name}: resynced from {source.name}, {_dbsize(n)} keys"
+                        f"{'; primary again' if n is old_primary else ''}")
 
     def _link_up(self, node: EmbeddedRedis) -> bool:
         with node.admin(decode_responses=True) as r:

@@ -113,7 +113,8 @@ def build(dep: Deployment, spec: DispatcherSpec, redis: Redis, redis_blocking: R
         health=health, runtime=rt,
         exceptions=ExceptionStore(redis, keys.prefix, lim.exceptions_stream_max, lim.exceptions_max_groups,
                                   lim.exceptions_ttl_s, reader=f"dispatcher:{spec.name}"),
-        integrity=IntegrityWatch(redis, keys, lease, events, spec.name, t.scrub_rate, t.scrub_interval_ms / 1000),
+        integrity=IntegrityWatch(redis, keys, lease, events, spec.name, t.scrub_rate, t.scrub_interval_ms / 1000,
+                                 scrub_store=dep.redis),
         webhooks=[WebhookDeliverer(redis, keys, w, dep.cluster, lease.still_valid, lease.fenced)
                   for w in dep.webhooks])
 

@@ -1,10 +1,18 @@
 """`ctops bench store`: what record integrity costs, on a real (embedded) Redis over loopback.
 
 - per-record write and read of a submission checkpoint, plain JSON against sealed (the envelope,
-  plus the copy kept for repair), µs p50/p99;
-- the scrub's rate (records/s) over `--events` records (default 100,000);
-- a learner-like request loop's p99 (read a session, rewrite it) alone, then while a scrub at the
-  leader's default rate runs in another process.
+  plus the copy kept for repair), µs p50/p99, and the envelope's own CPU cost without Redis;
+- the store filled with `--records` records (default 1,000,000; pipelined), and the scrub's rate
+  over all of them, unpaced, in the batches the leader uses (records/s);
+- learners through the dispatcher's proxy (real HTTP: a loop of `GET /api/sessions/ID`, which
+  reads the session, rewrites it sealed and lists its submissions, on a real trainer): p99 while
+  the leader's background scrub runs at its default rate over that store, against the same
+  dispatcher with the scrub off; `--reps` rounds of each, taken in turn (`--duration` s each), the
+  dispatcher restarted between them with the scrub interval changed;
+- a submission's end-to-end p50 (POST with `?wait=`, sandbox run and review included) and what the
+  envelope costs inside it: the sealed writes and reads a submission makes, counted on Redis, times
+  the per-record cost above. There is no switch that turns the envelope off, so the share is that
+  cost over the p50.
 """
 
 from __future__ import annotations
@@ -12,20 +20,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
+import os
 import statistics
 import tempfile
 import time
+import uuid
+from pathlib import Path
+from typing import Any
 
+import httpx
+import redis
 import redis.asyncio as aioredis
 
-from ctops import integrity
-from ctops.envelope import seal_fields
+from ctops import integrity, statefile
+from ctops.envelope import seal_fields, unseal, unseal_fields
 from ctops.keys import Keys
+from ctops_tools.load import SOLUTIONS, percentile
+from ctops_tools.localcluster import Cluster, wait_for
+from ctops_tools.procs import stop_all
 from ctops_tools.redis_embed import EmbeddedRedis
+from dispatcher.integrity import SCRUB_BATCH, SCRUB_RATE
 
 PREFIX = "bench"
 N_OPS = 3000
+FILL_PIPELINE = 2000
+LEARNER_SESSIONS = 50
+WARMUP_REQUESTS = 200
+SUBMISSIONS = 30
+SCRUB_OFF_MS = 7 * 24 * 3600 * 1000  # the longest pause the config allows: no pass in the bench
+SCRUB_ON_MS = 100  # the first pass starts as soon as the restarted dispatcher leads
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -83,89 +106,241 @@ async def per_record(r: aioredis.Redis, keys: Keys) -> dict:
     return out
 
 
-async def fill(r: aioredis.Redis, keys: Keys, n: int) -> None:
+def _cpu_us(fn: Any, n: int = 5000) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def envelope_cpu() -> dict[str, float]:
+    """The envelope's own CPU per record, without Redis (mean µs): seal and check, against plain."""
+    key, sub = "bench:submission:x", checkpoint(0)
+    sealed = integrity.seal_json(key, integrity.SUBMISSION, sub, 1)
+    plain = json.dumps(sub, separators=(",", ":")).encode()
+    hkey = "bench:session:x"
+    fields = {"session_id": "x", "learner": "ada", "created_ms": "1", "created_by": "trainer-1",
+              "last_activity_ms": "1", "last_server": "trainer-1"}
+    hsealed = {k.encode(): v if isinstance(v, bytes) else v.encode()
+               for k, v in integrity.seal_hash(hkey, integrity.SESSION, fields, 1).items()}
+    hplain = {k.encode(): v.encode() for k, v in fields.items()}
+    out = {
+        "write_plain_us": _cpu_us(lambda: json.dumps(sub, separators=(",", ":"))),
+        "write_sealed_us": _cpu_us(lambda: integrity.seal_json(key, integrity.SUBMISSION, sub, 1)),
+        "read_plain_us": _cpu_us(lambda: json.loads(plain)),
+        "read_sealed_us": _cpu_us(lambda: json.loads(unseal(key, sealed, integrity.SUBMISSION).payload)),  # type: ignore[union-attr]
+        "hash_write_plain_us": _cpu_us(lambda: {k: str(v) for k, v in fields.items()}),
+        "hash_write_sealed_us": _cpu_us(lambda: integrity.seal_hash(hkey, integrity.SESSION, fields, 1)),
+        "hash_read_plain_us": _cpu_us(lambda: {k.decode(): v.decode() for k, v in hplain.items()}),
+        "hash_read_sealed_us": _cpu_us(lambda: unseal_fields(hkey, hsealed, integrity.SESSION)),
+    }
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+async def fill(r: aioredis.Redis, keys: Keys, n: int) -> float:
+    """N sealed records, half sessions, half submissions, pipelined; seconds taken."""
+    t0 = time.monotonic()
     sub = checkpoint(0)
-    sub["code"] = "x"  # small records: the scrub's cost is per record, and 1e6 big ones need GBs
-    for start in range(0, n, 1000):
+    # small records: the scrub's cost is per record, and 10^6 big ones need GBs
+    sub["code"], sub["review"]["text"] = "x", "ok"
+    for start in range(0, n, FILL_PIPELINE):
         async with r.pipeline(transaction=False) as p:
-            for i in range(start, min(n, start + 1000)):
+            for i in range(start, min(n, start + FILL_PIPELINE)):
                 if i % 2:
                     key = keys.session(f"f{i}")
-                    p.hset(key, mapping=seal_fields(key, integrity.SESSION, {"session_id": f"f{i}", "learner": "x"}))
+                    p.hset(key, mapping=seal_fields(key, integrity.SESSION, {
+                        "session_id": f"f{i}", "learner": "x", "created_ms": "1", "created_by": "trainer-1",
+                        "last_activity_ms": "1", "last_server": "trainer-1"}))
                 else:
                     key = keys.submission(f"f{i}")
                     p.set(key, integrity.seal_json(key, integrity.SUBMISSION, sub, 1))
             await p.execute()
+    return time.monotonic() - t0
 
 
-def _scrub_process(url: str, rate: float, out: multiprocessing.Queue) -> None:
-    async def go() -> None:
-        r = aioredis.Redis.from_url(url)
-        rep = await integrity.scrub(r, Keys(prefix=PREFIX), repair=False, reader="bench", rate=rate)
-        out.put(rep.to_dict())
-        await r.aclose()
-
-    asyncio.run(go())
+def _commands(admin: redis.Redis) -> dict[str, int]:
+    stats = admin.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
 
 
-async def learner_p99(r: aioredis.Redis, keys: Keys, seconds: float) -> dict:
-    """One learner-like request after another: read a session (checked), rewrite it sealed."""
-    samples = []
+def _delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
+    return after.get(name, 0) - before.get(name, 0)
+
+
+def _latencies_ms(http: httpx.Client, sids: list[str], seconds: float) -> list[float]:
+    out: list[float] = []
     deadline = time.monotonic() + seconds
     i = 0
     while time.monotonic() < deadline:
-        key = keys.session(f"f{2 * (i % 1000) + 1}")
         t0 = time.perf_counter()
-        got = await integrity.read_hash(r, key, integrity.SESSION)
-        fields = got[0] if got else {"session_id": "x"}
-        await r.hset(key, mapping=integrity.seal_hash(key, integrity.SESSION, fields, 1))
-        samples.append((time.perf_counter() - t0) * 1e6)
+        resp = http.get(f"/api/sessions/{sids[i % len(sids)]}")
+        out.append((time.perf_counter() - t0) * 1000)
+        if resp.status_code != 200:
+            raise RuntimeError(f"learner request failed: {resp.status_code} {resp.text[:200]}")
         i += 1
-    return {"requests": len(samples), **_summary(samples)}
+    return out
 
 
-async def main(records: int, seconds: float) -> dict:
+def _ms(samples: list[float]) -> dict[str, float]:
+    return {"requests": len(samples), "p50_ms": round(percentile(samples, 50), 3),
+            "p99_ms": round(percentile(samples, 99), 3)}
+
+
+def _restart_dispatcher(c: Cluster, scrub: bool) -> None:
+    """Dispatcher A again, with the scrub on (a pass starts at once) or off; back once it routes
+    (and, with the scrub on, once a pass has started)."""
+    c.timings["scrub_interval_ms"] = SCRUB_ON_MS if scrub else SCRUB_OFF_MS
+    statefile.write_private(c.config, c._toml())
+    if "A" in c.children:
+        stop_all([c.children["A"]])
+    started = c.log("A").count("scrub: pass started") if "A" in c.children else 0
+    c.start("A")
+    c.wait_all_up()
+    if scrub:
+        wait_for("the scrub to start", lambda: c.log("A").count("scrub: pass started") > started, 60)
+
+
+def _submissions(c: Cluster, http: httpx.Client, admin: redis.Redis, n: int) -> dict[str, Any]:
+    """N submissions one after another, each POST waiting until it is done; the p50, and the
+    sealed writes and reads each made, counted on Redis (an upper bound: other traffic adds some)."""
+    sid = http.post("/api/sessions", json={"learner": "bench-submit"}).json()["session_id"]
+    times: list[float] = []
+    before = _commands(admin)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        resp = http.post(f"/api/sessions/{sid}/submissions?wait=20", json={
+            "exercise_id": "fizzbuzz", "code": SOLUTIONS["fizzbuzz"]}, headers={"Idempotency-Key": uuid.uuid4().hex})
+        times.append((time.perf_counter() - t0) * 1000)
+        if resp.status_code != 200 or resp.json().get("status") != "done":
+            raise RuntimeError(f"submission not done: {resp.status_code} {resp.text[:200]}")
+    after = _commands(admin)
+    per = {name: round(_delta(before, after, name) / n, 1) for name in ("lpush", "set", "get", "hset", "hgetall")}
+    return {"submissions": n, "p50_ms": round(statistics.median(times), 1), "commands_per_submission": per}
+
+
+def learners_through_proxy(node: EmbeddedRedis, root: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    c = Cluster(root, node, PREFIX, trainers=2, timings={"scrub_interval_ms": SCRUB_OFF_MS})
+    admin = node.admin(decode_responses=True)
+    try:
+        c.start_all()
+        with httpx.Client(base_url=c.data_url(), timeout=30) as http:
+            sids = [http.post("/api/sessions", json={"learner": f"l{i}"}).json()["session_id"]
+                    for i in range(LEARNER_SESSIONS)]
+            off: list[float] = []
+            on: list[float] = []
+            per_round = []
+            scan_rates = []
+            for _ in range(rounds):
+                for scrub in (False, True):
+                    _restart_dispatcher(c, scrub)
+                    for i in range(WARMUP_REQUESTS):
+                        http.get(f"/api/sessions/{sids[i % len(sids)]}")
+                    before, t0 = _commands(admin), time.monotonic()
+                    got = _latencies_ms(http, sids, seconds)
+                    scans = _delta(before, _commands(admin), "scan") / (time.monotonic() - t0)
+                    (on if scrub else off).extend(got)
+                    per_round.append({"scrub": scrub, **_ms(got), "scan_calls_per_s": round(scans, 1),
+                                      "load_1min": round(os.getloadavg()[0], 1)})
+                    if scrub:
+                        scan_rates.append(scans)
+            _restart_dispatcher(c, False)
+            subs = _submissions(c, http, admin, SUBMISSIONS)
+        return {"rounds": per_round, "scrub_off": _ms(off), "scrub_on": _ms(on),
+                "scrub_rate_configured": SCRUB_RATE, "scrub_batch": SCRUB_BATCH,
+                "scrub_records_per_s_seen": round(statistics.mean(scan_rates) * SCRUB_BATCH) if scan_rates else 0,
+                "p99_added_ms": round(percentile(on, 99) - percentile(off, 99), 3),
+                # each round with the scrub against the round without it just before: the machine's
+                # other load changes less within a pair than across the run
+                "p99_added_ms_median_of_pairs": round(statistics.median(
+                    on_r["p99_ms"] - off_r["p99_ms"] for off_r, on_r in zip(per_round[::2], per_round[1::2],
+                                                                             strict=True)), 3),
+                "submission": subs}
+    finally:
+        c.stop()
+        admin.close()
+
+
+def envelope_share(pr: dict, cpu: dict, subs: dict) -> dict[str, float]:
+    """What the envelope adds to one submission: its sealed writes (the checkpoint plus its repair
+    copy, measured with Redis; session rewrites, CPU) and its checked reads, over the p50."""
+    per = subs["commands_per_submission"]
+    # the larger of the two ways of measuring each difference, never below 0: on a busy machine one
+    # of them can come out negative, and a cost is not a saving
+    d_write = max(pr["write_sealed"]["p50_us"] - pr["write_plain"]["p50_us"],
+                  cpu["write_sealed_us"] - cpu["write_plain_us"], 0.0)
+    d_read = max(pr["read_sealed"]["p50_us"] - pr["read_plain"]["p50_us"],
+                 cpu["read_sealed_us"] - cpu["read_plain_us"], 0.0)
+    d_hash_write = max(cpu["hash_write_sealed_us"] - cpu["hash_write_plain_us"], 0.0)
+    d_hash_read = max(cpu["hash_read_sealed_us"] - cpu["hash_read_plain_us"], 0.0)
+    cost = per["lpush"] * d_write + per["hset"] * d_hash_write + per["get"] * d_read + per["hgetall"] * d_hash_read
+    return {"envelope_us_per_submission": round(cost, 1), "submission_p50_ms": subs["p50_ms"],
+            "share_pct": round(cost / 1000 / subs["p50_ms"] * 100, 3)}
+
+
+async def _scrub_unpaced(url: str, records: int) -> dict:
+    r = aioredis.Redis.from_url(url)
+    try:
+        keys = Keys(prefix=PREFIX)
+        filled = await fill(r, keys, records)
+        t0, cpu0 = time.monotonic(), time.process_time()
+        full = await integrity.scrub(r, keys, repair=False, reader="bench", batch=SCRUB_BATCH)
+        took, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        # CPU per record, of the scrub's process alone: what a pass costs the machine, and a figure
+        # the other jobs on a shared machine change less than the wall-clock rate
+        return {"records": full.checked, "fill_seconds": round(filled, 1), "seconds": round(took, 1),
+                "records_per_s": round(full.checked / max(took, 1e-9)), "batch": SCRUB_BATCH,
+                "cpu_us_per_record": round(cpu / max(full.checked, 1) * 1e6, 1), "damaged": full.corrupt}
+    finally:
+        await r.aclose()
+
+
+async def _per_record(url: str) -> dict:
+    r = aioredis.Redis.from_url(url)
+    try:
+        out = await per_record(r, Keys(prefix=PREFIX))
+        await r.flushall()
+        return out
+    finally:
+        await r.aclose()
+
+
+def main(records: int, seconds: float, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        node = EmbeddedRedis(data_dir=tmp).start()
+        node = EmbeddedRedis(data_dir=str(Path(tmp) / "redis")).start()
         try:
-            r = aioredis.Redis.from_url(node.url)
-            keys = Keys(prefix=PREFIX)
-            report: dict = {"per_record": await per_record(r, keys)}
-            await r.flushall()
-            await fill(r, keys, records)
-            t0 = time.monotonic()
-            full = await integrity.scrub(r, keys, repair=False, reader="bench")
-            report["scrub"] = {"records": full.checked, "seconds": round(time.monotonic() - t0, 2),
-                               "records_per_s": round(full.checked / max(time.monotonic() - t0, 1e-9))}
-            report["learner_alone"] = await learner_p99(r, keys, seconds)
-            ctx = multiprocessing.get_context("spawn")
-            q = ctx.Queue()
-            proc = ctx.Process(
-                target=_scrub_process, args=(node.url, 5000.0, q), daemon=True)
-            proc.start()
-            await asyncio.sleep(0.5)
-            report["learner_during_scrub"] = await learner_p99(r, keys, seconds)
-            proc.terminate()
-            proc.join(5)
-            report["learner_p99_added_us"] = round(report["learner_during_scrub"]["p99_us"]
-                                                   - report["learner_alone"]["p99_us"], 1)
-            await r.aclose()
+            report: dict = {"per_record": asyncio.run(_per_record(node.url)), "envelope_cpu": envelope_cpu()}
+            report["scrub"] = asyncio.run(_scrub_unpaced(node.url, records))
+            report["learners"] = learners_through_proxy(node, Path(tmp) / "cluster", rounds, seconds)
+            report["envelope_in_submission"] = envelope_share(report["per_record"], report["envelope_cpu"],
+                                                              report["learners"]["submission"])
             return report
         finally:
             node.stop()
 
 
 def run(args: argparse.Namespace) -> int:
-    report = asyncio.run(main(args.events, args.duration))
+    report = main(args.records, args.duration, args.reps)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     pr = report["per_record"]
     for k in ("write_plain", "write_sealed", "read_plain", "read_sealed"):
         print(f"{k:<14} p50 {pr[k]['p50_us']:>8} µs   p99 {pr[k]['p99_us']:>8} µs")
-    print(f"envelope per submission (5 checkpoints, 6 reads): {pr['envelope_per_submission_us']} µs")
+    print("envelope CPU alone (µs/record):", json.dumps(report["envelope_cpu"]))
     s = report["scrub"]
-    print(f"scrub: {s['records']} records in {s['seconds']} s = {s['records_per_s']} records/s")
-    print(f"learner p99 alone {report['learner_alone']['p99_us']} µs, during a 5000/s scrub "
-          f"{report['learner_during_scrub']['p99_us']} µs (+{report['learner_p99_added_us']} µs)")
+    print(f"filled {s['records']} records in {s['fill_seconds']} s; unpaced scrub (batches of {s['batch']}): "
+          f"{s['seconds']} s = {s['records_per_s']} records/s, {s['cpu_us_per_record']} µs CPU a record")
+    ln = report["learners"]
+    print(f"learners through the proxy, {args.reps} rounds of {args.duration} s each way: p99 scrub off "
+          f"{ln['scrub_off']['p99_ms']} ms, scrub on {ln['scrub_on']['p99_ms']} ms ({ln['p99_added_ms']:+} ms); "
+          f"p50 {ln['scrub_off']['p50_ms']} / {ln['scrub_on']['p50_ms']} ms; scrub at "
+          f"~{ln['scrub_records_per_s_seen']} records/s seen (configured {ln['scrub_rate_configured']}); "
+          f"median of paired rounds {ln['p99_added_ms_median_of_pairs']:+} ms")
+    for rd in ln["rounds"]:
+        print(f"  scrub {'on ' if rd['scrub'] else 'off'}: {rd['requests']} requests, p50 {rd['p50_ms']} ms, "
+              f"p99 {rd['p99_ms']} ms, SCAN {rd['scan_calls_per_s']}/s, load {rd['load_1min']}")
+    e = report["envelope_in_submission"]
+    print(f"submission p50 {e['submission_p50_ms']} ms (commands per submission "
+          f"{json.dumps(ln['submission']['commands_per_submission'])}); envelope inside it "
+          f"{e['envelope_us_per_submission']} µs = {e['share_pct']} %")
     return 0

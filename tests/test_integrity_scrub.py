@@ -1,0 +1,49 @@
+"""The leader's background scrub runs beside the data plane, never inside it: a process of its
+own, which goes when its dispatcher goes, even in the middle of a pass."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import psutil
+import redis
+
+from ctops import integrity
+from ctops.envelope import seal_fields
+from ctops.keys import Keys
+from tests.cluster import Cluster, wait_for
+
+RECORDS = 600
+
+
+def _fill(c: Cluster) -> None:
+    keys = Keys(prefix=c.prefix)
+    with redis.Redis.from_url(c.redis.url) as r, r.pipeline(transaction=False) as p:
+        for i in range(RECORDS):
+            key = keys.session(f"f{i}")
+            p.hset(key, mapping=seal_fields(key, integrity.SESSION, {"session_id": f"f{i}", "learner": "x"}))
+        p.execute()
+
+
+def _scrub_children(c: Cluster) -> list[psutil.Process]:
+    return [p for p in psutil.Process(c.children["A"].pid).children()
+            if "spawn_main" in " ".join(p.cmdline())]
+
+
+def test_the_scrub_runs_in_its_own_process_and_goes_with_its_dispatcher(make_cluster) -> None:  # noqa: ANN001
+    # 600 records at 20/s: a pass of 30 s, so the dispatcher dies in the middle of one
+    c = make_cluster(timings={"scrub_interval_ms": 300, "scrub_rate": 20})
+    _fill(c)
+    c.start_all()
+    wait_for("a scrub pass to start", lambda: "scrub: pass started" in c.log("A"), 30)
+    [scrub] = _scrub_children(c)
+    assert scrub.pid != c.children["A"].pid
+    # learners are served through the proxy meanwhile
+    with httpx.Client(base_url=c.data_url(), timeout=30) as http:
+        sid = http.post("/api/sessions", json={"learner": "ada"}).json()["session_id"]
+        assert all(http.get(f"/api/sessions/{sid}").status_code == 200 for _ in range(20))
+    assert scrub.is_running() and "records checked" not in c.log("A")  # still in its pass
+    c.signal("A", signal.SIGKILL)
+    wait_for("the scrub to exit with its dispatcher",
+             lambda: not scrub.is_running() or scrub.status() == psutil.STATUS_ZOMBIE, 15)
