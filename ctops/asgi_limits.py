@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # (status, message) -> the JSON body of an error answer, in the shape the wrapped API uses
-ErrorShape = Callable[[int, str], dict]
+ErrorShape = Callable[[int, str], dict[str, Any]]
 # (path, status, message): told of every body refused here, to count it (ctops.rejects)
 OnReject = Callable[[str, int, str], None]
 
 
-def ops_error(status: int, message: str) -> dict:
+def ops_error(status: int, message: str) -> dict[str, Any]:
     """ctops's own shape: {"error": ..., "detail": ...}."""
     return {"error": message, "detail": None}
 

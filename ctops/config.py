@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -466,7 +466,7 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _location(loc: tuple[int | str, ...], data: dict) -> str:
+def _location(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
     """Turn pydantic's location into the dotted name an operator sees, e.g. servers[1].url."""
     out = ""
     node: object = data
@@ -485,7 +485,7 @@ def _location(loc: tuple[int | str, ...], data: dict) -> str:
     return out or "(top level)"
 
 
-def parse(data: dict, source: str = "<config>") -> Deployment:
+def parse(data: dict[str, Any], source: str = "<config>") -> Deployment:
     try:
         return Deployment.model_validate(data)
     except ValidationError as exc:

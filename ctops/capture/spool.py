@@ -24,6 +24,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("ctops.capture.spool")
 
@@ -93,7 +94,7 @@ class Spool:
         self.counters[name] = int(self.counters.get(name, 0)) + n
         self._save_counters()
 
-    def _load_counters(self) -> dict:
+    def _load_counters(self) -> dict[str, Any]:
         try:
             doc = json.loads((self.dir / "counters.json").read_text())
             return doc if isinstance(doc, dict) else {}
