@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import IO, Literal
 
 from agents import handdown
 from agents.probes import ProbeResult, probe
@@ -120,7 +120,7 @@ class Supervisor:
         self._notify_dir: str | None = None
         # the asyncio heartbeat loop is watched too: (last beat, restart callback)
         self.loop_beat: float | None = None
-        self.restart_loop: Callable[[], None] | None = None
+        self.restart_loop: Callable[[], object] | None = None
         self.loop_stall_after = 5.0
         self.systemd_ping: Callable[[], None] | None = None
 
@@ -364,12 +364,12 @@ class Supervisor:
         env = {**os.environ, **spec.env}
         if item.notify:
             env["NOTIFY_SOCKET"] = item.notify.path
-        out = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         fh = None
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             fh = open(os.path.join(self.log_dir, f"{spec.name}.log"), "ab")  # noqa: SIM115
-            out = fh  # type: ignore[assignment]
+            out = fh
         try:
             if spec.listen and item.listener is None:
                 item.listener = handdown.bind(spec.listen)

@@ -57,13 +57,13 @@ RawFields = Mapping[str | bytes, str | bytes]
 _RangeReply = list[tuple[bytes | str | None, dict[bytes | str, bytes | str] | None]] | None
 
 
-def _text(value: bytes | str | None) -> str:
+def as_text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value or ""
 
 
-def _range(reply: _RangeReply) -> list[tuple[str, RawFields]]:
+def range_reply(reply: _RangeReply) -> list[tuple[str, RawFields]]:
     """A range reply with text ids."""
-    return [(_text(eid), raw or {}) for eid, raw in reply or []]
+    return [(as_text(eid), raw or {}) for eid, raw in reply or []]
 
 
 
@@ -200,7 +200,7 @@ async def contain_entry(r: aioredis.Redis, keys: Keys, stream: str, eid: str, ki
     for _ in range(5):
         async with r.pipeline(transaction=True) as p:
             await p.watch(stream)
-            got = _range(await p.xrange(stream, eid, eid))
+            got = range_reply(await p.xrange(stream, eid, eid))
             if not got:
                 return None
             try:
@@ -234,7 +234,7 @@ async def read_entries(r: aioredis.Redis, keys: Keys, stream: str, kind: str, co
     """The newest `count` entries, checked: a damaged one is set aside (once) and left out, so the
     rest is served. `r` must be a bytes client."""
     try:
-        entries = _range(await r.xrevrange(stream, count=count))
+        entries = range_reply(await r.xrevrange(stream, count=count))
     except ResponseError as exc:
         wrong_type(stream, exc)
         await _stream_ofwrong_type(r, keys, stream, kind, reader)
@@ -262,7 +262,7 @@ async def upgrade_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str) 
     for _ in range(5):
         async with r.pipeline(transaction=True) as p:
             await p.watch(stream)
-            entries = _range(await p.xrange(stream))
+            entries = range_reply(await p.xrange(stream))
             todo = 0
             rebuilt: list[tuple[str, Mapping[Any, str | bytes]]] = []
             for eid, raw in entries:
@@ -622,7 +622,7 @@ async def _scrub_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str, r
     after = "-"
     while True:
         try:
-            entries = _range(await r.xrange(stream, min=after, count=batch))
+            entries = range_reply(await r.xrange(stream, min=after, count=batch))
         except ResponseError as exc:
             report.add(kind, "quarantined" if repair else "corrupt", stream, wrong_type(stream, exc).reason)
             if repair:
@@ -653,7 +653,7 @@ async def record_scrub(r: aioredis.Redis, keys: Keys, report: ScrubReport) -> No
 
 async def quarantine_items(r: aioredis.Redis, keys: Keys, limit: int = 500) -> list[dict[str, str]]:
     """The quarantined records, newest first (from the log; an item discarded since is left out)."""
-    entries = _range(await r.xrevrange(keys.quarantine_log, count=limit))
+    entries = range_reply(await r.xrevrange(keys.quarantine_log, count=limit))
     out = []
     for _id, fields in entries:
         f = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes) else v)

@@ -88,7 +88,8 @@ def new_tokens() -> dict[str, Any]:
 def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[str, Any]) -> dict[str, Any]:
     """The deployment file the demo's processes read, and the addresses it chose."""
     disp = [{"name": n, "data": f"127.0.0.1:{ports.take()}", "ops": f"127.0.0.1:{ports.take()}"} for n in DISPATCHERS]
-    trainers = [{"name": f"trainer-{i}", "port": ports.take(), "host": f"host-{i}"} for i in range(1, HOSTS + 1)]
+    trainers: list[dict[str, Any]] = [{"name": f"trainer-{i}", "port": ports.take(), "host": f"host-{i}"}
+                                      for i in range(1, HOSTS + 1)]
     llm = [{"name": n, "port": ports.take()} for n in PROVIDERS]
     out = [
         "# written by `ctops demo`; see README for a deployment file of your own",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
@@ -19,7 +20,7 @@ def harden() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-def serve(app: object, host: str, port: int, on_start: Callable[[], object] | None = None) -> int:
+def serve(app: Callable[..., Any], host: str, port: int, on_start: Callable[[], object] | None = None) -> int:
     """`on_start` runs once this process is about to serve: for a warm spare, only after its handover
     (what must not run twice at once, such as holding the exception spool, goes there)."""
     config = uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools", log_level="warning",

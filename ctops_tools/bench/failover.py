@@ -301,8 +301,10 @@ def measure(learners: int, before: float, kill_to_freeze: float, freeze: float, 
             if cluster.children[KILLED].proc.poll() is not None:
                 cluster.start(KILLED)
             for name in cluster.server_names:
-                wait_for(f"{name} healthy", lambda n=name: httpx.get(cluster.trainer_url(n) + "/healthz",
-                                                                     timeout=2).status_code == 200)
+                def healthy(n: str = name) -> bool:
+                    return httpx.get(cluster.trainer_url(n) + "/healthz", timeout=2).status_code == 200
+
+                wait_for(f"{name} healthy", healthy)
             cluster.wait_all_up()
             for h in haproxies.values():
                 h.wait_all_up()
