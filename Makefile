@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-headless test lint bench clean
+.PHONY: install demo demo-headless test lint typecheck bench clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,17 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# mypy: strict on the shared package, default checks on the services and tools ([tool.mypy] in pyproject.toml)
+typecheck: install
+	$(BIN)/mypy
+
 # tests mostly wait on real processes; two workers on two cores (three starved timing-sensitive tests); a module stays on one worker
 # (its cluster fixtures are started once), and each worker hands out ports from its own range
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
