@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from agents.commands import CommandPoller
 from agents.heartbeat import HeartbeatSender
@@ -19,7 +20,7 @@ from ctops.config import ConfigError, Deployment
 log = logging.getLogger("ctops.agent")
 
 
-def _systemd_pinger() -> object | None:
+def _systemd_pinger() -> Callable[[], None] | None:
     interval = watchdog_interval()
     if interval is None:
         return None
@@ -47,7 +48,7 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     sup = Supervisor(spec.processes, log_dir=log_dir, on_event=sender.add_event)
     sender.supervisor = sup
     sup.loop_stall_after = max(5.0, 5 * dep.timings.heartbeat_interval_ms / 1000)
-    sup.systemd_ping = _systemd_pinger()  # type: ignore[assignment]
+    sup.systemd_ping = _systemd_pinger()
     if os.environ.get("CTOPS_TEST_HOOKS") == "1":
         loop.add_signal_handler(signal.SIGUSR1, sup.freeze_checker_for_test)
 

@@ -473,14 +473,17 @@ def _location(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-            label = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) else None  # noqa: E501
+            item = node[part] if isinstance(node, list) and part < len(node) else None
+            label = item.get("name") if isinstance(item, dict) else None
             if label:
                 out += f"({label})"
         else:
             out += f".{part}" if out else str(part)
-        try:
-            node = node[part]  # type: ignore[index]
-        except (KeyError, IndexError, TypeError):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        else:
             node = None
     return out or "(top level)"
 

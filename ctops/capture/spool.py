@@ -281,11 +281,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def open_spool(directory: str | os.PathLike[str], **kw: object) -> Spool:
+def open_spool(directory: str | os.PathLike[str], *, max_bytes: int = 64 * 1024 * 1024,
+               segment_bytes: int = 4 * 1024 * 1024, fsync: bool = True) -> Spool:
     """The spool in `directory`, or a per-process sibling when another live process holds it."""
     try:
-        return Spool(directory, **kw)  # type: ignore[arg-type]
+        return Spool(directory, max_bytes=max_bytes, segment_bytes=segment_bytes, fsync=fsync)
     except SpoolBusy:
         alt = f"{os.fspath(directory)}.{os.getpid()}"
         log.warning("spool %s is held by another process; using %s", directory, alt)
-        return Spool(alt, **kw)  # type: ignore[arg-type]
+        return Spool(alt, max_bytes=max_bytes, segment_bytes=segment_bytes, fsync=fsync)
