@@ -505,15 +505,16 @@ def _check_fetched(kind: str, key: str, value: object) -> None:
         raise wrong_type(key, value)
     if isinstance(value, Exception):
         raise value
-    if kind == SESSION:
-        unseal_fields(key, value, SESSION)  # type: ignore[arg-type]
-        return
-    if kind == EXC_GROUP:
-        got = unseal_fields(key, value, EXC_GROUP)  # type: ignore[arg-type]
-        if got is not None:
+    if kind in (SESSION, EXC_GROUP):
+        if not isinstance(value, dict):
+            raise TypeError(f"HGETALL {key} answered a {type(value).__name__}")
+        got = unseal_fields(key, value, kind)
+        if got is not None and kind == EXC_GROUP:
             check_group(key, got[0])
         return
-    rec = unseal(key, value, kind)  # type: ignore[arg-type]
+    if not isinstance(value, bytes | str | None):
+        raise TypeError(f"GET {key} answered a {type(value).__name__}")
+    rec = unseal(key, value, kind)
     if rec is None:
         return
     try:
