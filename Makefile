@@ -48,4 +48,4 @@ bench: install
 	$(BIN)/ctops bench proxy
 
 clean:
-	rm -rf $(VENV) .ctops .pytest_cache *.egg-info build dispatcher/proxy.c dispatcher/*.so $(PROXY_BUILT)
+	rm -rf $(VENV) .ctops .pytest_cache .mypy_cache *.egg-info build dispatcher/proxy.c dispatcher/*.so $(PROXY_BUILT)
