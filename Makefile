@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-headless test test-pure lint bench clean
+.PHONY: install demo demo-headless test test-pure lint typecheck bench clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# mypy: strict on the shared package, default checks on the services and tools ([tool.mypy] in pyproject.toml)
+typecheck: install
+	$(BIN)/mypy
+
 # Tests mostly wait on real processes. The tests of a module that shares a fixture (its cluster, its fake)
 # stay on one worker, together; the others spread over all workers, the longest modules first
 # (tests/conftest.py marks and orders them); each worker hands out ports from its own range. The few
@@ -40,6 +44,7 @@ TEST_WORKERS ?= 3
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not serial"; parallel=$$?; \
 	$(BIN)/pytest -m serial; serial=$$?; \
 	test $$parallel -eq 0 -a $$serial -eq 0
@@ -52,4 +57,4 @@ bench: install
 	$(BIN)/ctops bench proxy
 
 clean:
-	rm -rf $(VENV) .ctops .pytest_cache *.egg-info build dispatcher/proxy.c dispatcher/*.so $(PROXY_BUILT)
+	rm -rf $(VENV) .ctops .pytest_cache .mypy_cache *.egg-info build dispatcher/proxy.c dispatcher/*.so $(PROXY_BUILT)

@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dispatcher"))
-from planebuild import RECORD, source_sha256  # noqa: E402 - the one definition of the recorded hash
+from planebuild import RECORD, source_sha256
 
 HERE = Path(__file__).resolve().parent
 

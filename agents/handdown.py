@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import IO
 
 from ctops.config import split_hostport
 from ctops.listenfds import GO, HANDOVER_FD_ENV, READY
@@ -53,13 +54,13 @@ def _check_executable(command: list[str], cwd: str | None, path: str | None) -> 
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), exe)
 
 
-def launch(command: list[str], env: dict[str, str], cwd: str | None, out: object, name: str,
+def launch(command: list[str], env: dict[str, str], cwd: str | None, out: int | IO[bytes], name: str,
            listener: socket.socket | None, spare: bool) -> Launch:
     """Start `command` in its own session; with `listener` it gets the socket as fd 3, and as a spare
     also a handover channel it must wait on before accepting."""
     if listener is None:
-        proc = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,  # type: ignore[arg-type]
-                                stderr=out, start_new_session=True)  # type: ignore[arg-type]
+        proc = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out, start_new_session=True)
         return Launch(proc, None)
     _check_executable(command, cwd, env.get("PATH"))
     env = {**env, "LISTEN_FDS": "1", "LISTEN_FDNAMES": name}
@@ -75,7 +76,7 @@ def launch(command: list[str], env: dict[str, str], cwd: str | None, out: object
         pass_fds = (theirs_fd,)
     try:
         proc = subprocess.Popen(["/bin/sh", "-c", _SHELL, name, *command], env=env, cwd=cwd,
-                                stdin=listener.fileno(), stdout=out, stderr=out,  # type: ignore[arg-type]
+                                stdin=listener.fileno(), stdout=out, stderr=out,
                                 start_new_session=True, pass_fds=pass_fds)
     except BaseException:
         if ours is not None:

@@ -34,12 +34,13 @@ class HttpClient:
         try:
             async with asyncio.timeout(timeout or self.timeout):
                 for attempt in (0, 1):
-                    reused = self._conn is not None and self._conn[0] == origin
-                    if not reused:
+                    conn = self._conn if self._conn is not None and self._conn[0] == origin else None
+                    reused = conn is not None
+                    if conn is None:
                         await self.aclose()
                         reader, writer = await asyncio.open_connection(u.hostname, u.port or 80)
-                        self._conn = (origin, reader, writer)
-                    _, reader, writer = self._conn  # type: ignore[misc]
+                        conn = self._conn = (origin, reader, writer)
+                    _, reader, writer = conn
                     try:
                         writer.write(head + (body or b""))
                         return await self._response(reader)

@@ -91,7 +91,7 @@ class LogTail:
         while True:
             try:
                 await asyncio.to_thread(self.poll_once)
-            except Exception:  # noqa: BLE001 - a bad file must not stop the agent's other work
+            except Exception:  # a bad file must not stop the agent's other work
                 log.exception("log tail poll failed")
             await asyncio.sleep(self.interval)
 
@@ -217,7 +217,7 @@ def _library(path: str) -> bool:
 
 def start(host: str, patterns: list[str], urls: list[str], token: str, log_dir: str | None) -> LogTail:
     """A LogTail with its own forwarder thread and spool (<CTOPS_CAPTURE_SPOOL or log dir or tmp>/logtail-<host>)."""
-    from ctops.capture.spool import open_spool  # noqa: PLC0415 - only agents that tail logs need it
+    from ctops.capture.spool import open_spool  # only agents that tail logs need it
 
     base = os.environ.get("CTOPS_CAPTURE_SPOOL") or (str(Path(log_dir) / "spool") if log_dir else None) \
         or str(Path(os.environ.get("TMPDIR", "/tmp")) / f"ctops-spool-{os.getuid()}")

@@ -64,7 +64,7 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     tasks["commands"] = loop.create_task(poller.run(), name="commands")
     tail = None
     if spec.log_files:
-        from agents import logtail  # noqa: PLC0415 - only agents that tail logs load it
+        from agents import logtail  # only agents that tail logs load it
 
         tail = logtail.start(name, spec.log_files, urls, token, log_dir)
         tasks["logtail"] = loop.create_task(tail.run(), name="logtail")

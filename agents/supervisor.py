@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import IO
 
 from agents import handdown
 from agents.probes import ProbeResult, probe
@@ -113,7 +114,7 @@ class Supervised:
 class Supervisor:
     def __init__(self, specs: list[ProcessSpec], log_dir: str | None = None,
                  on_event: Callable[[AgentEvent], None] | None = None, *,
-                 restart_loop: Callable[[], None] | None = None, loop_stall_after: float = 5.0,
+                 restart_loop: Callable[[], object] | None = None, loop_stall_after: float = 5.0,
                  systemd_ping: Callable[[], None] | None = None) -> None:
         """`restart_loop`: starts the agent's heartbeat loop again when it has not beaten for
         `loop_stall_after` s; `systemd_ping`: tells systemd's watchdog all is well (under systemd)."""
@@ -384,12 +385,12 @@ class Supervisor:
         env = {**os.environ, **spec.env}
         if item.notify:
             env["NOTIFY_SOCKET"] = item.notify.path
-        out = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         fh = None
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             fh = open(os.path.join(self.log_dir, f"{spec.name}.log"), "ab")  # noqa: SIM115
-            out = fh  # type: ignore[assignment]
+            out = fh
         try:
             if spec.listen and item.listener is None:
                 item.listener = handdown.bind(spec.listen)

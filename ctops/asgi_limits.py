@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctops.opsapi import error_body
 
 # (status, message) -> the JSON body of an error answer, in the shape the wrapped API uses
-ErrorShape = Callable[[int, str], dict]
+ErrorShape = Callable[[int, str], dict[str, Any]]
 # (path, status, message): told of every body refused here, to count it (ctops.rejects)
 OnReject = Callable[[str, int, str], None]
 
 
-def ops_error(status: int, message: str) -> dict:
+def ops_error(status: int, message: str) -> dict[str, Any]:
     """The ops API's shape (ctops.opsapi): {"error": ..., "detail": ...}."""
     return error_body(message)
 

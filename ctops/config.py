@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -466,26 +466,29 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _location(loc: tuple[int | str, ...], data: dict) -> str:
+def _location(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
     """Turn pydantic's location into the dotted name an operator sees, e.g. servers[1].url."""
     out = ""
     node: object = data
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-            label = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) else None  # noqa: E501
+            item = node[part] if isinstance(node, list) and part < len(node) else None
+            label = item.get("name") if isinstance(item, dict) else None
             if label:
                 out += f"({label})"
         else:
             out += f".{part}" if out else str(part)
-        try:
-            node = node[part]  # type: ignore[index]
-        except (KeyError, IndexError, TypeError):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        else:
             node = None
     return out or "(top level)"
 
 
-def parse(data: dict, source: str = "<config>") -> Deployment:
+def parse(data: dict[str, Any], source: str = "<config>") -> Deployment:
     try:
         return Deployment.model_validate(data)
     except ValidationError as exc:

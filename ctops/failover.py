@@ -20,7 +20,7 @@ T = TypeVar("T")
 MAYBE_DONE = "; the action may or may not have happened"
 
 
-class TryNext(Exception):  # noqa: N818 - an instruction to the policy, not an error to show
+class TryNext(Exception):
     """`send(url)` got no usable answer from `url`. `reached`: the request may have been received."""
 
     def __init__(self, reason: str, *, reached: bool = True) -> None:

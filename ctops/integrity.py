@@ -28,12 +28,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.typing import EncodableT
 
 from ctops.capture.fingerprint import culprit
 from ctops.clock import now_ms
 from ctops.envelope import SHA1, Corrupt, seal, seal_fields, unseal, unseal_fields
 from ctops.keys import Keys
 from ctops.redisacl import glob_escape
+from ctops.redisconn import redis_fields
 
 # the log is read by the dispatcher leader within seconds; it need not hold more than a burst
 LOG_MAXLEN = 10_000
@@ -48,6 +50,20 @@ log = logging.getLogger("ctops.integrity")
 
 Reader = Callable[[Any], Awaitable[object]]
 Replace = Callable[[Pipeline, str], None]
+# a stream entry's fields as Redis returns them (bytes from a bytes client)
+RawFields = Mapping[str | bytes, str | bytes]
+# an XRANGE/XREVRANGE reply as redis-py types it: ids and fields are optional there only for entries
+# deleted from a consumer group's pending list, which a range never returns
+_RangeReply = list[tuple[bytes | str | None, dict[bytes | str, bytes | str] | None]] | None
+
+
+def as_text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else value or ""
+
+
+def range_reply(reply: _RangeReply) -> list[tuple[str, RawFields]]:
+    """A range reply with text ids."""
+    return [(as_text(eid), raw or {}) for eid, raw in reply or []]
 
 
 
@@ -57,7 +73,7 @@ def wrong_type(key: str, exc: ResponseError) -> Corrupt:
     raise exc
 
 
-async def read_json(c: Any, key: str, kind: str) -> tuple[dict, int, bool] | None:
+async def read_json(c: Any, key: str, kind: str) -> tuple[dict[str, Any], int, bool] | None:
     """A sealed JSON object stored as a string: (object, generation, legacy) or None if missing.
     `c` is a bytes client or a pipeline in immediate mode (inside WATCH)."""
     try:
@@ -84,11 +100,11 @@ async def read_hash(c: Any, key: str, kind: str) -> tuple[dict[str, str], int, b
     return unseal_fields(key, raw, kind)
 
 
-def seal_json(key: str, kind: str, obj: dict, generation: int) -> bytes:
+def seal_json(key: str, kind: str, obj: Mapping[str, Any], generation: int) -> bytes:
     return seal(key, kind, json.dumps(obj, separators=(",", ":")), generation)
 
 
-def seal_hash(key: str, kind: str, fields: dict, generation: int) -> dict[str, str | bytes]:
+def seal_hash(key: str, kind: str, fields: Mapping[str, object], generation: int) -> dict[str, str | bytes]:
     return seal_fields(key, kind, {k: str(v) for k, v in fields.items()}, generation)
 
 
@@ -108,10 +124,10 @@ def _entry(key: str, kind: str, damage: Corrupt, *, session: str, reader: str, r
 
 
 def _set_aside(p: Pipeline, keys: Keys, entry: dict[str, str | int], kind: str, repaired: bool,
-               kept: Mapping[str, bytes | str | int]) -> None:
+               kept: Mapping[str, EncodableT]) -> None:
     """Queue the quarantine item, its log entry and the counters (inside the caller's MULTI)."""
-    p.hset(keys.quarantine_item(str(entry["qid"])), mapping={**entry, **kept})
-    p.xadd(keys.quarantine_log, entry, maxlen=LOG_MAXLEN, approximate=True)
+    p.hset(keys.quarantine_item(str(entry["qid"])), mapping=redis_fields({**entry, **kept}))
+    p.xadd(keys.quarantine_log, redis_fields(entry), maxlen=LOG_MAXLEN, approximate=True)
     p.hincrby(keys.quarantine_stats, "corrupt_found", 1)
     p.hincrby(keys.quarantine_stats, f"corrupt_found:{kind}", 1)
     if repaired:
@@ -161,7 +177,7 @@ def seal_entry(stream: str, kind: str, fields: Mapping[str, object]) -> dict[str
     return seal_fields(stream, kind, {k: str(v) for k, v in fields.items()})
 
 
-def check_entry(stream: str, kind: str, raw: Mapping[str | bytes, str | bytes]) -> tuple[dict[str, str], bool]:
+def check_entry(stream: str, kind: str, raw: RawFields) -> tuple[dict[str, str], bool]:
     """(fields without `_env`, legacy); raises Corrupt. Entries written before envelopes are legacy."""
     got = unseal_fields(stream, raw, kind)
     if got is None:
@@ -172,7 +188,7 @@ def check_entry(stream: str, kind: str, raw: Mapping[str | bytes, str | bytes]) 
     return fields, legacy
 
 
-def _latin1(raw: Mapping[str | bytes, str | bytes]) -> str:
+def _latin1(raw: RawFields) -> str:
     """The entry's fields as JSON, byte for byte (latin-1 maps every byte to one character)."""
     b = {(k if isinstance(k, bytes) else k.encode()).decode("latin-1"):
          (v if isinstance(v, bytes) else v.encode()).decode("latin-1") for k, v in raw.items()}
@@ -184,7 +200,7 @@ async def contain_entry(r: aioredis.Redis, keys: Keys, stream: str, eid: str, ki
     for _ in range(5):
         async with r.pipeline(transaction=True) as p:
             await p.watch(stream)
-            got = await p.xrange(stream, eid, eid)
+            got = range_reply(await p.xrange(stream, eid, eid))
             if not got:
                 return None
             try:
@@ -218,14 +234,13 @@ async def read_entries(r: aioredis.Redis, keys: Keys, stream: str, kind: str, co
     """The newest `count` entries, checked: a damaged one is set aside (once) and left out, so the
     rest is served. `r` must be a bytes client."""
     try:
-        entries = await r.xrevrange(stream, count=count)
+        entries = range_reply(await r.xrevrange(stream, count=count))
     except ResponseError as exc:
         wrong_type(stream, exc)
         await _stream_ofwrong_type(r, keys, stream, kind, reader)
         return []
     out = []
-    for eid, raw in entries:
-        sid = eid.decode() if isinstance(eid, bytes) else eid
+    for sid, raw in entries:
         try:
             fields, _legacy = check_entry(stream, kind, raw)
         except Corrupt as exc:
@@ -247,9 +262,9 @@ async def upgrade_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str) 
     for _ in range(5):
         async with r.pipeline(transaction=True) as p:
             await p.watch(stream)
-            entries = await p.xrange(stream)
+            entries = range_reply(await p.xrange(stream))
             todo = 0
-            rebuilt: list[tuple[str, Mapping]] = []
+            rebuilt: list[tuple[str, Mapping[Any, str | bytes]]] = []
             for eid, raw in entries:
                 try:
                     fields, legacy = check_entry(stream, kind, raw)
@@ -262,8 +277,8 @@ async def upgrade_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str) 
                 return 0
             await r.delete(tmp)
             async with r.pipeline(transaction=False) as w:
-                for eid, fields in rebuilt:
-                    w.xadd(tmp, fields, id=eid)
+                for eid, sealed in rebuilt:
+                    w.xadd(tmp, redis_fields(sealed), id=eid)
                 await w.execute()
             p.multi()
             p.rename(tmp, stream)
@@ -333,7 +348,7 @@ async def contain_group(r: aioredis.Redis, keys: Keys, gid: str, reader: str) ->
             for index in ("last", "count", "resolved"):
                 p.zrem(keys.exc_groups_index(index), gid)
             return
-        p.hset(key, mapping=seal_fields(key, EXC_GROUP, rebuilt, 0, digest=SHA1))
+        p.hset(key, mapping=redis_fields(seal_fields(key, EXC_GROUP, rebuilt, 0, digest=SHA1)))
         p.zrem(keys.exc_groups_index("resolved"), gid)
 
     return await contain(r, keys, key, EXC_GROUP, lambda c: read_group(c, key), reader=reader, replace=replace,
@@ -347,14 +362,14 @@ HISTORY = 3
 _IDEM_STATES = ("pending", "done", "damaged")
 
 
-def damaged_submission(sub_id: str, sid: str, qid: str) -> dict:
+def damaged_submission(sub_id: str, sid: str, qid: str) -> dict[str, Any]:
     return {"submission_id": sub_id, "session_id": sid, "status": "failed", "verdict": "error",
             "damaged": qid, "tests": [], "steps": [], "review": {"status": "none", "text": "", "provider": None},
             "message": "this submission's stored record was damaged and has been set aside for staff; "
                        "submit your code again"}
 
 
-async def read_idempotency(c: Any, key: str) -> tuple[dict, int, bool] | None:
+async def read_idempotency(c: Any, key: str) -> tuple[dict[str, Any], int, bool] | None:
     """A claim (plain JSON: it doubles as a lease token) or a sealed outcome."""
     got = await read_json(c, key, IDEMPOTENCY)
     if got is not None:
@@ -362,7 +377,7 @@ async def read_idempotency(c: Any, key: str) -> tuple[dict, int, bool] | None:
     return got
 
 
-def _check_idempotency(key: str, obj: dict) -> None:
+def _check_idempotency(key: str, obj: dict[str, Any]) -> None:
     """What a replay sends back must be an answer: a status and a JSON object."""
     state = obj.get("state")
     if state not in _IDEM_STATES:
@@ -372,7 +387,7 @@ def _check_idempotency(key: str, obj: dict) -> None:
         raise Corrupt(key, "schema", "an outcome without a valid status, body or headers")
 
 
-async def intact_checkpoint(r: aioredis.Redis, keys: Keys, sub_id: str) -> tuple[bytes, dict] | None:
+async def intact_checkpoint(r: aioredis.Redis, keys: Keys, sub_id: str) -> tuple[bytes | str, dict[str, Any]] | None:
     """The newest intact copy among the submission's last checkpoints."""
     key = keys.submission(sub_id)
     try:
@@ -390,29 +405,30 @@ async def intact_checkpoint(r: aioredis.Redis, keys: Keys, sub_id: str) -> tuple
     return None
 
 
-async def contain_session(r: aioredis.Redis, keys: Keys, sid: str, reader: str) -> dict | None:
+async def contain_session(r: aioredis.Redis, keys: Keys, sid: str, reader: str) -> dict[str, Any] | None:
     """Replaced by a tombstone (nothing to repair a session from); None if it is intact after all."""
     key = keys.session(sid)
-    tomb: dict = {}
+    tomb: dict[str, Any] = {}
 
     def replace(p: Pipeline, qid: str) -> None:
         tomb.update(session_id=sid, damaged=qid)
-        p.hset(key, mapping=seal_hash(key, SESSION, tomb, 0))
+        p.hset(key, mapping=redis_fields(seal_hash(key, SESSION, tomb, 0)))
 
     done = await contain(r, keys, key, SESSION, lambda c: read_hash(c, key, SESSION), reader=reader,
                          session=sid, replace=replace)
     return tomb if done else None
 
 
-async def contain_submission(r: aioredis.Redis, keys: Keys, sub_id: str, sid: str, reader: str) -> dict | None:
+async def contain_submission(r: aioredis.Redis, keys: Keys, sub_id: str, sid: str,
+                             reader: str) -> dict[str, Any] | None:
     """Repaired from its newest intact checkpoint, else a failed tombstone taken out of all work."""
     key = keys.submission(sub_id)
     good = await intact_checkpoint(r, keys, sub_id)
-    result: dict = {}
+    result: dict[str, Any] = {}
     if good is not None:
         sealed, result = good
 
-        def replace(p: Pipeline, _qid: str) -> None:
+        def replace(p: Pipeline, qid: str) -> None:
             p.set(key, sealed)
     else:
         def replace(p: Pipeline, qid: str) -> None:
@@ -428,9 +444,9 @@ async def contain_submission(r: aioredis.Redis, keys: Keys, sub_id: str, sid: st
     return result if done else None
 
 
-async def contain_idempotency(r: aioredis.Redis, keys: Keys, rkey: str, reader: str) -> dict | None:
+async def contain_idempotency(r: aioredis.Redis, keys: Keys, rkey: str, reader: str) -> dict[str, Any] | None:
     """A tombstone: the request may have been executed, so it must not run again under this key."""
-    tomb: dict = {}
+    tomb: dict[str, Any] = {}
 
     def replace(p: Pipeline, qid: str) -> None:
         tomb.update(state="damaged", quarantine=qid)
@@ -441,7 +457,7 @@ async def contain_idempotency(r: aioredis.Redis, keys: Keys, rkey: str, reader: 
     return tomb if done else None
 
 
-def _counts(raw: Mapping) -> dict[str, int]:
+def _counts(raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
     out = {}
     for k, v in raw.items():
         try:
@@ -489,15 +505,16 @@ def _check_fetched(kind: str, key: str, value: object) -> None:
         raise wrong_type(key, value)
     if isinstance(value, Exception):
         raise value
-    if kind == SESSION:
-        unseal_fields(key, value, SESSION)  # type: ignore[arg-type]
-        return
-    if kind == EXC_GROUP:
-        got = unseal_fields(key, value, EXC_GROUP)  # type: ignore[arg-type]
-        if got is not None:
+    if kind in (SESSION, EXC_GROUP):
+        if not isinstance(value, dict):
+            raise TypeError(f"HGETALL {key} answered a {type(value).__name__}")
+        got = unseal_fields(key, value, kind)
+        if got is not None and kind == EXC_GROUP:
             check_group(key, got[0])
         return
-    rec = unseal(key, value, kind)  # type: ignore[arg-type]
+    if not isinstance(value, bytes | str | None):
+        raise TypeError(f"GET {key} answered a {type(value).__name__}")
+    rec = unseal(key, value, kind)
     if rec is None:
         return
     try:
@@ -533,7 +550,7 @@ class ScrubReport:
             if len(self.damaged) < 1000:
                 self.damaged.append({"key": key, "kind": kind, "reason": reason, "result": result})
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"checked": self.checked, "ok": self.ok, "repaired": self.repaired, "quarantined": self.quarantined,
                 "corrupt": self.corrupt, "elapsed_ms": self.elapsed_ms, "by_kind": self.by_kind or {},
                 "damaged": self.damaged or []}
@@ -561,11 +578,12 @@ async def scrub(r: aioredis.Redis, keys: Keys, *, repair: bool, reader: str, rat
     `r` must be a bytes client."""
     report = ScrubReport()
     started = time.monotonic()
-    cursor: int | bytes = 0
+    cursor = 0
     pattern = glob_escape(keys.prefix) + ":*"
     while True:
         cursor, names = await r.scan(cursor, match=pattern, count=batch)
-        found = [(n.decode(errors="replace"), c) for n in names if (c := classify(keys, n.decode(errors="replace")))]
+        texts = [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]
+        found = [(n, c) for n in texts if (c := classify(keys, n))]
         for key, _ in [f for f in found if f[1][0] == AUDIT]:
             await _scrub_stream(r, keys, key, AUDIT, report, repair=repair, reader=reader, rate=rate,
                                 batch=batch, started=started)
@@ -605,14 +623,13 @@ async def _scrub_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str, r
     after = "-"
     while True:
         try:
-            entries = await r.xrange(stream, min=after, count=batch)
+            entries = range_reply(await r.xrange(stream, min=after, count=batch))
         except ResponseError as exc:
             report.add(kind, "quarantined" if repair else "corrupt", stream, wrong_type(stream, exc).reason)
             if repair:
                 await _stream_ofwrong_type(r, keys, stream, kind, reader)
             return
-        for eid, raw in entries:
-            sid = eid.decode() if isinstance(eid, bytes) else eid
+        for sid, raw in entries:
             try:
                 legacy += check_entry(stream, kind, raw)[1]
             except Corrupt as exc:
@@ -623,7 +640,7 @@ async def _scrub_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str, r
                 report.add(kind, "ok")
         if len(entries) < batch:
             break
-        after = "(" + (entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0])
+        after = "(" + entries[-1][0]
         if rate > 0 and (ahead := report.checked / rate - (time.monotonic() - started)) > 0:
             await asyncio.sleep(ahead)
     if repair and legacy:
@@ -637,7 +654,7 @@ async def record_scrub(r: aioredis.Redis, keys: Keys, report: ScrubReport) -> No
 
 async def quarantine_items(r: aioredis.Redis, keys: Keys, limit: int = 500) -> list[dict[str, str]]:
     """The quarantined records, newest first (from the log; an item discarded since is left out)."""
-    entries = await r.xrevrange(keys.quarantine_log, count=limit)
+    entries = range_reply(await r.xrevrange(keys.quarantine_log, count=limit))
     out = []
     for _id, fields in entries:
         f = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes) else v)
@@ -664,14 +681,14 @@ async def release(r: aioredis.Redis, keys: Keys, qid: str, *, restore: bool, act
         if restore and f.get("entry_fields"):
             # a stream entry goes back as a new entry (a stream takes no id older than its last)
             fields = {k.encode("latin-1"): v.encode("latin-1") for k, v in json.loads(f["entry_fields"]).items()}
-            p.xadd(key, fields)  # type: ignore[arg-type]
+            p.xadd(key, redis_fields(fields))
         elif restore:
             ttl = int(f.get("ttl_ms", b"0") or 0)
             p.restore(key, max(ttl, 0), f["dump"], replace=True)
         p.delete(keys.quarantine_item(qid))
-        p.xadd(keys.audit, seal_entry(keys.audit, AUDIT, {  # type: ignore[arg-type]
+        p.xadd(keys.audit, redis_fields(seal_entry(keys.audit, AUDIT, {
             "ts_ms": now_ms(), "who": actor, "role": role,
             "action": "quarantine-restore" if restore else "quarantine-discard", "target": key,
-            "result": f"ok ({qid})", "via": via}), maxlen=AUDIT_MAXLEN, approximate=True)
+            "result": f"ok ({qid})", "via": via})), maxlen=AUDIT_MAXLEN, approximate=True)
         await p.execute()
     return {"qid": qid, "key": key, "action": "restore" if restore else "discard"}

@@ -73,7 +73,7 @@ def main() -> None:  # pragma: no cover - an operator's helper
     ap.add_argument("--prefix", default="ctops")
     args = ap.parse_args()
     for role in ("trainer", "dispatcher"):
-        print(f"ACL SETUSER ctops-{role} on >PASSWORD " + " ".join(service_rules(role, args.prefix)))  # type: ignore[arg-type]
+        print(f"ACL SETUSER ctops-{role} on >PASSWORD " + " ".join(service_rules(role, args.prefix)))
     print("ACL SETUSER ctops-admin on >PASSWORD " + " ".join(ADMIN_RULES))
     print("ACL SETUSER ctops-replica on >PASSWORD " + " ".join(REPLICA_RULES))
     print("ACL SETUSER ctops-sentinel on >PASSWORD " + " ".join(SENTINEL_RULES))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -26,6 +26,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, ReadOnlyError, ResponseError, TimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
+from redis.typing import EncodableT, FieldT
 
 from ctops.config import ConfigError, RedisSettings, split_hostport
 from ctops.keys import Keys
@@ -49,6 +50,12 @@ SENTINEL_TIMEOUT_S = 0.5
 _FOLLOW_MARKERS = ("READONLY", "NOREPLICAS")
 
 
+def redis_fields(fields: Mapping[Any, EncodableT]) -> dict[FieldT, EncodableT]:
+    """`fields` as HSET's mapping or XADD's fields. redis-py types those with a union key, and a
+    mapping's key type is invariant, so no `dict[str, ...]` matches; redis only iterates them."""
+    return cast("dict[FieldT, EncodableT]", fields)
+
+
 def _moved(exc: ResponseError) -> bool:
     return not isinstance(exc, ReadOnlyError) and any(m in str(exc) for m in _FOLLOW_MARKERS)
 
@@ -64,7 +71,7 @@ class _FollowingAsyncConnection(AsyncSentinelConnection):
         # for the whole retry budget while a replica had long been promoted
         if self.connection_pool.is_master:
             self.host, self.port = await self.connection_pool.get_master_address()
-        await super()._connect()
+        await super()._connect()  # type: ignore[no-untyped-call]
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -80,14 +87,14 @@ class _FollowingConnection(SentinelManagedConnection):
     def _connect(self) -> Any:
         if self.connection_pool.is_master:
             self.host, self.port = self.connection_pool.get_master_address()
-        return super()._connect()
+        return super()._connect()  # type: ignore[no-untyped-call]
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)
         except ResponseError as exc:
             if _moved(exc):
-                self.disconnect()
+                self.disconnect()  # type: ignore[no-untyped-call]
                 raise ConnectionError(f"the node refused a write ({exc}); asking Sentinel again") from exc
             raise
 
@@ -208,7 +215,8 @@ def async_client(settings: RedisSettings, role: Role, *, decode_responses: bool 
     opts = _common(settings, role, decode_responses, socket_timeout)
     opts["retry"] = AsyncRetry(ExponentialBackoff(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S), RETRIES)
     if not settings.sentinels:
-        client: _ConfirmingRedis = _ConfirmingRedis.from_url(settings.url, **opts)
+        # from_url builds `cls`; redis-py types it as the base class
+        client = cast(_ConfirmingRedis, _ConfirmingRedis.from_url(settings.url, **opts))
     else:
         sentinel = AsyncSentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))
         client = sentinel.master_for(settings.service, redis_class=_ConfirmingRedis, db=settings.db,
@@ -230,7 +238,9 @@ def sync_client(settings: RedisSettings, role: Role, *, decode_responses: bool =
     if not settings.sentinels:
         return redis.Redis.from_url(settings.url, **opts)
     sentinel = Sentinel(sentinel_addresses(settings), sentinel_kwargs=_sentinel_kwargs(settings))
-    return sentinel.master_for(settings.service, db=settings.db, connection_class=_FollowingConnection, **opts)
+    client: redis.Redis = sentinel.master_for(settings.service, db=settings.db, connection_class=_FollowingConnection,
+                                              **opts)
+    return client
 
 
 def ask_sentinels(addresses: list[tuple[str, int]], password: str | None,

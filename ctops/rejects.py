@@ -43,7 +43,7 @@ class Rejects:
         self._redis: Any = None
         self._key = ""
         self._logged: dict[str, tuple[float, int]] = {}  # source -> (when last logged, count then)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def attach(self, redis: Any, keys: Keys) -> None:
         """Add every later count to the cluster's totals in Redis too."""

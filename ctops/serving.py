@@ -27,7 +27,7 @@ from ctops import listenfds
 START_TIMEOUT_S = 10.0
 
 
-def config(app: ASGIApp | object, host: str, port: int, *, lifespan: Literal["on", "off"] = "off",
+def config(app: ASGIApp | Callable[..., Any], host: str, port: int, *, lifespan: Literal["on", "off"] = "off",
            keep_alive_s: int = 30, graceful_s: int | None = 1, **more: Any) -> uvicorn.Config:
     """uvicorn's settings for every ctops server: httptools, no access log, warnings only."""
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http="httptools",
@@ -46,7 +46,7 @@ class _InOurLoop(uvicorn.Server):
 @dataclass
 class Served:
     server: uvicorn.Server
-    task: asyncio.Task
+    task: asyncio.Task[None]
     host: str
     port: int
 
@@ -91,7 +91,8 @@ async def serve_asgi(app: ASGIApp, host: str, port: int, stop: asyncio.Event) ->
     await served.stop()
 
 
-def run_foreground(app: object, host: str, port: int, on_start: Callable[[], object] | None = None) -> int:
+def run_foreground(app: ASGIApp | Callable[..., Any], host: str, port: int,
+                   on_start: Callable[[], object] | None = None) -> int:
     """Serve in the foreground until SIGTERM/SIGINT; 0 after a graceful stop, 1 if it never started.
 
     `on_start` runs once this process is about to serve: for a warm spare, only after its handover

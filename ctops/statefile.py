@@ -59,7 +59,7 @@ def token(doc: dict[str, Any], role: str) -> str:
     tok = (doc.get("tokens") or {}).get(role)
     if not tok:
         raise StateFileError(f"state file has no {role} token")
-    return tok
+    return str(tok)
 
 
 def find_process(doc: dict[str, Any], name: str) -> tuple[str, dict[str, Any]]:

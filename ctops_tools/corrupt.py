@@ -15,16 +15,21 @@ import redis
 
 from ctops import redisconn, statefile
 from ctops.config import load
-from ctops.integrity import AUDIT, EXC_GROUP, KINDS, classify
+from ctops.integrity import AUDIT, EXC_GROUP, KINDS, as_text, classify, range_reply
 from ctops.keys import Keys
 from ctops.redisacl import glob_escape
+from ctops.redisconn import redis_fields
+
+
+def _bytes(value: bytes | str | None) -> bytes:
+    return value.encode() if isinstance(value, str) else value or b""
 
 
 def damage(r: redis.Redis, key: str) -> str:
     """Damage the record at `key` in place; what was done, in words."""
-    kind = r.type(key).decode()
+    kind = as_text(r.type(key))
     if kind == "string":
-        raw = bytearray(r.get(key) or b"")
+        raw = bytearray(_bytes(r.get(key)))
         if not raw:
             raise ValueError(f"{key} is empty")
         i = len(raw) // 2
@@ -33,7 +38,7 @@ def damage(r: redis.Redis, key: str) -> str:
         r.set(key, bytes(raw), px=ttl if ttl > 0 else None)
         return f"flipped byte {i} of {len(raw)}"
     if kind == "hash":
-        field = sorted(f for f in r.hkeys(key) if f != b"_env")[0]
+        field = sorted(_bytes(f) for f in r.hkeys(key) if _bytes(f) != b"_env")[0]
         r.hset(key, field, b"\xff\xfe damaged")
         return f"overwrote field {field.decode(errors='replace')} with bytes that are not UTF-8"
     if kind == "stream":
@@ -44,19 +49,19 @@ def damage(r: redis.Redis, key: str) -> str:
 def _damage_entry(r: redis.Redis, key: str) -> str:
     """A stream entry cannot be changed in place: the stream is rebuilt with the same ids, one entry
     altered, and swapped in at once."""
-    entries = r.xrange(key)
+    entries = range_reply(r.xrange(key))
     if not entries:
         raise ValueError(f"{key} is an empty stream")
     target, fields = entries[len(entries) // 2]
-    field = sorted(f for f in fields if f != b"_env")[0]
+    field = sorted(_bytes(f) for f in fields if _bytes(f) != b"_env")[0]
     tmp = f"{key}:chaos"
     with r.pipeline(transaction=True) as p:
         p.delete(tmp)
         for eid, f in entries:
-            p.xadd(tmp, {**f, field: b"\xff\xfe damaged"} if eid == target else f, id=eid)
+            p.xadd(tmp, redis_fields({**f, field: b"\xff\xfe damaged"} if eid == target else f), id=eid)
         p.rename(tmp, key)
         p.execute()
-    return f"overwrote field {field.decode(errors='replace')} of entry {target.decode()} with bytes that are not UTF-8"
+    return f"overwrote field {field.decode(errors='replace')} of entry {target} with bytes that are not UTF-8"
 
 
 def pick(r: redis.Redis, keys: Keys, kind: str) -> str:

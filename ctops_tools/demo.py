@@ -88,7 +88,8 @@ def new_tokens() -> dict[str, Any]:
 def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[str, Any]) -> dict[str, Any]:
     """The deployment file the demo's processes read, and the addresses it chose."""
     disp = [{"name": n, "data": f"127.0.0.1:{ports.take()}", "ops": f"127.0.0.1:{ports.take()}"} for n in DISPATCHERS]
-    trainers = [{"name": f"trainer-{i}", "port": ports.take(), "host": f"host-{i}"} for i in range(1, HOSTS + 1)]
+    trainers: list[dict[str, Any]] = [{"name": f"trainer-{i}", "port": ports.take(), "host": f"host-{i}"}
+                                      for i in range(1, HOSTS + 1)]
     llm = [{"name": n, "port": ports.take()} for n in PROVIDERS]
     out = [
         "# written by `ctops demo`; see README for a deployment file of your own",
@@ -143,7 +144,7 @@ def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[
 
 async def _wait_ready(urls: list[str], token: str, servers: int, hosts: int, timeout: float) -> dict[str, Any]:
     """Until a dispatcher reports every server up and every host heartbeating."""
-    import httpx  # noqa: PLC0415 - keeps `ctops --help` fast
+    import httpx  # keeps `ctops --help` fast
 
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -192,7 +193,7 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
         layout = write_deployment(cfg, store.toml(PREFIX), ports, tokens)
         statefile.write_private(work / LAST_RUN, json.dumps({"base_port": args.base_port, "ports": ports.taken,
                                                              "tokens": tokens, "keys": keys}))
-        from trainer.fake_llm import CONTROL_TOKEN_ENV  # noqa: PLC0415 - keeps `ctops --help` fast
+        from trainer.fake_llm import CONTROL_TOKEN_ENV  # keeps `ctops --help` fast
 
         env = {"CTOPS_DEMO_LLM_KEY": "demo-key",
                "CTOPS_LLM_CLIENT_KEY": keys["llm_client"],
@@ -277,7 +278,7 @@ def _run(args: argparse.Namespace) -> int:
             while True:
                 time.sleep(3600)
         else:
-            from console.main import run as console_run  # noqa: PLC0415 - only the foreground demo needs Textual
+            from console.main import run as console_run  # only the foreground demo needs Textual
 
             code = console_run(argparse.Namespace(state_file=args.state_file, url=[], token=None))
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 _PR_SET_PDEATHSIG = 1
@@ -18,7 +18,7 @@ _PR_SET_PDEATHSIG = 1
 
 try:
     # looked up once here: between fork and exec only the plain call is safe
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):
     _prctl = None
 

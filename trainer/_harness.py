@@ -83,7 +83,8 @@ def main() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     try:
-        source = open("solution.py", encoding="utf-8").read()
+        with open("solution.py", encoding="utf-8") as fh:
+            source = fh.read()
         try:
             code = compile(source, "solution.py", "exec")
         except SyntaxError as exc:

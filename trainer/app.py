@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import redis.asyncio as aioredis
@@ -21,7 +21,7 @@ import redis.exceptions as redis_exc
 from fastapi import Body, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from redis.asyncio.client import Pipeline
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -161,7 +161,7 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
         return await request_validation_exception_handler(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400 and exc.detail == UNPARSABLE:
             REJECTS.note(REQUEST_BODY, f"{request.method} {request.url.path}: body is not JSON in UTF-8")
             return JSONResponse({"detail": "request body is not valid JSON in UTF-8"}, 400)
@@ -261,7 +261,7 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
                 raise HTTPException(404, f"unknown exercise {body.exercise_id!r}; known: {sorted(EXERCISES)}")
             if len(body.code.encode()) > CODE_MAX_BYTES:
                 raise HTTPException(413, f"code is larger than the limit of {CODE_MAX_BYTES // 1024} KB")
-            sub = {
+            sub: dict[str, Any] = {
                 "submission_id": new_id("sub"), "session_id": sid, "exercise_id": exercise.id,
                 "status": "received", "verdict": None, "message": "", "tests": [],
                 "review": {"status": "waiting", "text": "", "provider": None},
@@ -288,7 +288,7 @@ def create_app(deployment: Deployment, server_name: str, redis_client: aioredis.
                                            gone=lambda: client_gone(request))
         if wait <= 0 or response.status_code != 202:
             return response
-        accepted = json.loads(response.body)
+        accepted = json.loads(bytes(response.body))
         done = await _wait_done(request, accepted["submission_id"], wait)
         return JSONResponse(done, 200) if done else response
 

@@ -19,8 +19,8 @@ import secrets
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal, TypedDict, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,6 +30,11 @@ from ctops.serving import run_foreground
 
 # garbage: 200 with a body that is no chat completion (bytes that are not UTF-8 JSON), streamed or not
 Mode = Literal["ok", "500", "429", "hang", "slow", "garbage"]
+
+
+class _State(TypedDict):
+    mode: Mode
+    delay_ms: int
 MODEL = "fake-gpt-4"
 CONTROL_TOKEN_ENV = "CTOPS_FAKE_LLM_CONTROL_TOKEN"
 # methods that only read; anything else under /_fake/ is control
@@ -90,12 +95,13 @@ def canned_review(name: str, prompt: str) -> str:
 def create_app(name: str = "fake", mode: str = "ok", delay_ms: int = 0, token: str | None = None) -> FastAPI:
     """`token`: what POST /_fake/* requires (see the module's note); None refuses every such request."""
     app = FastAPI(title=f"fake LLM {name}")
-    state = {"mode": ModeBody(mode=mode).mode, "delay_ms": delay_ms}  # validates the start mode
+    state: _State = {"mode": ModeBody.model_validate({"mode": mode}).mode, "delay_ms": delay_ms}  # validates it
     stats: Counter[str] = Counter()
     expected = token.encode() if token else None
 
     @app.middleware("http")
-    async def control_needs_the_token(request: Request, call_next):  # noqa: ANN001, ANN202
+    async def control_needs_the_token(request: Request,
+                                      call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         # before any body parsing, so an unauthenticated caller learns nothing from validation errors
         if request.url.path.startswith("/_fake/") and request.method not in _READ:
             scheme, _, sent = request.headers.get("authorization", "").partition(" ")
@@ -127,7 +133,7 @@ def create_app(name: str = "fake", mode: str = "ok", delay_ms: int = 0, token: s
         return {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": name}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):  # noqa: ANN202 - JSON, SSE or an error
+    async def chat(request: Request):  # JSON, SSE or an error: unannotated, else FastAPI takes it for a model
         stats["total"] += 1
         mode = state["mode"]
         stats[f"mode_{mode}"] += 1
@@ -159,7 +165,7 @@ def create_app(name: str = "fake", mode: str = "ok", delay_ms: int = 0, token: s
         if mode == "slow":
             await asyncio.sleep(state["delay_ms"] / 1000)
         text = canned_review(name, _last_user_text(body))
-        model = body.get("model") if isinstance(body.get("model"), str) else MODEL
+        model = asked if isinstance(asked := body.get("model"), str) else MODEL
         cid = f"chatcmpl-{secrets.token_hex(8)}"
         created = int(time.time())
         stats["status_200"] += 1
@@ -194,8 +200,8 @@ async def _stream(cid: str, created: int, model: str, text: str) -> AsyncIterato
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.mode not in Mode.__args__:
-        print(f"ctops fake-llm: --mode must be one of {', '.join(Mode.__args__)}, not {args.mode!r}", file=sys.stderr)
+    if args.mode not in get_args(Mode):
+        print(f"ctops fake-llm: --mode must be one of {', '.join(get_args(Mode))}, not {args.mode!r}", file=sys.stderr)
         return 2
     var = getattr(args, "control_token_env", None) or CONTROL_TOKEN_ENV
     token = os.environ.get(var) or None

@@ -62,7 +62,7 @@ class Lease:
         with contextlib.suppress(RedisError, OSError):
             await self.r.eval(_RELEASE, 1, self.key, self.token)
 
-    async def write(self, ops: Callable[[Pipeline], None]) -> None:
+    async def write(self, ops: Callable[[Pipeline], object]) -> None:
         """Run `ops` in one transaction if and only if this lease is still held; else LeaseLost."""
         contended = 0
         # a connection lost while WATCHing (a store failover) comes as a WatchError the client does not

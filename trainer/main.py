@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = spec.address
     app = create_app(deployment, args.name)
     if os.environ.get("CTOPS_TRAINER_DEBUG") == "1":
-        from trainer.debug import add_debug_routes  # noqa: PLC0415 - never loaded in production
+        from trainer.debug import add_debug_routes  # never loaded in production
 
         add_debug_routes(app)
     return run_foreground(app, host, port, on_start=start_capture)

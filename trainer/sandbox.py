@@ -257,8 +257,8 @@ async def _uid_slot() -> AsyncIterator[int | None]:
         os.close(fd)
 
 
-def _child_setup(limits: Limits, uid: int | None, conf: Confinement,  # noqa: ANN202 - runs in the child
-                 cgroup: RunCgroup | None, scratch: Path):                # between fork and exec
+def _child_setup(limits: Limits, uid: int | None, conf: Confinement,
+                 cgroup: RunCgroup | None, scratch: Path) -> Callable[[], None]:  # runs between fork and exec
     cpu = limits.cpu_seconds
     mem = limits.memory_mb * 1024 * 1024
     nproc = limits.max_processes

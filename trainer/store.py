@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -98,7 +99,7 @@ class Store:
             if got is not None and "damaged" not in got[0]:
                 fields = {**got[0], "last_activity_ms": now, "last_server": self.server}
                 # every field at once, in one command: a partial HSET would break the hash's checksum
-                p.hset(key, mapping=seal_hash(key, SESSION, fields, got[1] + 1))
+                p.hset(key, mapping=redisconn.redis_fields(seal_hash(key, SESSION, fields, got[1] + 1)))
             p.expire(key, TTL_SECONDS)
             p.expire(self.k.session_submissions(sid), TTL_SECONDS)
             p.zadd(self.k.server_sessions(self.server), {sid: now})
@@ -118,7 +119,7 @@ class Store:
         key = self.k.session(sid)
 
         def writes(p: Pipeline) -> None:
-            p.hset(key, mapping=seal_hash(key, SESSION, session, 0))
+            p.hset(key, mapping=redisconn.redis_fields(seal_hash(key, SESSION, session, 0)))
             p.expire(self.k.session(sid), TTL_SECONDS)
             p.zadd(self.k.server_sessions(self.server), {sid: now})
 
@@ -129,15 +130,16 @@ class Store:
         got = await self._read_session(sid)
         if got is None:
             return None
-        fields = got[0]
+        fields: dict[str, Any] = got[0]
         for f in _INT_FIELDS:
             if f in fields and fields[f].lstrip("-").isdigit():
-                fields[f] = int(fields[f])  # type: ignore[assignment]
+                fields[f] = int(fields[f])
         return fields
 
     async def session_submissions(self, sid: str) -> list[dict]:
         try:
-            ids = [i.decode(errors="replace") for i in await self.raw.lrange(self.k.session_submissions(sid), 0, -1)]
+            listed = await self.raw.lrange(self.k.session_submissions(sid), 0, -1)
+            ids = [i.decode(errors="replace") if isinstance(i, bytes) else i for i in listed]
         except aioredis.ResponseError as exc:
             # the index of a session's submissions is no record of its own: the view goes without it
             log.error("session %s: its submissions list is unreadable (%s); listed as empty", sid, exc)

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
@@ -43,6 +45,12 @@ REVIEW_PARALLEL = 4
 # a submission taken over this many times without finishing (its checkpoint or its code keeps
 # killing whoever works on it) is marked failed instead of being retried forever
 MAX_TAKEOVERS = 5
+
+
+def _members(reply: object) -> list[str]:
+    """A sorted set's members without scores from `Store.r`, a text client (redis-py types the
+    reply for every decoding and WITHSCORES at once)."""
+    return cast("list[str]", reply)
 
 
 def step(sub: dict, name: str, server: str) -> None:
@@ -203,7 +211,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
-    async def _every(self, fn) -> None:  # noqa: ANN001 - an async method of this class
+    async def _every(self, fn: Callable[[], Awaitable[None]]) -> None:
         interval = self.settings.scan_interval_ms / 1000
         while True:
             # jitter keeps the servers from scanning in lockstep
@@ -216,7 +224,8 @@ class Worker:
                 log.exception("%s failed", fn.__name__)
 
     async def scan_open(self) -> None:
-        ids = [i for i in await self.r.zrange(self.k.submissions_open, 0, SCAN_MAX - 1) if i not in self.tasks]
+        ids = _members(await self.r.zrange(self.k.submissions_open, 0, SCAN_MAX - 1))
+        ids = [i for i in ids if i not in self.tasks]
         if not ids:
             return
         async with self.r.pipeline(transaction=False) as p:
@@ -228,7 +237,7 @@ class Worker:
                 await self.try_resume(sub_id)
 
     async def retry_reviews(self) -> None:
-        due = await self.r.zrangebyscore(self.k.reviews_pending, "-inf", now_ms(), start=0, num=REVIEW_BATCH)
+        due = _members(await self.r.zrangebyscore(self.k.reviews_pending, "-inf", now_ms(), start=0, num=REVIEW_BATCH))
         due = [d for d in due if d not in self.reviewing]
         sem = asyncio.Semaphore(REVIEW_PARALLEL)
 
@@ -270,6 +279,6 @@ class Worker:
 
     async def _bring_forward(self) -> None:
         """A provider answered again: the other pending reviews need not wait out their backoff."""
-        waiting = await self.r.zrange(self.k.reviews_pending, 0, 999)
+        waiting = _members(await self.r.zrange(self.k.reviews_pending, 0, 999))
         if waiting:
             await self.r.zadd(self.k.reviews_pending, dict.fromkeys(waiting, now_ms()), xx=True, lt=True)

@@ -77,8 +77,8 @@ class Capture:
                 setattr(exc, _MARK, event["event_id"])
             except (AttributeError, TypeError):
                 pass
-            if isinstance(exc.__cause__ or exc.__context__, BaseException):
-                prior = exc.__cause__ or exc.__context__
+            prior = exc.__cause__ or exc.__context__
+            if prior is not None:
                 event["context"].setdefault("caused_by", f"{_type_name(type(prior))}: {prior}"[:MAX_CONTEXT_VALUE])
             return self._submit(event)
         except Exception:  # noqa: BLE001 - capture must never break the service
@@ -107,7 +107,7 @@ class Capture:
         if not self.forwarder.submit(json.dumps(event, separators=(",", ":"), default=str).encode()):
             return None
         self.captured += 1
-        return event["event_id"]
+        return str(event["event_id"])
 
     def _base(self, type_name: str, message: str, level: str, logger: str | None,
               context: Mapping[str, Any] | None) -> dict[str, Any]:

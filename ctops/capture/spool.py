@@ -24,6 +24,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("ctops.capture.spool")
 
@@ -93,7 +94,7 @@ class Spool:
         self.counters[name] = int(self.counters.get(name, 0)) + n
         self._save_counters()
 
-    def _load_counters(self) -> dict:
+    def _load_counters(self) -> dict[str, Any]:
         try:
             doc = json.loads((self.dir / "counters.json").read_text())
             return doc if isinstance(doc, dict) else {}
@@ -280,11 +281,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def open_spool(directory: str | os.PathLike[str], **kw: object) -> Spool:
+def open_spool(directory: str | os.PathLike[str], *, max_bytes: int = 64 * 1024 * 1024,
+               segment_bytes: int = 4 * 1024 * 1024, fsync: bool = True) -> Spool:
     """The spool in `directory`, or a per-process sibling when another live process holds it."""
     try:
-        return Spool(directory, **kw)  # type: ignore[arg-type]
+        return Spool(directory, max_bytes=max_bytes, segment_bytes=segment_bytes, fsync=fsync)
     except SpoolBusy:
         alt = f"{os.fspath(directory)}.{os.getpid()}"
         log.warning("spool %s is held by another process; using %s", directory, alt)
-        return Spool(alt, **kw)  # type: ignore[arg-type]
+        return Spool(alt, max_bytes=max_bytes, segment_bytes=segment_bytes, fsync=fsync)

@@ -35,6 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -125,10 +126,10 @@ async def _watch_frozen(run: Run, port: int, stop: asyncio.Event) -> None:
 async def _learner(url: str, run: Run, deadline: float) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0, connect=5.0)) as client:
 
-        async def call(method: str, path: str, **kw: object) -> httpx.Response | None:
+        async def call(method: str, path: str, **kw: Any) -> httpx.Response | None:
             sent = time.monotonic()
             try:
-                r = await client.request(method, path, **kw)  # type: ignore[arg-type]
+                r = await client.request(method, path, **kw)
             except httpx.HTTPError as exc:
                 run.samples.append(Sample(sent - run.t0, time.monotonic() - sent, False, type(exc).__name__,
                                           what=f"{method} {path}"))
@@ -301,8 +302,10 @@ def measure(learners: int, before: float, kill_to_freeze: float, freeze: float, 
             if cluster.children[KILLED].proc.poll() is not None:
                 cluster.start(KILLED)
             for name in cluster.server_names:
-                wait_for(f"{name} healthy", lambda n=name: httpx.get(cluster.trainer_url(n) + "/healthz",
-                                                                     timeout=2).status_code == 200)
+                def healthy(n: str = name) -> bool:
+                    return httpx.get(cluster.trainer_url(n) + "/healthz", timeout=2).status_code == 200
+
+                wait_for(f"{name} healthy", healthy)
             cluster.wait_all_up()
             for h in haproxies.values():
                 h.wait_all_up()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import cast
 
 import httptools
 import uvloop
@@ -16,23 +17,24 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r
 class Hello(asyncio.Protocol):
     __slots__ = ("transport", "parser")
 
+    transport: asyncio.Transport  # set by connection_made, before any data arrives
+
     def __init__(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
 
     def on_message_complete(self) -> None:
-        self.transport.write(RESPONSE)  # type: ignore[union-attr]
+        self.transport.write(RESPONSE)
         if not self.parser.should_keep_alive():
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
 
 
 async def serve(host: str, port: int) -> None:

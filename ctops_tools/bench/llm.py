@@ -216,7 +216,7 @@ def ensure_litellm() -> str | None:
     # its bundled price list, not a download at import time (the bench may run offline)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     try:
-        import litellm  # noqa: F401
+        import litellm
         return None
     except ImportError:
         pass
@@ -225,7 +225,7 @@ def ensure_litellm() -> str | None:
     if proc.returncode != 0:
         return f"pip install litellm failed: {(proc.stderr or proc.stdout).strip()[-300:]}"
     try:
-        import litellm  # noqa: F401, F811
+        import litellm  # noqa: F401
     except ImportError as exc:
         return f"litellm installed but does not import: {exc}"
     return None

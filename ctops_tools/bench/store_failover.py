@@ -236,8 +236,9 @@ def scenario(setup: str, root: Path, *, learners: int = LEARNERS, warm_s: float 
         store = EmbeddedRedis(data_dir=str(root / "redis"), appendonly=True).start()
         fault = _kill_and_restart(store, RESTART_DELAY_S)
     else:
-        timings = {"down_after_ms": 30_000, "failover_timeout_ms": 180_000} if setup == "defaults" else {}
-        store = EmbeddedStore(root / "store", **timings).start()  # type: ignore[arg-type]
+        timings: dict[str, Any] = ({"down_after_ms": 30_000, "failover_timeout_ms": 180_000}
+                                   if setup == "defaults" else {})
+        store = EmbeddedStore(root / "store", **timings).start()
         fault = _kill_primary(store)
     if window_s is None:
         window_s = DEFAULTS_WINDOW_S if setup == "defaults" else WINDOW_S

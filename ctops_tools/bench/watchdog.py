@@ -187,7 +187,7 @@ def run_ctops(root: Path, redis: EmbeddedRedis, prog: Program, reps: int, listen
 
 def demo_trainer(root: Path, redis: EmbeddedRedis) -> Program:
     """The demo's trainer-1: the demo's own deployment file (ctops_tools/demo.py) against this Redis."""
-    from ctops_tools.demo import PREFIX, Ports, agent_token_env, new_tokens, write_deployment  # noqa: PLC0415
+    from ctops_tools.demo import PREFIX, Ports, agent_token_env, new_tokens, write_deployment
 
     cfg = root / "demo.toml"
     tokens = new_tokens()
