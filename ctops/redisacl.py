@@ -52,8 +52,10 @@ def service_rules(role: ServiceRole, prefix: str) -> list[str]:
         extra: list[str] = []
     else:
         keys = [f"~{p}:*"]
-        # the dispatcher reports the store's replication state (INFO replication, ROLE)
-        extra = ["+info", "+role"]
+        # the dispatcher reports the store's replication state (INFO replication, ROLE), and puts a
+        # quarantined record back for staff exactly as it was set aside: RESTORE of the DUMP it kept,
+        # only ever under its own prefix (the key pattern above)
+        extra = ["+info", "+role", "+restore"]
     return ["resetkeys", "resetchannels", *keys, f"&{p}:*", *_SERVICE_COMMANDS, *extra]
 
 

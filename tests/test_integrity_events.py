@@ -75,6 +75,31 @@ def test_staff_see_the_quarantine_and_discard_a_record_only_when_confirmed(runni
     assert any(a["action"] == "quarantine-discard" and a["target"] == key and a["role"] == "operator" for a in audit)
 
 
+def test_staff_put_a_quarantined_record_back_through_the_ops_api(running_dispatcher: Cluster) -> None:
+    """Restore through the dispatcher (the console's `R`): its Redis user may RESTORE a payload it
+    DUMPed under its own prefix; the damaged bytes come back exactly, audited."""
+    c = running_dispatcher
+    base = c.trainer_url("trainer-2")
+    sid = httpx.post(base + "/api/sessions", json={}, timeout=30).json()["session_id"]
+    key = Keys(prefix=c.prefix).session(sid)
+    with redis.Redis.from_url(c.redis.url) as r:
+        r.hset(key, "created_ms", b"\xc3\x28")
+    assert httpx.get(f"{base}/api/sessions/{sid}", timeout=30).status_code == 410
+    view = wait_for("the quarantine entry", lambda: [q for q in httpx.get(
+        c.ops_url() + "/api/v1/store/integrity", headers=c.auth("viewer"), timeout=10).json()["quarantined"]
+        if q["key"] == key], 30)
+    qid = view[0]["qid"]
+    url = f"{c.ops_url()}/api/v1/store/quarantine/{qid}/restore"
+    done = httpx.post(url, json={"confirm": qid}, headers=c.auth("operator"), timeout=10)
+    assert done.status_code == 200, done.text
+    assert done.json()["action"] == "restore" and done.json()["key"] == key
+    with redis.Redis.from_url(c.redis.url) as r:
+        assert r.hget(key, "created_ms") == b"\xc3\x28"  # the damaged bytes, exactly as they were
+    audit = httpx.get(c.ops_url() + "/api/v1/audit", headers=c.auth("viewer"), timeout=10).json()
+    assert any(a["action"] == "quarantine-restore" and a["target"] == key and a["role"] == "operator"
+               for a in audit)
+
+
 def test_damaged_llm_controls_are_repaired_from_the_last_intact_copy(running_dispatcher: Cluster) -> None:
     c = running_dispatcher
     key = Keys(prefix=c.prefix).llm_control
