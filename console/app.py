@@ -148,7 +148,7 @@ class ConsoleApp(App[int]):
             driver.write = _discard  # type: ignore[method-assign]
             driver.flush = _nothing  # type: ignore[method-assign]
             if hasattr(driver, "_writer_thread"):
-                driver._writer_thread = None  # type: ignore[attr-defined]  # nothing left to stop
+                driver._writer_thread = None  # nothing left to stop
         self.exit()
 
     def on_resize(self, event: Resize) -> None:
@@ -160,7 +160,7 @@ class ConsoleApp(App[int]):
         await self.source.aclose()
 
     @property
-    def main(self) -> Screen:  # type: ignore[type-arg]
+    def main(self) -> Screen:
         """The screen with the tables. App.query looks at the top screen, which may be a dialog."""
         return self.screen_stack[0]
 
@@ -431,7 +431,7 @@ class ConsoleApp(App[int]):
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(self.keymap_overrides))
 
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:  # type: ignore[type-arg]
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for c in commands():
             if c.palette:

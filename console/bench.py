@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from console.client import Whoami, parse_state
 from ctops.wire import (
@@ -104,10 +105,10 @@ class BenchSource:
         self.parse_ms.append((time.perf_counter() - t0) * 1000)
         return state
 
-    async def events(self, after: str | None, limit: int = 200) -> list:  # type: ignore[type-arg]
+    async def events(self, after: str | None, limit: int = 200) -> list:
         return []
 
-    async def providers(self) -> list:  # type: ignore[type-arg]
+    async def providers(self) -> list:
         return []
 
     async def aclose(self) -> None:
@@ -119,7 +120,7 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else 0.0
 
 
-async def measure(n: int, refreshes: int, size: tuple[int, int], scenario: str) -> dict[str, object]:
+async def measure(n: int, refreshes: int, size: tuple[int, int], scenario: str) -> dict[str, Any]:
     from console.app import Applied, create_app
     from console.widgets.tables import ServersTable
 

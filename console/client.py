@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ctops.capture.client import ExceptionsClient
 from ctops.capture.wire import GroupActionResult, GroupDetail, GroupList, TailPage
-from ctops.opsapi import QuarantineAction
+from ctops.opsapi import GroupAction, QuarantineAction
 from ctops.opsclient import Action, OpsClient, OpsError, Unreachable, Whoami
 from ctops.wire import ClusterState, HostView, QuarantineResult, ServerView, StoreIntegrityView
 
@@ -86,6 +86,6 @@ class ConsoleClient(OpsClient):
     async def exception_tail(self, after: str | None, limit: int) -> TailPage:
         return await ExceptionsClient(self).tail(after, limit)
 
-    async def exception_act(self, gid: str, action: str, *, minutes: int | None = None,
+    async def exception_act(self, gid: str, action: GroupAction, *, minutes: int | None = None,
                             assignee: str | None = None) -> GroupActionResult:
         return await ExceptionsClient(self).act(gid, action, minutes=minutes, assignee=assignee)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 
 # the tabs, in order; their keys are 1..6
 TABS: tuple[tuple[str, str], ...] = (
@@ -98,7 +98,7 @@ COMMANDS: tuple[Command, ...] = (
 
 
 
-def bindings(tab: str | None = None) -> list[Binding]:
+def bindings(tab: str | None = None) -> list[BindingType]:
     """The bindings of one tab's widget, or (None) the app's own."""
     return [c.binding() for c in COMMANDS if c.tab == tab]
 

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
+from typing import cast
 
 from rich.text import Text
 
@@ -135,7 +136,7 @@ def _percent(v: object) -> Text:
 def _error(v: object) -> Text:
     if v is None:
         return Text("")
-    message, historical = v  # type: ignore[misc]
+    message, historical = cast("tuple[object, object]", v)
     return Text(str(message), style="dim" if historical else "red", no_wrap=True, overflow="ellipsis")
 
 
@@ -168,7 +169,7 @@ def _ms(v: object) -> Text:
 def _watchdog(v: object) -> Text:
     if v is None:
         return Text("—", style="dim")
-    dead, generation, restarts = v  # type: ignore[misc]
+    dead, generation, restarts = cast("tuple[object, object, object]", v)
     if dead:  # the names of the dead threads: never read as "ok"
         return Text(f"✖ {dead} (gen {generation})", style="bold red", no_wrap=True, overflow="ellipsis")
     tail = f" ({restarts} restarts)" if restarts else ""
@@ -199,7 +200,7 @@ def _breaker(v: object) -> Text:
 
 
 def _flags(v: object) -> Text:
-    pinned, disabled = v  # type: ignore[misc]
+    pinned, disabled = cast("tuple[object, object]", v)
     parts = []
     if pinned:
         parts.append(("pinned", "bold cyan"))

@@ -21,6 +21,7 @@ from ctops.capture.wire import (
 from ctops.opsapi import (
     ACTION_GRANT,
     ADMIN_FOR,
+    GroupAction,
     LeadershipAction,
     ProcessAction,
     ProviderAction,
@@ -59,7 +60,7 @@ class Source(Protocol):
     async def exception_groups(self, sort: str, limit: int) -> GroupList: ...
     async def exception_group(self, gid: str) -> GroupDetail: ...
     async def exception_tail(self, after: str | None, limit: int) -> TailPage: ...
-    async def exception_act(self, gid: str, action: str, *, minutes: int | None = None,
+    async def exception_act(self, gid: str, action: GroupAction, *, minutes: int | None = None,
                             assignee: str | None = None) -> GroupActionResult: ...
     async def aclose(self) -> None: ...
 
@@ -220,7 +221,7 @@ class FixedSource:
         cursor = items[-1].id if items else after
         return TailPage(items=items, cursor=cursor)
 
-    async def exception_act(self, gid: str, action: str, *, minutes: int | None = None,
+    async def exception_act(self, gid: str, action: GroupAction, *, minutes: int | None = None,
                             assignee: str | None = None) -> GroupActionResult:
         self._operator(f"{action} exception groups")
         detail = await self.exception_group(gid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -49,7 +50,8 @@ class CommandRelay:
     async def next_for(self, host: str, wait_s: float) -> CommandRequest | None:
         if wait_s < 0.001:
             # BLPOP's timeout 0 (and anything under Redis's 1 ms resolution) means "wait forever"
-            raw = await self.r.lpop(self.k.commands(host))
+            # one value without a count (redis-py types the list that a count returns too)
+            raw = cast("bytes | str | None", await self.r.lpop(self.k.commands(host)))
         else:
             got = await self.r.blpop([self.k.commands(host)], timeout=wait_s)
             raw = got[1] if got is not None else None

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from redis.asyncio import Redis
 
+from ctops.integrity import range_reply
 from ctops.keys import Keys
 from ctops.wire import AgentEvent, Event, Severity
 
@@ -21,10 +24,10 @@ def _s(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def to_event(entry_id: object, fields: dict) -> Event:
+def to_event(entry_id: object, fields: Mapping[Any, Any]) -> Event:
     f = {_s(k): _s(v) for k, v in fields.items()}
     return Event(id=_s(entry_id), event_id=f.get("event_id", ""), ts_ms=int(f.get("ts_ms", 0)),
-                 kind=f.get("kind", "?"), severity=f.get("severity", "info"),  # type: ignore[arg-type]
+                 kind=f.get("kind", "?"), severity=f.get("severity", "info"),
                  source=f.get("source", "?"), target=f.get("target") or None, message=f.get("message", ""))
 
 
@@ -61,7 +64,7 @@ class EventLog:
 
     async def read(self, after: str | None, limit: int) -> list[Event]:
         if after:
-            entries = await self.r.xrange(self.k.events, min=f"({after}", count=limit)
+            entries = range_reply(await self.r.xrange(self.k.events, min=f"({after}", count=limit))
         else:
-            entries = list(reversed(await self.r.xrevrange(self.k.events, count=limit)))
+            entries = list(reversed(range_reply(await self.r.xrevrange(self.k.events, count=limit))))
         return [to_event(i, f) for i, f in entries]

@@ -107,7 +107,7 @@ class IntegrityWatch:
         if not self.lease.still_valid():
             return 0
         cursor = _s(await self.r.get(self.k.quarantine_cursor) or "0-0")
-        entries = await self.r.xrange(self.k.quarantine_log, min=f"({cursor}", count=RELAY_BATCH)
+        entries = integrity.range_reply(await self.r.xrange(self.k.quarantine_log, min=f"({cursor}", count=RELAY_BATCH))
         for entry_id, raw in entries:
             f = {_s(k): _s(v) for k, v in raw.items()}
             cmd = self.events.emit_command("record_corrupt", "critical", event_message(f), f"dispatcher:{self.name}",

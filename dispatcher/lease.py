@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT
 
 from ctops.keys import Keys
 
@@ -143,6 +144,7 @@ class Lease:
 
     async def tick(self) -> None:
         started = time.monotonic()
+        holder: str | bytes | None
         if self.is_leader and not self.still_valid():
             # frozen or cut off for longer than the TTL: another dispatcher may lead by now
             self.demote("lease not renewed within its TTL")
@@ -175,7 +177,7 @@ class Lease:
         self._set(bool(won), epoch, holder or None)
 
     async def _acquire_or_renew(self) -> tuple[int, int, str | bytes, int | None]:
-        args = [self.name, self.ttl_ms, self.highest_epoch]
+        args: list[EncodableT] = [self.name, self.ttl_ms, self.highest_epoch]
         keys = [self.k.leader, self.k.epoch, self.k.handover]
         if not self.replica_acks or self.is_leader:  # a renewal starts no term: nothing to confirm
             won, epoch, holder = await self._script(keys=keys, args=args)

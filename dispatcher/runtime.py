@@ -235,9 +235,9 @@ class Runtime:
             hv = by_host.get(b.server_host)
             diagnosis, detail = diagnose(b, hv, None if store.available else store.diagnosis)
             servers.append(ServerView(
-                diagnosis=diagnosis, diagnosis_detail=detail,  # type: ignore[arg-type]
+                diagnosis=diagnosis, diagnosis_detail=detail,
                 name=b.name, url=b.url, host=b.server_host, state=b.state, admin=b.admin,
-                health=b.health, active_sessions=b.active_sessions, weight=b.weight,  # type: ignore[arg-type]
+                health=b.health, active_sessions=b.active_sessions, weight=b.weight,
                 last_check_ms=b.last_check_ms, last_error=b.last_error, since_ms=b.since_ms,
                 heartbeat_age_ms=hv.heartbeat_age_ms if hv else None,
                 cpu_percent=hv.metrics.cpu_percent if hv and hv.metrics else None,
@@ -261,7 +261,7 @@ class Runtime:
                 healthy = (time.monotonic() - heard) * 1000 < stale_after
             role = "leader" if d.name == leader else ("standby" if healthy else "unknown")
             dispatchers.append(DispatcherView(
-                name=d.name, role=role, healthy=healthy, ops_url=d.ops_url, data_url=d.data_url,  # type: ignore[arg-type]
+                name=d.name, role=role, healthy=healthy, ops_url=d.ops_url, data_url=d.data_url,
                 epoch=self.lease.epoch if me else (int(raw["epoch"]) if raw.get("epoch") else None),
                 last_seen_ms=now if me else seen,
                 lease_age_ms=self.lease.lease_age_ms() if me else None,

@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from ctops import integrity
+from ctops import integrity, redisconn
 from ctops.integrity import AUDIT, AUDIT_MAXLEN, seal_entry
 from ctops.keys import Keys
 from ctops.wire import AdminState, Heartbeat
@@ -116,7 +116,7 @@ class Store:
     async def announce(self, name: str, fields: dict[str, Any], ttl_ms: int) -> None:
         key = self.k.dispatcher(name)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, mapping=redisconn.redis_fields(fields))
         pipe.pexpire(key, ttl_ms)
         await pipe.execute()
 

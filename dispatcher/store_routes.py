@@ -8,7 +8,7 @@ waits for the primary to change and is audited like every staff action.
 
 import asyncio
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
 from redis.exceptions import RedisError
@@ -28,7 +28,7 @@ AUDIT_PAUSE_S = 0.25
 def store_router(watch: StoreWatch, require: Require, audit: Audit,
                  via: str = "") -> APIRouter:
     router = APIRouter(prefix="/api/v1/store", tags=["store"])
-    responses = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
+    responses: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
 
     async def audited(who: Principal, result: str) -> None:
         for attempt in range(AUDIT_TRIES):

@@ -200,7 +200,7 @@ class StoreWatch:
                          "routing continues on the last known state")
         elif self.primary is None:
             diagnosis = "shared state has no primary"
-        return StoreView(mode=self.mode, available=available, primary=self.primary,  # type: ignore[arg-type]
+        return StoreView(mode=self.mode, available=available, primary=self.primary,
                          replicas=list(self.replicas), sentinels=list(self.sentinels),
                          last_failover_ms=self.last_failover_ms, failover_in_progress=self.failover_in_progress,
                          writes_unconfirmed=self.writes_unconfirmed, unavailable_since_ms=since,
@@ -368,7 +368,7 @@ class StoreWatch:
         else:
             state = "up" if r.get("master-link-status", "ok") == "ok" else "syncing"
         lag = seen[1] * 1000 if seen is not None else None
-        return StoreReplicaView(name=self.node_name(addr) or "?", state=state, lag_ms=lag,  # type: ignore[arg-type]
+        return StoreReplicaView(name=self.node_name(addr) or "?", state=state, lag_ms=lag,
                                 address=f"{addr[0]}:{addr[1]}")
 
     def _track_availability(self) -> None:
@@ -399,7 +399,7 @@ class StoreWatch:
                                            event_id=f"store_back:{self.name}:{start}"))
 
     def _track_nodes(self) -> None:
-        states = {f"replica:{r.name}": r.state for r in self.replicas}
+        states: dict[str, str] = {f"replica:{r.name}": r.state for r in self.replicas}
         states |= {f"sentinel:{s.name}": s.state for s in self.sentinels}
         before, self._states = self._states, states
         if before is None:
@@ -510,7 +510,7 @@ def _flat(v: Any) -> str:
     return str(v)
 
 
-def _credentials(settings: RedisSettings) -> dict[str, str]:
+def _credentials(settings: RedisSettings) -> dict[str, Any]:
     """The dispatcher role's ACL user, when the deployment names one ([redis.users])."""
     username, password = redisconn.credentials(settings, "dispatcher")
     return {"username": username, "password": password or ""} if username else {}

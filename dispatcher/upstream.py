@@ -29,7 +29,10 @@ CHECK_IDLE_AFTER = 0.25
 
 
 class PooledConnection(Protocol):
-    backend: object
+    # read-only here: the pool only reads it, and a connection's own type is narrower (a Backend)
+    @property
+    def backend(self) -> object: ...
+
     transport: asyncio.Transport | None
     fd: int  # its socket's descriptor, -1 if unknown
     idle_since: float  # when it was last released (the data plane's loop clock)

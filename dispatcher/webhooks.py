@@ -12,12 +12,14 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ctops.config import WebhookSpec
+from ctops.integrity import range_reply
 from ctops.keys import Keys
 from ctops.wire import Event
 from dispatcher.events import SEVERITY_RANK, to_event
@@ -57,14 +59,15 @@ class WebhookDeliverer:
         self.failures = 0
 
     async def _cursor(self) -> str:
-        cur = await self.r.get(self.k.webhook_cursor(self.spec.name))
+        # a bytes client: redis-py types its replies for both kinds of client
+        cur = cast("bytes | None", await self.r.get(self.k.webhook_cursor(self.spec.name)))
         if cur:
             return cur.decode()
         # a new webhook starts from now, not from the start of history
-        last = await self.r.xrevrange(self.k.events, count=1)
-        start = last[0][0].decode() if last else "0-0"
+        last = range_reply(await self.r.xrevrange(self.k.events, count=1))
+        start = last[0][0] if last else "0-0"
         await self.r.set(self.k.webhook_cursor(self.spec.name), start, nx=True)
-        return (await self.r.get(self.k.webhook_cursor(self.spec.name))).decode()
+        return cast("bytes", await self.r.get(self.k.webhook_cursor(self.spec.name))).decode()
 
     async def _post(self, messages: list[dict], ids: list[str]) -> bool:
         body = {"cluster": self.cluster, "webhook": self.spec.name,
@@ -82,13 +85,13 @@ class WebhookDeliverer:
     async def run_once(self) -> bool:
         """Deliver what is pending; True if anything was sent."""
         cursor = await self._cursor()
-        entries = await self.r.xrange(self.k.events, min=f"({cursor}", count=BATCH)
+        entries = range_reply(await self.r.xrange(self.k.events, min=f"({cursor}", count=BATCH))
         if not entries:
             return False
         if self.spec.group_window_ms:
             # let a burst finish so it goes out as one message
             await asyncio.sleep(self.spec.group_window_ms / 1000)
-            entries = await self.r.xrange(self.k.events, min=f"({cursor}", count=BATCH)
+            entries = range_reply(await self.r.xrange(self.k.events, min=f"({cursor}", count=BATCH))
         events = [to_event(i, f) for i, f in entries]
         last_id = events[-1].id
         floor = SEVERITY_RANK[self.spec.min_severity]

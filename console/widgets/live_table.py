@@ -19,6 +19,7 @@ header and anything unusual go through DataTable's own path, and a test checks b
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import cast
 
 from rich.console import Console, ConsoleOptions
 from rich.measure import Measurement
@@ -74,7 +75,7 @@ class LiveTable(DataTable[object]):
         self._keys = [c.key for c in self.COLUMNS]
         self._column_keys = [ColumnKey(k) for k in self._keys]
         self._pending: Mapping[str, Raw] | None = None
-        self._render = [c.render for c in self.COLUMNS]
+        self._renderers = [c.render for c in self.COLUMNS]
         self.cells_updated = 0  # for tests and the benchmark
         self.fast_updates = all(hasattr(self, a) for a in (
             "_data", "_cell_render_cache", "_row_render_cache", "_row_renderable_cache", "_line_cache",
@@ -136,7 +137,7 @@ class LiveTable(DataTable[object]):
                 for k in gone:
                     self.remove_row(k)
                     del shown[k]
-            render, keys = self._render, self._keys
+            render, keys = self._renderers, self._keys
             if self.fast_updates and changed:
                 count += self._set_cells(changed)
             else:
@@ -158,7 +159,7 @@ class LiveTable(DataTable[object]):
 
     def _set_cells(self, changed: list[tuple[str, Raw, Raw]]) -> int:
         """Store changed cells without bumping DataTable's table-wide update counter (see the module doc)."""
-        render, data, shown = self._render, self._data, self._shown
+        render, data, shown = self._renderers, self._data, self._shown
         col_keys = self._column_keys
         count = 0
         dirty_rows: set[str] = set()
@@ -177,19 +178,19 @@ class LiveTable(DataTable[object]):
         # drop the changed cells' cached renders only: unchanged cells of a changed row stay cached
         # (re-rendering a cell through Rich is the costliest step of a refresh)
         cells = self._cell_render_cache
-        for key in [key for key in cells.keys() if (key[0].value, key[1].value) in dirty_cells]:
-            cells.discard(key)
+        for cell_key in [key for key in cells.keys() if (key[0].value, key[1].value) in dirty_cells]:
+            cells.discard(cell_key)
         if len(dirty_rows) > _CLEAR_CACHES_AFTER:
             self._row_render_cache.clear()  # cheap to rebuild from the cell cache
             self._row_renderable_cache.clear()
         else:
             rows = self._row_render_cache
-            for key in [key for key in rows.keys() if key[0].value in dirty_rows]:
-                rows.discard(key)
+            for row_key in [key for key in rows.keys() if key[0].value in dirty_rows]:
+                rows.discard(row_key)
             renderables = self._row_renderable_cache
             indexes = {self._row_locations.get(RowKey(k)) for k in dirty_rows}
-            for key in [key for key in renderables.keys() if key[1] in indexes]:
-                renderables.discard(key)
+            for renderable_key in [key for key in renderables.keys() if key[1] in indexes]:
+                renderables.discard(renderable_key)
         self._line_cache.clear()  # lines are re-joined from the row caches, which stay warm
         # every row is one line high: row i is content line header + i; refresh only the visible ones
         header = self.header_height if self.show_header else 0
@@ -207,7 +208,7 @@ class LiveTable(DataTable[object]):
 
     fast_render = True
 
-    def _render_cell(  # type: ignore[override]
+    def _render_cell(
         self,
         row_index: int,
         column_index: int,
@@ -218,8 +219,9 @@ class LiveTable(DataTable[object]):
     ) -> list[list[Segment]]:
         if not self.fast_render or row_index < 0 or column_index < 0 or self.fixed_rows or self.fixed_columns:
             return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
-        row_key = self._row_locations.get_key(row_index)
-        column_key = self._column_locations.get_key(column_index)
+        # both indexes are in the table here (DataTable renders only what it holds)
+        row_key = cast(RowKey, self._row_locations.get_key(row_index))
+        column_key = cast(ColumnKey, self._column_locations.get_key(column_index))
         cache_key = (row_key, column_key, base_style, cursor, hover, self._show_hover_cursor,
                      self._update_count, self._pseudo_class_state)
         cached = self._cell_render_cache.get(cache_key)

@@ -42,7 +42,7 @@ def summary_parts(
         first.append(Text.assemble("you ", (f"{who.name} ({who.role})",
                                             "bold" if who.role == "operator" else "bold yellow")))
 
-    servers = Counter(s.state for s in state.servers)
+    servers: Counter[str] = Counter(s.state for s in state.servers)
     by_state = [(f"{servers[n]} {g} {n}", style) for n, (g, style) in STATE_STYLE.items() if servers[n]]
     second = [Text.assemble(f"servers {len(state.servers)}: ", *_spaced(by_state))]
     hosts = Counter(h.state for h in state.hosts)

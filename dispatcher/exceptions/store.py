@@ -337,9 +337,9 @@ class ExceptionStore:
 
     async def tail(self, after: str | None, limit: int) -> tuple[list[Occurrence], str | None]:
         if after:
-            entries = await self.r.xrange(self.k.stream, min=f"({after}", count=limit)
+            entries = integrity.range_reply(await self.r.xrange(self.k.stream, min=f"({after}", count=limit))
         else:
-            entries = list(reversed(await self.r.xrevrange(self.k.stream, count=limit)))
+            entries = list(reversed(integrity.range_reply(await self.r.xrevrange(self.k.stream, count=limit))))
         items = [Occurrence(id=_s(i), group_id=_s(f[b"g"]), event=e) for i, f in entries
                  if b"g" in f and (e := _event(f.get(b"e", b""), _s(i))) is not None]
         cursor = items[-1].id if items else after
@@ -453,5 +453,5 @@ def _view(gid: str, h: dict[str, str], hosts: list[str], services: list[str], no
     return GroupView(id=gid, type=h.get("type", "?"), message=h.get("message", ""), culprit=h.get("culprit", ""),
                      count=int(h.get("count", 0)), first_seen_ms=int(h.get("first_ms", 0)),
                      last_seen_ms=int(h.get("last_ms", 0)), hosts=hosts, services=services,
-                     status=status,  # type: ignore[arg-type]
+                     status=status,
                      assignee=h.get("assignee") or None, mute_until_ms=mute_until)

@@ -5,7 +5,7 @@ Actions are stored in Redis, which every dispatcher's pool polls, and applied to
 
 # no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
 
@@ -19,7 +19,7 @@ from dispatcher.ops.auth import Audit, Require
 def llm_router(pool: LLMPool, require: Require, audit: Audit,
                via: str = "") -> APIRouter:
     router = APIRouter(prefix="/api/v1/llm", tags=["llm"])
-    responses = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
+    responses: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
 
     @router.get("/providers", response_model=LLMPoolView, responses=responses)
     async def providers(_: Annotated[Principal, Depends(require("read"))]) -> LLMPoolView:

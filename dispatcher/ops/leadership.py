@@ -41,7 +41,7 @@ def leadership_router(auth: Auth, store: Store, lease: Lease, dispatchers: list[
             await store.audit(who.name, who.role, action, target, f"refused: {name} does not lead", via)
             raise ApiError(409, f"{name} does not lead ({before} does)")
         await lease.request_handover(before, name if action == "promote" else None)
-        after = before
+        after: str | None = before
         deadline = asyncio.get_running_loop().time() + lease_ttl_ms * LEASE_TTLS_TO_MOVE / 1000
         while asyncio.get_running_loop().time() < deadline:
             after = await store.current_leader()
