@@ -43,7 +43,8 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    sender = HeartbeatSender(name, urls, token, dep.timings.heartbeat_interval_ms / 1000, spec.disk_path)
+    sender = HeartbeatSender(name, urls, token, dep.timings.heartbeat_interval_ms / 1000, spec.disk_path,
+                             lost_after=dep.timings.heartbeat_timeout_ms / 1000)
     sup = Supervisor(spec.processes, log_dir=log_dir, on_event=sender.add_event)
     sender.supervisor = sup
     sup.loop_stall_after = max(5.0, 5 * dep.timings.heartbeat_interval_ms / 1000)
