@@ -8,11 +8,13 @@ import signal
 import statistics
 import time
 
+import pytest
+
 from agents.heartbeat import MOVE_JITTER, Backoff
 from ctops_tools.bench.heartbeats import Fleet, alive_hosts, events_after, last_event_id, leader, sim_hosts, sim_toml
 from tests.cluster import Cluster, wait_for
 
-HOSTS = 240
+HOSTS = 200
 
 
 def test_moves_are_jittered_within_a_quarter_interval() -> None:
@@ -44,6 +46,7 @@ def test_backoff_never_waits_past_what_would_make_the_host_lost() -> None:
         assert max(waits) <= max(1.0, lost_after / 2)
 
 
+@pytest.mark.timeout(900)  # a few hundred agents on a loaded 2-core machine
 def test_leader_kill_under_a_herd_loses_no_host(make_cluster) -> None:
     hosts = sim_hosts(HOSTS)
     names = set(hosts)
@@ -74,7 +77,7 @@ def test_leader_kill_under_a_herd_loses_no_host(make_cluster) -> None:
     assert len(reached) == HOSTS
     # and after the kill each agent's last heartbeat went to the new leader, none were left on the dead one
     last = {}
-    for end, idx, d, _, status in sorted(records):
+    for _end, idx, d, _, status in sorted(records):
         if status == 200:
             last[idx] = d
     assert set(last.values()) == {new_idx}

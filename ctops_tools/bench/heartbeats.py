@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -110,6 +111,8 @@ class SimAgent(HeartbeatSender):
 def _worker(first: int, hosts: list[tuple[str, str]], urls: list[str], interval: float, conn: Connection) -> None:
     """One process's agents, until the parent says stop; then their records go back over `conn`."""
     sink: list[Record] = []
+    # thousands of agents would each log every failed round; the records count them instead
+    logging.getLogger("ctops.agent").setLevel(logging.ERROR)
 
     async def main() -> None:
         agents = [SimAgent(first + i, h, tok, urls, interval, sink) for i, (h, tok) in enumerate(hosts)]
@@ -211,7 +214,10 @@ def events_after(c: Cluster, d: str, after: str) -> list[dict]:
 
 
 def alive_hosts(c: Cluster, d: str, names: set[str]) -> int:
-    return sum(1 for h in c.state(d)["hosts"] if h["name"] in names and h["state"] == "alive")
+    # a generous timeout: the state document of thousands of hosts, from a dispatcher taking their heartbeats
+    r = httpx.get(f"{c.ops_url(d)}/api/v1/state", headers=c.auth("viewer"), timeout=30)
+    r.raise_for_status()
+    return sum(1 for h in r.json()["hosts"] if h["name"] in names and h["state"] == "alive")
 
 
 def make_cluster(root: Path, redis: EmbeddedRedis, hosts: dict[str, str], prefix: str = "bench-hb") -> Cluster:
@@ -277,7 +283,11 @@ def run_once(hosts_n: int, interval: float, procs: int, steady: float, with_herd
         urls = [c.ops_url("A"), c.ops_url("B")]
         lead = wait_for("a leader", lambda: leader(c, "A") or leader(c, "B"))
         fleet = Fleet(hosts, urls, interval, procs).start()
-        wait_for("every simulated host alive", lambda: alive_hosts(c, lead, names) == hosts_n, timeout=120, every=1)
+        try:
+            wait_for("every simulated host alive", lambda: alive_hosts(c, lead, names) == hosts_n, timeout=120, every=1)
+        except AssertionError:
+            pass  # a dispatcher that cannot keep up is what this measures; the figures say how far it got
+        out["alive_before"] = alive_hosts(c, lead, names)
         time.sleep(2 * interval)  # every agent has followed the leader
         pid = c.children[lead].pid
         cpu0, calls0, t0 = cpu_seconds(pid), redis_calls(redis), time.monotonic()
@@ -343,7 +353,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  ceiling: {m['ceiling_per_s']}/s")
         return 0
     s = doc["steady"]
-    print(f"{hosts_n} simulated hosts at 1 Hz in {procs} processes, leader {s['leader']} "
+    print(f"{hosts_n} simulated hosts at 1 Hz in {procs} processes ({doc['alive_before']} alive before the "
+          f"measurement), leader {s['leader']} "
           f"(load average {doc['loadavg'][0]:.1f} on {doc['cpus']} CPUs)")
     print(f"  ingest: offered {doc['offered_per_s']}/s, achieved {s['rate_per_s']}/s over {s['seconds']} s; "
           f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (target ≤ {INGEST_P99_MS}); failed {s['failed_requests']}")
