@@ -289,6 +289,8 @@ def run_once(hosts_n: int, interval: float, procs: int, steady: float, with_herd
             pass  # a dispatcher that cannot keep up is what this measures; the figures say how far it got
         out["alive_before"] = alive_hosts(c, lead, names)
         time.sleep(2 * interval)  # every agent has followed the leader
+        # the leader of now: on a loaded machine the lease may have moved while the agents came up
+        lead = wait_for("a leader", lambda: leader(c, "A") or leader(c, "B"))
         pid = c.children[lead].pid
         cpu0, calls0, t0 = cpu_seconds(pid), redis_calls(redis), time.monotonic()
         time.sleep(steady)
@@ -304,6 +306,7 @@ def run_once(hosts_n: int, interval: float, procs: int, steady: float, with_herd
         steady_fig = ingest(records, urls.index(c.ops_url(lead)), t0, t1)
         n = max(1, steady_fig["heartbeats"])
         out["steady"] = {**steady_fig, "seconds": round(t1 - t0, 1), "leader": lead,
+                         "to_standby": ingest(records, 1 - urls.index(c.ops_url(lead)), t0, t1)["heartbeats"],
                          "cpu_ms_per_heartbeat": round((cpu1 - cpu0) * 1000 / n, 3),
                          "dispatcher_cpu_percent": round((cpu1 - cpu0) * 100 / (t1 - t0), 1),
                          "redis_cmds_per_heartbeat": round((calls1 - calls0) / n, 2),
@@ -357,7 +360,8 @@ def run(args: argparse.Namespace) -> int:
           f"measurement), leader {s['leader']} "
           f"(load average {doc['loadavg'][0]:.1f} on {doc['cpus']} CPUs)")
     print(f"  ingest: offered {doc['offered_per_s']}/s, achieved {s['rate_per_s']}/s over {s['seconds']} s; "
-          f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (target ≤ {INGEST_P99_MS}); failed {s['failed_requests']}")
+          f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (target ≤ {INGEST_P99_MS}); failed {s['failed_requests']}, "
+          f"{s['to_standby']} went to the standby")
     print(f"  dispatcher CPU {s['cpu_ms_per_heartbeat']} ms/heartbeat ({s['dispatcher_cpu_percent']}% of a core); "
           f"Redis {s['redis_cmds_per_heartbeat']} commands/heartbeat")
     for h in doc["herd"]:
