@@ -23,10 +23,11 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -38,6 +39,7 @@ from ctops.wire import AgentEvent, Heartbeat, HostMetrics, ProcessMetrics
 from ctops_tools.localcluster import Cluster, wait_for
 from ctops_tools.redis_embed import EmbeddedRedis
 
+T = TypeVar("T")
 INGEST_P99_MS = 20.0
 HERD_P99_MS = 100.0
 HERD_MOVE_S = 2.0
@@ -220,6 +222,14 @@ def alive_hosts(c: Cluster, d: str, names: set[str]) -> int:
     return sum(1 for h in r.json()["hosts"] if h["name"] in names and h["state"] == "alive")
 
 
+def measured(probe: Callable[[], T], default: T) -> T:
+    """A figure read from a dispatcher that may be too busy to answer; `default` says it did not."""
+    try:
+        return probe()
+    except (httpx.HTTPError, ValueError, KeyError):
+        return default
+
+
 def make_cluster(root: Path, redis: EmbeddedRedis, hosts: dict[str, str], prefix: str = "bench-hb") -> Cluster:
     """Two dispatchers at the production timings (1 s beats, lost after 3 s), one trainer, the sim hosts."""
     return Cluster(root, redis, prefix, trainers=1, dispatchers=("A", "B"), extra_toml=sim_toml(hosts),
@@ -238,14 +248,15 @@ def herd(c: Cluster, fleet_urls: list[str], names: set[str], sig: signal.Signals
     """Signal the leader; the records are read after the fleet stops (see `herd_figures`)."""
     old = wait_for("a leader", lambda: leader(c, "A") or leader(c, "B"))
     new = "B" if old == "A" else "A"
-    cursor = last_event_id(c, new)
+    cursor = measured(lambda: last_event_id(c, new), "0-0")
     t0 = time.monotonic()
     c.signal(old, sig)
     wait_for(f"{new} to lead", lambda: leader(c, new) == new, timeout=30, every=0.02)
     promoted = time.monotonic() - t0
     time.sleep(settle)
-    lost = [e for e in events_after(c, new, cursor) if e["kind"] == "host_lost"]
-    alive = alive_hosts(c, new, names)
+    lost: list[dict] | None = measured(lambda: [e for e in events_after(c, new, cursor) if e["kind"] == "host_lost"],
+                                       None)
+    alive = measured(lambda: alive_hosts(c, new, names), -1)
     if sig == signal.SIGKILL:
         c.start(old)
     else:
@@ -253,8 +264,8 @@ def herd(c: Cluster, fleet_urls: list[str], names: set[str], sig: signal.Signals
     wait_for(f"{old} back as standby", lambda: leader(c, old) == new, timeout=60)
     marks[sig.name] = t0
     return {"signal": sig.name, "from": old, "to": new, "to_idx": fleet_urls.index(c.ops_url(new)),
-            "promoted_s": round(promoted, 3), "host_lost": len(lost), "alive_after": alive, "t0": t0,
-            "settle_s": settle}
+            "promoted_s": round(promoted, 3), "host_lost": None if lost is None else len(lost),
+            "alive_after": alive, "t0": t0, "settle_s": settle}
 
 
 def herd_figures(h: dict[str, Any], records: list[Record], hosts: int) -> dict[str, Any]:
@@ -287,7 +298,7 @@ def run_once(hosts_n: int, interval: float, procs: int, steady: float, with_herd
             wait_for("every simulated host alive", lambda: alive_hosts(c, lead, names) == hosts_n, timeout=120, every=1)
         except AssertionError:
             pass  # a dispatcher that cannot keep up is what this measures; the figures say how far it got
-        out["alive_before"] = alive_hosts(c, lead, names)
+        out["alive_before"] = measured(lambda: alive_hosts(c, lead, names), -1)
         time.sleep(2 * interval)  # every agent has followed the leader
         # the leader of now: on a loaded machine the lease may have moved while the agents came up
         lead = wait_for("a leader", lambda: leader(c, "A") or leader(c, "B"))
