@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -22,13 +23,49 @@ from ctops.wire import AgentEvent, Heartbeat, HeartbeatAck, ProcessMetrics
 log = logging.getLogger("ctops.agent.heartbeat")
 OUTBOX_MAX = 1000
 EVENTS_PER_HEARTBEAT = 100
+# when a dispatcher fails, the move to the next one waits up to this share of the interval: a leader's
+# death is seen by every agent at nearly the same moment, and the new leader should not get them all at once
+MOVE_JITTER = 0.25
+
+
+class Backoff:
+    """When to send the next heartbeat, and how long to wait before moving to another dispatcher.
+
+    After rounds in which no dispatcher answered, the wait grows exponentially, but never past half of
+    `lost_after` (the dispatchers' heartbeat timeout): a dispatcher that comes back must hear from the
+    host well before it would call it lost. Each wait is jittered downwards only, so a bound is a bound.
+    """
+
+    def __init__(self, interval: float, lost_after: float, rng: random.Random | None = None) -> None:
+        self.interval, self.lost_after = interval, lost_after
+        self.rng = rng or random.Random()
+        self.failures = 0  # rounds in a row in which no dispatcher answered
+
+    @property
+    def cap(self) -> float:
+        return max(self.interval, self.lost_after / 2)
+
+    def move_delay(self) -> float:
+        return self.rng.uniform(0.0, MOVE_JITTER * self.interval)
+
+    def next_wait(self, delivered: bool) -> float:
+        """Seconds from the start of this round to the next one."""
+        if delivered:
+            self.failures = 0
+            return self.interval
+        self.failures += 1
+        base = min(self.cap, self.interval * 2 ** min(self.failures - 1, 30))
+        return base - self.rng.uniform(0.0, MOVE_JITTER * base)
 
 
 class HeartbeatSender:
-    def __init__(self, host: str, urls: Sequence[str], token: str, interval: float, disk_path: str = "/") -> None:
+    def __init__(self, host: str, urls: Sequence[str], token: str, interval: float, disk_path: str = "/",
+                 lost_after: float | None = None) -> None:
         self.host = host
         # a heartbeat is safe to send again (its events are deduplicated by id), so any failure moves on
         self.failover = Failover(urls)
+        # the dispatchers' default heartbeat timeout is three intervals
+        self.backoff = Backoff(interval, lost_after if lost_after is not None else 3 * interval)
         self.urls = self.failover.urls
         self.interval, self.disk_path = interval, disk_path
         self.supervisor: Supervisor | None = None
@@ -67,7 +104,13 @@ class HeartbeatSender:
     async def send(self, hb: Heartbeat) -> bool:
         body = hb.model_dump_json().encode()
 
+        tries = 0
+
         async def post(url: str) -> bytes:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                await asyncio.sleep(self.backoff.move_delay())
             try:
                 status, reply = await self.client.request("POST", f"{url}/api/v1/heartbeat", body)
             except HttpError as exc:
@@ -106,9 +149,10 @@ class HeartbeatSender:
             started = loop.time()
             if self.supervisor is not None:
                 self.supervisor.loop_beat = time.monotonic()
-            if not await self.send(self.build()):
+            delivered = await self.send(self.build())
+            if not delivered:
                 log.warning("no dispatcher took heartbeat %d", self.seq)
-            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
+            await asyncio.sleep(max(0.0, self.backoff.next_wait(delivered) - (loop.time() - started)))
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -44,7 +44,8 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    sender = HeartbeatSender(name, urls, token, dep.timings.heartbeat_interval_ms / 1000, spec.disk_path)
+    sender = HeartbeatSender(name, urls, token, dep.timings.heartbeat_interval_ms / 1000, spec.disk_path,
+                             lost_after=dep.timings.heartbeat_timeout_ms / 1000)
     tasks: dict[str, asyncio.Task[None]] = {}
 
     def start_heartbeats() -> None:

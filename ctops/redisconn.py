@@ -209,10 +209,17 @@ def _sentinel_kwargs(settings: RedisSettings) -> dict[str, Any]:
             "socket_connect_timeout": SENTINEL_TIMEOUT_S}
 
 
+ASYNC_POOL_MAX = 4096
+
+
 def async_client(settings: RedisSettings, role: Role, *, decode_responses: bool = False,
                  socket_timeout: float = 1.0) -> aioredis.Redis:
     """A client of the primary for this role. Make one per process and purpose, at start-up."""
     opts = _common(settings, role, decode_responses, socket_timeout)
+    # redis-py's default pool (100) fails a request outright once that many are in flight, and a herd of
+    # agents moving to a new leader puts a heartbeat per agent in flight at once: each then fails, and
+    # hosts are reported lost. Redis itself takes 10,000 clients; one process needs at most a few thousand.
+    opts["max_connections"] = ASYNC_POOL_MAX
     opts["retry"] = AsyncRetry(ExponentialBackoff(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S), RETRIES)
     if not settings.sentinels:
         # from_url builds `cls`; redis-py types it as the base class

@@ -12,7 +12,7 @@ from ctops.config import ConfigError
 DEFAULT_STATE_FILE = ".ctops_tools/demo.json"
 # `ctops bench NAME` runs ctops_tools.bench.<NAME with - as _>:run
 BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console",
-              "store-failover", "store"]
+              "store-failover", "store", "heartbeats"]
 
 # subcommand -> "module:function" taking the parsed arguments and returning an exit code
 HANDLERS = {
@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="proxy: the load, GETs of / or a learners' mix (sessions, submissions, polls)")
     b.add_argument("--events", type=int, default=100_000, help="exceptions: events in the spool to replay")
     b.add_argument("--records", type=int, default=1_000_000, help="store: records to fill the store with")
+    b.add_argument("--hosts", type=int, default=200, help="heartbeats: simulated agents at 1 Hz")
+    b.add_argument("--procs", type=int, default=4, help="heartbeats: processes the simulated agents run in")
+    b.add_argument("--max-rate", action="store_true",
+                   help="heartbeats: raise the offered load until p99 passes 20 ms (no herd)")
+    b.add_argument("--no-herd", action="store_true", help="heartbeats: ingest only, no leader kill/freeze")
 
     ex = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming")
     exs = ex.add_subparsers(dest="exc_command", required=True, metavar="ACTION")

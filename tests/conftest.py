@@ -35,6 +35,7 @@ PROCESS_TESTS = {
     "test_config.py::test_program_stops_at_start_naming_setting_and_file",
     "test_config.py::test_agent_without_its_token_env_stops_with_a_clear_message",
     "test_console.py::test_sighup_exits_cleanly",
+    "test_console.py::test_sighup_exits_cleanly_with_the_terminal_still_open",
     "test_console.py::test_terminal_gone_without_a_sighup_exits_cleanly",
     "test_fake_llm.py::test_a_fake_started_without_a_token_refuses_every_switch",
     "test_security.py::test_a_token_scope_that_names_nothing_stops_the_program",
