@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 import redis
 
 from ctops.config import Timings
@@ -18,6 +19,9 @@ from tests.cluster import Cluster, wait_for
 from trainer.idempotency import generated_key_ttl_s
 
 # tries within 200 ms, each connecting within 100 ms and answered within 700 ms: 1 s in all
+# a frozen server must be found out within the dispatcher's retries: the short health timings
+pytestmark = pytest.mark.quick_timings
+
 WINDOW = {"retry_total_ms": 200, "upstream_connect_timeout_ms": 100, "upstream_read_timeout_ms": 700}
 
 
