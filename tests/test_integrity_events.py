@@ -49,14 +49,20 @@ def test_the_leaders_scrub_finds_damage_nobody_read(make_cluster) -> None:  # no
     assert r2.status_code == 410 and r2.json()["error"] == "session_damaged"
 
 
-def test_staff_see_the_quarantine_and_discard_a_record_only_when_confirmed(running_dispatcher: Cluster) -> None:
-    c = running_dispatcher
+def damaged_session(c: Cluster) -> tuple[str, str]:
+    """A learner's session with one bad byte, read once by its trainer (410): set aside in the quarantine."""
     base = c.trainer_url("trainer-2")
     sid = httpx.post(base + "/api/sessions", json={}, timeout=30).json()["session_id"]
     key = Keys(prefix=c.prefix).session(sid)
     with redis.Redis.from_url(c.redis.url) as r:
         r.hset(key, "created_ms", b"\xc3\x28")
     assert httpx.get(f"{base}/api/sessions/{sid}", timeout=30).status_code == 410
+    return sid, key
+
+
+def test_staff_see_the_quarantine_and_discard_a_record_only_when_confirmed(running_dispatcher: Cluster) -> None:
+    c = running_dispatcher
+    sid, key = damaged_session(c)
     # `ctops status --json` shows the count (store.corrupt_found), from the dispatcher's store watch
     wait_for("store.corrupt_found", lambda: c.state()["store"]["corrupt_found"] == 1, 30)
     view = httpx.get(c.ops_url() + "/api/v1/store/integrity", headers=c.auth("viewer"), timeout=10).json()
@@ -79,12 +85,7 @@ def test_staff_put_a_quarantined_record_back_through_the_ops_api(running_dispatc
     """Restore through the dispatcher (the console's `R`): its Redis user may RESTORE a payload it
     DUMPed under its own prefix; the damaged bytes come back exactly, audited."""
     c = running_dispatcher
-    base = c.trainer_url("trainer-2")
-    sid = httpx.post(base + "/api/sessions", json={}, timeout=30).json()["session_id"]
-    key = Keys(prefix=c.prefix).session(sid)
-    with redis.Redis.from_url(c.redis.url) as r:
-        r.hset(key, "created_ms", b"\xc3\x28")
-    assert httpx.get(f"{base}/api/sessions/{sid}", timeout=30).status_code == 410
+    _sid, key = damaged_session(c)
     view = wait_for("the quarantine entry", lambda: [q for q in httpx.get(
         c.ops_url() + "/api/v1/store/integrity", headers=c.auth("viewer"), timeout=10).json()["quarantined"]
         if q["key"] == key], 30)
