@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ctops.config import ConfigError
+from ctops.failover import Unreachable
+from ctops.statefile import StateFileError
+from ctops_tools import exitcodes
 
 DEFAULT_STATE_FILE = ".ctops_tools/demo.json"
 # `ctops bench NAME` runs ctops_tools.bench.<NAME with - as _>:run
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heartbeats: raise the offered load until p99 passes 20 ms (no herd)")
     b.add_argument("--no-herd", action="store_true", help="heartbeats: ingest only, no leader kill/freeze")
 
-    ex = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming")
+    ex = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming; ack, resolve, mute")
     exs = ex.add_subparsers(dest="exc_command", required=True, metavar="ACTION")
     ex_list = exs.add_parser("list", help="groups, most recent first")
     ex_list.add_argument("--sort", choices=["last", "count"], default="last")
@@ -124,13 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex_list.add_argument("--query", "-q", default="", help="words to find in type, message, service or host")
     ex_list.add_argument("--limit", type=int, default=100)
     ex_show = exs.add_parser("show", help="one group: traceback and recent occurrences")
-    ex_show.add_argument("id")
+    ex_show.add_argument("id", help="the group's id, or its first 6 or more hex digits")
     ex_tail = exs.add_parser("tail", help="incoming exceptions, oldest first")
     ex_tail.add_argument("--follow", "-f", action="store_true", help="keep printing new ones until Ctrl+C")
     ex_tail.add_argument("--after", default=None, help="stream id to start after (a previous cursor)")
     ex_tail.add_argument("--limit", type=int, default=20)
     ex_tail.add_argument("--query", "-q", default="")
-    for exp in (ex_list, ex_show, ex_tail):
+    triage = []
+    for verb, what in (("ack", "acknowledge: someone is on it"), ("resolve", "resolved: a new event reopens it"),
+                       ("mute", "muted for --minutes"), ("unresolve", "back to unresolved")):
+        t = exs.add_parser(verb, help=f"one or more groups {what}")
+        t.add_argument("ids", nargs="+", metavar="ID", help="group ids, or their first 6 or more hex digits")
+        t.set_defaults(role="operator")
+        if verb == "mute":
+            t.add_argument("--minutes", type=int, default=60, help="how long (1..10080, default 60)")
+        triage.append(t)
+    for exp in (ex_list, ex_show, ex_tail, *triage):
         _cluster_args(exp)
         exp.add_argument("--json", action="store_true")
     return p
@@ -143,16 +156,52 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a subcommand; what no subcommand handles ends here as one line and an exit code from
+    `ctops_tools.exitcodes`, never a traceback. A subcommand that has settled its exit code before
+    it writes (`ctops status`) records it as `args.exit_code`, so a reader that leaves early
+    (`| head`) does not change it."""
     args = build_parser().parse_args(argv)
     module, func = HANDLERS[args.command].split(":")
+
+    def fail(code: int, message: str) -> int:
+        print(f"ctops {args.command}: {message}", file=sys.stderr)
+        return code
+
     try:
-        code = getattr(importlib.import_module(module), func)(args)
-    except ConfigError as exc:
-        print(f"ctops {args.command}: {exc}", file=sys.stderr)
-        return 2
+        args.exit_code = int(getattr(importlib.import_module(module), func)(args) or 0)
+        sys.stdout.flush()  # here, not at exit, where a reader gone would print a traceback-like note
+    except (ConfigError, StateFileError) as exc:
+        return fail(exitcodes.USAGE, str(exc))
+    except Unreachable as exc:
+        return fail(exitcodes.UNREACHABLE, f"no dispatcher answered: {exc}")
+    except BrokenPipeError:
+        _reader_gone()
+        return int(getattr(args, "exit_code", exitcodes.OK))
     except KeyboardInterrupt:
         return 130
-    return int(code or 0)
+    except Exception as exc:
+        # only a subcommand that talks to the ops API has loaded its client (and httpx): others
+        # must not pay for importing it here
+        opsclient = sys.modules.get("ctops.opsclient")
+        if opsclient is None or not isinstance(exc, opsclient.OpsError):
+            raise
+        if exc.status in (401, 403):
+            role = getattr(args, "role", "viewer")
+            return fail(exitcodes.AUTH, exitcodes.refused(exc.status, exc.error, exitcodes.token_source(args, role),
+                                                          role))
+        return fail(exitcodes.FAILED, str(exc))
+    return int(args.exit_code)
+
+
+def _reader_gone() -> None:
+    """The reader of our output left (`| head`): what is still buffered goes nowhere, quietly, also
+    at exit, when Python would flush stdout again and print the error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

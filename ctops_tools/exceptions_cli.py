@@ -1,4 +1,6 @@
-"""`ctops exceptions list|show ID|tail`: exception groups for scripts (`--json`) and people."""
+"""`ctops exceptions list|show ID|tail|ack|resolve|mute|unresolve ID...`: exception groups for
+scripts (`--json`) and people. An id may be the first 6 or more hex digits of one (the dispatcher
+resolves it; two groups sharing them is an error that lists both)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,16 @@ import json
 import sys
 import time
 
-from ctops import statefile
 from ctops.capture.client import ExceptionsClient
 from ctops.capture.wire import GroupList, Occurrence, traceback_text
-from ctops.opsclient import OpsClient, OpsError, Unreachable
+from ctops.opsapi import GroupAction
+from ctops.opsclient import OpsClient, OpsError
+from ctops_tools import exitcodes
 from ctops_tools.status import target
+
+# the CLI's verbs -> the ops API's actions
+TRIAGE: dict[str, GroupAction] = {"ack": "acknowledge", "resolve": "resolve", "mute": "mute",
+                                  "unresolve": "unresolve"}
 
 
 def _age(ms: int) -> str:
@@ -58,6 +65,8 @@ async def _run(args: argparse.Namespace, urls: list[str], token: str | None) -> 
                 for e in d.recent:
                     print(f"  {e.event_id}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.ts_ms / 1000))}"
                           f"  {e.service}@{e.host}  {e.message[:100]}")
+        elif args.exc_command in TRIAGE:
+            return await triage(api, args)
         else:
             cursor = args.after
             while True:
@@ -70,21 +79,54 @@ async def _run(args: argparse.Namespace, urls: list[str], token: str | None) -> 
                 await asyncio.sleep(1.0)
     finally:
         await ops.aclose()
-    return 0
+    return exitcodes.OK
+
+
+async def triage(api: ExceptionsClient, args: argparse.Namespace) -> int:
+    """Each id in turn, each its own audited action: one unknown or ambiguous id is reported and
+    the others still done (exit 1); a refused token stops at the first (exit 4, from cli.main)."""
+    action = TRIAGE[args.exc_command]
+    failed = 0
+    for given in args.ids:
+        try:
+            r = await api.act(given, action, minutes=args.minutes if action == "mute" else None)
+        except OpsError as exc:
+            if exc.status in (401, 403):
+                raise
+            failed += 1
+            print(f"ctops exceptions {args.exc_command}: {given}: {_sentence(exc)}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"id": given, "ok": False, "status": exc.status, "error": exc.error,
+                                  "detail": exc.detail}), flush=True)
+            continue
+        g = r.group
+        if args.json:
+            print(json.dumps({"id": given, "ok": True, "group": g.id, "status": g.status, "by": r.by}), flush=True)
+        else:
+            muted = f" until {time.strftime('%H:%M', time.localtime(g.mute_until_ms / 1000))}" \
+                if g.status == "muted" and g.mute_until_ms else ""
+            print(f"{g.id}  {g.status}{muted}  {g.type}: {g.message[:80]}", flush=True)
+    return exitcodes.FAILED if failed else exitcodes.OK
+
+
+def _sentence(exc: OpsError) -> str:
+    """An ops API error as a line: candidates of an ambiguous id listed, never a raw dict."""
+    detail = exc.detail if isinstance(exc.detail, dict) else {}
+    if exc.status == 409 and "candidates" in detail:
+        more = detail.get("count", 0) - len(detail["candidates"])
+        return f"{exc.error}: {', '.join(detail['candidates'])}" + (f" and {more} more" if more > 0 else "")
+    return exc.error
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors no action handles (no dispatcher, a refused token) end in ctops_tools.cli.main."""
+    urls, token = target(args, getattr(args, "role", "viewer"))
     try:
-        urls, token = target(args)
         return asyncio.run(_run(args, urls, token))
-    except statefile.StateFileError as exc:
-        print(f"ctops exceptions: {exc}", file=sys.stderr)
-        return 2
-    except Unreachable as exc:
-        print(f"ctops exceptions: no dispatcher answered: {exc}", file=sys.stderr)
-        return 1
     except OpsError as exc:
+        if exc.status in (401, 403):
+            raise
         if getattr(args, "json", False):
             print(json.dumps({"error": exc.error, "status": exc.status, "detail": exc.detail}), file=sys.stderr)
-        print(f"ctops exceptions: {exc}", file=sys.stderr)
-        return 1
+        print(f"ctops exceptions: {_sentence(exc)}", file=sys.stderr)
+        return exitcodes.FAILED

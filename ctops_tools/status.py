@@ -15,9 +15,9 @@ import sys
 
 from ctops import statefile
 from ctops.opsclient import OpsClient, OpsError, Unreachable
-from ctops.wire import ClusterState, SpareView
+from ctops.wire import ClusterState, LLMProviderView, SpareView
+from ctops_tools.exitcodes import CRITICAL, DEGRADED, OK, UNKNOWN, refused, token_source
 
-OK, DEGRADED, CRITICAL, UNKNOWN = 0, 1, 2, 3
 VERDICT = {OK: "OK", DEGRADED: "DEGRADED", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 
@@ -31,24 +31,41 @@ def target(args: argparse.Namespace, role: str = "viewer") -> tuple[list[str], s
 
 
 async def leader_state(urls: list[str], token: str | None) -> ClusterState:
+    return (await leader_view(urls, token))[0]
+
+
+async def leader_view(urls: list[str], token: str | None) -> tuple[ClusterState, list[LLMProviderView] | None]:
+    """The state as the leader sees it, and its LLM pool (None when the pool could not be read:
+    the state still makes a verdict)."""
     client = OpsClient(urls, token)
     try:
-        return await client.state(prefer_leader=True)
+        st = await client.state(prefer_leader=True)
+        try:
+            providers: list[LLMProviderView] | None = await client.providers()
+        except (OpsError, Unreachable):
+            providers = None
+        return st, providers
     finally:
         await client.aclose()
 
 
-def assess(st: ClusterState) -> tuple[int, list[str]]:
+def assess(st: ClusterState, providers: list[LLMProviderView] | None = None) -> tuple[int, list[str]]:
     """The exit code and its reasons, worst first.
 
-    Critical: no leader, no server up, the store has no primary or does not answer. Degraded: a
-    server not up, a host lost, a dispatcher unhealthy, a store replica or Sentinel not up."""
+    Critical: no leader, no server up (every one disabled, down or draining: learners get 503), no
+    LLM provider that can answer (reviews fail), the store has no primary or does not answer.
+    Degraded: a server not up, a host lost, a dispatcher unhealthy, an LLM provider not up, a store
+    replica or Sentinel not up."""
     critical: list[str] = []
     degraded: list[str] = []
     if not st.leader:
         critical.append("no leader")
     if not any(s.state == "up" for s in st.servers):
         critical.append("no server up")
+    if providers:
+        if not any(p.state not in ("down", "disabled") for p in providers):
+            critical.append("no LLM provider can answer")
+        degraded += [f"LLM provider {p.name} {p.state.replace('_', ' ')}" for p in providers if p.state != "up"]
     store = st.store
     if store is not None:
         if store.primary is None:
@@ -127,15 +144,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         urls, token = target(args)
-        st = asyncio.run(leader_state(urls, token))
+        st, providers = asyncio.run(leader_view(urls, token))
     except statefile.StateFileError as exc:
         return fail(UNKNOWN, str(exc))
     except Unreachable as exc:
         return fail(CRITICAL, f"no dispatcher answered: {exc}")
     except OpsError as exc:
         # a dispatcher that answers 5xx is in trouble; 401/403/404 say nothing about the cluster
+        if exc.status in (401, 403):
+            return fail(UNKNOWN, refused(exc.status, exc.error, token_source(args, "viewer")))
         return fail(CRITICAL if exc.status >= 500 else UNKNOWN, str(exc))
-    code, reasons = assess(st)
+    code, reasons = assess(st, providers)
+    args.exit_code = code  # the verdict stands if the reader of the output leaves early (`| head`)
     if quiet:
         return code
     if args.json:

@@ -34,6 +34,7 @@ from ctops.opsapi import GroupAction
 from ctops.rejects import EXCEPTIONS, REJECTS
 from ctops.wire import ErrorBody
 from dispatcher.events import EventLog
+from dispatcher.exceptions import shortid
 from dispatcher.exceptions.sentry import EnvelopeError, inflate, load_json, parse_envelope, sentry_key, to_event
 from dispatcher.exceptions.store import ExceptionStore, Ingested
 from dispatcher.ops.auth import Audit, Authenticate, Require
@@ -42,10 +43,11 @@ from dispatcher.ratelimit import TokenBuckets, retry_after_header
 
 log = logging.getLogger("ctops.dispatcher.exceptions")
 
-_GID = r"^[0-9a-f]{16}$"
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # the ops app declares the errors every route may give; these are the ones only some routes give
-_404: dict[int | str, dict[str, object]] = {404: {"model": ErrorBody, "description": "no such item"}}
+_404: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorBody, "description": "no such item"},
+    409: {"model": ErrorBody, "description": "a short id that starts several groups' ids; detail lists them"}}
 _SENTRY_RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorBody, "description": "project id is not a Sentry project id"},
     415: {"model": ErrorBody, "description": "unsupported Content-Encoding"}}
@@ -117,7 +119,7 @@ def exceptions_router(store: ExceptionStore, event_log: EventLog, audit: Audit, 
     async def group(gid: str, _: Annotated[Principal, Depends(require("read"))],
                     recent: Annotated[int, Query(ge=0, le=20)] = 20) -> GroupDetail:
         g = await _group_or_404(gid)
-        events = await store.recent(gid)
+        events = await store.recent(g.id)
         # the newest by time (a replayed backlog arrives after newer events)
         latest = max(events, key=lambda e: e.ts_ms, default=None)
         return GroupDetail(group=g, latest=latest, recent=events[:recent])
@@ -140,25 +142,31 @@ def exceptions_router(store: ExceptionStore, event_log: EventLog, audit: Audit, 
                   who: Annotated[Principal, Depends(require("act"))],
                   minutes: Annotated[int | None, Query(ge=1, le=7 * 24 * 60)] = None,
                   assignee: Annotated[str | None, Query(max_length=64)] = None) -> GroupActionResult:
-        target = f"exception-group/{gid}"
         if action == "mute" and minutes is None:
             raise ApiError(422, "invalid request: minutes", detail=[{"field": "query.minutes",
                                                                      "message": "mute needs minutes (1..10080)"}])
         if action == "assign" and assignee is None:
             raise ApiError(422, "invalid request: assignee", detail=[{"field": "query.assignee",
                                                                       "message": "a staff name, or empty to clear"}])
-        g = await store.set_status(gid, action, minutes=minutes, assignee=(assignee or "").strip() or None) \
-            if re.match(_GID, gid) else None
+        try:
+            full = await shortid.resolve(store, gid)
+        except shortid.Ambiguous as exc:
+            await audit(who.name, who.role, action, f"exception-group/{gid}", "ambiguous short id", via)
+            raise exc from None
+        g = await store.set_status(full, action, minutes=minutes, assignee=(assignee or "").strip() or None) \
+            if full else None
         if g is None:
-            await audit(who.name, who.role, action, target, "unknown group", via)
+            await audit(who.name, who.role, action, f"exception-group/{gid}", "unknown group", via)
             raise ApiError(404, f"unknown exception group {gid!r}")
+        target = f"exception-group/{g.id}"
         what = {"mute": f"muted for {minutes} min", "assign": f"assigned to {g.assignee or 'nobody'}"}.get(
             action, f"now {g.status}")
         await audit(who.name, who.role, f"exception_{action}", target, f"ok: {what}", via)
         return GroupActionResult(ok=True, group=g, by=who.name)
 
     async def _group_or_404(gid: str) -> GroupView:
-        g = await store.group(gid) if re.match(_GID, gid) else None
+        full = await shortid.resolve(store, gid)
+        g = await store.group(full) if full else None
         if g is None:
             raise ApiError(404, f"unknown exception group {gid!r}")
         return g
