@@ -1,5 +1,6 @@
 """The dispatcher's internal loops are watched like the agent's processes: a stalled health-check
-loop is restarted and reported, and health checking goes on.
+loop is restarted and reported, and health checking goes on; and a real dispatcher whose event loop
+is blocked exits, so that its peer leads and its supervisor starts it again.
 
 In-process, with the parts the composition root builds and the loops it watches: a real health
 checker against a real server, events in a real Redis. No code path in the dispatcher can stall the
@@ -13,12 +14,15 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
 from ctops import config
 from ctops_tools.redis_embed import EmbeddedRedis
-from dispatcher.loopwatch import LoopWatch
+from ctops_tools.threadstop import stopped_thread
+from dispatcher.loopwatch import EXIT_BLOCKED, LoopWatch
 from dispatcher.main import build, watched_loops
+from tests.cluster import Cluster, wait_for
 
 
 async def until(what: str, cond: Callable[[], Awaitable[object]], timeout: float = 30.0) -> object:
@@ -92,3 +96,25 @@ url = "http://127.0.0.1:{port}"
         await p.peers.aclose()
         await p.storewatch.aclose()
         await redis.aclose()
+
+
+@pytest.mark.quick_timings  # the loop-guard gives up after 2 s
+def test_a_real_dispatcher_whose_event_loop_is_blocked_exits_and_its_peer_leads(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """Two real dispatchers; the leader's event-loop thread is stopped (ptrace, one thread only, as a
+    blocking call on the loop leaves it) while its other threads run on: the loop-guard thread sees the
+    loop silent and exits the process (EXIT_BLOCKED), the lease lapses and the peer leads."""
+    c = make_cluster(dispatchers=("A", "B"), trainers=1)
+    c.start_all()
+    leader = wait_for("a leader both agree on", lambda: (a := c.state("A")["leader"]) and a == c.state("B")["leader"]
+                      and a, 60)
+    peer = "B" if leader == "A" else "A"
+    child = c.children[leader]
+    with stopped_thread(child.pid):
+        wait_for(f"{leader} to exit", lambda: child.proc.poll() is not None, 60)
+    assert child.proc.returncode == EXIT_BLOCKED
+    assert "event loop blocked" in c.log(leader) and "exiting so the supervisor restarts" in c.log(leader)
+    wait_for(f"{peer} to lead", lambda: c.state(peer)["leader"] == peer, 60)
+    # started again by its supervisor (here, the test), it follows
+    c.start(leader)
+    wait_for(f"{leader} back, following {peer}", lambda: c.state(leader)["leader"] == peer, 60)
