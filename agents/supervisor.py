@@ -137,6 +137,9 @@ class Supervisor:
         self._notify_dir: str | None = None
         # the asyncio heartbeat loop is watched too, once it beats (the heartbeat sender sets loop_beat)
         self.loop_beat: float | None = None
+        # when the guard last asked for the loop to be started again: it waits a stall time before
+        # asking again, but only the loop's own beat counts as alive for systemd's watchdog
+        self.loop_restart_asked = 0.0
         self.restart_loop = restart_loop
         self.loop_stall_after = loop_stall_after
         self.systemd_ping = systemd_ping
@@ -238,13 +241,16 @@ class Supervisor:
                 self._start_checker()
                 self._event("watchdog_restarted", None, "warning",
                             f"watchdog checker thread stalled; generation {self.generation} took over")
-            if self.loop_beat is not None and self.restart_loop and now - self.loop_beat > self.loop_stall_after:
+            if self.loop_beat is not None and self.restart_loop \
+                    and now - max(self.loop_beat, self.loop_restart_asked) > self.loop_stall_after:
                 log.error("heartbeat loop silent for %.1fs; restarting it", now - self.loop_beat)
                 with self.lock:
                     self.loop_restarts += 1
-                self.loop_beat = now
+                self.loop_restart_asked = now
                 self.restart_loop()
                 self._event("loop_restarted", None, "warning", "agent heartbeat loop stalled and was restarted")
+            # a restart asked for is not a loop alive: with the event loop itself blocked it never
+            # happens, the pings stop and systemd restarts the agent
             fresh = now - self.checker_beat < STALL_AFTER and (
                 self.loop_beat is None or now - self.loop_beat < self.loop_stall_after)
             if fresh and self.systemd_ping:

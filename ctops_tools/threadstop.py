@@ -18,6 +18,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 PTRACE_CONT, PTRACE_DETACH, PTRACE_SEIZE, PTRACE_INTERRUPT = 7, 17, 0x4206, 0x4207
 WALL = 0x40000000  # __WALL: wait for threads too
@@ -29,7 +30,7 @@ class ThreadStopError(Exception):
     pass
 
 
-def _ptrace() -> ctypes._CFuncPtr:
+def _ptrace() -> Any:  # a ctypes foreign function
     libc = ctypes.CDLL(None, use_errno=True)
     f = libc.ptrace
     f.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
@@ -37,7 +38,7 @@ def _ptrace() -> ctypes._CFuncPtr:
     return f
 
 
-def _call(ptrace: ctypes._CFuncPtr, request: int, tid: int) -> None:
+def _call(ptrace: Any, request: int, tid: int) -> None:
     if ptrace(request, tid, None, None) != 0:
         err = ctypes.get_errno()
         raise ThreadStopError(f"ptrace({request:#x}, {tid}): {os.strerror(err)}")

@@ -8,6 +8,7 @@ shows READY=1 and WATCHDOG=1 from a real agent."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -64,3 +65,50 @@ def test_a_guard_stuck_in_its_ping_sends_no_more_and_is_replaced(sup: Supervisor
     n = len(pings.calls)
     wait_for("more pings", lambda: len(pings.calls) >= n + 5)
     assert all(t != stuck[0] for t, *_ in pings.calls[n:])
+
+
+async def test_pings_stop_while_the_event_loop_is_blocked_and_resume_after() -> None:
+    """The heartbeat loop runs on the agent's event loop; with the loop blocked (a sync call on it),
+    the guard's restart of the heartbeat loop cannot happen, and asking for it is not the loop
+    being alive: no WATCHDOG=1 until the loop beats again, so systemd restarts a hung agent."""
+    loop = asyncio.get_running_loop()
+    pings: list[float] = []
+    restarts: list[float] = []
+    stall_after = 1.0
+
+    def restart() -> None:
+        restarts.append(time.monotonic())
+        loop.call_soon_threadsafe(lambda: None)  # as the agent does: the loop must run it
+
+    s = Supervisor([ProcessSpec(name="sleeper", command=[sys.executable, "-c", "import time; time.sleep(600)"])],
+                   on_event=lambda e: None, restart_loop=restart, loop_stall_after=stall_after,
+                   systemd_ping=lambda: pings.append(time.monotonic()))
+
+    async def heartbeat_loop() -> None:
+        while True:
+            s.loop_beat = time.monotonic()
+            await asyncio.sleep(0.05)
+
+    beats = asyncio.create_task(heartbeat_loop())
+    s.start()
+    try:
+        for _ in range(600):
+            if len(pings) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert len(pings) >= 3
+        # the event loop blocked from here: this test waits without awaiting
+        wait_for("the guard to ask twice for the loop to restart", lambda: len(restarts) >= 2, 60)
+        blocked = [t for t in pings if t > restarts[0]]
+        assert blocked == [], f"{len(blocked)} pings while the loop was blocked"
+        assert s.snapshot()[1].loop_restarts >= 2
+        n = len(pings)
+        await asyncio.sleep(0)  # the loop runs again: the heartbeat loop beats, the pings resume
+        for _ in range(600):
+            if len(pings) >= n + 3:
+                break
+            await asyncio.sleep(0.05)
+        assert len(pings) >= n + 3
+    finally:
+        beats.cancel()
+        s.stop()
