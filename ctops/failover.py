@@ -13,6 +13,7 @@ failure worth trying elsewhere, and this module decides the rest:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -86,6 +87,30 @@ class Failover:
             self.answered(url)
             return out
         raise Unreachable(tried, last)
+
+    async def race(self, send: Callable[[str], Awaitable[T]]) -> T:
+        """`send` on every URL at once, for a request safe to repeat: the first answer wins (the
+        others are cancelled) and is stuck with. For a one-shot command that knows no URL yet, so
+        that every dispatcher down (or frozen) costs one timeout, not one per URL."""
+        tasks = {asyncio.ensure_future(send(url)): url for url in self._order(None)}
+        pending = set(tasks)
+        failed: dict[str, str] = {}
+        last: TryNext | None = None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        self.answered(tasks[task])
+                        return task.result()
+                    if not isinstance(exc, TryNext):
+                        raise exc
+                    failed[tasks[task]], last = exc.reason, exc
+        finally:
+            for task in pending:
+                task.cancel()
+        raise Unreachable([(url, failed[url]) for url in self._order(None) if url in failed], last)
 
     def call_sync(self, send: Callable[[str], T], *, safe: bool, attempts: int | None = None) -> T:
         """`call` for a client in a thread of its own (the exception forwarder)."""

@@ -69,8 +69,12 @@ class OpsClient:
         *,
         timeout: float = 2.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        race_first: bool = False,
     ) -> None:
+        """`race_first`: the first read goes to every URL at once (Failover.race), for one-shot
+        commands that must tell quickly that no dispatcher answers; later ones start from the URL that answered."""
         self.failover = Failover(urls)
+        self.race_first = race_first
         self.urls = self.failover.urls
         # connect fails fast so a dead dispatcher costs little before the next URL is tried;
         # the read timeout bounds a frozen (SIGSTOPped) one that accepts but never answers
@@ -171,7 +175,11 @@ class OpsClient:
             except httpx.TransportError as exc:
                 raise TryNext(_reason(exc), reached=not isinstance(exc, httpx.ConnectError)) from exc
 
-        resp = await self.failover.call(send, safe=method == "GET")
+        if method == "GET" and self.race_first:
+            self.race_first = False
+            resp = await self.failover.race(send)
+        else:
+            resp = await self.failover.call(send, safe=method == "GET")
         if resp.status_code >= 400:
             raise _ops_error(resp)
         return resp

@@ -44,7 +44,7 @@ def render_occurrence(o: Occurrence) -> str:
 
 
 async def _run(args: argparse.Namespace, urls: list[str], token: str | None) -> int:
-    ops = OpsClient(urls, token, timeout=5.0)
+    ops = OpsClient(urls, token, race_first=True)
     api = ExceptionsClient(ops)
     try:
         if args.exc_command == "list":

@@ -37,7 +37,7 @@ async def leader_state(urls: list[str], token: str | None) -> ClusterState:
 async def leader_view(urls: list[str], token: str | None) -> tuple[ClusterState, list[LLMProviderView] | None]:
     """The state as the leader sees it, and its LLM pool (None when the pool could not be read:
     the state still makes a verdict)."""
-    client = OpsClient(urls, token)
+    client = OpsClient(urls, token, race_first=True)
     try:
         st = await client.state(prefer_leader=True)
         try:

@@ -4,18 +4,20 @@ codes"), a reader that leaves early, a refused token, and exception triage by se
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 
 from ctops.capture.fingerprint import fingerprint
+from ctops.opsclient import OpsClient, Unreachable
 from ctops_tools.exitcodes import AUTH, CRITICAL, DEGRADED, FAILED, OK, UNKNOWN, UNREACHABLE
 from ctops_tools.procs import ctops_argv
 from tests.cluster import Cluster, wait_for
@@ -229,3 +231,50 @@ def test_a_reader_that_leaves_early_gets_no_traceback(running_dispatcher: Cluste
                                      c.viewer_token)],
                         capture_output=True, text=True, timeout=120)
     assert sh.stdout.strip() == "0" and "Traceback" not in sh.stderr and "BrokenPipe" not in sh.stderr, sh.stderr
+
+
+async def test_a_one_shot_command_asks_every_dispatcher_at_once() -> None:
+    """Both dispatchers frozen (they accept, never answer): a command's first read waits for both at
+    the same time, so it knows there is no answer after one timeout, not one per dispatcher."""
+    asked: list[int] = []
+    thaw = asyncio.Event()
+
+    def frozen(i: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            asked.append(i)
+            await thaw.wait()
+            writer.close()
+        return accept
+
+    servers = [await asyncio.start_server(frozen(i), "127.0.0.1", 0) for i in range(2)]
+    urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+    client = OpsClient(urls, "t", timeout=600, race_first=True)
+    read = asyncio.create_task(client.state())
+    try:
+        for _ in range(600):
+            if len(asked) == 2 or read.done():
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(asked) == [0, 1] and not read.done()
+    finally:
+        read.cancel()
+        await client.aclose()
+        for s in servers:
+            s.close()
+
+    # one frozen, one refusing: the answer names both, in the order given
+    refused_port = servers[1].sockets[0].getsockname()[1] if servers[1].sockets else 1
+    late = await asyncio.start_server(frozen(2), "127.0.0.1", 0)
+    client = OpsClient([f"http://127.0.0.1:{late.sockets[0].getsockname()[1]}", f"http://127.0.0.1:{refused_port}"],
+                       "t", timeout=0.5, race_first=True)
+    try:
+        with pytest.raises(Unreachable) as gone:
+            await client.state()
+        (url1, why1), (url2, why2) = gone.value.tried
+        assert why1 == "timed out" and why2.startswith(("connection refused", "cannot connect"))
+    finally:
+        await client.aclose()
+        thaw.set()
+        late.close()
+        await late.wait_closed()
