@@ -180,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        # only a subcommand that talks to the ops API has loaded its client (and httpx): others
+        # only a subcommand that talks to the ops API (or Redis) has loaded its client: others
         # must not pay for importing it here
+        redis_errors = sys.modules.get("redis.exceptions")
+        if redis_errors is not None and isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
+            return fail(exitcodes.UNREACHABLE, f"the store (Redis) did not answer: {exc}")
         opsclient = sys.modules.get("ctops.opsclient")
         if opsclient is None or not isinstance(exc, opsclient.OpsError):
             raise

@@ -24,9 +24,9 @@ def deployment(args: argparse.Namespace) -> Deployment:
         try:
             path = statefile.read(args.state_file).get("config")
         except statefile.StateFileError as exc:
-            raise SystemExit(f"ctops store: {exc}; pass --config") from None
+            raise statefile.StateFileError(f"{exc}; pass --config") from None
         if not path:
-            raise SystemExit("ctops store: the state file names no deployment file; pass --config")
+            raise statefile.StateFileError("the state file names no deployment file; pass --config")
     return load(path)
 
 

@@ -11,6 +11,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,8 +19,9 @@ import pytest
 
 from ctops.capture.fingerprint import fingerprint
 from ctops.opsclient import OpsClient, Unreachable
-from ctops_tools.exitcodes import AUTH, CRITICAL, DEGRADED, FAILED, OK, UNKNOWN, UNREACHABLE
+from ctops_tools.exitcodes import AUTH, CRITICAL, DEGRADED, FAILED, OK, UNKNOWN, UNREACHABLE, USAGE
 from ctops_tools.procs import ctops_argv
+from ctops_tools.redis_embed import free_port
 from tests.cluster import Cluster, wait_for
 
 
@@ -278,3 +280,28 @@ async def test_a_one_shot_command_asks_every_dispatcher_at_once() -> None:
         thaw.set()
         late.close()
         await late.wait_closed()
+
+
+def test_usage_and_store_errors_have_their_codes(tmp_path: Path) -> None:
+    """No state file is a usage error (2); a store that does not answer is 3, like a dispatcher
+    that does not: one line each, no traceback."""
+    no_state = subprocess.run(ctops_argv("store", "verify", "--state-file", str(tmp_path / "none.json")),
+                              capture_output=True, text=True, timeout=120)
+    assert no_state.returncode == USAGE and "no state file" in no_state.stderr and "Traceback" not in no_state.stderr
+    dead = free_port()
+    (tmp_path / "d.toml").write_text(f"""
+cluster = "t"
+[redis]
+url = "redis://127.0.0.1:{dead}/0"
+[[dispatchers]]
+name = "A"
+data = "127.0.0.1:{free_port()}"
+ops = "127.0.0.1:{free_port()}"
+[[servers]]
+name = "trainer-1"
+url = "http://127.0.0.1:{free_port()}"
+""")
+    r = subprocess.run(ctops_argv("store", "verify", "--config", str(tmp_path / "d.toml")), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == UNREACHABLE and "the store (Redis) did not answer" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
