@@ -1,4 +1,6 @@
-"""`ctops chaos kill|freeze|thaw TARGET`: SIGKILL, SIGSTOP or SIGCONT a demo process by name.
+"""`ctops chaos kill|freeze|thaw TARGET`: SIGKILL, SIGSTOP or SIGCONT a demo process by name;
+`ctops chaos block TARGET`: stop only its event-loop thread (its main thread), its other threads
+running on, as a blocking call on the loop would leave it (see ctops_tools/threadstop.py).
 
 A trainer's pid changes each time its agent restarts it, so for trainers the live pid is asked of
 the cluster first and the state file's is the fallback. The store's nodes are targets by name
@@ -15,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import time
 from typing import Any
 
 from ctops import redisconn, statefile
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(pid, int) or pid <= 1:
         print(f"ctops chaos: no pid known for {args.target}", file=sys.stderr)
         return 2
+    if args.action == "block":
+        return block(args.target, pid, args.seconds)
     try:
         os.kill(pid, SIGNALS[args.action])
     except ProcessLookupError:
@@ -107,4 +112,26 @@ def run(args: argparse.Namespace) -> int:
     shown = f"{args.target} = {entry['name']}" if section == "redis" and entry.get("name", args.target) != args.target \
         else args.target
     print(f"{args.action} {shown} (pid {pid}): sent {SIGNALS[args.action].name}")
+    return 0
+
+
+def block(target: str, pid: int, seconds: float) -> int:
+    """The main thread of `pid` stopped for `seconds` or until the process exits: a dispatcher's loop
+    guard should exit it (70) after `loop_blocked_exit_ms`, and its peer lead."""
+    from ctops_tools.procs import pid_alive
+    from ctops_tools.threadstop import ThreadStopError, stopped_thread
+
+    try:
+        with stopped_thread(pid):
+            print(f"block {target} (pid {pid}): its event-loop thread is stopped, its other threads run on",
+                  flush=True)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and pid_alive(pid):
+                time.sleep(0.1)
+    except ThreadStopError as exc:
+        print(f"ctops chaos: cannot stop a thread of {target}: {exc} (ptrace needs the same user and "
+              "kernel.yama.ptrace_scope 0, or root)", file=sys.stderr)
+        return 1
+    print(f"{target} exited while its event loop was blocked" if not pid_alive(pid)
+          else f"block {target}: released after {seconds:g}s")
     return 0

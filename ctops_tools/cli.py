@@ -69,14 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quiet", "-q", action="store_true",
                     help="print nothing; the exit code says it: 0 healthy, 1 degraded, 2 critical, 3 unknown")
 
-    ch = sub.add_parser("chaos", help="SIGKILL / SIGSTOP / SIGCONT a demo process by name; corrupt a record")
-    ch.add_argument("action", choices=["kill", "freeze", "thaw", "corrupt"])
+    ch = sub.add_parser("chaos", help="SIGKILL / SIGSTOP / SIGCONT a demo process by name; block its event "
+                        "loop; corrupt a record")
+    ch.add_argument("action", choices=["kill", "freeze", "thaw", "block", "corrupt"])
     ch.add_argument("target", nargs="?", default="",
                     help="a name from the state file, e.g. trainer-1, A, host-2, redis-2, sentinel-1; "
                     "or redis-primary, redis-replica-N: the node in that role now; for corrupt: a Redis key")
     ch.add_argument("--state-file", default=DEFAULT_STATE_FILE)
     ch.add_argument("--random", metavar="KIND", help="corrupt: a random record of this kind (session, ...)")
     ch.add_argument("--config", default=None, help="corrupt: deployment TOML (default: the demo's)")
+    ch.add_argument("--seconds", type=float, default=30.0,
+                    help="block: how long its event-loop thread stays stopped (unless it exits first)")
 
     so = sub.add_parser("store", help="the shared state: verify records, back up, restore, quarantine")
     sos = so.add_subparsers(dest="store_command", required=True, metavar="ACTION")

@@ -49,6 +49,7 @@ PROCESS_TESTS = {
     # README-claim tests of helper "claims", merged alongside
     "test_claims_sdnotify.py", "test_claims_loopwatch.py::test_a_blocked_event_loop_makes_the_process_exit",
     "test_cli.py::test_usage_and_store_errors_have_their_codes",
+    "test_claims_loopwatch.py::test_chaos_block_stops_the_event_loop_and_the_guard_exits",
 }
 
 
