@@ -18,6 +18,8 @@ DEFAULT_STATE_FILE = ".ctops_tools/demo.json"
 BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console",
               "store-failover", "store", "heartbeats"]
 
+# the long-running processes; the others are tools, whose errors end as one line and an exit code
+SERVICES = {"demo", "dispatcher", "agent", "trainer", "fake-llm", "console"}
 # subcommand -> "module:function" taking the parsed arguments and returning an exit code
 HANDLERS = {
     "demo": "ctops_tools.demo:run",
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if args.command in SERVICES:
+            raise  # a service's crash keeps its traceback, for its log
         # only a subcommand that talks to the ops API (or Redis) has loaded its client: others
         # must not pay for importing it here
         redis_errors = sys.modules.get("redis.exceptions")
