@@ -22,7 +22,7 @@ from typing import Any, Literal
 import uvicorn
 from starlette.types import ASGIApp
 
-from ctops import listenfds
+from ctops import listenfds, logs
 
 START_TIMEOUT_S = 10.0
 
@@ -30,6 +30,9 @@ START_TIMEOUT_S = 10.0
 def config(app: ASGIApp | Callable[..., Any], host: str, port: int, *, lifespan: Literal["on", "off"] = "off",
            keep_alive_s: int = 30, graceful_s: int | None = 1, **more: Any) -> uvicorn.Config:
     """uvicorn's settings for every ctops server: httptools, no access log, warnings only."""
+    if logs.log_format() == "json":
+        # uvicorn's own handlers would print its lines as text; without them they reach ours
+        more.setdefault("log_config", None)
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http="httptools",
                           lifespan=lifespan, timeout_keep_alive=keep_alive_s,
                           timeout_graceful_shutdown=graceful_s, **more)

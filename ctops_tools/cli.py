@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ctops.config import ConfigError
+from ctops.logs import FORMAT_ENV, FORMATS
 
 DEFAULT_STATE_FILE = ".ctops_tools/demo.json"
 # `ctops bench NAME` runs ctops_tools.bench.<NAME with - as _>:run
@@ -31,8 +33,25 @@ HANDLERS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version and which data plane it would run (a wheel built without a
+    C compiler installs the plain-Python one: slower, same behaviour)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from ctops import __version__
+    from dispatcher.planebuild import data_plane_build, describe
+
+    try:
+        v = dist_version("ctops")
+    except PackageNotFoundError:
+        v = __version__
+    return f"ctops {v} (data plane: {describe(data_plane_build())})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctops", description="Keep the Coding Trainer service up.")
+    p.add_argument("--version", action="version", version=version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the whole cluster locally (embedded Redis) and the console")
@@ -45,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"run one {what} from a deployment file")
         s.add_argument("--config", required=True, help="deployment TOML file")
         s.add_argument("--name", required=True, help=f"which {what} of the file this process is")
+        s.add_argument("--log-format", choices=FORMATS, default=None,
+                       help=f"log lines as text or one JSON object each (default: ${FORMAT_ENV} or text)")
 
     f = sub.add_parser("fake-llm", help="an OpenAI-compatible fake provider whose behaviour can be switched")
     f.add_argument("--host", default="127.0.0.1")
@@ -144,6 +165,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_format", None):
+        # through the environment: the processes an agent starts log the same way
+        os.environ[FORMAT_ENV] = args.log_format
     module, func = HANDLERS[args.command].split(":")
     try:
         code = getattr(importlib.import_module(module), func)(args)
