@@ -123,21 +123,21 @@ def cluster_families(snap: Snapshot) -> Iterator[Metric]:
     known = GaugeMetricFamily("ctops_leader_known", "1 if this dispatcher knows a leader (itself or a peer)")
     known.add_metric([], 1.0 if st.leader else 0.0)
     yield known
+    # every family is declared on every scrape, with samples only where there is a value: a rule or
+    # a panel over a family that has none yet is not an error, and a test can check the names
+    epoch = GaugeMetricFamily("ctops_dispatcher_epoch", "the lease epoch this dispatcher last saw; it rises by "
+                              "one per leadership change", labels=["dispatcher"])
+    age = GaugeMetricFamily("ctops_dispatcher_lease_age_seconds", "since the leader last renewed the lease",
+                            labels=["dispatcher"])
+    peer = GaugeMetricFamily("ctops_dispatcher_peer_heartbeat_age_seconds",
+                             "since this dispatcher last heard a peer directly", labels=["dispatcher"])
     if mine is not None:
-        epoch = GaugeMetricFamily("ctops_dispatcher_epoch", "the lease epoch this dispatcher last saw; it rises by "
-                                  "one per leadership change", labels=["dispatcher"])
         epoch.add_metric([me], float(mine.epoch or 0))
-        yield epoch
         if mine.lease_age_ms is not None:
-            age = GaugeMetricFamily("ctops_dispatcher_lease_age_seconds", "since the leader last renewed the lease",
-                                    labels=["dispatcher"])
             age.add_metric([me], mine.lease_age_ms / 1000)
-            yield age
         if mine.peer_heartbeat_age_ms is not None:
-            peer = GaugeMetricFamily("ctops_dispatcher_peer_heartbeat_age_seconds",
-                                     "since this dispatcher last heard a peer directly", labels=["dispatcher"])
             peer.add_metric([me], mine.peer_heartbeat_age_ms / 1000)
-            yield peer
+    yield from (epoch, age, peer)
     peers = GaugeMetricFamily("ctops_peer_up", "1 if this dispatcher sees the named dispatcher as healthy",
                               labels=["peer"])
     for d in st.dispatchers:
@@ -261,11 +261,11 @@ def _store_families(st: ClusterState) -> Iterator[Metric]:
     yield lag
     yield _states("ctops_store_sentinel_state", "each Sentinel as this dispatcher sees it", ["node"],
                   (([n.name], n.state) for n in s.sentinels), NODE_STATES)
+    last = GaugeMetricFamily("ctops_store_last_failover_timestamp_seconds",
+                             "when this dispatcher last saw the primary change (Unix time)")
     if s.last_failover_ms is not None:
-        last = GaugeMetricFamily("ctops_store_last_failover_timestamp_seconds",
-                                 "when this dispatcher last saw the primary change (Unix time)")
         last.add_metric([], s.last_failover_ms / 1000)
-        yield last
+    yield last
     moving = GaugeMetricFamily("ctops_store_failover_in_progress", "1 while the Sentinels move the primary")
     moving.add_metric([], 1.0 if s.failover_in_progress else 0.0)
     yield moving
@@ -275,11 +275,11 @@ def _store_families(st: ClusterState) -> Iterator[Metric]:
                               value=float(s.corrupt_found))
     yield CounterMetricFamily("ctops_store_repaired_records", "damaged records repaired from an intact copy",
                               value=float(s.repaired))
+    scrub = GaugeMetricFamily("ctops_store_last_scrub_duration_seconds", "how long the last full check of "
+                              "every record took")
     if s.last_scrub_ms is not None:
-        scrub = GaugeMetricFamily("ctops_store_last_scrub_duration_seconds", "how long the last full check of "
-                                  "every record took")
         scrub.add_metric([], s.last_scrub_ms / 1000)
-        yield scrub
+    yield scrub
 
 
 def _llm_families(pool: LLMPoolView) -> Iterator[Metric]:
