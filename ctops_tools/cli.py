@@ -14,7 +14,7 @@ from ctops.logs import FORMAT_ENV, FORMATS
 DEFAULT_STATE_FILE = ".ctops_tools/demo.json"
 # `ctops bench NAME` runs ctops_tools.bench.<NAME with - as _>:run
 BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console",
-              "store-failover", "store", "heartbeats"]
+              "store-failover", "store", "heartbeats", "metrics"]
 
 # subcommand -> "module:function" taking the parsed arguments and returning an exit code
 HANDLERS = {
