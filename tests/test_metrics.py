@@ -87,11 +87,12 @@ def test_dispatcher_scrape_shows_servers_leadership_hosts_and_traffic(cluster: C
     _, s = wait_for("every server up, both hosts alive, their trainers running and the 20 requests counted",
                     lambda: (got := scrape(c)) and all(
                         value(got[1], "ctops_server_status", server=n, state="up") == 1 for n in c.server_names)
-                    and all(value(got[1], "ctops_host_state", host=h, state="alive") == 1 for h in c.host_names)
-                    and all(value(got[1], "ctops_process_state", host=f"host-{i}", process=f"trainer-{i}",
-                                  state="running") == 1 for i in (1, 2))
+                    and value(got[1], "ctops_hosts", state="alive") == 2
+                    and value(got[1], "ctops_processes", state="running") == 2
                     and (value(got[1], "ctops_frontend_http_requests_total") or 0) >= 20 and got, timeout=60)
     assert value(s, "ctops_server_status", server="trainer-1", state="down") == 0
+    # only hosts and processes in trouble have a series of their own
+    assert not [k for k in s if k[0] in ("ctops_host_state", "ctops_process_state")]
     assert value(s, "ctops_backend_active_servers") == 2
     assert value(s, "ctops_dispatcher_is_leader", dispatcher="A") == 1
     assert value(s, "ctops_leader_known") == 1
@@ -111,6 +112,20 @@ def test_dispatcher_scrape_shows_servers_leadership_hosts_and_traffic(cluster: C
     finally:
         httpx.post(c.ops_url() + "/api/v1/servers/trainer-2/enable", headers=c.auth("operator"),
                    timeout=10).raise_for_status()
+
+
+def test_a_stopped_process_gets_a_series_of_its_own_until_it_runs_again(cluster: Cluster) -> None:
+    c = cluster
+    act = "/api/v1/hosts/host-2/processes/trainer-2/"
+    httpx.post(c.ops_url() + act + "stop", headers=c.auth("operator"), timeout=30).raise_for_status()
+    try:
+        s = wait_for("trainer-2 shown stopped", lambda: (got := scrape(c)[1]) and value(
+            got, "ctops_process_state", host="host-2", process="trainer-2", state="stopped") == 1 and got)
+        assert value(s, "ctops_processes", state="stopped") == 1
+    finally:
+        httpx.post(c.ops_url() + act + "start", headers=c.auth("operator"), timeout=30).raise_for_status()
+    wait_for("trainer-2 running again, its series gone", lambda: (got := scrape(c)[1]) and value(
+        got, "ctops_processes", state="running") == 2 and not [k for k in got if k[0] == "ctops_process_state"])
 
 
 def test_agent_port_shows_its_processes_and_host(cluster: Cluster) -> None:

@@ -144,6 +144,14 @@ def measure(servers: int, hosts_n: int, duration: float, connections: int, round
                          "max_ms": round(max(t), 2), "dispatcher_cpu_ms": round(cpu * 1000 / scrapes, 2),
                          "bytes": scraper.size, "series": scraper.series,
                          "under_target": (pct(t, 0.5) or 0) < SCRAPE_TARGET_MS}
+        # the state view the console and `ctops status` poll reads the same: the part of a scrape that
+        # is not Prometheus's
+        viewer = httpx.Client(headers=c.auth("viewer"), timeout=30)
+        cpu0 = cpu_seconds(pid)
+        for _ in range(scrapes):
+            viewer.get(c.ops_url() + "/api/v1/state").raise_for_status()
+        out["scrape"]["state_view_cpu_ms"] = round((cpu_seconds(pid) - cpu0) * 1000 / scrapes, 2)
+        viewer.close()
         url = c.data_url() + "/"
         plain: list[dict[str, Any]] = []
         scraped: list[dict[str, Any]] = []
@@ -186,6 +194,7 @@ def render(r: dict[str, Any]) -> str:
         f"  scrape wall time    p50 {s['p50_ms']} ms  p99 {s['p99_ms']} ms  max {s['max_ms']} ms  "
         f"(target < {SCRAPE_TARGET_MS:.0f} ms: {'met' if s['under_target'] else 'NOT met'})",
         f"  dispatcher CPU      {s['dispatcher_cpu_ms']} ms a scrape; {s['series']} series, {s['bytes']} bytes",
+        f"  for comparison      GET /api/v1/state (the same reads, JSON): {s['state_view_cpu_ms']} ms CPU",
         f"data plane, wrk -c{r['wrk_connections']}, {len(d['without_scrapes'])} x {r['round_s']:.0f} s rounds "
         "each (median of rounds)",
         f"  without scrapes     p99 {d['p99_ms_without']} ms  {d['rps_without']:.0f} req/s",

@@ -6,11 +6,14 @@ store's totals) into metric families, so the data plane's hot path pays nothing 
 
 Names follow HAProxy's exporter where the meaning is the same (`ctops_server_status{state}`,
 `ctops_server_check_status`, `ctops_server_weight`, `ctops_backend_active_servers`,
-`ctops_backend_retry_warnings_total`...), with the `ctops_` prefix. A state is one series per possible
-value, 1 for the current one (HAProxy's convention): `sum by (state)` counts, and a missing series
-never hides a state. Labels take values only from the deployment (server, host, process, provider,
-store node names) or from closed sets (states, the proxy's own status codes and failure reasons), so
-the number of series is bounded by the deployment's size.
+`ctops_backend_retry_warnings_total`...), with the `ctops_` prefix. A server's state is one series per
+possible value, 1 for the current one (HAProxy's convention). Hosts and processes come by the
+thousand and a scrape's cost is its number of series, so per host there is the age of its last
+heartbeat, and a state series only while it is not alive; per process a series only while it is not
+running; counts by state cover the rest (each agent's own port has all of its processes).
+Labels take values only from the deployment (server, host, process, provider, store node names) or
+from closed sets (states, the proxy's own status codes and failure reasons), so the number of series
+is bounded by the deployment's size.
 
 Every dispatcher answers with its own view (its health checks, its lease, its pool); the alert rules
 and the dashboard (deploy/) aggregate across instances where one view would do.
@@ -170,34 +173,32 @@ def cluster_families(snap: Snapshot) -> Iterator[Metric]:
     if st.proxy is not None:
         yield from _proxy_families(st.proxy)
 
-    # --- hosts and their supervised processes (from the agents' heartbeats) ----------------------
+    # --- hosts and their supervised processes (from the agents' heartbeats; see the docstring) ---
     hb_age = GaugeMetricFamily("ctops_host_heartbeat_age_seconds", "since the host's agent last heartbeat was "
                                "stored (absent: never heard)", labels=["host"])
-    cpu = GaugeMetricFamily("ctops_host_cpu_percent", "host CPU use, per its last heartbeat", labels=["host"])
-    mem = GaugeMetricFamily("ctops_host_memory_percent", "host memory use, per its last heartbeat", labels=["host"])
-    disk = GaugeMetricFamily("ctops_host_disk_percent", "host disk use, per its last heartbeat", labels=["host"])
-    restarts = CounterMetricFamily("ctops_process_restarts", "restarts of a supervised process by its agent",
-                                   labels=["host", "process"])
-    proc_rows: list[tuple[list[str], str]] = []
+    host_state = GaugeMetricFamily("ctops_host_state", "hosts not alive: late or lost, by the age of their last "
+                                   "heartbeat (alive ones: ctops_hosts)", labels=["host", "state"])
+    troubled = GaugeMetricFamily("ctops_process_state", "supervised processes not running, per their agent's "
+                                 "last heartbeat (running ones: ctops_processes)", labels=["host", "process", "state"])
+    by_state = dict.fromkeys(PROCESS_STATES, 0)
+    hosts_by_state = dict.fromkeys(HOST_STATES, 0)
     for h in st.hosts:
+        hosts_by_state[h.state] = hosts_by_state.get(h.state, 0) + 1
+        if h.state != "alive":
+            host_state.add_metric([h.name, h.state], 1.0)
         if h.heartbeat_age_ms is not None:
             hb_age.add_metric([h.name], h.heartbeat_age_ms / 1000)
-        if h.metrics is not None:
-            cpu.add_metric([h.name], h.metrics.cpu_percent)
-            mem.add_metric([h.name], h.metrics.memory_percent)
-            disk.add_metric([h.name], h.metrics.disk_percent)
         for p in h.processes:
-            proc_rows.append(([h.name, p.name], p.state))
-            restarts.add_metric([h.name, p.name], float(p.restarts))
-    yield _states("ctops_host_state", "alive, late or lost, by the age of its last heartbeat", ["host"],
-                  (([h.name], h.state) for h in st.hosts), HOST_STATES)
-    yield hb_age
-    yield cpu
-    yield mem
-    yield disk
-    yield _states("ctops_process_state", "supervised process state, per its agent's last heartbeat",
-                  ["host", "process"], proc_rows, PROCESS_STATES)
-    yield restarts
+            by_state[p.state] = by_state.get(p.state, 0) + 1
+            if p.state != "running":
+                troubled.add_metric([h.name, p.name, p.state], 1.0)
+    counts = GaugeMetricFamily("ctops_hosts", "hosts by state", labels=["state"])
+    for state, n in hosts_by_state.items():
+        counts.add_metric([state], float(n))
+    procs = GaugeMetricFamily("ctops_processes", "supervised processes by state, across hosts", labels=["state"])
+    for state, n in by_state.items():
+        procs.add_metric([state], float(n))
+    yield from (counts, host_state, hb_age, procs, troubled)
 
     # --- the shared store --------------------------------------------------------------------------
     if st.store is not None:
