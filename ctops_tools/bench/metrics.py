@@ -119,11 +119,12 @@ def measure(servers: int, hosts_n: int, duration: float, connections: int, round
     hello_port = free_port()
     hello = spawn("hello", [sys.executable, "-m", "ctops_tools.bench.hello", "--port", str(hello_port)],
                   str(root / "hello.log"))
-    # hosts stay alive for the whole run on one heartbeat each (the longest timeout there is), so no
-    # host_lost burst lands in a measured round
+    # hosts are sent a heartbeat between measured rounds only, at the longest interval and timeout
+    # there are: no ingest and no host_lost burst lands in a measured round
     c = Cluster(root, redis, "bench-metrics", trainers=1, extra_toml=extra_toml(hosts, hello_port, servers),
                 tokens={r: new_token() for r in ("operator", "viewer", "scrape")},
-                timings={"heartbeat_timeout_ms": 600_000, "health_interval_ms": 1000, "health_timeout_ms": 1000})
+                timings={"heartbeat_timeout_ms": 600_000, "heartbeat_interval_ms": 60_000,
+                         "health_interval_ms": 1000, "health_timeout_ms": 1000})
     out: dict[str, Any] = {"servers": servers, "hosts": hosts_n, "wrk_connections": connections,
                            "round_s": duration}
     try:
@@ -157,6 +158,9 @@ def measure(servers: int, hosts_n: int, duration: float, connections: int, round
         scraped: list[dict[str, Any]] = []
         during: list[float] = []
         for _ in range(rounds):
+            # the hosts' heartbeats again, between measured rounds: every host stays alive (a late
+            # host adds a series, and the run outlasts twice the heartbeat interval)
+            asyncio.run(post_heartbeats(c.ops_url(), hosts))
             # alternating, so a neighbour's load on the machine falls on both kinds of round alike
             plain.append(wrk(url, duration, connections))
             scraper.times_ms = []

@@ -334,36 +334,37 @@ def _exception_families(snap: Snapshot) -> Iterator[Metric]:
     yield lost
 
 
-class ScrapeCollector(Collector):
-    """Renders the snapshot the route gathered just before: `collect` itself must be synchronous."""
+class SnapshotCollector(Collector):
+    """One scrape's families, from the snapshot gathered for it (`collect` must be synchronous)."""
 
-    def __init__(self) -> None:
-        self.snapshot: Snapshot | None = None
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
-        return cluster_families(self.snapshot) if self.snapshot is not None else ()
+        return cluster_families(self.snapshot)
+
+
+def render(snapshot: Snapshot, accept: str) -> tuple[bytes, str]:
+    """The exposition of one snapshot, with the process's own metrics (process_*: CPU, memory, open
+    files, start time), as every exporter has them. A registry per scrape: scrapes never share state."""
+    encoder, content_type = choose_encoder(accept)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    ProcessCollector(registry=registry)
+    return encoder(registry), content_type
 
 
 def metrics_router(auth: Auth, sources: Sources) -> APIRouter:
     router = APIRouter()
-    collector = ScrapeCollector()
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    # the process's CPU, memory, open files and start time (process_*), as every exporter has
-    ProcessCollector(registry=registry)
 
     @router.get(METRICS_PATH, response_class=Response, summary="Prometheus metrics (text exposition format)",
                 responses={200: {"content": {"text/plain": {}}}})
     async def metrics(request: Request, _: Annotated[Principal, Depends(auth.require("metrics"))]) -> Response:
         snap = await sources.snapshot()
-        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        # gathered and rendered with no await in between: one scrape's figures are of one moment,
-        # and concurrent scrapes cannot see each other's snapshot
-        collector.snapshot = snap
-        try:
-            body = encoder(registry)
-        finally:
-            collector.snapshot = None
+        # rendered on a worker thread: thousands of series take tens of ms of CPU, which in one piece
+        # on the event loop would stall the data plane that shares it; from a thread the interpreter
+        # hands the loop its turn every few ms (sys.getswitchinterval) meanwhile
+        body, content_type = await asyncio.to_thread(render, snap, request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 
     return router
