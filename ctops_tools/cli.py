@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--procs", type=int, default=4, help="heartbeats: processes the simulated agents run in")
     b.add_argument("--max-rate", action="store_true",
                    help="heartbeats: raise the offered load until p99 passes 20 ms (no herd)")
+    b.add_argument("--sim-hosts", type=int, default=2000, help="metrics: hosts simulated in the store")
     b.add_argument("--no-herd", action="store_true", help="heartbeats: ingest only, no leader kill/freeze")
 
     ex = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming")

@@ -211,7 +211,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = measure(SERVERS, HOSTS, args.duration, min(args.connections, 16),
+    result = measure(SERVERS, getattr(args, "sim_hosts", HOSTS), args.duration, min(args.connections, 16),
                      rounds=max(1, min(args.reps, 5)), scrapes=50)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
