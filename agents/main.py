@@ -69,6 +69,13 @@ async def serve(dep: Deployment, name: str, token: str, log_dir: str | None) -> 
 
         tail = logtail.start(name, spec.log_files, urls, token, log_dir)
         tasks["logtail"] = loop.create_task(tail.run(), name="logtail")
+    if spec.metrics_listen:
+        from agents import exporter  # only agents with a metrics port load prometheus_client
+
+        exporter.start(name, spec.metrics_listen, exporter.AgentCollector(
+            name, sup.snapshot, spec.disk_path,
+            lambda: {"made": sender.seq, "failures_in_row": sender.backoff.failures,
+                     "events_dropped": sender.dropped_events}))
     notify("READY=1")
     log.info("agent %s: supervising %d processes, heartbeats to %s", name, len(sup.items), urls)
     await stop.wait()

@@ -1,34 +1,14 @@
-"""sd_notify without a library: one datagram to $NOTIFY_SOCKET. Used by the agent under systemd
-(READY=1, WATCHDOG=1) and understood by the agent for the processes it supervises."""
+"""What the agent understands from the processes it supervises: the sd_notify datagrams systemd would
+get (READY=1, WATCHDOG=1). Sending them is shared by every service: ctops/sdnotify.py."""
 
 from __future__ import annotations
 
 import os
 import socket
 
+from ctops.sdnotify import notify, watchdog_interval
 
-def notify(message: str, sock_path: str | None = None) -> bool:
-    path = sock_path or os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return False
-    if path.startswith("@"):  # abstract namespace socket
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(path)
-            s.sendall(message.encode())
-        return True
-    except OSError:
-        return False
-
-
-def watchdog_interval() -> float | None:
-    """Half of systemd's WatchdogSec, as systemd recommends; None when not under a watchdog."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2_000_000
+__all__ = ["NotifyListener", "notify", "watchdog_interval"]
 
 
 class NotifyListener:

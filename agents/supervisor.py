@@ -33,6 +33,7 @@ from agents.states import BACKOFF, FATAL, RUNNING, STARTING, STOPPED, check_move
 from ctops.clock import now_ms
 from ctops.config import ProcessSpec
 from ctops.opsapi import ProcessAction
+from ctops.sdnotify import child_env
 from ctops.wire import AgentEvent, ProcessState, WatchdogStatus
 
 log = logging.getLogger("ctops.agent.watchdog")
@@ -388,7 +389,8 @@ class Supervisor:
 
     def _launch(self, item: Supervised, spare: bool) -> handdown.Launch:
         spec = item.spec
-        env = {**os.environ, **spec.env}
+        # systemd's NOTIFY_SOCKET is the agent's own: a child that inherited it would speak for the agent
+        env = {**child_env(dict(os.environ)), **spec.env}
         if item.notify:
             env["NOTIFY_SOCKET"] = item.notify.path
         out: int | IO[bytes] = subprocess.DEVNULL

@@ -308,6 +308,16 @@ class AgentSpec(_Strict):
     disk_path: str = "/"
     # globs of log files whose Python tracebacks and ERROR lines become exception events
     log_files: list[str] = Field(default_factory=list)
+    # host:port for Prometheus to scrape this agent's own view (GET /metrics, no token: keep it on
+    # loopback or a monitoring network); unset, no port is opened
+    metrics_listen: str | None = None
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_hostport(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
+        return v
 
 
 class LLMProviderSpec(_Strict):

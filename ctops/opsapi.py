@@ -41,16 +41,19 @@ ACTION_ROUTES: dict[str, tuple[str, ...]] = {
 # --- roles -------------------------------------------------------------------------------------
 # A token has one role; a route asks for one grant. `act` is every staff action above (each is
 # audited); `read` every GET a person uses; `agent` a host's heartbeats, command polls and results
-# (only for the token's own host); `ingest` sending exceptions; `peer` the dispatchers' heartbeat.
-Role = Literal["agent", "peer", "viewer", "operator"]
-Grant = Literal["read", "act", "agent", "ingest", "peer"]
+# (only for the token's own host); `ingest` sending exceptions; `peer` the dispatchers' heartbeat;
+# `metrics` GET /metrics, which a Prometheus server holds as `scrape`, a token that reads nothing else.
+Role = Literal["agent", "peer", "viewer", "operator", "scrape"]
+Grant = Literal["read", "act", "agent", "ingest", "peer", "metrics"]
 ROLE_GRANTS: dict[Role, frozenset[Grant]] = {
     "agent": frozenset({"agent", "ingest"}),
     "peer": frozenset({"peer"}),
-    "viewer": frozenset({"read"}),
+    "viewer": frozenset({"read", "metrics"}),
     # an operator may do everything a viewer may
-    "operator": frozenset({"read", "act"}),
+    "operator": frozenset({"read", "act", "metrics"}),
+    "scrape": frozenset({"metrics"}),
 }
+METRICS_PATH = "/metrics"  # where Prometheus looks by default, on the ops port (not under API)
 ACTION_GRANT: Grant = "act"
 
 

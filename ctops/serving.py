@@ -22,7 +22,7 @@ from typing import Any, Literal
 import uvicorn
 from starlette.types import ASGIApp
 
-from ctops import listenfds
+from ctops import listenfds, logs, sdnotify
 
 START_TIMEOUT_S = 10.0
 
@@ -30,6 +30,9 @@ START_TIMEOUT_S = 10.0
 def config(app: ASGIApp | Callable[..., Any], host: str, port: int, *, lifespan: Literal["on", "off"] = "off",
            keep_alive_s: int = 30, graceful_s: int | None = 1, **more: Any) -> uvicorn.Config:
     """uvicorn's settings for every ctops server: httptools, no access log, warnings only."""
+    if logs.log_format() == "json":
+        # uvicorn's own handlers would print its lines as text; without them they reach ours
+        more.setdefault("log_config", None)
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http="httptools",
                           lifespan=lifespan, timeout_keep_alive=keep_alive_s,
                           timeout_graceful_shutdown=graceful_s, **more)
@@ -41,6 +44,17 @@ class _InOurLoop(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _Foreground(uvicorn.Server):
+    """The process is this server: under systemd (Type=notify) it is ready once it accepts, and its
+    event loop feeds the watchdog while it runs."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            sdnotify.notify("READY=1")
+            self._watchdog = asyncio.create_task(sdnotify.feed_watchdog(), name="sd-watchdog")
 
 
 @dataclass
@@ -98,7 +112,7 @@ def run_foreground(app: ASGIApp | Callable[..., Any], host: str, port: int,
     `on_start` runs once this process is about to serve: for a warm spare, only after its handover
     (what must not run twice at once, such as holding the exception spool, goes there)."""
     cfg = config(app, host, port, lifespan="on", loop="uvloop", keep_alive_s=5, graceful_s=2)
-    server = uvicorn.Server(cfg)
+    server = _Foreground(cfg)
     sock = listenfds.take(host, port)
     if sock is not None:
         # a warm spare has everything imported and set up before it waits, so that once told to take

@@ -10,13 +10,14 @@ import sys
 
 from ctops.config import ConfigError
 from ctops.failover import Unreachable
+from ctops.logs import FORMAT_ENV, FORMATS
 from ctops.statefile import StateFileError
 from ctops_tools import exitcodes
 
 DEFAULT_STATE_FILE = ".ctops_tools/demo.json"
 # `ctops bench NAME` runs ctops_tools.bench.<NAME with - as _>:run
 BENCHMARKS = ["proxy", "failover", "dispatcher-failover", "watchdog", "llm", "exceptions", "console",
-              "store-failover", "store", "heartbeats"]
+              "store-failover", "store", "heartbeats", "metrics"]
 
 # the long-running processes; the others are tools, whose errors end as one line and an exit code
 SERVICES = {"demo", "dispatcher", "agent", "trainer", "fake-llm", "console"}
@@ -37,8 +38,25 @@ HANDLERS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version and which data plane it would run (a wheel built without a
+    C compiler installs the plain-Python one: slower, same behaviour)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from ctops import __version__
+    from dispatcher.planebuild import data_plane_build, describe
+
+    try:
+        v = dist_version("ctops")
+    except PackageNotFoundError:
+        v = __version__
+    return f"ctops {v} (data plane: {describe(data_plane_build())})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctops", description="Keep the Coding Trainer service up.")
+    p.add_argument("--version", action="version", version=version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the whole cluster locally (embedded Redis) and the console")
@@ -51,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"run one {what} from a deployment file")
         s.add_argument("--config", required=True, help="deployment TOML file")
         s.add_argument("--name", required=True, help=f"which {what} of the file this process is")
+        s.add_argument("--log-format", choices=FORMATS, default=None,
+                       help=f"log lines as text or one JSON object each (default: ${FORMAT_ENV} or text)")
 
     f = sub.add_parser("fake-llm", help="an OpenAI-compatible fake provider whose behaviour can be switched")
     f.add_argument("--host", default="127.0.0.1")
@@ -123,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--procs", type=int, default=4, help="heartbeats: processes the simulated agents run in")
     b.add_argument("--max-rate", action="store_true",
                    help="heartbeats: raise the offered load until p99 passes 20 ms (no herd)")
+    b.add_argument("--sim-hosts", type=int, default=2000, help="metrics: hosts simulated in the store")
     b.add_argument("--no-herd", action="store_true", help="heartbeats: ingest only, no leader kill/freeze")
 
     ex = sub.add_parser("exceptions", help="exception groups: list, show one, tail incoming; ack, resolve, mute")
@@ -166,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     it writes (`ctops status`) records it as `args.exit_code`, so a reader that leaves early
     (`| head`) does not change it."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_format", None):
+        # through the environment: the processes an agent starts log the same way
+        os.environ[FORMAT_ENV] = args.log_format
     module, func = HANDLERS[args.command].split(":")
 
     def fail(code: int, message: str) -> int:

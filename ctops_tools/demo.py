@@ -82,7 +82,7 @@ def new_tokens() -> dict[str, Any]:
     stays for scripts written before agent tokens were bound to hosts."""
     agents = {f"host-{i}": new_token() for i in range(1, HOSTS + 1)}
     return {"operator": new_token(), "viewer": new_token(), "agent": agents["host-1"], "agents": agents,
-            "peer": new_token()}
+            "peer": new_token(), "scrape": new_token()}
 
 
 def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def write_deployment(path: Path, redis_section: str, ports: Ports, tokens: dict[
     for prio, p in enumerate(llm, start=1):
         out += ["", "[[llm_providers]]", f'name = "{p["name"]}"', f'base_url = "http://127.0.0.1:{p["port"]}/v1"',
                 'model = "gpt-4"', 'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 5000"]
-    for role in ("operator", "viewer", "peer"):
+    for role in ("operator", "viewer", "peer", "scrape"):
         out += ["", "[[tokens]]", f'name = "demo-{role}"', f'role = "{role}"', f'sha256 = "{hash_token(tokens[role])}"']
     for host, tok in tokens["agents"].items():
         out += ["", "[[tokens]]", f'name = "demo-agent-{host}"', 'role = "agent"', f'host = "{host}"',
@@ -238,7 +238,10 @@ def start(args: argparse.Namespace) -> tuple[list[Child], EmbeddedStore, dict[st
         "redis": redis_doc(store),
         "llm_providers": [{"name": p["name"], "url": f"http://127.0.0.1:{p['port']}/v1", "pid": pids[p["name"]]}
                           for p in layout["llm"]],
-        "tokens": tokens,
+        # `llm`: the key the LLM pool on every data port (/llm/v1) asks its clients for, so a newcomer can
+        # point the `openai` client at the demo (README); kept out of `tokens` in demo-last.json, which
+        # holds it under `keys` with the other keys the demo made
+        "tokens": {**tokens, "llm": keys["llm_client"]},
         "logs": str(logs),
     }
     return children, store, doc

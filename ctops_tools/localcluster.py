@@ -76,6 +76,8 @@ class Cluster:
     extra_toml: str = ""
     # lines added to the [redis] section as is, e.g. "replica_acks = 0"
     redis_extra: str = ""
+    # each agent serves GET /metrics on a port of its own (`metrics_listen`)
+    agent_metrics: bool = False
     # staff tokens by role; "agent" is host-1's (see agent_tokens) and "peer" dispatcher A's (see peer_tokens)
     tokens: dict[str, str] = field(default_factory=lambda: {r: new_token() for r in ("operator", "viewer")})
     children: dict[str, Child] = field(default_factory=dict)
@@ -85,6 +87,8 @@ class Cluster:
         self.ports |= {f"{d}.ops": free_port() for d in self.dispatchers}
         self.ports |= {f"trainer-{i}": free_port() for i in range(1, self.trainers + 1)}
         self.ports |= {p: free_port() for p in ("primary", "secondary")}
+        if self.agent_metrics:
+            self.ports |= {f"{h}.metrics": free_port() for h in self.host_names}
         # each agent its own token, bound to its host; each dispatcher its own peer credential
         self.agent_tokens = {h: new_token() for h in self.host_names}
         self.peer_tokens = {d: new_token() for d in self.dispatchers}
@@ -125,6 +129,8 @@ class Cluster:
                     f'host = "host-{i}"']
         for i, name in enumerate(self.server_names, start=1):
             out += ["[[agents]]", f'name = "host-{i}"', f'token_env = "{agent_token_env(f"host-{i}")}"']
+            if self.agent_metrics:
+                out.append(f'metrics_listen = "127.0.0.1:{self.ports[f"host-{i}.metrics"]}"')
             if self.hosts_with_agents:
                 cmd = ", ".join(f'"{a}"' for a in ctops_argv("trainer", "--config", str(self.config), "--name", name))
                 out += ["[[agents.processes]]", f'name = "{name}"', f"command = [{cmd}]",
@@ -137,7 +143,7 @@ class Cluster:
         for prio, p in enumerate(("primary", "secondary"), start=1):
             out += ["[[llm_providers]]", f'name = "{p}"', f'base_url = "http://127.0.0.1:{self.ports[p]}/v1"',
                     'api_key_env = "CTOPS_DEMO_LLM_KEY"', f"priority = {prio}", "timeout_ms = 3000"]
-        for role in ("operator", "viewer"):
+        for role in ("operator", "viewer", "scrape"):
             if role in self.tokens:
                 out += ["[[tokens]]", f'name = "test-{role}"', f'role = "{role}"',
                         f'sha256 = "{hash_token(self.tokens[role])}"']

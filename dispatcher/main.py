@@ -21,7 +21,7 @@ import uvloop
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from ctops import config, logs, redisconn
+from ctops import config, logs, redisconn, sdnotify
 from ctops.auth import TokenBook
 from ctops.config import Deployment, DispatcherSpec, split_hostport
 from ctops.keys import Keys
@@ -166,15 +166,18 @@ async def serve(dep: Deployment, spec: DispatcherSpec) -> None:
         watch.start(name, factory, progress, stall_after=stall_after)
     loops = [asyncio.create_task(c, name=n) for n, c in (
         ("loopwatch", watch.run()), ("peers", p.peers.run()), ("integrity", p.integrity.run()),
+        ("sd-watchdog", sdnotify.feed_watchdog()),
         *((f"webhook-{h.spec.name}", h.run()) for h in p.webhooks))]
     ops = asyncio.create_task(serve_asgi(wrap(ops_app(p, plane, llm), dep.limits.ops_body_max_bytes),
                                          ops_host, ops_port, stop))
     log.info("dispatcher %s: data on %s, ops on %s", spec.name, spec.data, spec.ops)
+    sdnotify.notify("READY=1")  # systemd (Type=notify): the data port listens, the ops port is starting
     # what start-up made lives as long as the process: out of the cyclic GC's sight, so collections
     # stay short and do not show in the data plane's tail latency
     gc.freeze()
     await asyncio.wait({ops, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
+    sdnotify.notify("STOPPING=1")
     watch.stop()
     for task in loops:
         task.cancel()

@@ -31,6 +31,7 @@ from dispatcher.ops.cluster import ClusterStateView, cluster_router
 from dispatcher.ops.errors import COMMON_RESPONSES, ApiError, install_error_handlers
 from dispatcher.ops.events import events_router
 from dispatcher.ops.leadership import leadership_router
+from dispatcher.ops.metrics import Sources, metrics_router
 from dispatcher.ops.processes import processes_router
 from dispatcher.ops.servers import servers_router
 from dispatcher.peers import Peers
@@ -65,6 +66,9 @@ def create_ops_app(dep: Deployment, spec: DispatcherSpec, *, redis: Redis, keys:
     if llm is not None:
         app.include_router(llm_router(llm, auth.require, store.audit, via))
     app.include_router(store_router(storewatch, auth.require, store.audit, via))
+    app.include_router(metrics_router(auth, Sources(
+        spec.name, cluster_state, proxy_counters, llm.view if llm is not None else None, exceptions.stats,
+        lambda: exceptions.ingested_total)))
     # built once now, before the loop guard runs: built on the first request, it stalls the event
     # loop for ~0.1 s (seconds on a loaded machine), long enough to stall health checks and the lease
     app.openapi()

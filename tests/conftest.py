@@ -31,7 +31,9 @@ PROCESS_FIXTURES = {"redis_server", "make_cluster", "backends", "fake", "fakes",
 # tests as "module.py::name" (any parametrization).
 PROCESS_TESTS = {
     "test_backup.py", "test_bench_store_failover.py", "test_demo.py", "test_import_contracts.py",
-    "test_redis_embed.py", "test_redis_files.py", "test_sandbox.py",
+    "test_redis_embed.py", "test_redis_files.py", "test_sandbox.py", "test_metrics.py",
+    "test_packaging.py::test_units_pass_systemd_analyze_verify",
+    "test_packaging.py::test_wheel_installs_ctops_with_the_compiled_data_plane_and_falls_back_without_it",
     "test_config.py::test_program_stops_at_start_naming_setting_and_file",
     "test_config.py::test_agent_without_its_token_env_stops_with_a_clear_message",
     "test_process_states.py",

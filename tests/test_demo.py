@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import openai
 
 from ctops import statefile
 from ctops_tools.procs import pid_alive
@@ -38,7 +39,7 @@ def test_headless_demo_status_chaos_and_clean_stop(tmp_path: Path) -> None:
         assert all(t["url"] and t["pid"] for t in doc["trainers"])
         assert len(doc["agents"]) == 3 and len(doc["llm_providers"]) == 2
         assert doc["redis"]["url"].startswith("redis://") and doc["redis"]["pid"]
-        assert {"operator", "viewer", "agent", "agents", "peer"} <= set(doc["tokens"])
+        assert {"operator", "viewer", "agent", "agents", "peer", "scrape", "llm"} <= set(doc["tokens"])
         # one token per host; `agent` is host-1's, for scripts written before that
         assert set(doc["tokens"]["agents"]) == {"host-1", "host-2", "host-3"}
         assert doc["tokens"]["agent"] == doc["tokens"]["agents"]["host-1"]
@@ -63,6 +64,19 @@ def test_headless_demo_status_chaos_and_clean_stop(tmp_path: Path) -> None:
         assert all(s["active_sessions"] >= 0 for s in st["servers"])
         assert {d["name"] for d in st["dispatchers"]} == {"A", "B"}
         assert all(h["state"] == "alive" and h["heartbeat_age_ms"] is not None for h in st["hosts"])
+
+        # what the README hands a newcomer: the `openai` client against the LLM pool on a data port, with
+        # the key from the state file (a wrong key is refused), and `curl /metrics` with the scrape token
+        llm_url = doc["dispatchers"][1]["data_url"] + "/llm/v1"
+        answer = openai.OpenAI(base_url=llm_url, api_key=doc["tokens"]["llm"], max_retries=0).chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "Review: print('hi')"}])
+        assert answer.choices[0].message.content
+        refused = httpx.post(llm_url + "/chat/completions", headers={"Authorization": "Bearer wrong"},
+                             json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert refused.status_code == 401
+        metrics = httpx.get(doc["dispatchers"][0]["ops_url"] + "/metrics",
+                            headers={"Authorization": f"Bearer {doc['tokens']['scrape']}"}, timeout=30)
+        assert metrics.status_code == 200 and 'ctops_server_status{server="trainer-1",state="up"} 1.0' in metrics.text
 
         out = ctops("chaos", "freeze", "trainer-2", "--state-file", str(state_file))
         assert out.returncode == 0, out.stderr

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 from pathlib import Path
 
 import httpx
 
-from ctops import capture
+from ctops import capture, logs
 from ctops.config import load
 from ctops.serving import run_foreground
 from trainer import sandbox
@@ -23,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     spec = deployment.server(args.name)
     harden()
     sandbox.become_subreaper()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.name)
     # its TLS setup (the CA bundle) is paid now, before a warm spare waits
     capture_transport = httpx.HTTPTransport()
 

@@ -224,6 +224,7 @@ class ExceptionStore:
         self.k = ExcKeys(prefix)
         self.stream_maxlen, self.max_groups, self.ttl_s = stream_maxlen, max_groups, ttl_s
         self.reader = reader  # who read a damaged group, for the quarantine
+        self.ingested_total = 0  # new events this process stored since it started (GET /metrics)
         self._ingest = redis.register_script(_INGEST)
         self._counters = redis.register_script(_COUNTERS)
         self._mutate = redis.register_script(_MUTATE)
@@ -273,6 +274,7 @@ class ExceptionStore:
             if int(res[0]):
                 i = int(res[0]) - 1
                 regressed.append((gid, sids[i], evs[i]))
+        self.ingested_total += accepted
         return Ingested(accepted, dup, regressed)
 
     async def _ingest_call(self, gid: str, type_culprit: tuple[str, str], evs: list[ExceptionEvent], now: int,
