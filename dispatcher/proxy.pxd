@@ -3,9 +3,20 @@
 # __init__ and with the signatures below; the build fails on a mismatch.
 
 cdef Py_ssize_t _PIPELINE, _BACKPRESSURE, _NONE, _HEADER, _IDLE, _UPSTREAM, _FIRST_BYTE
-cdef Py_ssize_t _MEMO_ENTRIES, _MEMO_HEAD_MAX, _CHUNKED_BODY, _CHUNK_CUT_MAX, _KEY_POOL, _key_at
-cdef bytes _key_random
-cdef dict _request_heads, _response_heads, _write_heads
+cdef Py_ssize_t _MEMO_ENTRIES, _MEMO_HEAD_MAX, _CHUNKED_BODY, _CHUNK_CUT_MAX, _KEY_LINES, _KEY_LINE, _key_at
+cdef bytes _key_lines, _KEY_START, _KEY_BETWEEN
+cdef dict _request_heads, _response_heads, _write_heads, _affinities
+
+cimport cython
+
+# the module's functions on the per-request path: C calls from within the module
+cpdef fast_request_head(data)
+@cython.locals(end=Py_ssize_t)
+cpdef fast_write_request(bytes data, Py_ssize_t header_max)
+@cython.locals(i=Py_ssize_t)
+cpdef bytes generated_key_line()
+cpdef cookie_affinity(cookie)
+cpdef fast_response_length(head)
 
 cdef class Request
 cdef class ClientConnection

@@ -311,7 +311,26 @@ _MEMO_ENTRIES = 4096
 _MEMO_HEAD_MAX = 2048
 _request_heads: dict[bytes, tuple[bytes, bytes, bytes | None, bytes]] = {}
 _response_heads: dict[bytes, int] = {}
-_write_heads: dict[bytes, tuple[bytes, bytes, bytes | None, bytes, bool, int] | bool] = {}
+# what `fast_write_request` tells of a write (see there)
+WriteHead = tuple[bytes, bytes, bytes | None, bytes, bool, int, bool]
+_write_heads: dict[bytes, WriteHead | bool] = {}
+
+_affinities: dict[bytes, tuple[bytes | None]] = {}
+
+
+def cookie_affinity(cookie: bytes) -> bytes | None:
+    """What a request's cookies say of its session affinity: the `ctops_srv` value, else b"" for a
+    learner with a session but no server yet, else None; remembered per Cookie header (a learner's
+    browser sends the same one again and again; on the fast path it is the very same object, hashed once)."""
+    hit = _affinities.get(cookie)
+    if hit is None:
+        srv = _cookie_value(cookie, AFFINITY_COOKIE)
+        hit = (srv if srv is not None else b"" if SESSION_COOKIE in cookie else None,)
+        if len(cookie) <= _MEMO_HEAD_MAX:
+            if len(_affinities) >= _MEMO_ENTRIES:
+                _affinities.clear()
+            _affinities[cookie] = hit
+    return hit[0]
 
 
 def fast_request_head(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes] | None:
@@ -337,11 +356,11 @@ _FAST_WRITE = re.compile(rb"(POST|PUT|PATCH|DELETE) (/[!-~]*) HTTP/1\.1\r\n(" + 
 _COUNTED = re.compile(rb"^(?i:(host|content-length|idempotency-key|cookie)):[ \t]*([^\r]*?)[ \t]*\r", re.M)
 
 
-def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, bytes | None, bytes, bool, int] | None:
-    """(method, target, cookies, the head without its final CRLF, has an Idempotency-Key, body length) when
-    `data` is exactly one plain write for a learner's route: one Host, one Content-Length equal to the
-    body that follows the head to the end of `data`, no other framing; else None (the parser decides).
-    What a head is, is remembered per exact head (`_write_heads`)."""
+def fast_write_request(data: bytes, header_max: int) -> WriteHead | None:
+    """(method, target, cookies, the head without its final CRLF, needs a key of ours, body length, opens a
+    session) when `data` is exactly one plain write for a learner's route: one Host, one Content-Length
+    equal to the body that follows the head to the end of `data`, no other framing; else None (the
+    parser decides). What a head is, is remembered per exact head (`_write_heads`)."""
     end = data.find(b"\r\n\r\n", 0, header_max) + 4
     if end == 3:
         return None
@@ -358,7 +377,7 @@ def fast_write_request(data: bytes, header_max: int) -> tuple[bytes, bytes, byte
     return hit
 
 
-def _write_head(head: bytes) -> tuple[bytes, bytes, bytes | None, bytes, bool, int] | bool:
+def _write_head(head: bytes) -> WriteHead | bool:
     """`fast_write_request`'s verdict on a head (to its blank line): its parts, or False."""
     m = _FAST_WRITE.fullmatch(head)
     if m is None:
@@ -380,7 +399,9 @@ def _write_head(head: bytes) -> tuple[bytes, bytes, bytes | None, bytes, bool, i
             key = True
     if hosts != 1 or lengths != 1 or not length.isdigit() or len(length) > 15 or hidden_path(m.group(2)):
         return False
-    return m.group(1), m.group(2), b"; ".join(cookies) if cookies else None, head[:-2], key, int(length)
+    method, target = m.group(1), m.group(2)
+    return (method, target, b"; ".join(cookies) if cookies else None, head[:-2],
+            not key and method not in IDEMPOTENT, int(length), opens_session(method, target))
 
 
 def fast_response_length(head: bytes) -> int:
@@ -397,23 +418,27 @@ def fast_response_length(head: bytes) -> int:
     return clen
 
 
-# random bytes for generated keys, drawn many keys' worth at a time (one getrandom per 256 keys, not one
-# per keyless write)
-_KEY_POOL = 4096
-_key_random = b""
+# generated keys' header lines, made many at a time from one getrandom: `_KEY_LINES` keys' worth of
+# random bytes, hex-encoded and framed by one join, so that a keyless write costs one slice
+_KEY_LINES = 256
+_KEY_START = b"Idempotency-Key: ctops-"
+_KEY_BETWEEN = b"\r\n" + _KEY_START
+_KEY_LINE = len(_KEY_START) + 32 + 2
+_key_lines = b""
 _key_at = 0
 
 
-def generated_key() -> bytes:
-    """A fresh key for a write that came without an Idempotency-Key: "ctops-" and 32 random hex digits
-    (trainer/idempotency.py knows these by their start)."""
-    global _key_random, _key_at
+def generated_key_line() -> bytes:
+    """The header line of a fresh key for a write that came without an Idempotency-Key:
+    "Idempotency-Key: ctops-" and 32 random hex digits (trainer/idempotency.py knows these by their start)."""
+    global _key_lines, _key_at
     i = _key_at
-    if i + 16 > len(_key_random):
-        _key_random = os.urandom(_KEY_POOL)
+    if i >= len(_key_lines):
+        hexed = hexlify(os.urandom(16 * _KEY_LINES))
+        _key_lines = _KEY_START + _KEY_BETWEEN.join([hexed[j:j + 32] for j in range(0, len(hexed), 32)]) + b"\r\n"
         i = 0
-    _key_at = i + 16
-    return b"ctops-" + hexlify(_key_random[i:i + 16])
+    _key_at = i + _KEY_LINE
+    return _key_lines[i:i + _KEY_LINE]
 
 
 def hidden_path(target: bytes) -> bool:
@@ -549,32 +574,36 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
             self.send(self.upgrading, data)
             return
         if self.cur is None and self.parsing is None and not self.queue and len(data) <= self.plane.header_max:
-            # the fast path: a whole plain GET/HEAD head in one read, nothing before or after it,
-            # forwarded as it came plus X-Forwarded-*
-            head = _request_heads.get(data) or fast_request_head(data)
-            if head is not None:
-                r = self.cur = Request(self)
-                r.method = method = head[0]
-                r.safe = r.complete = True
-                r.plain = method == b"GET"
-                self._head_ready(r, head[1], head[2], head[3] + self.forwarded)
-                return
-            if data[:1] == b"P" or data[:1] == b"D":
+            first = data[:1]
+            if first == b"G" or first == b"H":
+                # the fast path: a whole plain GET/HEAD head in one read, nothing before or after it,
+                # forwarded as it came plus X-Forwarded-*. (Only for these: the memo's lookup hashes
+                # all of `data`, a write's body too)
+                head = _request_heads.get(data) or fast_request_head(data)
+                if head is not None:
+                    r = self.cur = Request(self)
+                    r.method = method = head[0]
+                    r.safe = r.complete = True
+                    r.plain = method == b"GET"
+                    self._head_ready(r, head[1], head[2], head[3] + self.forwarded)
+                    return
+            elif first == b"P" or first == b"D":
                 write = fast_write_request(data, self.plane.header_max)
                 if write is not None:
                     # head and body forwarded in one write, with our key when the client gave none
                     # (the same bytes the parser's path would build, see on_headers_complete)
                     r = self.cur = Request(self)
-                    r.method = method = write[0]
+                    r.method = write[0]
                     r.safe = r.complete = r.plain = True
+                    r.has_body = write[5] > 0
+                    r.opens = write[6]
                     head = write[3]
                     body = data[len(head) + 2:]
-                    r.has_body = len(body) > 0
-                    if method == b"POST":
-                        r.opens = opens_session(method, write[1])
-                    if not write[4] and method not in IDEMPOTENT:
-                        head += b"Idempotency-Key: %b\r\n" % generated_key()
-                    self._head_ready(r, write[1], write[2], head + self.forwarded + body)
+                    if write[4]:
+                        out = b"".join((head, generated_key_line(), self.forwarded, body))
+                    else:
+                        out = b"".join((head, self.forwarded, body))
+                    self._head_ready(r, write[1], write[2], out)
                     return
         self.read_len = len(data)
         try:
@@ -658,7 +687,7 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
             # every try of it carries the same key and the trainer executes it at most once
             # (trainer/idempotency.py): a write can then go again like a read. The trainer keeps outcomes under
             # our "ctops-" keys only as long as these tries may come (its GENERATED_PREFIX, generated_key_ttl_s)
-            out += (b"Idempotency-Key: ", generated_key(), b"\r\n")
+            out.append(generated_key_line())
         if te is not None:
             # the one framing a server cannot read differently from us: a single "chunked" coding on
             # HTTP/1.1 without a length. Anything else (repeated, other codings, with Content-Length,
@@ -697,11 +726,7 @@ class ClientConnection:  # an asyncio protocol by its methods (see the module's 
                     break
         if r.route is None:
             if cookie is not None:
-                srv = _cookie_value(cookie, AFFINITY_COOKIE)
-                if srv is not None:
-                    r.affinity = srv
-                elif SESSION_COOKIE in cookie:
-                    r.affinity = b""
+                r.affinity = cookie_affinity(cookie)
             if r.affinity is None and url.startswith(AFFINITY_PATH):
                 r.affinity = b""
         r.unsent = [head]
@@ -1187,7 +1212,7 @@ class UpstreamConnection:  # an asyncio protocol by its methods (see the module'
         aff = r.affinity
         if aff is not None and aff != self.backend.cookie:
             cookie = self.backend.set_cookie
-            data = b"%b%b\r\n%b" % (data[:end - 2], cookie, data[end:])
+            data = b"".join((data[:end - 2], cookie, data[end - 2:]))
             end += len(cookie)
         self.flushed = self.head_sent = True
         if clen == _CHUNKED_BODY:

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import importlib.util
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -1198,6 +1199,44 @@ def test_fast_path_for_writes_gives_what_the_parser_gives(backends: Backends) ->
                 assert got[0] == got[1], raw
 
     run(scenario)
+
+
+def test_generated_keys_are_well_formed_and_never_repeat_across_blocks() -> None:
+    # keys come in blocks (one getrandom per block): three blocks and a bit, each line whole and fresh
+    lines = [PLANE.generated_key_line() for _ in range(3 * 256 + 5)]
+    assert all(re.fullmatch(rb"Idempotency-Key: ctops-[0-9a-f]{32}\r\n", line) for line in lines), lines[:3]
+    assert len(set(lines)) == len(lines)
+
+
+def test_what_a_write_head_is_remembered_as() -> None:
+    # (method, target, cookies, head, needs a key of ours, body length, opens a session)
+    opening = b"POST /api/sessions HTTP/1.1\r\nHost: t\r\nCookie: ctops_session=s1\r\nContent-Length: 2\r\n\r\n{}"
+    for _ in range(2):  # the first time judged, the second remembered: the same verdict
+        hit = PLANE.fast_write_request(opening, SETTINGS.header_max_bytes)
+        assert hit is not None and hit[4] is True and hit[5] == 2 and hit[6] is True
+        assert hit[2] == b"ctops_session=s1" and hit[3] + b"\r\n{}" == opening
+    keyed = b"POST /api/sessions/s1/submissions HTTP/1.1\r\nHost: t\r\nIdempotency-Key: k\r\nContent-Length: 0\r\n\r\n"
+    hit = PLANE.fast_write_request(keyed, SETTINGS.header_max_bytes)
+    assert hit is not None and hit[4] is False and hit[5] == 0 and hit[6] is False
+    put = b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
+    hit = PLANE.fast_write_request(put, SETTINGS.header_max_bytes)
+    assert hit is not None and hit[4] is False  # idempotent: no key needed
+    # a body cut short or longer than announced is not this head's write
+    assert PLANE.fast_write_request(opening[:-1], SETTINGS.header_max_bytes) is None
+    assert PLANE.fast_write_request(opening + b" ", SETTINGS.header_max_bytes) is None
+
+
+@pytest.mark.parametrize("cookie, affinity", [
+    (b"ctops_session=s1", b""),
+    (b"a=1; ctops_srv=abc.def; b=2", b"abc.def"),
+    (b"ctops_srv= v ;ctops_session=s1", b"v"),
+    (b"xctops_srv=zz; ctops_session=s", b""),  # a longer name ending in ours is not ours
+    (b"a=1; xctops_srv=zz", None),
+    (b"a=1", None),
+])
+def test_affinity_from_cookies(cookie: bytes, affinity: bytes | None) -> None:
+    for _ in range(2):  # judged, then remembered
+        assert PLANE.cookie_affinity(cookie) == affinity
 
 
 def test_write_without_a_key_to_a_hung_server_is_answered_by_another(backends: Backends) -> None:
