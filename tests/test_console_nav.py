@@ -203,7 +203,8 @@ async def test_colon_reaches_a_view_and_an_action() -> None:
         await until(pilot, "hosts tab", lambda: app.active_tab == "hosts")
         await pilot.press("colon", *"servers", "space", *"down", "enter")
         await until(pilot, "servers filtered",
-                    lambda: app.active_tab == "servers" and keys(app.query_one(ServersTable)) == ["trainer-5", "trainer-6"])
+                    lambda: app.active_tab == "servers"
+                    and keys(app.query_one(ServersTable)) == ["trainer-5", "trainer-6"])
         await pilot.press("colon", *"audit", "enter")
         await until(pilot, "audit view", lambda: isinstance(app.screen, AuditScreen))
         await pilot.press("escape")
@@ -288,14 +289,20 @@ async def test_audit_view_lists_newest_first_and_filters() -> None:
         assert isinstance(scr, AuditScreen)
         table = scr.query_one(AuditTable)
         await until(pilot, "entries", lambda: table.row_count == 3)
-        targets = [table.shown(k)[4] for k in keys(table)]  # type: ignore[index]
+        targets = [table.shown(k)[3] for k in keys(table)]  # type: ignore[index]
         assert targets == ["trainer-4", "trainer-3", "trainer-2"]
         await pilot.press("slash", *"trainer-3", "enter")
         await until(pilot, "filtered", lambda: table.row_count == 1)
-        assert table.shown(keys(table)[0])[4] == "trainer-3"  # type: ignore[index]
+        assert table.shown(keys(table)[0])[3] == "trainer-3"  # type: ignore[index]
 
 
 # --- snapshots ----------------------------------------------------------------------------------
+
+def _line(lines: list[str], *words: str) -> str:
+    found = [ln for ln in lines if all(w in ln for w in words)]
+    assert found, f"no line with {words} in:\n" + "\n".join(lines)
+    return found[0]
+
 
 async def _describe_trainer_6(pilot: Pilot[int]) -> None:
     app = await loaded(pilot)
@@ -324,10 +331,16 @@ def test_snapshot_describe(snap_compare: Callable[..., bool], request: pytest.Fi
     assert "test (operator) disable trainer-6: ok" in screen
     assert "Esc back" in lines[-1]
     assert max(len(ln) for ln in lines) <= size[0]
+    # what is wrong and what happened come before the fields: at 80x24 without scrolling
+    fields_at = screen.index("Fields")
+    assert screen.index("server_down") < fields_at and screen.index("disable trainer-6") < fields_at
     if size == (200, 50):
-        # two columns of fields side by side, and everything on one screen
-        assert any("name" in ln and "memory_percent" in ln for ln in lines) or \
-            any(ln.count("  ") > 4 and "url" in ln for ln in lines)
+        # two columns of fields side by side, every field on the one screen
+        assert any("url" in ln and "http://10.0.0.6:8080" in ln and "last_error" in ln for ln in lines)
+        assert "agent alive; server not answering" in _line(lines, "diagnosis_detail")
+    else:
+        assert "Fields" in screen  # the first fields show; the rest scroll
+
 
 
 async def _audit_open(pilot: Pilot[int]) -> None:
@@ -350,4 +363,5 @@ def test_snapshot_audit(snap_compare: Callable[..., bool], request: pytest.Fixtu
     enable = next(i for i, ln in enumerate(lines) if "enable" in ln and "trainer-8" in ln)
     drain = next(i for i, ln in enumerate(lines) if "drain" in ln and "trainer-2" in ln)
     assert enable < drain  # newest first
-    assert "test" in lines[enable] and "operator" in lines[enable]
+    assert "test" in lines[enable] and "ok" in lines[enable]  # who and the answer, even at 80 columns
+    assert _line(lines, "enable trainer-8 via fixed")  # the selected entry in full, under the table

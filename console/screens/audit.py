@@ -37,12 +37,12 @@ def _result(v: object) -> Text:
 
 AUDIT_COLUMNS: tuple[Column, ...] = (
     Column("at", Text("When"), 14, _clock),
-    Column("who", Text("Who"), 10, lambda v: Text(str(v), style="bold")),
-    Column("role", Text("Role"), 8, _plain),
-    Column("action", Text("Action"), 12, lambda v: Text(str(v), style="cyan")),
-    Column("target", Text("Target"), 22, _plain),
+    Column("who", Text("Who"), 8, lambda v: Text(str(v), style="bold", no_wrap=True, overflow="ellipsis")),
+    Column("action", Text("Action"), 10, lambda v: Text(str(v), style="cyan", no_wrap=True, overflow="ellipsis")),
+    Column("target", Text("Target"), 18, _plain),
     Column("result", Text("Result"), 40, _result),
-    Column("via", Text("Via"), 12, _plain),
+    Column("role", Text("Role"), 8, _plain),
+    Column("via", Text("Via"), 14, _plain),
 )
 
 
@@ -50,13 +50,13 @@ class AuditTable(LiveTable):
     COLUMNS = AUDIT_COLUMNS
 
     def is_fault(self, raw: Raw) -> bool:
-        return _result(raw[5]).style == "yellow"  # refused, failed, timed out
+        return _result(raw[4]).style == "yellow"  # refused, failed, timed out
 
 
 def audit_rows(entries: list[AuditEntry]) -> dict[str, Raw]:
     # keyed by time then position, so the natural order is by time; the screen shows it reversed
     n = len(entries)
-    return {f"{a.ts_ms}-{n - i:06d}": (a.ts_ms, a.who, a.role, a.action, a.target, a.result, a.via)
+    return {f"{a.ts_ms}-{n - i:06d}": (a.ts_ms, a.who, a.action, a.target, a.result, a.role, a.via)
             for i, a in enumerate(entries)}
 
 
@@ -129,7 +129,7 @@ class AuditScreen(ModalScreen[None]):
         note = table.view_note() or f"{self.count} entries"
         err = f"  [b red]could not read: {self.error[:80]}[/]" if self.error else ""
         self.query_one("#audit-title", Static).update(
-            f"[b]Audit log[/b]  {note}  [dim]newest first · / filter · Esc back[/dim]{err}")
+            f"[b]Audit log[/b] · {note} · [dim]newest first · / filter · Esc back[/dim]{err}")
 
     @on(DataTable.RowHighlighted)
     @on(DataTable.RowSelected)
@@ -142,7 +142,7 @@ class AuditScreen(ModalScreen[None]):
         if raw is None:
             out.update("")
             return
-        at, who, role, action, target, result, via = raw
+        at, who, action, target, result, role, via = raw
         out.update(Text.assemble(_clock(at), "  ", (str(who), "bold"), f" ({role}) ", (str(action), "cyan"),
                                  f" {target} via {via}\n", str(result)))
 

@@ -3,7 +3,7 @@
 Every field of the object (as the last fetch has it), its errors with their ages, the recent events
 about it (and its host), and the audit entries naming it. It reads the app's last fetch on every
 refresh, so it stays live while open; the audit entries are fetched by a worker. It scrolls, so it fits
-80×24 however much there is; at 80 columns fields are one per line, from 100 columns two.
+80×24 however much there is; at 80 columns fields are one per line, from 120 columns two.
 
 A process's log tail is not here: the ops API has no route that reads a supervised process's log
 through its agent (only restart/stop/start go that way), so the view says so instead of guessing.
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 EVENTS_SHOWN = 8
 AUDIT_SHOWN = 8
-TWO_COLUMNS_FROM = 100
+TWO_COLUMNS_FROM = 120
 # fields that are durations ("how long ago"), not points in time
 _AGES = ("heartbeat_age_ms", "lease_age_ms", "peer_heartbeat_age_ms", "retry_after_ms", "reopen_in_ms")
 
@@ -174,20 +174,6 @@ def render(sub: Subject, events: list[Event], audit: list[AuditEntry] | None, au
     if sub.errors:
         parts.append(Text(""))
         parts += [Text("✖ " + e, style="bold red") for e in sub.errors]
-    grid = Table.grid(padding=(0, 2), expand=True)
-    pairs = 2 if width >= TWO_COLUMNS_FROM else 1
-    for _ in range(pairs):
-        grid.add_column(style="dim", no_wrap=True)
-        grid.add_column(overflow="fold")
-    rows = sub.fields
-    half = (len(rows) + pairs - 1) // pairs
-    for i in range(half):
-        cells: list[str] = []
-        for j in range(pairs):
-            k = i + j * half
-            cells += list(rows[k]) if k < len(rows) else ["", ""]
-        grid.add_row(*cells)
-    parts += [Text(""), Text("Fields", style="bold underline"), grid]
     parts += [Text(""), Text("Recent events", style="bold underline")]
     if events:
         for e in events:
@@ -207,8 +193,24 @@ def render(sub: Subject, events: list[Event], audit: list[AuditEntry] | None, au
                                        (a.action, "cyan"), f" {a.target}: {a.result}", overflow="fold"))
     else:
         parts.append(Text("no audit entries name it", style="dim"))
+    # what is wrong and what happened come first, so 80x24 shows them without scrolling; fields below
+    grid = Table.grid(padding=(0, 2, 0, 0), expand=False)
+    label = max((len(k) for k, _ in sub.fields), default=0)
+    pairs = 2 if width >= TWO_COLUMNS_FROM else 1
+    for _ in range(pairs):
+        grid.add_column(style="dim", no_wrap=True, min_width=label)
+        grid.add_column(overflow="fold", max_width=max(16, (width - 4) // pairs - label - 4))
+    rows = sub.fields
+    half = (len(rows) + pairs - 1) // pairs
+    for i in range(half):
+        cells: list[str] = []
+        for j in range(pairs):
+            k = i + j * half
+            cells += list(rows[k]) if k < len(rows) else ["", ""]
+        grid.add_row(*cells)
     for n in sub.notes:
         parts += [Text(""), Text(n, style="dim")]
+    parts += [Text(""), Text("Fields", style="bold underline"), grid]
     return Group(*parts)
 
 
