@@ -143,7 +143,7 @@ def commands(tab: str | None = None) -> list[Command]:
 def display_key(key: str) -> str:
     """Keys as the help screen shows them ("question_mark" -> "?", "R" -> "shift+r")."""
     names = {"question_mark": "?", "escape": "Esc", "enter": "Enter", "space": "Space", "slash": "/",
-             "colon": ":"}
+             "colon": ":", "asterisk": "*"}
 
     def one(k: str) -> str:
         k = k.strip()
