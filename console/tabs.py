@@ -54,19 +54,6 @@ class ConsoleTab(TabPane):
     def console(self) -> ConsoleApp:
         return cast("ConsoleApp", self.app)
 
-    def apply(self, msg: StateFetched, visible: bool) -> None:
-        """Show one fetch; a tab that is not shown only keeps its rows until it is."""
-
-    def shown(self) -> None:
-        for t in self.query(LiveTable):
-            t.catch_up()
-        focusable = [w for w in self.query("*") if w.can_focus]
-        if focusable:
-            focusable[0].focus()
-
-    def warn(self, title: str, message: str) -> None:
-        self.console.notice("warning", title, message)
-
     @on(DataTable.RowSelected)
     def _describe(self, event: DataTable.RowSelected) -> None:
         """Enter on a row: the describe view of what the row shows."""
@@ -90,6 +77,19 @@ class ConsoleTab(TabPane):
             self.mount(line)
         line.update(f"[b]{escape(note)}[/b]  [dim]/ filter · f faults · o sort · Esc in / clears[/dim]")
         line.display = bool(note)
+
+    def apply(self, msg: StateFetched, visible: bool) -> None:
+        """Show one fetch; a tab that is not shown only keeps its rows until it is."""
+
+    def shown(self) -> None:
+        for t in self.query(LiveTable):
+            t.catch_up()
+        focusable = [w for w in self.query("*") if w.can_focus]
+        if focusable:
+            focusable[0].focus()
+
+    def warn(self, title: str, message: str) -> None:
+        self.console.notice("warning", title, message)
 
 
 class ServersTab(ConsoleTab):
@@ -122,20 +122,16 @@ class ServersTab(ConsoleTab):
         if server is None:
             self.warn("No server selected", "Move the cursor to a server first.")
             return
-        source, log = self.console.source, self.console.undo_log
-        inverse = server_inverse(action, server.name, server.admin)
+        source = self.console.source
+        log, inverse = self.console.undo_log, None if undo else server_inverse(action, server.name, server.admin)
 
         async def call(_: str) -> ActionDone:
             r = await source.act(server.name, action)
-            if not undo:
-                log.push(inverse)
+            log.push(inverse)
             return ActionDone(f"{action.capitalize()}: {r.server}",
-                              f"{r.server} is now {r.state} (admin {r.admin}), by {r.by}."
-                              + (" U undoes it." if inverse and not undo else ""))
+                              f"{r.server} is now {r.state} (admin {r.admin}), by {r.by}.")
 
         question, detail = server_question(action, server)
-        if undo:
-            question = f"[b]Undo[/b]: {question}"
         self.console.ask(Ask(question, detail, action.capitalize(), action, server.name, "servers", call))
 
 
@@ -172,19 +168,18 @@ class HostsTab(ConsoleTab):
         }[action]
         if h.state != "alive":
             effect += f"\nHost {host} is {h.state}: its agent may not answer (the request gives up after ~15 s)."
-        source, name, log = self.console.source, p.name, self.console.undo_log
-        inverse = process_inverse(action, key, p.state)
+        source, name = self.console.source, p.name
+        log, inverse = self.console.undo_log, None if undo else process_inverse(action, key, p.state)
 
         async def call(_: str) -> ActionDone:
             r = await source.process_action(host, name, action)
-            if r.ok and not undo:
+            if r.ok:
                 log.push(inverse)
             return ActionDone(f"{action.capitalize()} {r.process} on {r.host}" + ("" if r.ok else " failed"),
                               f"{r.message} (by {r.by})", "information" if r.ok else "error")
 
         self.console.ask(Ask(
-            ("[b]Undo[/b]: " if undo else "") + f"{action.capitalize()} [b]{name}[/b] on [b]{host}[/b]?",
-            f"{now}\n{effect}", action.capitalize(),
+            f"{action.capitalize()} [b]{name}[/b] on [b]{host}[/b]?", f"{now}\n{effect}", action.capitalize(),
             action, f"{name} on {host}", "processes", call,
             sent=(f"{action.capitalize()} {name}", f"Sent to the agent on {host}; its answer comes within ~15 s.")))
 
@@ -292,19 +287,17 @@ class LLMTab(ConsoleTab):
         flags = ", ".join(f for f, on_ in (("pinned", p.pinned), ("disabled", p.disabled)) if on_) or "not pinned"
         detail = (f"Now {p.state}, breaker {p.breaker.replace('_', '-')}, priority {p.priority}, {flags}.\n"
                   f"{effect}\nTakes effect at once on every dispatcher.")
-        source, log = self.console.source, self.console.undo_log
-        inverse = provider_inverse(action, name, p.pinned, p.disabled)
+        source = self.console.source
+        log, inverse = self.console.undo_log, None if undo else provider_inverse(action, name, p.pinned, p.disabled)
 
         async def call(_: str) -> ActionDone:
             r = await source.provider_action(name, action)
-            if not undo:
-                log.push(inverse)
+            log.push(inverse)
             pinned = f"pinned: {r.pinned}" if r.pinned else "nothing pinned"
             return ActionDone(f"{action.capitalize()} {r.provider}",
                               f"{r.provider} is now {r.provider_state.state}; {pinned} (by {r.by}).")
 
-        self.console.ask(Ask(("[b]Undo[/b]: " if undo else "") + f"{action.capitalize()} LLM provider [b]{name}[/b]?",
-                             detail, action.capitalize(),
+        self.console.ask(Ask(f"{action.capitalize()} LLM provider [b]{name}[/b]?", detail, action.capitalize(),
                              action, f"provider {name}", "LLM providers", call))
 
 

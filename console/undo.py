@@ -75,4 +75,6 @@ def run_undo(app: ConsoleApp) -> None:
                    "No reversible action of yours in this session (drain, disable, enable, pin, stop, start).")
         return
     app.action_show_tab(entry.tab)
+    # the confirmation that follows is the action's own (current state, capacity): this says why it comes
+    app.notice("information", "Undo", f"Undoing your {entry.done}: confirm to {entry.action} {entry.target}.")
     getattr(app.tab(entry.tab), _TAB_ACTION[entry.tab])(entry.action, entry.target, undo=True)

@@ -248,7 +248,7 @@ async def test_undo_reverses_a_disable() -> None:
         await until(pilot, "disabled", lambda: app.query_one(ServersTable).shown("trainer-2")[1] == "disabled")  # type: ignore[index]
         await pilot.press("U")
         await until(pilot, "undo asks", lambda: isinstance(app.screen, ConfirmAction))
-        assert "Undo" in static_text(app.screen.query_one("#confirm-question", Static))
+        assert app.notices[-1].title == "Undo" and "disable trainer-2" in app.notices[-1].message
         await pilot.press("y")
         await until(pilot, "enabled again", lambda: app.query_one(ServersTable).shown("trainer-2")[1] == "up")  # type: ignore[index]
         assert [a for _, a, t in src.audit if t == "trainer-2"] == ["disable", "enable"]
