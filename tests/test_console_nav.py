@@ -149,6 +149,26 @@ async def test_slash_filters_the_table_and_esc_clears() -> None:
         await until(pilot, "cleared", lambda: table.row_count == 12)
 
 
+@pytest.mark.parametrize(("tab", "word", "expected", "title"), [
+    ("2", "fatal", ["host-9/trainer-9"], "Process trainer-9 on host-9  fatal"),
+    ("4", "standby", ["B"], "Dispatcher B  standby"),
+    ("5", "4o", ["secondary"], "LLM provider secondary  up"),
+], ids=["hosts", "dispatchers", "llm"])
+async def test_every_tab_filters_and_describes(tab: str, word: str, expected: list[str], title: str) -> None:
+    app = app_for()
+    async with app.run_test(size=SMALL) as pilot:
+        await loaded(pilot)
+        await pilot.press(tab)
+        await pilot.pause()
+        table = app.main.focused
+        assert isinstance(table, LiveTable)
+        await until(pilot, "rows", lambda: table.row_count > 0)
+        await pilot.press("slash", *word, "enter")
+        await until(pilot, "filtered", lambda: keys(table) == expected)
+        scr = await describe(pilot)
+        assert title in text_of(scr.query_one("#describe", Static))
+
+
 async def test_sort_by_a_column_and_reverse() -> None:
     app = app_for()
     async with app.run_test(size=SMALL) as pilot:
