@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import UTC
 
 import pytest
+from textual.coordinate import Coordinate
 from textual.pilot import Pilot
 from textual.widgets import Static
 
@@ -56,7 +57,8 @@ async def loaded(pilot: Pilot[int]) -> ConsoleApp:
 
 
 def keys(table: LiveTable) -> list[str]:
-    return [str(r.value) for r in table.rows]
+    """Row keys in the order they are drawn."""
+    return [str(table.coordinate_to_cell_key(Coordinate(i, 0))[0].value) for i in range(table.row_count)]
 
 
 def text_of(widget: Static) -> str:
@@ -184,6 +186,30 @@ async def test_sort_by_a_column_and_reverse() -> None:
         await pilot.press("O")
         assert keys(table)[0] == "trainer-10"  # 93% CPU first
         assert "sorted by CPU (descending)" in text_of(app.query_one("#view-note", Static))
+
+
+async def test_sorted_rows_move_when_their_values_change() -> None:
+    """A refresh that only reorders rows moves them in place (no rebuild); what is drawn follows."""
+    src = source()
+    app = app_for(src)
+    async with app.run_test(size=SMALL) as pilot:
+        await loaded(pilot)
+        table = app.query_one(ServersTable)
+        await pilot.press("j")  # trainer-2
+        table.set_view(sort_column=4)  # CPU
+        servers = [s.model_copy(update={"cpu_percent": float(100 - i)}) if s.cpu_percent is not None else s
+                   for i, s in enumerate(src.current.servers)]
+        src.current = src.current.model_copy(update={"servers": servers})
+        app.action_refresh_now()
+        await until(pilot, "refresh", lambda: app.applied >= 2)
+        await pilot.pause()
+        cpu = [table.shown(k)[4] for k in keys(table)]  # type: ignore[index]
+        numbers = [c for c in cpu if c is not None]
+        assert numbers == sorted(numbers) and keys(table)[0] == "trainer-12"
+        # the drawn rows are the ones in that order, and the cursor stayed on trainer-2
+        drawn = [str(table.get_row_at(i)[0].plain) for i in range(table.row_count)]  # type: ignore[attr-defined]
+        assert drawn == keys(table)
+        assert table.selected == "trainer-2"
 
 
 async def test_vim_keys_move_the_cursor() -> None:

@@ -26,6 +26,7 @@ from rich.measure import Measurement
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual._two_way_dict import TwoWayDict
 from textual.geometry import Region
 from textual.message import Message
 from textual.widgets import DataTable
@@ -110,6 +111,7 @@ class LiveTable(DataTable[object]):
         self.faults_only = False
         self.sort_column: int | None = None  # None: by key (the natural order)
         self.sort_reverse = False
+        self._natural: dict[str, tuple[tuple[int, int | str], ...]] = {}  # row key -> natural_key, memoised
         self._keys = [c.key for c in self.COLUMNS]
         self._column_keys = [ColumnKey(k) for k in self._keys]
         self._pending: Mapping[str, Raw] | None = None
@@ -117,7 +119,7 @@ class LiveTable(DataTable[object]):
         self.cells_updated = 0  # for tests and the benchmark
         self.fast_updates = all(hasattr(self, a) for a in (
             "_data", "_cell_render_cache", "_row_render_cache", "_row_renderable_cache", "_line_cache",
-            "_row_locations"))
+            "_row_locations", "_update_count"))
 
     def on_mount(self) -> None:
         for c in self.COLUMNS:
@@ -206,17 +208,25 @@ class LiveTable(DataTable[object]):
         words, fault = self.filter_words, self.is_fault
         keep = {k: v for k, v in rows.items()
                 if (not self.faults_only or fault(v)) and all(w in row_text(k, v) for w in words)}
+        natural = self._natural_key
         if self.sort_column is None:
-            order = sorted(keep, key=natural_key, reverse=self.sort_reverse)
+            order = sorted(keep, key=natural, reverse=self.sort_reverse)
         else:
             col = self.sort_column
             # ties keep the natural order of the keys, so equal rows do not swap places between refreshes;
             # blanks go last either way (a down server's CPU is not the lowest CPU)
-            named = sorted(keep, key=natural_key)
-            blank = [k for k in named if sort_value(keep[k][col])[0] == 2]
-            valued = [k for k in named if sort_value(keep[k][col])[0] != 2]
-            order = sorted(valued, key=lambda k: sort_value(keep[k][col]), reverse=self.sort_reverse) + blank
+            values = {k: sort_value(v[col]) for k, v in keep.items()}
+            named = sorted(keep, key=natural)
+            blank = [k for k in named if values[k][0] == 2]
+            valued = [k for k in named if values[k][0] != 2]
+            order = sorted(valued, key=values.__getitem__, reverse=self.sort_reverse) + blank
         return {k: keep[k] for k in order}
+
+    def _natural_key(self, key: str) -> tuple[tuple[int, int | str], ...]:
+        found = self._natural.get(key)
+        if found is None:
+            found = self._natural[key] = natural_key(key)
+        return found
 
     def _rebuild(self, rows: Mapping[str, Raw]) -> None:
         """Show exactly these rows in this order; the cursor stays on its row if it is still shown."""
@@ -230,6 +240,19 @@ class LiveTable(DataTable[object]):
                 self._shown[k] = values
             if selected is not None and selected in self._shown:
                 self.move_cursor(row=self.get_row_index(RowKey(selected)), animate=False, scroll=True)
+
+    def _reorder(self, order: list[str]) -> None:
+        """Move rows into a new order without rebuilding them (DataTable.sort's own way, keyed by our
+        order): at 2,000 rows a rebuild costs hundreds of ms, this a few. The cursor stays on its row."""
+        selected = self.selected
+        self._row_locations = TwoWayDict({RowKey(k): i for i, k in enumerate(order)})
+        self._shown = {k: self._shown[k] for k in order}
+        self._update_count += 1  # every cached render is stale now (the caches are keyed on it): drop them
+        for cache in (self._cell_render_cache, self._row_render_cache, self._row_renderable_cache):
+            cache.clear()
+        self.refresh()
+        if selected is not None and order.index(selected) != self.cursor_row:
+            self.move_cursor(row=order.index(selected), animate=False, scroll=False)
 
     def _label_sorted_column(self) -> None:
         for i, c in enumerate(self.COLUMNS):
@@ -261,11 +284,14 @@ class LiveTable(DataTable[object]):
         if self.viewing:
             view = self._view(new)
             if list(view) != list(self._shown):
-                self._rebuild(view)
-                self.post_message(self.ViewChanged(self))
-                count = sum(len(v) for v in view.values())
-                self.cells_updated += count
-                return count
+                if self.fast_updates and view.keys() == self._shown.keys():
+                    self._reorder(list(view))  # the same rows in another order: sorted by a changing column
+                else:
+                    self._rebuild(view)
+                    self.post_message(self.ViewChanged(self))
+                    count = sum(len(v) for v in view.values())
+                    self.cells_updated += count
+                    return count
             new = view
         shown = self._shown
         gone = [k for k in shown if k not in new]
