@@ -253,7 +253,9 @@ async def test_fixed_bulk_resolve_of_marked_groups(pinned_clock: None) -> None:
     app, source = fixed_app()
     async with app.run_test(size=SIZE) as pilot:
         scr = await opened(pilot)
-        await pilot.press("space", "space")  # marks both, the cursor moving down
+        await pilot.press("j")
+        assert scr.selected == "g-timeout"
+        await pilot.press("k", "space", "space")  # marks both, the cursor moving down
         await until(pilot, "two marked", lambda: scr.marked == {"g-keyerror", "g-timeout"})
         assert "2 marked" in rendered(scr.query_one("#exc-summary", Static))
         await pilot.press("s")

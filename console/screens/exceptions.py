@@ -86,6 +86,10 @@ KEYS: tuple[Key, ...] = (
     Key("t", "toggle_tab", "Tail", "Switch between the groups and the live tail."),
     Key("enter", "open", "Open", "Tail: open the selected line's traceback.", show=False),
     Key("r", "refresh", "Refresh", "Fetch now.", show=False),
+    Key("j", "move('down')", "Down", "Move down a row (groups or tail).", show=False),
+    Key("k", "move('up')", "Up", "Move up a row.", show=False),
+    Key("g", "move('top')", "Top", "Move to the first row.", show=False),
+    Key("G", "move('bottom')", "Bottom", "Move to the last row.", show=False),
     Key("question_mark", "help", "Help", "Show these keys."),
     Key("escape,q", "close", "Back", "Back to the cluster view (first Esc clears marks; in the filter: to the list)."),
 )
@@ -271,7 +275,6 @@ class ExceptionsHelp(ModalScreen[None]):
         t.add_column("What it does")
         for k in KEYS:
             t.add_row(display_key(k.key), k.title, k.help)
-        t.add_row("j k g G", "Move", "Down, up, first, last row.")
         with VerticalScroll(id="exc-help"):
             yield Static("[b]Exceptions — keys[/b]")
             yield Static(t, id="exc-help-keys")
@@ -543,6 +546,11 @@ class ExceptionsScreen(ModalScreen[None]):
         self.marked ^= {gid}
         self._apply_filter()
         self.query_one("#exc-groups", DataTable).action_cursor_down()
+
+    def action_move(self, where: str) -> None:
+        t = self.query_one("#exc-tail" if self._on_tail() else "#exc-groups", DataTable)
+        {"down": t.action_cursor_down, "up": t.action_cursor_up, "top": t.action_scroll_top,
+         "bottom": t.action_scroll_bottom}[where]()
 
     def action_mark_all(self) -> None:
         ids = {g.id for g in self.shown}
