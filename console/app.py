@@ -37,6 +37,7 @@ from console.screens.confirm import Ask, ConfirmAction
 from console.screens.help import HelpScreen
 from console.source import Source
 from console.tabs import TABS, ConsoleTab, ServersTab
+from console.undo import UndoLog
 from console.widgets.banner import OutageBanner, StoreBanner
 from console.widgets.events_log import EventsLog
 from console.widgets.live_table import LiveTable
@@ -104,6 +105,7 @@ class ConsoleApp(App[int]):
         self._cycles = 0
         self._last_ok: float | None = None
         self._timer: Timer | None = None
+        self.undo_log = UndoLog()  # reversible actions done here, newest last (console/undo.py)
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -427,6 +429,22 @@ class ConsoleApp(App[int]):
         if not isinstance(self.screen, ExceptionsScreen):
             self.push_screen(ExceptionsScreen(self.source, interval=self.interval))
 
+    def action_cmdline(self) -> None:
+        from console.screens.cmdline import open_cmdline  # noqa: PLC0415 - loaded when first used
+
+        open_cmdline(self)
+
+    def action_audit(self) -> None:
+        from console.screens.audit import AuditScreen  # noqa: PLC0415 - loaded when first opened
+
+        if not isinstance(self.screen, AuditScreen):
+            self.push_screen(AuditScreen(self.source, interval=self.interval))
+
+    def action_undo(self) -> None:
+        from console.undo import run_undo  # noqa: PLC0415
+
+        run_undo(self)
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(self.keymap_overrides))
@@ -441,6 +459,9 @@ class ConsoleApp(App[int]):
         for c in commands(tab.NAME):
             if c.palette:
                 yield SystemCommand(c.title + tab.PALETTE_SUFFIX, c.help, partial(self.run_action, c.action, tab))
+        from console.screens.cmdline import palette  # noqa: PLC0415 - the other tabs' commands and table keys
+
+        yield from palette(self)
 
     # -- helpers ----------------------------------------------------------------------------------
 

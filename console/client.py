@@ -7,6 +7,7 @@ keeps drawing and reading keys meanwhile. No Textual here; the app's workers cal
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +21,34 @@ from ctops.opsapi import GroupAction, QuarantineAction
 from ctops.opsclient import Action, OpsClient, OpsError, Unreachable, Whoami
 from ctops.wire import ClusterState, HostView, QuarantineResult, ServerView, StoreIntegrityView
 
-__all__ = ["Action", "ConsoleClient", "OpsError", "Unreachable", "Whoami", "parse_state"]
+__all__ = ["Action", "AuditEntry", "ConsoleClient", "OpsError", "Unreachable", "Whoami", "parse_state"]
+
+_AUDIT = TypeAdapter(list[dict[str, str | int]])
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of the audit log (GET /api/v1/audit), newest first as the API lists them."""
+
+    ts_ms: int
+    who: str
+    role: str
+    action: str
+    target: str
+    result: str
+    via: str
+
+    @classmethod
+    def parse(cls, d: dict[str, str | int]) -> AuditEntry:
+        def text(k: str) -> str:
+            return str(d.get(k, ""))
+
+        try:
+            ts = int(d.get("ts_ms", 0))
+        except (TypeError, ValueError):
+            ts = 0
+        return cls(ts, text("who"), text("role"), text("action"), text("target"), text("result"), text("via"))
+
 
 _SERVERS = TypeAdapter(list[ServerView])
 _HOSTS = TypeAdapter(list[HostView])
@@ -70,6 +98,14 @@ class ConsoleClient(OpsClient):
 
     async def integrity(self) -> StoreIntegrityView:
         return await self.get(StoreIntegrityView, "/store/integrity")
+
+    async def audit_log(self, limit: int = 200) -> list[AuditEntry]:
+        resp = await self.request("GET", f"/audit?limit={limit}")
+        try:
+            raw = _AUDIT.validate_json(resp.content)
+        except ValidationError as exc:
+            raise OpsError(200, "unexpected response", str(exc).splitlines()[0]) from exc
+        return [AuditEntry.parse(d) for d in raw]
 
     async def quarantine_action(self, qid: str, action: QuarantineAction) -> QuarantineResult:
         # the route wants the id named again in the body: the console's confirm dialog is that second naming

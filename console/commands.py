@@ -21,6 +21,8 @@ TABS: tuple[tuple[str, str], ...] = (
     ("store", "Store"),
 )
 TAB_TITLES = dict(TABS)
+TABLE = "table"  # a command with this `tab` is bound on every live table (console/widgets/live_table.py)
+TAB_TITLES[TABLE] = "any table"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,37 @@ COMMANDS: tuple[Command, ...] = (
     Command("console.refresh", "r", "refresh_now", "Refresh", "Fetch the cluster state now."),
     Command("console.pause", "p", "toggle_pause", "Pause",
             "Pause or resume the live refresh (the tables stay as they are)."),
+    # views and navigation, as k9s and htop users expect them
+    Command("console.cmdline", "colon", "cmdline", "Command line",
+            "Type a view or action by name (servers, hosts, audit, exceptions, drain, undo, ...), Tab completes.",
+            footer=False, palette=False),
+    Command("console.audit", "A", "audit", "Audit log",
+            "Show the audit log: who did what to which target, when, and the answer.", footer=False),
+    Command("console.undo", "U", "undo", "Undo",
+            "Undo your last reversible action (drain, disable, enable, pin, unpin, stop, start): asks first.",
+            footer=False),
+    Command("console.table.describe", "enter", "select_cursor", "Describe",
+            "Describe the selected row: every field, its errors with their ages, its recent events and audit "
+            "entries.", footer=False, palette=False, tab=TABLE),
+    Command("console.table.filter", "slash", "filter", "Filter",
+            "Filter the table as you type (every word must match); Enter keeps the filter, Esc clears it.",
+            footer=False, tab=TABLE),
+    Command("console.table.faults", "f", "toggle_faults", "Faults only",
+            "Show only rows with a fault (down, suspect, lost, crashed, ...), or every row again.",
+            footer=False, tab=TABLE),
+    Command("console.table.sort", "o", "sort_next", "Sort",
+            "Sort by the next column to the right (after the last column: by name again).", footer=False,
+            tab=TABLE),
+    Command("console.table.reverse", "O", "sort_reverse", "Reverse sort", "Reverse the sort order.",
+            footer=False, tab=TABLE),
+    Command("console.table.down", "j", "cursor_down", "Down", "Move the cursor down a row.", footer=False,
+            palette=False, tab=TABLE),
+    Command("console.table.up", "k", "cursor_up", "Up", "Move the cursor up a row.", footer=False,
+            palette=False, tab=TABLE),
+    Command("console.table.top", "g", "scroll_top", "Top", "Move the cursor to the first row.", footer=False,
+            palette=False, tab=TABLE),
+    Command("console.table.bottom", "G", "scroll_bottom", "Bottom", "Move the cursor to the last row.",
+            footer=False, palette=False, tab=TABLE),
     Command("console.help", "question_mark", "help", "Help", "Show this help.", palette=False),
     Command("console.quit", "q", "quit", "Quit", "Leave the console.", palette=False),
 )
@@ -109,7 +142,8 @@ def commands(tab: str | None = None) -> list[Command]:
 
 def display_key(key: str) -> str:
     """Keys as the help screen shows them ("question_mark" -> "?", "R" -> "shift+r")."""
-    names = {"question_mark": "?", "escape": "Esc", "enter": "Enter", "space": "Space"}
+    names = {"question_mark": "?", "escape": "Esc", "enter": "Enter", "space": "Space", "slash": "/",
+             "colon": ":", "asterisk": "*"}
 
     def one(k: str) -> str:
         k = k.strip()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from console.client import OpsError, Unreachable, Whoami
+from console.client import AuditEntry, OpsError, Unreachable, Whoami
 from ctops.capture.wire import (
     ExceptionStats,
     GroupActionResult,
@@ -62,6 +62,7 @@ class Source(Protocol):
     async def exception_tail(self, after: str | None, limit: int) -> TailPage: ...
     async def exception_act(self, gid: str, action: GroupAction, *, minutes: int | None = None,
                             assignee: str | None = None) -> GroupActionResult: ...
+    async def audit_log(self, limit: int = 200) -> list[AuditEntry]: ...
     async def aclose(self) -> None: ...
 
 
@@ -122,6 +123,7 @@ class FixedSource:
         self.current = self.current.model_copy(
             update={"servers": [new if s.name == server else s for s in self.current.servers]}
         )
+        self.audit.append((self.who.name, action, server))
         return ActionResult(ok=True, server=server, admin=new.admin, state=new.state, by=self.who.name)
 
     async def process_action(self, host: str, process: str, action: ProcessAction) -> CommandResult:
@@ -237,6 +239,14 @@ class FixedSource:
         self.calls.append(("exception", gid, action))
         self.audit.append((self.who.name, f"exception_{action}", gid))
         return GroupActionResult(ok=True, group=group, by=self.who.name)
+
+    async def audit_log(self, limit: int = 200) -> list[AuditEntry]:
+        """Newest first, as the ops API lists them; entries are a second apart from the state's clock."""
+        self._check()
+        now = self.current.now_ms
+        entries = [AuditEntry(now - (len(self.audit) - i) * 1000, who, self.who.role, action, target, "ok", "fixed")
+                   for i, (who, action, target) in enumerate(self.audit)]
+        return entries[::-1][:limit]
 
     async def aclose(self) -> None:
         return None

@@ -11,14 +11,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, cast
 
 from rich.markup import escape
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Static, TabPane
+from textual.widgets import DataTable, Static, TabPane
 
 from console.commands import TAB_TITLES, bindings
 from console.format import split_process_key, store_summary
 from console.messages import ActionDone, StateFetched
 from console.screens.confirm import Ask, server_question
+from console.undo import process_inverse, provider_inverse, server_inverse
 from console.widgets.events_log import EventsLog
 from console.widgets.live_table import LiveTable
 from console.widgets.tables import (
@@ -39,6 +41,9 @@ ROOMY = (110, 36)  # from this size on the servers tab also shows the dispatcher
 
 
 class ConsoleTab(TabPane):
+    DEFAULT_CSS = """
+    ConsoleTab > .view-note { height: 1; padding: 0 1; background: $boost; }
+    """
     NAME: ClassVar[str]
     PALETTE_SUFFIX: ClassVar[str] = ""  # "Drain" + " selected server"
 
@@ -48,6 +53,30 @@ class ConsoleTab(TabPane):
     @property
     def console(self) -> ConsoleApp:
         return cast("ConsoleApp", self.app)
+
+    @on(DataTable.RowSelected)
+    def _describe(self, event: DataTable.RowSelected) -> None:
+        """Enter on a row: the describe view of what the row shows."""
+        from console.screens.describe import DescribeScreen  # noqa: PLC0415 - loaded when first opened
+
+        if isinstance(event.data_table, LiveTable) and event.row_key.value is not None:
+            event.stop()
+            self.console.push_screen(DescribeScreen(event.data_table, event.row_key.value))
+
+    @on(LiveTable.ViewChanged)
+    def _view_changed(self, event: LiveTable.ViewChanged) -> None:
+        """A line under the tab saying what a filter, fault-only toggle or sort hides or reorders."""
+        note = event.table.view_note()
+        lines = self.query("#view-note")
+        if lines:
+            line = lines.first(Static)
+        elif not note:
+            return
+        else:
+            line = Static("", id="view-note", classes="view-note")
+            self.mount(line)
+        line.update(f"[b]{escape(note)}[/b]  [dim]/ filter · f faults · o sort · Esc in / clears[/dim]")
+        line.display = bool(note)
 
     def apply(self, msg: StateFetched, visible: bool) -> None:
         """Show one fetch; a tab that is not shown only keeps its rows until it is."""
@@ -86,17 +115,19 @@ class ServersTab(ConsoleTab):
         self.query_one(ServersTable).apply(msg.prepared.servers, visible=visible)
         self.query_one("#dispatchers-mini", DispatchersTable).apply(msg.prepared.dispatchers, visible=visible)
 
-    def action_server(self, action: Action) -> None:
-        name = self.query_one(ServersTable).selected
+    def action_server(self, action: Action, name: str | None = None, undo: bool = False) -> None:
+        name = name or self.query_one(ServersTable).selected
         cluster = self.console.cluster
         server = next((s for s in cluster.servers if s.name == name), None) if cluster else None
         if server is None:
             self.warn("No server selected", "Move the cursor to a server first.")
             return
         source = self.console.source
+        log, inverse = self.console.undo_log, None if undo else server_inverse(action, server.name, server.admin)
 
         async def call(_: str) -> ActionDone:
             r = await source.act(server.name, action)
+            log.push(inverse)
             return ActionDone(f"{action.capitalize()}: {r.server}",
                               f"{r.server} is now {r.state} (admin {r.admin}), by {r.by}.")
 
@@ -115,8 +146,8 @@ class HostsTab(ConsoleTab):
         assert msg.prepared is not None
         self.query_one(ProcessesTable).apply(msg.prepared.processes, visible=visible)
 
-    def action_process(self, action: ProcessAction) -> None:
-        key = self.query_one(ProcessesTable).selected
+    def action_process(self, action: ProcessAction, key: str | None = None, undo: bool = False) -> None:
+        key = key or self.query_one(ProcessesTable).selected
         if key is None:
             self.warn("No process selected", "Move the cursor to a supervised process first.")
             return
@@ -138,9 +169,12 @@ class HostsTab(ConsoleTab):
         if h.state != "alive":
             effect += f"\nHost {host} is {h.state}: its agent may not answer (the request gives up after ~15 s)."
         source, name = self.console.source, p.name
+        log, inverse = self.console.undo_log, None if undo else process_inverse(action, key, p.state)
 
         async def call(_: str) -> ActionDone:
             r = await source.process_action(host, name, action)
+            if r.ok:
+                log.push(inverse)
             return ActionDone(f"{action.capitalize()} {r.process} on {r.host}" + ("" if r.ok else " failed"),
                               f"{r.message} (by {r.by})", "information" if r.ok else "error")
 
@@ -237,8 +271,8 @@ class LLMTab(ConsoleTab):
             note.update(f"Could not read the LLM providers: {msg.providers_error}")
             note.display = True
 
-    def action_provider(self, action: ProviderAction) -> None:
-        name = self.query_one(ProvidersTable).selected
+    def action_provider(self, action: ProviderAction, name: str | None = None, undo: bool = False) -> None:
+        name = name or self.query_one(ProvidersTable).selected
         p = next((p for p in self.console.providers or [] if p.name == name), None)
         if p is None or name is None:
             self.warn("No provider selected", "Move the cursor to an LLM provider first.")
@@ -254,9 +288,11 @@ class LLMTab(ConsoleTab):
         detail = (f"Now {p.state}, breaker {p.breaker.replace('_', '-')}, priority {p.priority}, {flags}.\n"
                   f"{effect}\nTakes effect at once on every dispatcher.")
         source = self.console.source
+        log, inverse = self.console.undo_log, None if undo else provider_inverse(action, name, p.pinned, p.disabled)
 
         async def call(_: str) -> ActionDone:
             r = await source.provider_action(name, action)
+            log.push(inverse)
             pinned = f"pinned: {r.pinned}" if r.pinned else "nothing pinned"
             return ActionDone(f"{action.capitalize()} {r.provider}",
                               f"{r.provider} is now {r.provider_state.state}; {pinned} (by {r.by}).")

@@ -12,15 +12,16 @@ from typing import Any
 import httpx
 import pytest
 from rich.console import Console
+from textual.binding import Binding
 from textual.pilot import Pilot
-from textual.widgets import Input, Label, Static
+from textual.widgets import Input, Static
 
 import console.format
 import console.screens.exceptions
 from console.app import ConsoleApp, create_app
 from console.client import ConsoleClient
 from console.screens.confirm import ConfirmAction
-from console.screens.exceptions import ExceptionsScreen
+from console.screens.exceptions import ExceptionsHelp, ExceptionsScreen, OccurrenceScreen
 from console.source import FixedSource
 from ctops.capture.wire import ExceptionEvent, Frame, GroupDetail, GroupView, Occurrence
 from tests.cluster import Cluster, wait_for
@@ -98,39 +99,39 @@ async def test_trainer_exception_shows_with_its_traceback_and_can_be_triaged(clu
         await until(pilot, "host-1 matches", lambda: len(scr.shown) == 1)
         await pilot.press("escape")
         await until(pilot, "focus back on the list", lambda: not isinstance(scr.focused, Input))
-        await pilot.press("f")  # unresolved
-        await until(pilot, "unresolved shown", lambda: scr.status_filter == "unresolved" and len(scr.shown) == 1)
+        assert scr.status_filter == "unresolved"  # the default, as Sentry's
+        await pilot.press("f")  # all
+        await until(pilot, "all shown", lambda: scr.status_filter is None and len(scr.shown) == 1)
         await pilot.press("f")  # acknowledged
         await until(pilot, "no acknowledged group", lambda: scr.shown == [])
-        for _ in range(4):  # back round to all
+        for _ in range(5):  # resolved, muted, regressed, unresolved, all
             await pilot.press("f")
         assert scr.status_filter is None
 
-        # resolve (confirmed), then it happens again: regressed
+        # resolve at once (no dialog: U undoes it), then it happens again: regressed
         await pilot.press("s")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
-        await pilot.press("y")
         await until(pilot, "resolved", lambda: scr.shown and scr.shown[0].status == "resolved")
+        assert not isinstance(app.screen, ConfirmAction)
         raise_in_trainer(cluster, "again")
         await until(pilot, "regressed", lambda: scr.shown and scr.shown[0].status == "regressed")
         assert scr.shown[0].count == 2
 
-        # mute and assign take a value in the dialog
+        # mute at once for an hour; assign takes a value in the dialog, and U takes it back
         await pilot.press("m")
-        await until(pilot, "mute dialog", lambda: isinstance(app.screen, ConfirmAction))
-        app.screen.query_one(Input).value = "15"
-        await pilot.press("enter")
         await until(pilot, "muted", lambda: scr.shown and scr.shown[0].status == "muted")
         await pilot.press("n")
         await until(pilot, "assign dialog", lambda: isinstance(app.screen, ConfirmAction))
         await pilot.press("a", "n", "a", "enter")
         await until(pilot, "assigned", lambda: scr.shown and scr.shown[0].assignee == "ana")
-        # a cancelled action changes nothing
-        await pilot.press("a")
-        await until(pilot, "ack dialog", lambda: isinstance(app.screen, ConfirmAction))
-        await pilot.press("n")
+        await pilot.press("U")
+        await until(pilot, "assignment undone", lambda: scr.shown and scr.shown[0].assignee is None)
+        assert scr.shown[0].status == "muted"
+        # a cancelled dialog changes nothing
+        await pilot.press("M")
+        await until(pilot, "mute-for dialog", lambda: isinstance(app.screen, ConfirmAction))
+        await pilot.press("escape")
         await until(pilot, "dialog closed", lambda: app.screen is scr)
-        assert [a for _, a in scr.acted] == ["resolve", "mute", "assign"]
+        assert [a for _, a in scr.acted] == ["resolve", "mute", "assign", "assign"]
         audit = audit_log(cluster)
         assert {a["action"] for a in audit} >= {"exception_resolve", "exception_mute", "exception_assign"}
         assert "exception_acknowledge" not in {a["action"] for a in audit}
@@ -166,9 +167,7 @@ async def test_live_tail_follows_pauses_and_filters(cluster: Cluster) -> None:
                     lambda: "1 shown" in rendered(scr.query_one("#exc-tail-status", Static)))
         await pilot.press("backspace", "backspace", "backspace", "escape", "t")  # groups: a viewer may not resolve
         await until(pilot, "a group", lambda: len(scr.shown) == 1)
-        await pilot.press("s")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
-        await pilot.press("y")
+        await pilot.press("s")  # at once, no dialog
         await until(pilot, "refusal toast", lambda: any("may not" in n.message for n in app._notifications))
         assert api(cluster, "/groups")["groups"][0]["status"] == "unresolved"
         await pilot.press("escape")
@@ -228,35 +227,109 @@ async def opened(pilot: Pilot[int]) -> ExceptionsScreen:
     await until(pilot, "exceptions screen", lambda: isinstance(app.screen, ExceptionsScreen))
     scr = app.screen
     assert isinstance(scr, ExceptionsScreen)
-    await until(pilot, "groups and detail", lambda: len(scr.shown) == 3 and scr.detail is not None)
+    # unresolved by default: the muted group is not shown
+    await until(pilot, "groups and detail", lambda: len(scr.shown) == 2 and scr.detail is not None)
     await pilot.pause()
     return scr
 
 
-async def test_fixed_groups_resolve_and_mute_through_the_one_confirm_flow(pinned_clock: None) -> None:
+async def test_fixed_groups_resolve_at_once_and_undo(pinned_clock: None) -> None:
     app, source = fixed_app()
     async with app.run_test(size=SIZE) as pilot:
         scr = await opened(pilot)
-        assert [g.id for g in scr.shown] == ["g-keyerror", "g-timeout", "g-decode"]  # last seen first
+        assert [g.id for g in scr.shown] == ["g-keyerror", "g-timeout"]  # last seen first
         await pilot.press("s")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
-        question = " ".join(str(w.content) for w in app.screen.query(Label))
-        assert "Resolve [b]KeyError[/b]?" in question and "41 events, now unresolved" in question
-        await pilot.press("y")
-        await until(pilot, "resolved", lambda: scr.shown[0].status == "resolved")
+        await until(pilot, "resolved", lambda: source.groups["g-keyerror"].group.status == "resolved")
+        assert not isinstance(app.screen, ConfirmAction)  # no dialog for a reversible action
+        await until(pilot, "gone from the unresolved list", lambda: [g.id for g in scr.shown] == ["g-timeout"])
         assert source.audit == [("test", "exception_resolve", "g-keyerror")]
-        # mute asks for minutes; a bad value keeps the dialog open and changes nothing
-        await pilot.press("m")
+        await pilot.press("U")
+        await until(pilot, "back", lambda: source.groups["g-keyerror"].group.status == "unresolved")
+        await until(pilot, "listed again", lambda: len(scr.shown) == 2)
+        assert source.audit[-1] == ("test", "exception_unresolve", "g-keyerror")
+
+
+async def test_fixed_bulk_resolve_of_marked_groups(pinned_clock: None) -> None:
+    app, source = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        scr = await opened(pilot)
+        await pilot.press("j")
+        assert scr.selected == "g-timeout"
+        await pilot.press("k", "space", "space")  # marks both, the cursor moving down
+        await until(pilot, "two marked", lambda: scr.marked == {"g-keyerror", "g-timeout"})
+        assert "2 marked" in rendered(scr.query_one("#exc-summary", Static))
+        await pilot.press("s")
+        await until(pilot, "both resolved", lambda: all(source.groups[g].group.status == "resolved"
+                                                        for g in ("g-keyerror", "g-timeout")))
+        await until(pilot, "none left unresolved", lambda: scr.shown == [] and not scr.marked)
+        assert source.groups["g-decode"].group.status == "muted"  # not marked, not touched
+        await pilot.press("U")  # one undo puts each back as it was: one unresolved, one regressed→unresolved
+        await until(pilot, "both back", lambda: all(source.groups[g].group.status == "unresolved"
+                                                    for g in ("g-keyerror", "g-timeout")))
+        # `*` marks every shown group; mute them all at once
+        await until(pilot, "listed again", lambda: len(scr.shown) == 2)
+        await pilot.press("asterisk", "m")
+        await until(pilot, "both muted", lambda: all(source.groups[g].group.status == "muted"
+                                                     for g in ("g-keyerror", "g-timeout")))
+        assert source.groups["g-keyerror"].group.mute_until_ms == T0 + 60 * 60_000
+
+
+async def test_fixed_mute_for_asks_minutes(pinned_clock: None) -> None:
+    app, source = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        scr = await opened(pilot)
+        await pilot.press("M")
         await until(pilot, "mute dialog", lambda: isinstance(app.screen, ConfirmAction))
         app.screen.query_one(Input).value = "0"
         await pilot.press("enter")
         await pilot.pause()
-        assert isinstance(app.screen, ConfirmAction) and len(source.audit) == 1
+        assert isinstance(app.screen, ConfirmAction) and source.audit == []  # a bad value changes nothing
         app.screen.query_one(Input).value = "15"
         await pilot.press("enter")
-        await until(pilot, "muted", lambda: scr.shown[0].status == "muted")
-        assert scr.shown[0].mute_until_ms == T0 + 15 * 60_000
-        assert [a for _, a in scr.acted] == ["resolve", "mute"]
+        await until(pilot, "muted", lambda: source.groups["g-keyerror"].group.status == "muted")
+        assert source.groups["g-keyerror"].group.mute_until_ms == T0 + 15 * 60_000
+        assert [a for _, a in scr.acted] == ["mute"]
+
+
+async def test_fixed_counts_follow_the_filter(pinned_clock: None) -> None:
+    app, _ = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        scr = await opened(pilot)
+        summary = scr.query_one("#exc-summary", Static)
+        assert "2 of 3 groups" in rendered(summary) and "status: unresolved (+regressed)" in rendered(summary)
+        await pilot.press("slash", *"keyerror")
+        await until(pilot, "one shown", lambda: len(scr.shown) == 1)
+        # the header counts what the table shows, typed filter included
+        assert "1 of 3 groups" in rendered(summary) and scr.query_one("#exc-groups").row_count == 1  # type: ignore[attr-defined]
+        await pilot.press("escape", "f")
+        await until(pilot, "all", lambda: len(scr.shown) == 1 and scr.status_filter is None)
+        await pilot.press("slash", *["backspace"] * 8, "escape")
+        await until(pilot, "all three", lambda: len(scr.shown) == 3)
+        assert "3 of 3 groups" in rendered(summary)
+        # a short id prefix finds its group
+        await pilot.press("slash", *"g-dec")
+        await until(pilot, "by id", lambda: [g.id for g in scr.shown] == ["g-decode"])
+
+
+async def test_fixed_help_and_tail_line_opens(pinned_clock: None) -> None:
+    app, _ = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        scr = await opened(pilot)
+        await pilot.press("question_mark")
+        await until(pilot, "help", lambda: isinstance(app.screen, ExceptionsHelp))
+        text = rendered(app.screen.query_one("#exc-help-keys", Static))
+        assert "Undo" in text and "Reopen" in text and "Mark all" in text
+        await pilot.press("escape")
+        await until(pilot, "help closed", lambda: app.screen is scr)
+        footer_keys = {b.key for b in scr.BINDINGS if isinstance(b, Binding) and b.show}
+        assert "u" in footer_keys  # reopen is in the footer
+        await pilot.press("t")
+        await until(pilot, "the tail", lambda: len(scr.tail_items) == 3)
+        await pilot.press("enter")  # the newest line: KeyError
+        await until(pilot, "occurrence", lambda: isinstance(app.screen, OccurrenceScreen))
+        text = rendered(app.screen.query_one("#occ-detail", Static))
+        assert "KeyError: 'verdict'" in text and "group g-keyerror" in text
+        assert 'File "/srv/trainer/checks.py", line 41, in run_checks' in text
 
 
 async def test_fixed_viewer_is_refused_and_nothing_changes(pinned_clock: None) -> None:
@@ -264,8 +337,6 @@ async def test_fixed_viewer_is_refused_and_nothing_changes(pinned_clock: None) -
     async with app.run_test(size=SIZE) as pilot:
         scr = await opened(pilot)
         await pilot.press("a")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
-        await pilot.press("y")
         await until(pilot, "refusal", lambda: any(n.title == "Permission denied" and "exception groups" in n.message
                                                  for n in app.notices))
         assert source.audit == [] and scr.shown[0].status == "unresolved" and scr.acted == []
@@ -277,13 +348,20 @@ def test_snapshot_exceptions(snap_compare: Callable[..., bool], size: tuple[int,
     assert snap_compare(fixed_app()[0], terminal_size=size, run_before=opened)
     lines = snapshot_lines(request)
     assert len(lines) == size[1]
-    assert "Exceptions  3 of 3 groups" in lines[0] and "sort: last seen" in lines[0]
+    assert "Exceptions  2 of 3 groups" in lines[0] and "status: unresolved (+regressed)" in lines[0]
     keyerror = next(ln for ln in lines if "KeyError" in ln and "unresolved" in ln)
     assert "41" in keyerror and "20s ago" in keyerror
     assert any("regressed" in ln and "TimeoutError" in ln and "2m ago" in ln for ln in lines)
-    assert any("muted" in ln and "JSONDecodeError" in ln for ln in lines)
+    assert not any("JSONDecodeError" in ln for ln in lines)  # muted: not in the default view
+    assert any("u Reopen" in ln and "U Undo" in ln for ln in lines[-1:])  # the footer
     # the selected (first) group's traceback, below the list
     assert any("Traceback (most recent call last):" in ln for ln in lines)
+    # the message column uses the width: at 80 columns it is on screen, at 200 it is 80-odd wide
+    assert "'verdict'" in keyerror and "LLM review" in next(ln for ln in lines if "TimeoutError" in ln)
+    if size[0] >= 200:
+        header = next(ln for ln in lines if " message " in ln and "service" in ln)
+        assert header.index("service") - header.index("message") >= 80
+        assert "g-keyerr" in keyerror  # short ids, from 120 columns
     if size[1] >= 50:
         assert any('File "/srv/trainer/checks.py", line 41, in run_checks' in ln for ln in lines)
         assert any("KeyError: 'verdict'" in ln for ln in lines)
@@ -310,7 +388,7 @@ def test_snapshot_mute_dialog(snap_compare: Callable[..., bool], pinned_clock: N
                               request: pytest.FixtureRequest) -> None:
     async def ask(pilot: Pilot[int]) -> None:
         await opened(pilot)
-        await pilot.press("m")
+        await pilot.press("M")
         await until(pilot, "mute dialog", lambda: isinstance(pilot.app.screen, ConfirmAction))
         await pilot.pause()
 

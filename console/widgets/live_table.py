@@ -26,10 +26,13 @@ from rich.measure import Measurement
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual._two_way_dict import TwoWayDict
 from textual.geometry import Region
+from textual.message import Message
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowKey
 
+from console.commands import bindings
 from console.format import Column, Raw, Render, natural_key
 
 
@@ -66,12 +69,49 @@ _REBUILD_AFTER = 64
 _CLEAR_CACHES_AFTER = 200
 
 
+def sort_value(v: object) -> tuple[int, object]:
+    """An order over a column's raw values: numbers, then text (naturally: trainer-2 < trainer-10), then blanks."""
+    if isinstance(v, tuple):
+        return sort_value(v[0]) if v else (2, 0)
+    if isinstance(v, bool | int | float):
+        return (0, float(v))
+    if v is None:
+        return (2, 0)
+    return (1, natural_key(str(v)))
+
+
+def row_text(key: str, values: Raw) -> str:
+    """What `/` searches: the row key and every raw value as text, lower case."""
+    parts = [key]
+    for v in values:
+        if isinstance(v, tuple):
+            parts += [str(x) for x in v if x is not None and not isinstance(x, bool)]
+        elif v is not None:
+            parts.append(str(v))
+    return " ".join(parts).lower()
+
+
 class LiveTable(DataTable[object]):
     COLUMNS: tuple[Column, ...] = ()
+    # `/`, `f`, `o`/`O`, j/k/g/G and Enter, from the command table (console/commands.py)
+    BINDINGS = bindings("table")
+
+    class ViewChanged(Message):
+        """The rows shown under a view changed (filter, faults only, sort, or a refresh under one)."""
+
+        def __init__(self, table: LiveTable) -> None:
+            super().__init__()
+            self.table = table
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
         self._shown: dict[str, Raw] = {}
+        self._all: Mapping[str, Raw] = {}  # every row of the last fetch, the filtered-out ones included
+        self.filter_words: list[str] = []
+        self.faults_only = False
+        self.sort_column: int | None = None  # None: by key (the natural order)
+        self.sort_reverse = False
+        self._natural: dict[str, tuple[tuple[int, int | str], ...]] = {}  # row key -> natural_key, memoised
         self._keys = [c.key for c in self.COLUMNS]
         self._column_keys = [ColumnKey(k) for k in self._keys]
         self._pending: Mapping[str, Raw] | None = None
@@ -79,7 +119,7 @@ class LiveTable(DataTable[object]):
         self.cells_updated = 0  # for tests and the benchmark
         self.fast_updates = all(hasattr(self, a) for a in (
             "_data", "_cell_render_cache", "_row_render_cache", "_row_renderable_cache", "_line_cache",
-            "_row_locations"))
+            "_row_locations", "_update_count"))
 
     def on_mount(self) -> None:
         for c in self.COLUMNS:
@@ -102,15 +142,157 @@ class LiveTable(DataTable[object]):
     def shown(self, key: str) -> Raw | None:
         return self._shown.get(key)
 
+    # --- the view: filter, faults only, sort ------------------------------------------------------
+
+    @property
+    def viewing(self) -> bool:
+        """True while a filter, the fault-only toggle or a column sort changes which rows show, or their order."""
+        return bool(self.filter_words) or self.faults_only or self.sort_column is not None or self.sort_reverse
+
+    @property
+    def total(self) -> int:
+        return len(self._all)
+
+    def set_view(self, *, words: list[str] | None = None, faults_only: bool | None = None,
+                 sort_column: int | None | bool = False, reverse: bool | None = None) -> None:
+        """Change the view and redraw the rows at once (sort_column=False leaves the sort as it is)."""
+        if words is not None:
+            self.filter_words = [w.lower() for w in words]
+        if faults_only is not None:
+            self.faults_only = faults_only
+        if sort_column is not False:
+            self.sort_column = sort_column
+        if reverse is not None:
+            self.sort_reverse = reverse
+        self._label_sorted_column()
+        if self._pending is None:
+            self._rebuild(self._view(self._all))
+        self.post_message(self.ViewChanged(self))
+
+    def action_filter(self) -> None:
+        from console.screens.cmdline import open_filter  # noqa: PLC0415 - the prompt imports this module
+
+        open_filter(self)
+
+    def action_toggle_faults(self) -> None:
+        self.set_view(faults_only=not self.faults_only)
+
+    def action_sort_next(self) -> None:
+        """Sort by the next column to the right (after the last: back to the natural order)."""
+        col = 0 if self.sort_column is None else self.sort_column + 1
+        self.set_view(sort_column=None if col >= len(self.COLUMNS) else col)
+
+    def action_sort_reverse(self) -> None:
+        self.set_view(sort_column=self.sort_column if self.sort_column is not None else 0,
+                      reverse=not self.sort_reverse)
+
+    def view_note(self) -> str:
+        """One line saying what the view hides or how it orders, '' when it shows every row by key."""
+        parts = []
+        if self.filter_words:
+            parts.append(f"filter '{' '.join(self.filter_words)}'")
+        if self.faults_only:
+            parts.append("faults only")
+        if self.sort_column is not None:
+            parts.append(f"sorted by {self.COLUMNS[self.sort_column].label.plain}"
+                         + (" (descending)" if self.sort_reverse else ""))
+        if not parts:
+            return ""
+        return f"{self.row_count} of {self.total} rows · " + " · ".join(parts)
+
+    def is_fault(self, raw: Raw) -> bool:
+        """Which rows the fault-only view keeps: each table knows what a fault looks like in its rows."""
+        return True
+
+    def _view(self, rows: Mapping[str, Raw]) -> dict[str, Raw]:
+        words, fault = self.filter_words, self.is_fault
+        keep = {k: v for k, v in rows.items()
+                if (not self.faults_only or fault(v)) and all(w in row_text(k, v) for w in words)}
+        natural = self._natural_key
+        if self.sort_column is None:
+            order = sorted(keep, key=natural, reverse=self.sort_reverse)
+        else:
+            col = self.sort_column
+            # ties keep the natural order of the keys, so equal rows do not swap places between refreshes;
+            # blanks go last either way (a down server's CPU is not the lowest CPU)
+            values = {k: sort_value(v[col]) for k, v in keep.items()}
+            named = sorted(keep, key=natural)
+            blank = [k for k in named if values[k][0] == 2]
+            valued = [k for k in named if values[k][0] != 2]
+            order = sorted(valued, key=values.__getitem__, reverse=self.sort_reverse) + blank
+        return {k: keep[k] for k in order}
+
+    def _natural_key(self, key: str) -> tuple[tuple[int, int | str], ...]:
+        found = self._natural.get(key)
+        if found is None:
+            found = self._natural[key] = natural_key(key)
+        return found
+
+    def _rebuild(self, rows: Mapping[str, Raw]) -> None:
+        """Show exactly these rows in this order; the cursor stays on its row if it is still shown."""
+        selected = self.selected
+        render = self._renderers
+        with self.app.batch_update():
+            self.clear()
+            self._shown.clear()
+            for k, values in rows.items():
+                self.add_row(*(Cell(v, render[i]) for i, v in enumerate(values)), key=k)
+                self._shown[k] = values
+            if selected is not None and selected in self._shown:
+                self.move_cursor(row=self.get_row_index(RowKey(selected)), animate=False, scroll=True)
+
+    def _reorder(self, order: list[str]) -> None:
+        """Move rows into a new order without rebuilding them (DataTable.sort's own way, keyed by our
+        order): at 2,000 rows a rebuild costs hundreds of ms, this a few. The cursor stays on its row."""
+        selected = self.selected
+        self._row_locations = TwoWayDict({RowKey(k): i for i, k in enumerate(order)})
+        self._shown = {k: self._shown[k] for k in order}
+        self._update_count += 1  # every cached render is stale now (the caches are keyed on it): drop them
+        for cache in (self._cell_render_cache, self._row_render_cache, self._row_renderable_cache):
+            cache.clear()
+        self.refresh()
+        if selected is not None and order.index(selected) != self.cursor_row:
+            self.move_cursor(row=order.index(selected), animate=False, scroll=False)
+
+    def _label_sorted_column(self) -> None:
+        for i, c in enumerate(self.COLUMNS):
+            col = self.columns.get(ColumnKey(c.key))
+            if col is None:
+                continue
+            mark = ("▼" if self.sort_reverse else "▲") if i == self.sort_column else ""
+            label = c.label.copy()
+            if mark:
+                label.append(mark, style="bold")
+            col.label = label
+        self._update_count += 1  # the header is cached on this counter
+        self.refresh()
+
+    # --- applying a fetch ---------------------------------------------------------------------------
+
     def apply(self, new: Mapping[str, Raw], *, visible: bool = True) -> int:
         """Diff-update: changed cells in place, new rows added, gone rows removed. Returns cells changed.
 
         A table that is not on screen (another tab) only keeps the rows; they are applied when it is shown.
+        While a view (filter, faults only, sort) is on, rows that change place or come and go make the
+        table rebuild; rows that only change values are still updated cell by cell.
         """
+        self._all = new
         if not visible:
             self._pending = new
             return 0
         self._pending = None
+        if self.viewing:
+            view = self._view(new)
+            if list(view) != list(self._shown):
+                if self.fast_updates and view.keys() == self._shown.keys():
+                    self._reorder(list(view))  # the same rows in another order: sorted by a changing column
+                else:
+                    self._rebuild(view)
+                    self.post_message(self.ViewChanged(self))
+                    count = sum(len(v) for v in view.values())
+                    self.cells_updated += count
+                    return count
+            new = view
         shown = self._shown
         gone = [k for k in shown if k not in new]
         added = [k for k in new if k not in shown]

@@ -10,8 +10,23 @@ from console.format import (
     QUARANTINE_COLUMNS,
     SERVER_COLUMNS,
     STORE_COLUMNS,
+    Raw,
 )
 from console.widgets.live_table import LiveTable
+
+# what the fault-only view (`f`) keeps, by table: rows in these columns' raw values (console/format.py)
+
+
+def _server_fault(raw: Raw) -> bool:
+    # state, diagnosis: anything not up, or up with a diagnosis (a fault behind an admin state counts too)
+    return raw[1] != "up" or raw[2] not in ("ok", "admin")
+
+
+def _process_fault(raw: Raw) -> bool:
+    # agent state, process state, watchdog (dead threads' names first)
+    watchdog = raw[9]
+    return raw[1] != "alive" or raw[3] not in ("running", None) or (isinstance(watchdog, tuple)
+                                                                   and watchdog[0] is not None)
 
 
 class ProcessesTable(LiveTable):
@@ -19,13 +34,22 @@ class ProcessesTable(LiveTable):
 
     COLUMNS = PROCESS_COLUMNS
 
+    def is_fault(self, raw: Raw) -> bool:
+        return _process_fault(raw)
+
 
 class DispatchersTable(LiveTable):
     COLUMNS = DISPATCHER_COLUMNS
 
+    def is_fault(self, raw: Raw) -> bool:
+        return raw[2] is not True  # healthy
+
 
 class ProvidersTable(LiveTable):
     COLUMNS = PROVIDER_COLUMNS
+
+    def is_fault(self, raw: Raw) -> bool:
+        return raw[2] != "up" or raw[3] != "closed"  # state, breaker
 
 
 class StoreTable(LiveTable):
@@ -33,9 +57,15 @@ class StoreTable(LiveTable):
 
     COLUMNS = STORE_COLUMNS
 
+    def is_fault(self, raw: Raw) -> bool:
+        return raw[2] != "up"
+
 
 class ServersTable(LiveTable):
     COLUMNS = SERVER_COLUMNS
+
+    def is_fault(self, raw: Raw) -> bool:
+        return _server_fault(raw)
 
 
 class QuarantineTable(LiveTable):
