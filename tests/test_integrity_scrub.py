@@ -1,8 +1,9 @@
 """The leader's background scrub runs beside the data plane, never inside it: a process of its
-own, which goes when its dispatcher goes, even in the middle of a pass."""
+own, at the lowest CPU priority, which goes when its dispatcher goes, even in the middle of a pass."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 import httpx
@@ -39,6 +40,8 @@ def test_the_scrub_runs_in_its_own_process_and_goes_with_its_dispatcher(make_clu
     wait_for("a scrub pass to start", lambda: "scrub: pass started" in c.log("A"), 30)
     [scrub] = _scrub_children(c)
     assert scrub.pid != c.children["A"].pid
+    # at the host's lowest CPU priority: a learner's request waking anywhere takes the core at once
+    assert os.sched_getscheduler(scrub.pid) == os.SCHED_IDLE
     # learners are served through the proxy meanwhile
     with httpx.Client(base_url=c.data_url(), timeout=30) as http:
         sid = http.post("/api/sessions", json={"learner": "ada"}).json()["session_id"]

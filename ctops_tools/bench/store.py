@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import redis
 import redis.asyncio as aioredis
 
@@ -218,6 +219,32 @@ def _submissions(c: Cluster, http: httpx.Client, admin: redis.Redis, n: int) -> 
     return {"submissions": n, "p50_ms": round(statistics.median(times), 1), "commands_per_submission": per}
 
 
+def _scrub_process(c: Cluster) -> psutil.Process | None:
+    """The running dispatcher's scrub child (`ScrubProcess`), to count its CPU."""
+    try:
+        kids = psutil.Process(c.children["A"].pid).children(recursive=True)
+    except psutil.Error:
+        return None
+    return next((k for k in kids if "spawn_main" in " ".join(k.cmdline())), None)
+
+
+def _cpu_s(proc: psutil.Process | None) -> float:
+    if proc is None:
+        return 0.0
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
+
+
+def _round_deltas(rows: list[dict[str, Any]]) -> list[float]:
+    by_round: dict[int, dict[bool, float]] = {}
+    for row in rows:
+        by_round.setdefault(row["round"], {})[row["scrub"]] = row["p99_ms"]
+    return [round(d[True] - d[False], 3) for d in by_round.values()]
+
+
 def learners_through_proxy(node: EmbeddedRedis, root: Path, rounds: int, seconds: float) -> dict[str, Any]:
     c = Cluster(root, node, PREFIX, trainers=2, timings={"scrub_interval_ms": SCRUB_OFF_MS})
     admin = node.admin(decode_responses=True)
@@ -230,30 +257,41 @@ def learners_through_proxy(node: EmbeddedRedis, root: Path, rounds: int, seconds
             on: list[float] = []
             per_round = []
             scan_rates = []
-            for _ in range(rounds):
-                for scrub in (False, True):
+            cpu_shares = []
+            for rnd in range(rounds):
+                # off then on, then on then off: a drift in the machine's other load over the run
+                # falls on both sides alike
+                for scrub in (False, True) if rnd % 2 == 0 else (True, False):
                     _restart_dispatcher(c, scrub)
                     for i in range(WARMUP_REQUESTS):
                         http.get(f"/api/sessions/{sids[i % len(sids)]}")
+                    proc = _scrub_process(c) if scrub else None
+                    cpu0 = _cpu_s(proc)
                     before, t0 = _commands(admin), time.monotonic()
                     got = _latencies_ms(http, sids, seconds)
-                    scans = _delta(before, _commands(admin), "scan") / (time.monotonic() - t0)
+                    took = time.monotonic() - t0
+                    scans = _delta(before, _commands(admin), "scan") / took
                     (on if scrub else off).extend(got)
-                    per_round.append({"scrub": scrub, **_ms(got), "scan_calls_per_s": round(scans, 1),
-                                      "load_1min": round(os.getloadavg()[0], 1)})
+                    row: dict[str, Any] = {"round": rnd, "scrub": scrub, **_ms(got),
+                                           "scan_calls_per_s": round(scans, 1),
+                                           "load_1min": round(os.getloadavg()[0], 1)}
                     if scrub:
                         scan_rates.append(scans)
+                        share = (_cpu_s(proc) - cpu0) / took * 100
+                        cpu_shares.append(share)
+                        row["scrub_cpu_pct"] = round(share, 1)
+                    per_round.append(row)
             _restart_dispatcher(c, False)
             subs = _submissions(c, http, admin, SUBMISSIONS)
         return {"rounds": per_round, "scrub_off": _ms(off), "scrub_on": _ms(on),
                 "scrub_rate_configured": SCRUB_RATE, "scrub_batch": SCRUB_BATCH,
                 "scrub_records_per_s_seen": round(statistics.mean(scan_rates) * SCRUB_BATCH) if scan_rates else 0,
+                "scrub_cpu_pct_of_a_core": round(statistics.mean(cpu_shares), 1) if cpu_shares else 0,
                 "p99_added_ms": round(percentile(on, 99) - percentile(off, 99), 3),
-                # each round with the scrub against the round without it just before: the machine's
-                # other load changes less within a pair than across the run
-                "p99_added_ms_median_of_pairs": round(statistics.median(
-                    on_r["p99_ms"] - off_r["p99_ms"] for off_r, on_r in zip(per_round[::2], per_round[1::2],
-                                                                             strict=True)), 3),
+                # within a round, with the scrub against without it: the machine's other load
+                # changes less within a round than across the run
+                "p99_added_ms_per_round": (deltas := _round_deltas(per_round)),
+                "p99_added_ms_median_of_pairs": round(statistics.median(deltas), 3),
                 "submission": subs}
     finally:
         c.stop()
@@ -335,10 +373,14 @@ def run(args: argparse.Namespace) -> int:
           f"{ln['scrub_off']['p99_ms']} ms, scrub on {ln['scrub_on']['p99_ms']} ms ({ln['p99_added_ms']:+} ms); "
           f"p50 {ln['scrub_off']['p50_ms']} / {ln['scrub_on']['p50_ms']} ms; scrub at "
           f"~{ln['scrub_records_per_s_seen']} records/s seen (configured {ln['scrub_rate_configured']}); "
-          f"median of paired rounds {ln['p99_added_ms_median_of_pairs']:+} ms")
+          f"median of paired rounds {ln['p99_added_ms_median_of_pairs']:+} ms "
+          f"(each: {', '.join(f'{d:+}' for d in ln['p99_added_ms_per_round'])}); "
+          f"the scrub process used {ln['scrub_cpu_pct_of_a_core']} % of a core")
     for rd in ln["rounds"]:
-        print(f"  scrub {'on ' if rd['scrub'] else 'off'}: {rd['requests']} requests, p50 {rd['p50_ms']} ms, "
-              f"p99 {rd['p99_ms']} ms, SCAN {rd['scan_calls_per_s']}/s, load {rd['load_1min']}")
+        cpu = f", scrub CPU {rd['scrub_cpu_pct']} %" if rd["scrub"] else ""
+        print(f"  round {rd['round']} scrub {'on ' if rd['scrub'] else 'off'}: {rd['requests']} requests, "
+              f"p50 {rd['p50_ms']} ms, p99 {rd['p99_ms']} ms, SCAN {rd['scan_calls_per_s']}/s, "
+              f"load {rd['load_1min']}{cpu}")
     e = report["envelope_in_submission"]
     print(f"submission p50 {e['submission_p50_ms']} ms (commands per submission "
           f"{json.dumps(ln['submission']['commands_per_submission'])}); envelope inside it "
