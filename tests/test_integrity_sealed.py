@@ -99,6 +99,18 @@ def test_a_hash_sealed_by_a_script_checks_in_python_and_back(redis_server: Embed
         r.hset(key, mapping=seal_fields(key, "exc-group", fields, 9, digest=SHA1))
         assert r.eval(check, 1, key) == [b"intact", 9]
         r.delete(key)
+        # a group's usual fields only: the scripts take them in a fixed order instead of sorting
+        usual = {"id": "abc", "type": "KeyError", "culprit": "app.handler", "status": "muted", "count": "3",
+                 "first_ms": "1", "last_ms": "2", "message": "caf\u00e9", "mute_until_ms": "9", "assignee": "ada"}
+        r.hset(key, mapping=usual)
+        r.eval(LUA_HASH_ENVELOPE + "env_seal(KEYS[1], 'exc-group', 2) return 1", 1, key)
+        assert unseal_fields(key, r.hgetall(key), "exc-group") == (usual, 2, False)
+        r.delete(key)
+        r.hset(key, mapping=seal_fields(key, "exc-group", usual, 4, digest=SHA1))
+        assert r.eval(check, 1, key) == [b"intact", 4]
+        r.hset(key, "status", "resolved")
+        assert r.eval(check, 1, key) == [b"damaged", 4]
+        r.delete(key)
 
 
 # --- audit entries -------------------------------------------------------------------------------
