@@ -689,7 +689,9 @@ async def _scrub_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str, r
             break
         after = "(" + entries[-1][0]
         await pacer.pace(len(entries))
-    if repair and legacy:
+    # the event stream's legacy entries are left to age out (it is capped, and rebuilding 100,000
+    # entries in one step would hold Redis for a noticeable time); the audit log is kept for good
+    if repair and legacy and kind == AUDIT:
         log.info("%s: %d entries written before envelopes sealed", stream, await upgrade_stream(r, keys, stream, kind))
 
 
