@@ -51,9 +51,9 @@ class Timings(_Strict):
     # leadership lease
     lease_ttl_ms: int = Field(1000, ge=200, le=60_000)
     lease_renew_ms: int = Field(250, ge=50, le=30_000)
-    # the leader's background check of every stored record: a pass this often, at this many records/s
+    # the leader's background check of every stored record: a pass this often, at this many keys/s
     scrub_interval_ms: int = Field(600_000, ge=100, le=7 * 24 * 3600 * 1000)
-    scrub_rate: int = Field(5_000, ge=1, le=1_000_000)
+    scrub_rate: int = Field(2_000, ge=1, le=1_000_000)
 
 
 class Limits(_Strict):

@@ -43,8 +43,11 @@ LOG_MAXLEN = 10_000
 AUDIT_MAXLEN = 100_000
 # record kinds, as counted and as named in staff events
 SESSION, SUBMISSION, IDEMPOTENCY = "session", "submission", "idempotency"
-AUDIT, EXC_GROUP = "audit", "exc-group"
-KINDS = (SESSION, SUBMISSION, IDEMPOTENCY, AUDIT, EXC_GROUP)
+AUDIT, EXC_GROUP, EVENT = "audit", "exc-group", "event"
+KINDS = (SESSION, SUBMISSION, IDEMPOTENCY, AUDIT, EXC_GROUP, EVENT)
+# kinds stored as the entries of one stream (the audit log, the staff event stream)
+STREAM_KINDS = (AUDIT, EVENT)
+_SEVERITIES = ("info", "warning", "critical")
 
 log = logging.getLogger("ctops.integrity")
 
@@ -185,6 +188,9 @@ def check_entry(stream: str, kind: str, raw: RawFields) -> tuple[dict[str, str],
     fields, _gen, legacy = got
     if kind == AUDIT and not (fields.get("action") and fields.get("ts_ms", "").isdigit()):
         raise Corrupt(stream, "schema", "not an audit entry (no action or time)")
+    if kind == EVENT and not (fields.get("kind") and fields.get("ts_ms", "").isdigit()
+                              and fields.get("severity") in _SEVERITIES):
+        raise Corrupt(stream, "schema", "not an event (no kind, time or severity)")
     return fields, legacy
 
 
@@ -239,6 +245,26 @@ async def read_entries(r: aioredis.Redis, keys: Keys, stream: str, kind: str, co
         wrong_type(stream, exc)
         await _stream_ofwrong_type(r, keys, stream, kind, reader)
         return []
+    return await checked_entries(r, keys, stream, kind, entries, reader=reader)
+
+
+async def read_range(r: aioredis.Redis, keys: Keys, stream: str, kind: str, after: str, count: int, *,
+                     reader: str) -> list[tuple[str, dict[str, str]]]:
+    """Up to `count` entries after the id `after`, oldest first, checked as `read_entries`."""
+    try:
+        entries = range_reply(await r.xrange(stream, min=f"({after}", count=count))
+    except ResponseError as exc:
+        wrong_type(stream, exc)
+        await _stream_ofwrong_type(r, keys, stream, kind, reader)
+        return []
+    return await checked_entries(r, keys, stream, kind, entries, reader=reader)
+
+
+async def checked_entries(r: aioredis.Redis, keys: Keys, stream: str, kind: str,
+                          entries: list[tuple[str, RawFields]], *, reader: str) -> list[tuple[str, dict[str, str]]]:
+    """The intact entries among `entries` (read from `stream`), fields as text; each damaged one
+    is set aside (once) with a log line and left out. Legacy (unsealed) entries are served as
+    they are."""
     out = []
     for sid, raw in entries:
         try:
@@ -494,6 +520,8 @@ def classify(keys: Keys, key: str) -> tuple[str, str] | None:
         return parts[0], parts[1]
     if parts == [AUDIT]:
         return AUDIT, ""
+    if parts == ["events"]:
+        return EVENT, ""
     if len(parts) == 3 and parts[:2] == ["exc", "group"] and parts[2]:
         return EXC_GROUP, parts[2]
     return None
@@ -571,23 +599,44 @@ async def _contain_any(r: aioredis.Redis, keys: Keys, kind: str, ident: str, key
     return "quarantined" if "damaged" in done or done.get("state") == "damaged" else "repaired"
 
 
+class Pacer:
+    """Spaces a walk's batches evenly at `rate` records/s (0 = unbounded). A walk that fell behind
+    (its process starved of CPU, Redis slow) goes on at the rate rather than catching up in a
+    burst: a burst is what learners would feel."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.due = time.monotonic()
+
+    async def pace(self, records: int) -> None:
+        if self.rate <= 0 or not records:
+            return
+        step = records / self.rate
+        # at most one batch's worth of time owed to the past, however far behind
+        self.due = max(self.due, time.monotonic() - step) + step
+        if (wait := self.due - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+
+
 async def scrub(r: aioredis.Redis, keys: Keys, *, repair: bool, reader: str, rate: float = 0.0,
                 batch: int = 200) -> ScrubReport:
     """Check every record once; with `repair`, contain each damaged one as a read would. `rate`
-    (records/s, 0 = unbounded) paces it so that a background pass stays out of learners' way.
+    (keys visited a second, 0 = unbounded) paces it so that a background pass stays out of
+    learners' way.
     `r` must be a bytes client."""
     report = ScrubReport()
     started = time.monotonic()
+    pacer = Pacer(rate)
     cursor = 0
     pattern = glob_escape(keys.prefix) + ":*"
     while True:
         cursor, names = await r.scan(cursor, match=pattern, count=batch)
         texts = [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]
         found = [(n, c) for n in texts if (c := classify(keys, n))]
-        for key, _ in [f for f in found if f[1][0] == AUDIT]:
-            await _scrub_stream(r, keys, key, AUDIT, report, repair=repair, reader=reader, rate=rate,
-                                batch=batch, started=started)
-        found = [f for f in found if f[1][0] != AUDIT]
+        for key, (kind, _ident) in [f for f in found if f[1][0] in STREAM_KINDS]:
+            await _scrub_stream(r, keys, key, kind, report, repair=repair, reader=reader, batch=batch,
+                                pacer=pacer)
+        found = [f for f in found if f[1][0] not in STREAM_KINDS]
         if found:
             async with r.pipeline(transaction=False) as p:
                 for key, (kind, _ident) in found:
@@ -604,11 +653,9 @@ async def scrub(r: aioredis.Redis, keys: Keys, *, repair: bool, reader: str, rat
                     report.add(kind, result, key, exc.reason)
                 else:
                     report.add(kind, "ok")
-            if rate > 0:
-                # paced by what was checked so far, so the pass as a whole keeps to the rate
-                ahead = report.checked / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+        # paced by keys visited, not records checked: a SCAN over keys that are no records (history
+        # lists, seen-markers) costs Redis as much, and must not run unpaced
+        await pacer.pace(len(names))
         if not cursor:
             break
     report.elapsed_ms = int((time.monotonic() - started) * 1000)
@@ -616,7 +663,7 @@ async def scrub(r: aioredis.Redis, keys: Keys, *, repair: bool, reader: str, rat
 
 
 async def _scrub_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str, report: ScrubReport, *,
-                        repair: bool, reader: str, rate: float, batch: int, started: float) -> None:
+                        repair: bool, reader: str, batch: int, pacer: Pacer) -> None:
     """Every entry of a stream, `batch` at a time; with `repair`, damaged ones are set aside and
     legacy ones sealed (the stream rebuilt with the same ids)."""
     legacy = 0
@@ -641,9 +688,10 @@ async def _scrub_stream(r: aioredis.Redis, keys: Keys, stream: str, kind: str, r
         if len(entries) < batch:
             break
         after = "(" + entries[-1][0]
-        if rate > 0 and (ahead := report.checked / rate - (time.monotonic() - started)) > 0:
-            await asyncio.sleep(ahead)
-    if repair and legacy:
+        await pacer.pace(len(entries))
+    # the event stream's legacy entries are left to age out (it is capped, and rebuilding 100,000
+    # entries in one step would hold Redis for a noticeable time); the audit log is kept for good
+    if repair and legacy and kind == AUDIT:
         log.info("%s: %d entries written before envelopes sealed", stream, await upgrade_stream(r, keys, stream, kind))
 
 

@@ -15,7 +15,7 @@ import redis
 
 from ctops import redisconn, statefile
 from ctops.config import load
-from ctops.integrity import AUDIT, EXC_GROUP, KINDS, as_text, classify, range_reply
+from ctops.integrity import AUDIT, EVENT, EXC_GROUP, KINDS, as_text, classify, range_reply
 from ctops.keys import Keys
 from ctops.redisacl import glob_escape
 from ctops.redisconn import redis_fields
@@ -65,7 +65,8 @@ def _damage_entry(r: redis.Redis, key: str) -> str:
 
 
 def pick(r: redis.Redis, keys: Keys, kind: str) -> str:
-    pattern = {AUDIT: keys.audit, EXC_GROUP: keys.exc_group("*")}.get(kind, f"{keys.prefix}:{kind}:*")
+    streams = {AUDIT: keys.audit, EVENT: keys.events, EXC_GROUP: keys.exc_group("*")}
+    pattern = streams.get(kind, f"{keys.prefix}:{kind}:*")
     pattern = glob_escape(keys.prefix) + pattern[len(keys.prefix):]
     found = [k.decode() for k in r.scan_iter(match=pattern, count=1000)]
     found = [k for k in found if (c := classify(keys, k)) and c[0] == kind]

@@ -1,6 +1,10 @@
 """The cluster's event stream in Redis: server down/up, host lost/back, restarts, crash loops,
 leader changes. Events from agents carry their own id and are stored once however often they
-are sent; events the leader derives are written only while it holds the lease."""
+are sent; events the leader derives are written only while it holds the lease.
+
+Each entry is sealed like an audit entry (`ctops.integrity.seal_entry`): a damaged one is set
+aside, counted and left out of what staff read, never a 500; entries written before sealing are
+served as they are."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from ctops.integrity import range_reply
+from ctops.integrity import EVENT, read_entries, read_range, seal_entry
 from ctops.keys import Keys
+from ctops.redisconn import redis_fields
 from ctops.wire import AgentEvent, Event, Severity
 
 STREAM_MAXLEN = 100_000
@@ -41,18 +46,23 @@ class EventLog:
         event_id = event_id or uuid.uuid4().hex
         if not await self.r.set(self.k.event_seen(event_id), 1, nx=True, ex=SEEN_TTL_S):
             return False
-        await self.r.xadd(self.k.events, {
-            "event_id": event_id, "ts_ms": ts_ms or int(time.time() * 1000), "kind": kind, "severity": severity,
-            "source": source, "target": target or "", "message": message,
-        }, maxlen=STREAM_MAXLEN, approximate=True)
+        await self.r.xadd(self.k.events, redis_fields(self._sealed(
+            event_id, ts_ms or int(time.time() * 1000), kind, severity, source, target, message)),
+            maxlen=STREAM_MAXLEN, approximate=True)
         return True
+
+    def _sealed(self, event_id: str, ts_ms: int, kind: str, severity: str, source: str, target: str | None,
+                message: str) -> dict[str, str | bytes]:
+        return seal_entry(self.k.events, EVENT, {"event_id": event_id, "ts_ms": ts_ms, "kind": kind,
+                                                 "severity": severity, "source": source, "target": target or "",
+                                                 "message": message})
 
     def emit_command(self, kind: str, severity: Severity, message: str, source: str,
                      target: str | None = None) -> list[str | int | float]:
         """The XADD for an event the leader derives, to run inside a fenced write."""
-        return ["XADD", self.k.events, "MAXLEN", "~", STREAM_MAXLEN, "*", "event_id", uuid.uuid4().hex,
-                "ts_ms", int(time.time() * 1000), "kind", kind, "severity", severity, "source", source,
-                "target", target or "", "message", message]
+        fields = self._sealed(uuid.uuid4().hex, int(time.time() * 1000), kind, severity, source, target, message)
+        return ["XADD", self.k.events, "MAXLEN", "~", STREAM_MAXLEN, "*",
+                *(str(x) for kv in fields.items() for x in kv)]
 
     async def ingest_agent_events(self, host: str, events: list[AgentEvent]) -> int:
         stored = 0
@@ -62,9 +72,10 @@ class EventLog:
                 stored += 1
         return stored
 
-    async def read(self, after: str | None, limit: int) -> list[Event]:
+    async def read(self, after: str | None, limit: int, reader: str = "dispatcher") -> list[Event]:
+        """Checked: a damaged entry is set aside and left out (one fewer than `limit` then)."""
         if after:
-            entries = range_reply(await self.r.xrange(self.k.events, min=f"({after}", count=limit))
+            entries = await read_range(self.r, self.k, self.k.events, EVENT, after, limit, reader=reader)
         else:
-            entries = list(reversed(range_reply(await self.r.xrevrange(self.k.events, count=limit))))
+            entries = list(reversed(await read_entries(self.r, self.k, self.k.events, EVENT, limit, reader=reader)))
         return [to_event(i, f) for i, f in entries]

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ctops.config import WebhookSpec
-from ctops.integrity import range_reply
+from ctops.integrity import EVENT, checked_entries, range_reply
 from ctops.keys import Keys
 from ctops.wire import Event
 from dispatcher.events import SEVERITY_RANK, to_event
@@ -92,8 +92,10 @@ class WebhookDeliverer:
             # let a burst finish so it goes out as one message
             await asyncio.sleep(self.spec.group_window_ms / 1000)
             entries = range_reply(await self.r.xrange(self.k.events, min=f"({cursor}", count=BATCH))
-        events = [to_event(i, f) for i, f in entries]
-        last_id = events[-1].id
+        # a damaged event is set aside and not sent; the cursor still moves past it
+        events = [to_event(i, f) for i, f in await checked_entries(self.r, self.k, self.k.events, EVENT, entries,
+                                                                     reader=f"webhook:{self.spec.name}")]
+        last_id = entries[-1][0]
         floor = SEVERITY_RANK[self.spec.min_severity]
         wanted = [e for e in events if SEVERITY_RANK[e.severity] >= floor]
         backoff = 0.5

@@ -1,4 +1,4 @@
-"""Audit entries and exception groups carry an envelope too: damage one, and the ops API still
+"""Audit entries, staff events and exception groups carry an envelope too: damage one, and the ops API still
 answers 200 with the others, the damaged one is set aside once and named in a staff event, and
 `ctops store verify` finds it; records written before envelopes are read and sealed."""
 
@@ -98,6 +98,18 @@ def test_a_hash_sealed_by_a_script_checks_in_python_and_back(redis_server: Embed
         r.delete(key)
         r.hset(key, mapping=seal_fields(key, "exc-group", fields, 9, digest=SHA1))
         assert r.eval(check, 1, key) == [b"intact", 9]
+        r.delete(key)
+        # a group's usual fields only: the scripts take them in a fixed order instead of sorting
+        usual = {"id": "abc", "type": "KeyError", "culprit": "app.handler", "status": "muted", "count": "3",
+                 "first_ms": "1", "last_ms": "2", "message": "caf\u00e9", "mute_until_ms": "9", "assignee": "ada"}
+        r.hset(key, mapping=usual)
+        r.eval(LUA_HASH_ENVELOPE + "env_seal(KEYS[1], 'exc-group', 2) return 1", 1, key)
+        assert unseal_fields(key, r.hgetall(key), "exc-group") == (usual, 2, False)
+        r.delete(key)
+        r.hset(key, mapping=seal_fields(key, "exc-group", usual, 4, digest=SHA1))
+        assert r.eval(check, 1, key) == [b"intact", 4]
+        r.hset(key, "status", "resolved")
+        assert r.eval(check, 1, key) == [b"damaged", 4]
         r.delete(key)
 
 
@@ -226,10 +238,59 @@ def test_an_exception_group_written_before_envelopes_is_read_and_sealed(c: Clust
     assert verify(c)["corrupt"] == 0
 
 
+# --- the staff event stream ------------------------------------------------------------------------
+
+LEGACY_SOURCE = b"agent:before-sealing"
+
+
+def test_a_damaged_event_is_set_aside_and_the_others_are_served(c: Cluster) -> None:
+    k = keys(c).events
+    staff_actions(c, 2)
+    wait_for("a few events in the stream", lambda: len(events(c)) >= 3, 30)
+    with raw(c) as r:
+        assert all(b"_env" in f for _id, f in r.xrange(k) if f.get(b"source") != LEGACY_SOURCE)  # written sealed
+        found_before = int(r.hget(keys(c).quarantine_stats, "corrupt_found:event") or 0)
+    before = [e["id"] for e in events(c)]
+    done = cli(c, "chaos", "corrupt", k)
+    assert done.returncode == 0 and "of entry" in done.stdout, done.stderr
+    damaged_id = done.stdout.split("of entry ")[1].split()[0]
+    assert damaged_id in before
+    assert verify(c)["by_kind"]["event"]["corrupt"] == 1
+    # read from a cursor (the console's and webhooks' way), then the newest: both answer, without it
+    older = [i for i in before if i < damaged_id]
+    later = events(c, after=older[-1]) if older else events(c)
+    assert damaged_id not in [e["id"] for e in later]
+    after = [e["id"] for e in events(c)]
+    assert damaged_id not in after and set(before) - {damaged_id} <= set(after)
+    [event] = wait_for("a record_corrupt event naming the event stream", lambda: corrupt_events(c, k), 30)
+    assert "damaged event record" in event["message"] and damaged_id in event["message"]
+    events(c)
+    assert len(corrupt_events(c, k)) == 1  # counted once, not at every read
+    with raw(c) as r:
+        assert int(r.hget(keys(c).quarantine_stats, "corrupt_found:event") or 0) == found_before + 1
+    assert verify(c)["by_kind"]["event"]["corrupt"] == 0
+
+
+def test_an_event_written_before_sealing_is_served_as_it_is(c: Cluster) -> None:
+    k = keys(c).events
+    with raw(c) as r:
+        old_id = r.xadd(k, {"event_id": uuid.uuid4().hex, "ts_ms": 1700000000000, "kind": "server_down",
+                            "severity": "warning", "source": LEGACY_SOURCE, "target": "trainer-1",
+                            "message": "written before sealing"}).decode()
+    staff_actions(c, 1)  # a newer, sealed event after it
+    got = {e["id"]: e for e in events(c)}
+    assert got[old_id]["message"] == "written before sealing" and got[old_id]["severity"] == "warning"
+    assert verify(c)["by_kind"]["event"]["corrupt"] == 0
+    # a repairing pass leaves it as it is (the stream is not rebuilt for it) and it is still served
+    fixed = cli(c, "store", "verify", "--repair", "--json")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert {e["id"]: e for e in events(c)}[old_id]["message"] == "written before sealing"
+
+
 def test_chaos_corrupt_random_damages_an_audit_entry_or_a_group_that_verify_finds(c: Cluster) -> None:
     staff_actions(c, 3)
     send_exception(c, "RandomTargetError", 1)
-    for kind in ("audit", "exc-group"):
+    for kind in ("audit", "exc-group", "event"):
         before = verify(c)["by_kind"].get(kind, {}).get("corrupt", 0)
         done = cli(c, "chaos", "corrupt", "--random", kind)
         assert done.returncode == 0 and done.stdout.startswith("corrupt "), done.stderr

@@ -2,13 +2,14 @@
 
 - per-record write and read of a submission checkpoint, plain JSON against sealed (the envelope,
   plus the copy kept for repair), µs p50/p99, and the envelope's own CPU cost without Redis;
-- the store filled with `--records` records (default 1,000,000; pipelined), and the scrub's rate
-  over all of them, unpaced, in the batches the leader uses (records/s);
+- the scrub's rate unpaced, in the batches the leader uses, over a sample of 100,000 records
+  (records/s, and its CPU a record); then the store filled with `--records` records (default
+  1,000,000; pipelined);
 - learners through the dispatcher's proxy (real HTTP: a loop of `GET /api/sessions/ID`, which
-  reads the session, rewrites it sealed and lists its submissions, on a real trainer): p99 while
-  the leader's background scrub runs at its default rate over that store, against the same
-  dispatcher with the scrub off; `--reps` rounds of each, taken in turn (`--duration` s each), the
-  dispatcher restarted between them with the scrub interval changed;
+  reads the session, rewrites it sealed and lists its submissions, on a real trainer) while the
+  leader's scrub walks that store at its default rate: `--reps` pairs of `--duration`-second
+  windows, the scrub process stopped (SIGSTOP) in one and running in the other, in turn; p50/p99
+  with the scrub against without it, pooled and as the median over pairs;
 - a submission's end-to-end p50 (POST with `?wait=`, sandbox run and review included) and what the
   envelope costs inside it: the sealed writes and reads a submission makes, counted on Redis, times
   the per-record cost above. There is no switch that turns the envelope off, so the share is that
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -29,15 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import redis
 import redis.asyncio as aioredis
 
-from ctops import integrity, statefile
+from ctops import integrity
 from ctops.envelope import seal_fields, unseal, unseal_fields
 from ctops.keys import Keys
 from ctops_tools.load import SOLUTIONS, percentile
 from ctops_tools.localcluster import Cluster, wait_for
-from ctops_tools.procs import stop_all
 from ctops_tools.redis_embed import EmbeddedRedis
 from dispatcher.integrity import SCRUB_BATCH, SCRUB_RATE
 
@@ -47,8 +49,9 @@ FILL_PIPELINE = 2000
 LEARNER_SESSIONS = 50
 WARMUP_REQUESTS = 200
 SUBMISSIONS = 30
-SCRUB_OFF_MS = 7 * 24 * 3600 * 1000  # the longest pause the config allows: no pass in the bench
-SCRUB_ON_MS = 100  # the first pass starts as soon as the restarted dispatcher leads
+SCRUB_ON_MS = 100  # a pass starts as soon as the dispatcher leads, and again right after one ends
+# the unpaced scrub rate is taken over this many records (the cost is per record, not per store size)
+UNPACED_SAMPLE = 100_000
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -186,20 +189,6 @@ def _ms(samples: list[float]) -> dict[str, float]:
             "p99_ms": round(percentile(samples, 99), 3)}
 
 
-def _restart_dispatcher(c: Cluster, scrub: bool) -> None:
-    """Dispatcher A again, with the scrub on (a pass starts at once) or off; back once it routes
-    (and, with the scrub on, once a pass has started)."""
-    c.timings["scrub_interval_ms"] = SCRUB_ON_MS if scrub else SCRUB_OFF_MS
-    statefile.write_private(c.config, c._toml())
-    if "A" in c.children:
-        stop_all([c.children["A"]])
-    started = c.log("A").count("scrub: pass started") if "A" in c.children else 0
-    c.start("A")
-    c.wait_all_up()
-    if scrub:
-        wait_for("the scrub to start", lambda: c.log("A").count("scrub: pass started") > started, 60)
-
-
 def _submissions(c: Cluster, http: httpx.Client, admin: redis.Redis, n: int) -> dict[str, Any]:
     """N submissions one after another, each POST waiting until it is done; the p50, and the
     sealed writes and reads each made, counted on Redis (an upper bound: other traffic adds some)."""
@@ -218,44 +207,95 @@ def _submissions(c: Cluster, http: httpx.Client, admin: redis.Redis, n: int) -> 
     return {"submissions": n, "p50_ms": round(statistics.median(times), 1), "commands_per_submission": per}
 
 
-def learners_through_proxy(node: EmbeddedRedis, root: Path, rounds: int, seconds: float) -> dict[str, Any]:
-    c = Cluster(root, node, PREFIX, trainers=2, timings={"scrub_interval_ms": SCRUB_OFF_MS})
+def _scrub_process(c: Cluster) -> psutil.Process | None:
+    """The running dispatcher's scrub child (`ScrubProcess`), to count its CPU."""
+    try:
+        kids = psutil.Process(c.children["A"].pid).children(recursive=True)
+    except psutil.Error:
+        return None
+    return next((k for k in kids if "spawn_main" in " ".join(k.cmdline())), None)
+
+
+def _cpu_s(proc: psutil.Process | None) -> float:
+    if proc is None:
+        return 0.0
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
+
+
+def _pairs(rows: list[dict[str, Any]]) -> list[float]:
+    by_pair: dict[int, dict[bool, float]] = {}
+    for row in rows:
+        by_pair.setdefault(row["pair"], {})[row["scrub"]] = row["p99_ms"]
+    return [round(d[True] - d[False], 3) for d in by_pair.values()]
+
+
+def learners_through_proxy(node: EmbeddedRedis, root: Path, pairs: int, seconds: float) -> dict[str, Any]:
+    """One dispatcher whose scrub walks the whole store without a pause; the scrub process is
+    stopped (SIGSTOP) and let go on (SIGCONT) in turn, `seconds` at a time, while a learner loop
+    runs: windows this short, taken in turn, share the machine's other load far better than rounds
+    with a dispatcher restarted between them (on a shared machine that load swings by more than the
+    effect measured within a minute)."""
+    c = Cluster(root, node, PREFIX, trainers=2, timings={"scrub_interval_ms": SCRUB_ON_MS})
     admin = node.admin(decode_responses=True)
+    proc: psutil.Process | None = None
     try:
         c.start_all()
+        wait_for("the scrub to start", lambda: "scrub: pass started" in c.log("A"), 60)
+        proc = _scrub_process(c)
+        if proc is None:
+            raise RuntimeError("no scrub process under the dispatcher")
         with httpx.Client(base_url=c.data_url(), timeout=30) as http:
             sids = [http.post("/api/sessions", json={"learner": f"l{i}"}).json()["session_id"]
                     for i in range(LEARNER_SESSIONS)]
+            for i in range(WARMUP_REQUESTS):
+                http.get(f"/api/sessions/{sids[i % len(sids)]}")
             off: list[float] = []
             on: list[float] = []
-            per_round = []
+            rows = []
             scan_rates = []
-            for _ in range(rounds):
-                for scrub in (False, True):
-                    _restart_dispatcher(c, scrub)
-                    for i in range(WARMUP_REQUESTS):
-                        http.get(f"/api/sessions/{sids[i % len(sids)]}")
+            cpu_shares = []
+            for pair in range(pairs):
+                # off then on, then on then off: a drift in the machine's load falls on both alike
+                for scrub in (False, True) if pair % 2 == 0 else (True, False):
+                    if scrub:
+                        proc.resume()
+                    else:
+                        proc.suspend()
+                    cpu0 = _cpu_s(proc)
                     before, t0 = _commands(admin), time.monotonic()
                     got = _latencies_ms(http, sids, seconds)
-                    scans = _delta(before, _commands(admin), "scan") / (time.monotonic() - t0)
+                    took = time.monotonic() - t0
+                    scans = _delta(before, _commands(admin), "scan") / took
                     (on if scrub else off).extend(got)
-                    per_round.append({"scrub": scrub, **_ms(got), "scan_calls_per_s": round(scans, 1),
-                                      "load_1min": round(os.getloadavg()[0], 1)})
+                    row: dict[str, Any] = {"pair": pair, "scrub": scrub, **_ms(got),
+                                           "scan_calls_per_s": round(scans, 1),
+                                           "load_1min": round(os.getloadavg()[0], 1)}
                     if scrub:
                         scan_rates.append(scans)
-            _restart_dispatcher(c, False)
+                        share = (_cpu_s(proc) - cpu0) / took * 100
+                        cpu_shares.append(share)
+                        row["scrub_cpu_pct"] = round(share, 1)
+                    rows.append(row)
+            proc.suspend()  # a submission's figure without the scrub, as before envelopes
             subs = _submissions(c, http, admin, SUBMISSIONS)
-        return {"rounds": per_round, "scrub_off": _ms(off), "scrub_on": _ms(on),
+        deltas = _pairs(rows)
+        return {"windows": rows, "scrub_off": _ms(off), "scrub_on": _ms(on),
                 "scrub_rate_configured": SCRUB_RATE, "scrub_batch": SCRUB_BATCH,
-                "scrub_records_per_s_seen": round(statistics.mean(scan_rates) * SCRUB_BATCH) if scan_rates else 0,
+                "scrub_keys_per_s_seen": round(statistics.mean(scan_rates) * SCRUB_BATCH) if scan_rates else 0,
+                "scrub_cpu_pct_of_a_core": round(statistics.mean(cpu_shares), 1) if cpu_shares else 0,
+                # all the windows with the scrub against all without it: taken in turn, so pooled
                 "p99_added_ms": round(percentile(on, 99) - percentile(off, 99), 3),
-                # each round with the scrub against the round without it just before: the machine's
-                # other load changes less within a pair than across the run
-                "p99_added_ms_median_of_pairs": round(statistics.median(
-                    on_r["p99_ms"] - off_r["p99_ms"] for off_r, on_r in zip(per_round[::2], per_round[1::2],
-                                                                             strict=True)), 3),
+                "p50_added_ms": round(percentile(on, 50) - percentile(off, 50), 3),
+                "p99_added_ms_median_of_pairs": round(statistics.median(deltas), 3),
                 "submission": subs}
     finally:
+        if proc is not None:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()  # a stopped scrub would outlive its dispatcher: it cannot see it go
         c.stop()
         admin.close()
 
@@ -278,18 +318,22 @@ def envelope_share(pr: dict, cpu: dict, subs: dict) -> dict[str, float]:
 
 
 async def _scrub_unpaced(url: str, records: int) -> dict:
+    """The scrub's rate, unpaced, over a sample of the store (then flushed), and the store filled."""
     r = aioredis.Redis.from_url(url)
     try:
         keys = Keys(prefix=PREFIX)
-        filled = await fill(r, keys, records)
+        await fill(r, keys, min(records, UNPACED_SAMPLE))
         t0, cpu0 = time.monotonic(), time.process_time()
         full = await integrity.scrub(r, keys, repair=False, reader="bench", batch=SCRUB_BATCH)
         took, cpu = time.monotonic() - t0, time.process_time() - cpu0
+        await r.flushall()
+        filled = await fill(r, keys, records)
         # CPU per record, of the scrub's process alone: what a pass costs the machine, and a figure
         # the other jobs on a shared machine change less than the wall-clock rate
-        return {"records": full.checked, "fill_seconds": round(filled, 1), "seconds": round(took, 1),
-                "records_per_s": round(full.checked / max(took, 1e-9)), "batch": SCRUB_BATCH,
-                "cpu_us_per_record": round(cpu / max(full.checked, 1) * 1e6, 1), "damaged": full.corrupt}
+        return {"records": records, "sample": full.checked, "fill_seconds": round(filled, 1),
+                "seconds": round(took, 1), "records_per_s": round(full.checked / max(took, 1e-9)),
+                "batch": SCRUB_BATCH, "cpu_us_per_record": round(cpu / max(full.checked, 1) * 1e6, 1),
+                "damaged": full.corrupt}
     finally:
         await r.aclose()
 
@@ -328,17 +372,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k:<14} p50 {pr[k]['p50_us']:>8} µs   p99 {pr[k]['p99_us']:>8} µs")
     print("envelope CPU alone (µs/record):", json.dumps(report["envelope_cpu"]))
     s = report["scrub"]
-    print(f"filled {s['records']} records in {s['fill_seconds']} s; unpaced scrub (batches of {s['batch']}): "
-          f"{s['seconds']} s = {s['records_per_s']} records/s, {s['cpu_us_per_record']} µs CPU a record")
+    print(f"filled {s['records']} records in {s['fill_seconds']} s; unpaced scrub (batches of {s['batch']}) over "
+          f"{s['sample']}: {s['seconds']} s = {s['records_per_s']} records/s, {s['cpu_us_per_record']} µs CPU a record")
     ln = report["learners"]
-    print(f"learners through the proxy, {args.reps} rounds of {args.duration} s each way: p99 scrub off "
-          f"{ln['scrub_off']['p99_ms']} ms, scrub on {ln['scrub_on']['p99_ms']} ms ({ln['p99_added_ms']:+} ms); "
-          f"p50 {ln['scrub_off']['p50_ms']} / {ln['scrub_on']['p50_ms']} ms; scrub at "
-          f"~{ln['scrub_records_per_s_seen']} records/s seen (configured {ln['scrub_rate_configured']}); "
-          f"median of paired rounds {ln['p99_added_ms_median_of_pairs']:+} ms")
-    for rd in ln["rounds"]:
-        print(f"  scrub {'on ' if rd['scrub'] else 'off'}: {rd['requests']} requests, p50 {rd['p50_ms']} ms, "
-              f"p99 {rd['p99_ms']} ms, SCAN {rd['scan_calls_per_s']}/s, load {rd['load_1min']}")
+    print(f"learners through the proxy, {args.reps} pairs of {args.duration} s windows with the scrub stopped and "
+          f"running in turn: p99 scrub off {ln['scrub_off']['p99_ms']} ms, on {ln['scrub_on']['p99_ms']} ms "
+          f"({ln['p99_added_ms']:+} ms); p50 {ln['scrub_off']['p50_ms']} / {ln['scrub_on']['p50_ms']} ms "
+          f"({ln['p50_added_ms']:+} ms); median over pairs of the p99 added {ln['p99_added_ms_median_of_pairs']:+} ms; "
+          f"scrub at ~{ln['scrub_keys_per_s_seen']} keys/s seen (configured {ln['scrub_rate_configured']}), "
+          f"{ln['scrub_cpu_pct_of_a_core']} % of a core")
+    for w in ln["windows"]:
+        cpu = f", scrub CPU {w['scrub_cpu_pct']} %" if w["scrub"] else ""
+        print(f"  pair {w['pair']} scrub {'on ' if w['scrub'] else 'off'}: {w['requests']} requests, "
+              f"p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms, SCAN {w['scan_calls_per_s']}/s, "
+              f"load {w['load_1min']}{cpu}")
     e = report["envelope_in_submission"]
     print(f"submission p50 {e['submission_p50_ms']} ms (commands per submission "
           f"{json.dumps(ln['submission']['commands_per_submission'])}); envelope inside it "

@@ -31,6 +31,6 @@ def events_router(auth: Auth, store: Store, event_log: EventLog, via: str) -> AP
         if after is not None and not STREAM_ID.match(after):
             raise ApiError(422, "invalid request: after", detail=[{"field": "query.after",
                                                                    "message": "a stream id such as 1700000000000-0"}])
-        return await event_log.read(after, limit)
+        return await event_log.read(after, limit, reader=f"dispatcher:{via}")
 
     return router
