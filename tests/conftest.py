@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ctops_tools.forkserver import ForkServer  # noqa: E402
+from ctops_tools.localcluster import use_spawner  # noqa: E402
 from ctops_tools.redis_embed import EmbeddedRedis, use_port_range  # noqa: E402
 
 # each pytest-xdist worker hands out ports from its own range (below the kernel's ephemeral ports,
@@ -136,6 +138,21 @@ def _pure_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.
                              "list it in PROCESS_TESTS in tests/conftest.py")
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cluster_processes_forked() -> Iterator[None]:
+    """Cluster processes are forked from a process that has imported ctops already (see
+    ctops_tools/forkserver.py): the same code from `main` on, without half a second of imports each.
+    CTOPS_TEST_EXEC=1 execs each one, as `ctops demo` and production do."""
+    if os.environ.get("CTOPS_TEST_EXEC") == "1":
+        yield
+        return
+    server = ForkServer()
+    use_spawner(server.spawn)
+    yield
+    use_spawner(None)
+    server.close()
 
 
 @pytest.fixture(scope="session")
