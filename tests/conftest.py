@@ -97,6 +97,22 @@ MODULE_SECONDS = {
     "test_backup.py": 5, "test_import_contracts.py": 4, "test_config.py": 4, "test_integrity_console.py": 3,
 }
 UNLISTED_SECONDS = 15
+# Single tests far longer than their module's average (same scale), so they start early rather than
+# be the last thing a worker runs while the others have finished ("module.py::name", any parametrization)
+TEST_SECONDS = {
+    "test_ops_schema.py::test_ops_api_conforms_to_its_openapi_document": 37,
+    "test_exceptions_console.py::test_trainer_exception_shows_with_its_traceback_and_can_be_triaged": 36,
+    "test_store_sentinel.py::test_replica_stopped_and_primary_killed": 27,
+    "test_spare_state.py::test_spare_state_through_a_crash_and_a_lost_spare": 23,
+    "test_store_sentinel.py::test_failover_from_the_console_is_confirmed_and_audited": 21,
+    "test_console_ops.py::test_restart_process_from_console": 20,
+    "test_demo.py::test_headless_demo_status_chaos_and_clean_stop": 19,
+    "test_herd.py::test_leader_kill_under_a_herd_loses_no_host": 17,
+    "test_demo.py::test_demo_started_again_on_its_workdir_keeps_tokens_ports_and_state": 17,
+    "test_console_ops.py::test_switchover_from_console_is_confirmed_and_audited": 16,
+    "test_store_ha.py::test_acknowledged_writes_survive_a_primary_fault_with_one_leader": 15,
+    "test_exceptions_console.py::test_live_tail_follows_pauses_and_filters": 15,
+}
 
 
 def _shares_a_module_fixture(item: pytest.Item) -> bool:
@@ -117,7 +133,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(item.path.name))
             weight[item.nodeid] = seconds
         else:
-            weight[item.nodeid] = seconds / per_module[item.path.name]
+            long_one = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+            weight[item.nodeid] = TEST_SECONDS.get(long_one, seconds / per_module[item.path.name])
     items.sort(key=lambda item: -weight[item.nodeid])  # stable: a module's tests keep their order
     for item in items:
         item.add_marker(pytest.mark.cluster if _starts_processes(item) else pytest.mark.pure)
