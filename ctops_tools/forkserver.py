@@ -11,6 +11,11 @@ The children are the fork server's, not the caller's: the server reaps them and 
 over its socket, so `ForkedProc` answers `poll`, `wait` and `send_signal` like `subprocess.Popen`.
 Nothing in the product uses this; `ctops demo` and the benches exec their processes.
 
+What differs from an exec: /proc/<pid>/environ and /proc/<pid>/cmdline show the fork server's (the
+kernel keeps those from the last exec), and the children share its hash seed. A test about what a
+process's /proc entries reveal (e.g. the trainer's environment hidden from learner code,
+tests/test_trainer.py) execs its processes itself.
+
     python -m ctops_tools.forkserver FD    (FD: this end of the caller's socket pair)
 """
 

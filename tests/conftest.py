@@ -50,6 +50,7 @@ PROCESS_TESTS = {
     "test_watchdog.py::test_a_socket_handed_to_another_pid_is_not_taken",
     # README-claim tests of helper "claims", merged alongside
     "test_claims_sdnotify.py", "test_claims_loopwatch.py::test_a_blocked_event_loop_makes_the_process_exit",
+    "test_forkserver.py",
 }
 
 
