@@ -25,6 +25,17 @@ from trainer.fake_llm import CONTROL_TOKEN_ENV, control_token
 
 T = TypeVar("T")
 
+# How `Cluster.start` starts a process: `procs.spawn` (exec, as in production) unless a caller (the
+# test suite: ctops_tools.forkserver) hands in another function with its signature.
+Spawner = Callable[[str, list[str], str, dict[str, str]], Child]
+_spawner: Spawner = spawn
+
+
+def use_spawner(fn: Spawner | None) -> None:
+    """Start cluster processes with `fn` from now on; None: exec them again."""
+    global _spawner
+    _spawner = fn or spawn
+
 
 def agent_token_env(host: str) -> str:
     """The variable an agent (and the trainers it starts) reads its host's token from."""
@@ -177,7 +188,7 @@ class Cluster:
             argv = ctops_argv("fake-llm", "--port", str(self.ports[name]), "--name", name)
         else:
             raise ValueError(name)
-        child = spawn(name, argv, str(self.root / "logs" / f"{name}.log"), self.env)
+        child = _spawner(name, argv, str(self.root / "logs" / f"{name}.log"), self.env)
         self.children[name] = child
         return child
 

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ctops_tools.forkserver import ForkServer  # noqa: E402
+from ctops_tools.localcluster import use_spawner  # noqa: E402
 from ctops_tools.redis_embed import EmbeddedRedis, use_port_range  # noqa: E402
 
 # each pytest-xdist worker hands out ports from its own range (below the kernel's ephemeral ports,
@@ -52,6 +54,7 @@ PROCESS_TESTS = {
     "test_claims_sdnotify.py", "test_claims_loopwatch.py::test_a_blocked_event_loop_makes_the_process_exit",
     "test_cli.py::test_usage_and_store_errors_have_their_codes",
     "test_claims_loopwatch.py::test_chaos_block_stops_the_event_loop_and_the_guard_exits",
+    "test_forkserver.py",
 }
 
 
@@ -99,6 +102,22 @@ MODULE_SECONDS = {
     "test_backup.py": 5, "test_import_contracts.py": 4, "test_config.py": 4, "test_integrity_console.py": 3,
 }
 UNLISTED_SECONDS = 15
+# Single tests far longer than their module's average (same scale), so they start early rather than
+# be the last thing a worker runs while the others have finished ("module.py::name", any parametrization)
+TEST_SECONDS = {
+    "test_ops_schema.py::test_ops_api_conforms_to_its_openapi_document": 37,
+    "test_exceptions_console.py::test_trainer_exception_shows_with_its_traceback_and_can_be_triaged": 36,
+    "test_store_sentinel.py::test_replica_stopped_and_primary_killed": 27,
+    "test_spare_state.py::test_spare_state_through_a_crash_and_a_lost_spare": 23,
+    "test_store_sentinel.py::test_failover_from_the_console_is_confirmed_and_audited": 21,
+    "test_console_ops.py::test_restart_process_from_console": 20,
+    "test_demo.py::test_headless_demo_status_chaos_and_clean_stop": 19,
+    "test_herd.py::test_leader_kill_under_a_herd_loses_no_host": 17,
+    "test_demo.py::test_demo_started_again_on_its_workdir_keeps_tokens_ports_and_state": 17,
+    "test_console_ops.py::test_switchover_from_console_is_confirmed_and_audited": 16,
+    "test_store_ha.py::test_acknowledged_writes_survive_a_primary_fault_with_one_leader": 15,
+    "test_exceptions_console.py::test_live_tail_follows_pauses_and_filters": 15,
+}
 
 
 def _shares_a_module_fixture(item: pytest.Item) -> bool:
@@ -119,7 +138,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(item.path.name))
             weight[item.nodeid] = seconds
         else:
-            weight[item.nodeid] = seconds / per_module[item.path.name]
+            long_one = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+            weight[item.nodeid] = TEST_SECONDS.get(long_one, seconds / per_module[item.path.name])
     items.sort(key=lambda item: -weight[item.nodeid])  # stable: a module's tests keep their order
     for item in items:
         item.add_marker(pytest.mark.cluster if _starts_processes(item) else pytest.mark.pure)
@@ -140,6 +160,21 @@ def _pure_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.
                              "list it in PROCESS_TESTS in tests/conftest.py")
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cluster_processes_forked() -> Iterator[None]:
+    """Cluster processes are forked from a process that has imported ctops already (see
+    ctops_tools/forkserver.py): the same code from `main` on, without half a second of imports each.
+    CTOPS_TEST_EXEC=1 execs each one, as `ctops demo` and production do."""
+    if os.environ.get("CTOPS_TEST_EXEC") == "1":
+        yield
+        return
+    server = ForkServer()
+    use_spawner(server.spawn)
+    yield
+    use_spawner(None)
+    server.close()
 
 
 @pytest.fixture(scope="session")
