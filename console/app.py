@@ -33,11 +33,11 @@ from console.client import OpsError, Unreachable, Whoami
 from console.commands import bindings, commands
 from console.messages import ActionDone, ActionFailed, FetchFailed, StateFetched, WhoamiFetched
 from console.prepare import prepare
-from console.screens.confirm import Ask, ConfirmAction
+from console.screens.confirm import Ask, ConfirmAction, outage_step
 from console.screens.help import HelpScreen
 from console.source import Source
 from console.tabs import TABS, ConsoleTab, ServersTab
-from console.widgets.banner import OutageBanner, StoreBanner
+from console.widgets.banner import CapacityBanner, OutageBanner, StoreBanner
 from console.widgets.events_log import EventsLog
 from console.widgets.live_table import LiveTable
 from console.widgets.summary import ClusterSummary
@@ -110,6 +110,7 @@ class ConsoleApp(App[int]):
     def compose(self) -> ComposeResult:
         yield ClusterSummary(id="summary")
         yield OutageBanner(id="banner")
+        yield CapacityBanner(id="capacity-banner")
         yield StoreBanner(id="store-banner")
         with TabbedContent(id="tabs", initial="tab-servers"):
             for i, tab in enumerate(TABS, start=1):
@@ -130,6 +131,7 @@ class ConsoleApp(App[int]):
                 self.set_interval(1.0, partial(self._check_terminal, fd))
         self.main.query_one(OutageBanner).display = False
         self.main.query_one(StoreBanner).display = False
+        self.main.query_one(CapacityBanner).display = False
         self.main.query_one(ServersTab).fit(self.size.width, self.size.height)
         self.main.query_one(ClusterSummary).show(None, None, False)
         self.main.query_one(ServersTable).focus()
@@ -274,7 +276,14 @@ class ConsoleApp(App[int]):
                 self.notice("information", *ask.sent)
             self.perform(ask, value)
 
-        self.push_screen(ConfirmAction(ask.question, ask.detail, ask.verb, ask.field), answered)
+        def first(value: str | None) -> None:
+            if value is not None and ask.outage is not None:
+                # the last capacity: a second, explicit step; its typed name is not the action's value
+                self.push_screen(outage_step(ask), lambda typed: answered(value if typed is not None else None))
+                return
+            answered(value)
+
+        self.push_screen(ConfirmAction(ask.question, ask.detail, ask.verb, ask.field), first)
 
     # -- handlers: apply results to widgets -------------------------------------------------------
 
@@ -455,7 +464,8 @@ class ConsoleApp(App[int]):
             self._timer = None
 
     def _show_summary(self) -> None:
-        self.main.query_one(ClusterSummary).show(self.cluster, self.who, self.stale, self.paused)
+        self.main.query_one(ClusterSummary).show(self.cluster, self.who, self.stale, self.paused, self.providers)
+        self.main.query_one(CapacityBanner).show(self.cluster, self.providers)
 
     def notice(self, severity: Severity, title: str, message: str) -> None:
         self.notices.append(Notice(severity, title, message))

@@ -621,3 +621,104 @@ def test_snapshot_outage_banner(snap_compare: Callable[..., bool], request: pyte
     assert _line(lines, "⚠  ops API unreachable: fixed://training-eu: connection refused")
     assert _line(lines, "Showing the last data, from 0 s ago (stale). Retrying…")
     _servers_in_words(lines)  # the last data stays on screen
+
+
+# --- issue 17 item 1: capacity is guarded ---------------------------------------------------------
+
+def _confirm_text(app: ConsoleApp) -> str:
+    screen = app.screen
+    assert isinstance(screen, ConfirmAction)
+    return f"{screen.question}\n{screen.detail}"
+
+
+def three_servers(*states: str) -> ClusterState:
+    base = fixed_state(3)
+    return base.model_copy(update={"servers": [_server(i + 1, st) for i, st in enumerate(states)]})
+
+
+async def test_disabling_the_last_server_asks_twice_and_shows_no_capacity() -> None:
+    source = fixed_source(three_servers("disabled", "disabled", "up"))
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        assert not app.query_one("#capacity-banner").display
+        await select_row(pilot, app, "trainer-3")
+        await pilot.press("x")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        first = _confirm_text(app)
+        assert "0 of 3 servers in rotation after this" in first and "NO CAPACITY" in first
+        assert "move to other servers" not in first  # there are none
+        await pilot.press("y")
+        await until(pilot, "the second step", lambda: isinstance(app.screen, ConfirmAction)
+                    and "outage" in app.screen.question)
+        second = _confirm_text(app)
+        assert "last server in rotation" in second and "503" in second
+        await pilot.press("y", "enter")  # a reflex does not pass the second step: the name must be typed
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmAction) and source.current.servers[2].admin == "enabled"
+        await pilot.press("backspace", *"trainer-3", "enter")
+        await until(pilot, "trainer-3 disabled", lambda: shown_state(app, "trainer-3") == "disabled")
+        banner = app.query_one("#capacity-banner", Static)
+        await until(pilot, "the NO CAPACITY banner", lambda: banner.display)
+        assert "NO CAPACITY" in static_text(banner) and "503" in static_text(banner)
+        header = static_text(app.query_one("#summary", Static))
+        assert "servers 3: 3 ○ disabled NO CAPACITY" in header
+        # capacity back: the banner goes
+        await pilot.press("e")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        assert "1 of 3 servers in rotation after this" in _confirm_text(app)
+        await pilot.press("y")
+        await until(pilot, "banner gone", lambda: not banner.display)
+
+
+async def test_cancelling_the_outage_step_changes_nothing() -> None:
+    source = fixed_source(three_servers("down", "disabled", "up"))
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await select_row(pilot, app, "trainer-3")
+        await pilot.press("d", "y")
+        await until(pilot, "the second step", lambda: isinstance(app.screen, ConfirmAction)
+                    and "outage" in app.screen.question)
+        await pilot.press("escape")
+        await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+        assert source.current.servers[2].admin == "enabled"
+
+
+async def test_every_server_confirmation_counts_what_stays_in_rotation() -> None:
+    app = fixed_app()  # 12 servers: 7 up, 1 suspect in rotation
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        for row, key, words in (("trainer-1", "d", "7 of 12 servers"), ("trainer-8", "e", "9 of 12 servers"),
+                                ("trainer-5", "x", "8 of 12 servers")):
+            await select_row(pilot, app, row)
+            await pilot.press(key)
+            await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+            assert f"{words} in rotation after this." in _confirm_text(app)
+            await pilot.press("n")
+            await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+
+
+async def test_disabling_the_last_llm_provider_asks_twice_and_the_header_says_so() -> None:
+    app = fixed_app()  # primary is down (breaker open); secondary is the only one serving
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        header = static_text(app.query_one("#summary", Static))
+        assert "llm 1/2 in rotation" in header
+        await pilot.press("5")
+        await until(pilot, "llm tab", lambda: app.active_tab == "llm")
+        providers = app.query_one("#providers", LiveTable)
+        providers.move_cursor(row=providers.get_row_index("secondary"))
+        await pilot.press("x")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        text = _confirm_text(app)
+        assert "0 of 2 providers in rotation after this" in text and "next provider" not in text
+        await pilot.press("y")
+        await until(pilot, "the second step", lambda: isinstance(app.screen, ConfirmAction)
+                    and "outage" in app.screen.question)
+        assert "reviews cannot be served" in _confirm_text(app)
+        await pilot.press(*"secondary", "enter")
+        banner = app.query_one("#capacity-banner", Static)
+        await until(pilot, "the NO LLM CAPACITY banner", lambda: banner.display)
+        assert "NO LLM CAPACITY" in static_text(banner)
+        assert "llm 0/2 in rotation" in static_text(app.query_one("#summary", Static))
