@@ -722,3 +722,69 @@ async def test_disabling_the_last_llm_provider_asks_twice_and_the_header_says_so
         await until(pilot, "the NO LLM CAPACITY banner", lambda: banner.display)
         assert "NO LLM CAPACITY" in static_text(banner)
         assert "llm 0/2 in rotation" in static_text(app.query_one("#summary", Static))
+
+
+# --- issue 17 item 2: only true data is shown as current ------------------------------------------
+
+def test_a_disabled_server_keeps_its_fault_next_to_the_admin_state() -> None:
+    from dispatcher.pool import Backend
+    from dispatcher.runtime import diagnose
+
+    silent = HostView(name="host-2", state="lost", heartbeat_age_ms=40_000)
+    b = Backend("trainer-2", "127.0.0.1", 1, server_host="host-2", health="up", admin="disabled")
+    assert diagnose(b, silent) == ("agent fault", "disabled by staff; server answers but agent host-2 is silent")
+    healthy = HostView(name="host-2", state="alive", heartbeat_age_ms=300)
+    assert diagnose(b, healthy) == ("admin", "disabled by staff")
+
+
+async def test_old_errors_clear_and_current_ones_carry_their_age() -> None:
+    state = fixed_state(3)
+    servers = [
+        # up again after a refused connection at start-up: that error is no longer true
+        _server(1, last_error="health check failed: ConnectionRefusedError(111)"),
+        _server(2, "down", last_error="connection refused", since_ms=T0 - 95_000),
+        _server(3, "disabled", last_error="health check failed: ConnectionRefusedError(111)"),
+    ]
+    app = fixed_app(state.model_copy(update={"servers": servers}))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        t = table(app)
+        assert t.get_cell("trainer-1", "error").plain == ""
+        assert t.get_cell("trainer-3", "error").plain == ""
+        assert t.get_cell("trainer-2", "error").plain == "1m connection refused"
+
+
+async def test_processes_on_a_lost_host_are_unknown_with_last_known_values_labelled() -> None:
+    state = fixed_state(3)
+    hosts = list(state.hosts)
+    hosts[1] = hosts[1].model_copy(update={"state": "lost", "heartbeat_age_ms": 47_000})
+    app = fixed_app(state.model_copy(update={"hosts": hosts}))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await pilot.press("2")
+        await until(pilot, "hosts tab", lambda: app.active_tab == "hosts")
+        t = app.query_one(ProcessesTable)
+        lost = "host-2/trainer-2"
+        state_cell = t.get_cell(lost, "state")
+        assert state_cell.plain == "? unknown" and "dim" in str(state_cell.text.style)
+        assert t.get_cell(lost, "pid").plain == "—" and t.get_cell(lost, "cpu").plain == "—"
+        detail = t.get_cell(lost, "last_exit")
+        assert detail.plain.startswith("last known 47s ago: running, pid 4002") and "dim" in str(detail.text.style)
+        assert t.get_cell("host-1/trainer-1", "state").plain == "● running"  # an alive host's stay as they are
+
+
+async def test_stale_header_says_last_known_for_every_figure() -> None:
+    source = fixed_source()
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        header = static_text(app.query_one("#summary", Static))
+        assert "dispatchers 1/2 healthy" in header and "last known" not in header
+        source.reachable = False
+        app.action_refresh_now()
+        await until(pilot, "stale", lambda: app.stale)
+        header = static_text(app.query_one("#summary", Static))
+        assert "STALE" in header
+        for figure in ("dispatchers 1/2 healthy", "servers 12:", "hosts 12:", "llm 1/2 in rotation"):
+            assert f"last known {figure}" in header, header
+        assert "leader A" not in header.replace("last known leader A", "")
