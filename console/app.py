@@ -30,7 +30,8 @@ from textual.timer import Timer
 from textual.widgets import Footer, TabbedContent
 
 from console.client import OpsError, Unreachable, Whoami
-from console.commands import bindings, commands
+from console.commands import allowed, bindings, commands
+from console.format import error_sentence
 from console.messages import ActionDone, ActionFailed, FetchFailed, StateFetched, WhoamiFetched
 from console.prepare import prepare
 from console.screens.confirm import Ask, ConfirmAction, outage_step
@@ -80,8 +81,10 @@ class ConsoleApp(App[int]):
         keymap: Mapping[str, str] | None = None,
         handle_sighup: bool = False,
         on_applied: Callable[[Applied], None] | None = None,
+        token_from: str = "--token",
     ) -> None:
         super().__init__()
+        self.token_from = token_from  # where the token came from, for a 401's sentence
         self.source = source
         self.interval = interval
         self.keymap_overrides = dict(keymap or {})
@@ -167,6 +170,10 @@ class ConsoleApp(App[int]):
         return self.screen_stack[0]
 
     @property
+    def role(self) -> str | None:
+        return self.who.role if self.who else None
+
+    @property
     def active_tab(self) -> str:
         return (self.main.query_one(TabbedContent).active or "tab-servers").removeprefix("tab-")
 
@@ -189,7 +196,9 @@ class ConsoleApp(App[int]):
             self.post_message(FetchFailed(str(exc), unreachable=True))
             return
         except OpsError as exc:
-            self.post_message(FetchFailed(str(exc), unreachable=False))
+            self.post_message(FetchFailed(self._token_sentence(exc) if exc.status == 401
+                                          else f"{exc.status} {error_sentence(exc.error, exc.detail)}",
+                                          unreachable=False))
             return
         except Exception as exc:  # noqa: BLE001 - a bad answer must not kill the console
             self.post_message(FetchFailed(f"{type(exc).__name__}: {exc}", unreachable=False))
@@ -241,6 +250,12 @@ class ConsoleApp(App[int]):
         except Exception as exc:  # noqa: BLE001
             return None, f"{type(exc).__name__}: {exc}"
 
+    def _token_sentence(self, exc: OpsError) -> str:
+        where = getattr(self.source, "current_url", None) or self.source.describe()
+        return (f"{where} rejected the token from {self.token_from} (401: {error_sentence(exc.error)}) "
+                "Pass a valid operator or viewer token with --token TOKEN or the CTOPS_TOKEN environment "
+                "variable, then start the console again.")
+
     @work(exclusive=True, group="whoami")
     async def fetch_whoami(self) -> None:
         try:
@@ -254,7 +269,8 @@ class ConsoleApp(App[int]):
         try:
             done = await ask.call(value)
         except OpsError as exc:
-            self.post_message(ActionFailed(ask.target, ask.action, exc.status, str(exc), ask.what))
+            self.post_message(ActionFailed(ask.target, ask.action, exc.status, error_sentence(exc.error, exc.detail),
+                                           ask.what))
         except Unreachable as exc:
             self.post_message(ActionFailed(ask.target, ask.action, None, str(exc), ask.what))
         except Exception as exc:  # noqa: BLE001
@@ -390,6 +406,7 @@ class ConsoleApp(App[int]):
     def _whoami_fetched(self, msg: WhoamiFetched) -> None:
         self.who = msg.who
         self._show_summary()
+        self.refresh_bindings()  # the footer drops what this role may not do
 
     @on(ActionDone)
     def _action_done(self, msg: ActionDone) -> None:
@@ -406,10 +423,11 @@ class ConsoleApp(App[int]):
             504: "No answer in time",
             None: "Ops API unreachable",
         }.get(msg.status, f"{msg.action.capitalize()} failed")
-        text = f"Could not {msg.action} {msg.target}: {msg.reason}"
+        text = f"Could not {msg.action} {msg.target}. {msg.reason}"
         if msg.status == 403:
             role = f"role {self.who.role}" if self.who else "this token"
-            text = f"Your token ({role}) may not {msg.action} {msg.what}; nothing changed. ({msg.reason})"
+            text = (f"Your token ({role}) may not {msg.action} {msg.what}; nothing changed. "
+                    "An operator token may.")
         self.notice("error", title, text)
         self.action_refresh_now()
 
@@ -438,17 +456,17 @@ class ConsoleApp(App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.keymap_overrides))
+            self.push_screen(HelpScreen(self.keymap_overrides, self.role))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for c in commands():
-            if c.palette:
+            if c.palette and allowed(c, self.role):
                 title = f"Show {c.title}" if c.id.startswith("console.tab.") else c.title
                 yield SystemCommand(title, c.help, partial(self.run_action, c.action))
         tab = self.tab()
         for c in commands(tab.NAME):
-            if c.palette:
+            if c.palette and allowed(c, self.role):
                 yield SystemCommand(c.title + tab.PALETTE_SUFFIX, c.help, partial(self.run_action, c.action, tab))
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -498,6 +516,8 @@ def create_app(
     keymap: Mapping[str, str] | None = None,
     handle_sighup: bool = False,
     on_applied: Callable[[Applied], None] | None = None,
+    token_from: str = "--token",
 ) -> ConsoleApp:
     """The app factory: production passes a ConsoleClient, tests a FixedSource (no network)."""
-    return ConsoleApp(source, interval=interval, keymap=keymap, handle_sighup=handle_sighup, on_applied=on_applied)
+    return ConsoleApp(source, interval=interval, keymap=keymap, handle_sighup=handle_sighup, on_applied=on_applied,
+                      token_from=token_from)

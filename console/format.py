@@ -528,6 +528,29 @@ def event_line(e: Event) -> Text:
     )
 
 
+# --- errors as sentences ------------------------------------------------------------------------------
+
+def error_sentence(error: str, detail: object | None = None) -> str:
+    """An ops API error ({"error", "detail"}) as one sentence for a person: never a raw dict or list."""
+    text = error.strip().rstrip(".") or "error"
+    extra = _detail_words(detail)
+    if extra:
+        text += f": {extra}"
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def _detail_words(detail: object | None) -> str:
+    if detail is None or detail == "":
+        return ""
+    if isinstance(detail, dict):
+        if set(detail) == {"needs"}:  # a 403 says the grant it needs
+            return f"that needs the '{detail['needs']}' grant"
+        return "; ".join(f"{str(k).replace('_', ' ')} {_detail_words(v)}" for k, v in detail.items())
+    if isinstance(detail, list | tuple):
+        return "; ".join(_detail_words(d) for d in detail)
+    return str(detail)
+
+
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """trainer-2 sorts before trainer-10."""
     return tuple((0, int(t)) if t.isdigit() else (1, t) for t in _DIGITS.split(name) if t)

@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static, TabPane
 
-from console.commands import TAB_TITLES, bindings
+from console.commands import TAB_TITLES, bindings, permitted
 from console.format import split_process_key, store_summary
 from console.messages import ActionDone, StateFetched
 from console.screens.confirm import Ask, provider_effect, server_question
@@ -61,6 +61,10 @@ class ConsoleTab(TabPane):
 
     def warn(self, title: str, message: str) -> None:
         self.console.notice("warning", title, message)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # a role that may not act never sees the action (footer, keys); console/commands.py decides
+        return permitted(self.console.role, action, self.NAME)
 
 
 class ServersTab(ConsoleTab):
