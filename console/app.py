@@ -25,9 +25,10 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.events import Resize
-from textual.screen import Screen
+from textual.notifications import Notification, Notify
+from textual.screen import ModalScreen, Screen
 from textual.timer import Timer
-from textual.widgets import Footer, TabbedContent
+from textual.widgets import Footer, Static, TabbedContent
 
 from console.client import OpsError, Unreachable, Whoami
 from console.commands import allowed, bindings, commands
@@ -36,6 +37,7 @@ from console.messages import ActionDone, ActionFailed, FetchFailed, StateFetched
 from console.prepare import prepare
 from console.screens.confirm import Ask, ConfirmAction, outage_step
 from console.screens.help import HelpScreen
+from console.screens.notices import Notice, NoticesScreen
 from console.source import Source
 from console.tabs import TABS, ConsoleTab, ServersTab
 from console.widgets.banner import CapacityBanner, OutageBanner, StoreBanner
@@ -50,13 +52,13 @@ Severity = Literal["information", "warning", "error"]
 EVENTS_PAGE = 200
 EVENT_PAGES_PER_CYCLE = 5  # a burst larger than this is caught up over the next cycles
 PROVIDERS_RETRY_CYCLES = 30  # after a 404 (no LLM pool on this dispatcher), ask again this rarely
+NEWS_MS = 60_000  # an event older than this (cluster clock) is history: listed, not announced
+FLASH_S = {"information": 8.0, "warning": 15.0, "error": 30.0}
 
 
-@dataclass(frozen=True, slots=True)
-class Notice:
-    severity: Severity
-    title: str
-    message: str
+def incident(ask: Ask) -> str:
+    """Notices about one action are one incident; every leadership move is the leader incident."""
+    return "leader" if ask.what == "dispatchers" else f"action:{ask.action}:{ask.target}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,10 @@ class ConsoleApp(App[int]):
         self.paused = False
         self.applied = 0  # states applied so far: tests wait on it instead of sleeping
         self.failures = 0
-        self.notices: deque[Notice] = deque(maxlen=50)  # what the toasts said, newest last
+        self.notices: deque[Notice] = deque(maxlen=200)  # what the console said (N shows it), newest last
+        self._toasts: dict[str, Notification] = {}  # the toast shown per incident, replaced by the next
+        self._flash_timer: Timer | None = None
+        self._noticed_events: deque[str] = deque(maxlen=2000)  # event ids already noticed (any dispatcher)
         self.events_seen: deque[Event] = deque(maxlen=500)  # what the events pane shows, newest last
         self._event_cursor: str | None = None
         self._events_primed = False  # the backlog shown at start is not toasted
@@ -118,6 +123,7 @@ class ConsoleApp(App[int]):
         with TabbedContent(id="tabs", initial="tab-servers"):
             for i, tab in enumerate(TABS, start=1):
                 yield tab(i)
+        yield Static("", id="flash")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -276,6 +282,7 @@ class ConsoleApp(App[int]):
         except Exception as exc:  # noqa: BLE001
             self.post_message(ActionFailed(ask.target, ask.action, None, f"{type(exc).__name__}: {exc}", ask.what))
         else:
+            done.key = done.key or incident(ask)
             self.post_message(done)
         if ask.then is not None:
             ask.then()
@@ -289,7 +296,7 @@ class ConsoleApp(App[int]):
             if value is None:
                 return
             if ask.sent is not None:
-                self.notice("information", *ask.sent)
+                self.notice("information", *ask.sent, key=incident(ask))
             self.perform(ask, value)
 
         def first(value: str | None) -> None:
@@ -299,6 +306,8 @@ class ConsoleApp(App[int]):
                 return
             answered(value)
 
+        self.clear_notifications()  # no toast covers the dialog's buttons; the flash line and N keep them
+        self._toasts.clear()
         self.push_screen(ConfirmAction(ask.question, ask.detail, ask.verb, ask.field), first)
 
     # -- handlers: apply results to widgets -------------------------------------------------------
@@ -354,12 +363,12 @@ class ConsoleApp(App[int]):
             return
         if state.leader is None:
             self.notice("error", "No leader",
-                        f"Dispatcher {before} no longer leads and no standby has taken over yet.")
+                        f"Dispatcher {before} no longer leads and no standby has taken over yet.", key="leader")
         else:
             epoch = next((d.epoch for d in state.dispatchers if d.name == state.leader), None)
             tail = f" (epoch {epoch})" if epoch is not None else ""
             self.notice("warning", "Leader changed",
-                        f"Dispatcher {state.leader} now leads{tail}; before: {before or 'none'}.")
+                        f"Dispatcher {state.leader} now leads{tail}; before: {before or 'none'}.", key="leader")
         self._leader_announced = state.leader
 
     def _events(self, events: list[Event]) -> None:
@@ -376,17 +385,29 @@ class ConsoleApp(App[int]):
         if not self._events_primed:
             self._events_primed = True
             return
-        critical = [e for e in events if e.severity == "critical"]
+        # an event is news once: not again from the other dispatcher's stream after a failover, and not
+        # when it is already old (a backlog caught up late)
+        now = self.cluster.now_ms if self.cluster else None
+        fresh = [e for e in events if e.event_id not in self._noticed_events
+                 and (now is None or now - e.ts_ms <= NEWS_MS)]
+        self._noticed_events.extend(e.event_id for e in events)
+        critical = [e for e in fresh if e.severity == "critical"]
         if len(critical) > 5:
             kinds = ", ".join(sorted({e.kind for e in critical}))
-            self.notice("error", f"{len(critical)} critical events", f"{kinds}. See the Events tab (3).")
+            self.notice("error", f"{len(critical)} critical events", f"{kinds}. See the Events tab (3).",
+                        key="events:burst")
         else:
             for e in critical:
-                self.notice("error", f"{e.kind}: {e.target or e.source}", e.message)
-        for e in events:
+                # one incident per target: a later event about it (host back, server up) replaces this one
+                self.notice("error", f"{e.kind}: {e.target or e.source}", e.message,
+                            key=f"event:{e.target or e.source}")
+        for e in fresh:
+            if e.severity != "critical" and e.target and f"event:{e.target}" in self._toasts:
+                self.notice(e.severity if e.severity == "warning" else "information",  # type: ignore[arg-type]
+                            f"{e.kind}: {e.target}", e.message, key=f"event:{e.target}")
             if e.kind == "leader_changed" and e.target and e.target != self._leader_announced:
                 self._leader_announced = e.target
-                self.notice("warning", "Leader changed", e.message)
+                self.notice("warning", "Leader changed", e.message, key="leader")
 
     @on(FetchFailed)
     def _fetch_failed(self, msg: FetchFailed) -> None:
@@ -410,7 +431,7 @@ class ConsoleApp(App[int]):
 
     @on(ActionDone)
     def _action_done(self, msg: ActionDone) -> None:
-        self.notice(msg.severity, msg.title, msg.message)  # type: ignore[arg-type]
+        self.notice(msg.severity, msg.title, msg.message, key=msg.key)  # type: ignore[arg-type]
         self.action_refresh_now()
 
     @on(ActionFailed)
@@ -485,9 +506,41 @@ class ConsoleApp(App[int]):
         self.main.query_one(ClusterSummary).show(self.cluster, self.who, self.stale, self.paused, self.providers)
         self.main.query_one(CapacityBanner).show(self.cluster, self.providers)
 
-    def notice(self, severity: Severity, title: str, message: str) -> None:
-        self.notices.append(Notice(severity, title, message))
-        self.notify(Text(message).markup, title=title, severity=severity, timeout=10 if severity == "error" else 5)
+    def notice(self, severity: Severity, title: str, message: str, key: str | None = None) -> None:
+        """Tell staff: always in the history (N) and the flash line; an error also as a toast, unless a
+        dialog is open (a toast must not cover it). One toast per incident (`key`): the next notice
+        of the same incident replaces it, so a resolved alarm does not stay up."""
+        n = Notice(severity, title, message, key, int(time.time() * 1000))
+        self.notices.append(n)
+        self._flash(n)
+        old = self._toasts.pop(key, None) if key else None
+        if old is not None and old in self._notifications:
+            self._unnotify(old)  # Textual's own removal of one notification
+        if severity != "error" or isinstance(self.screen, ModalScreen):
+            return
+        toast = Notification(Text(message).markup, title, severity, 10)
+        self.post_message(Notify(toast))
+        if key:
+            self._toasts[key] = toast
+
+    def _flash(self, n: Notice) -> None:
+        glyph, style = {"error": ("✖", "bold red"), "warning": ("▲", "yellow")}.get(n.severity, ("·", ""))
+        flash = self.main.query("#flash")
+        if not flash:
+            return
+        flash.first(Static).update(Text.assemble((f"{glyph} {n.title}", style), ": ", n.message,
+                                                 ("   (N: all notices)", "dim"), no_wrap=True, overflow="ellipsis"))
+        if self._flash_timer is not None:
+            self._flash_timer.stop()
+        self._flash_timer = self.set_timer(FLASH_S[n.severity], self._clear_flash)
+
+    def _clear_flash(self) -> None:
+        for flash in self.main.query("#flash"):
+            flash.update("")  # type: ignore[attr-defined]
+
+    def action_notices(self) -> None:
+        if not isinstance(self.screen, NoticesScreen):
+            self.push_screen(NoticesScreen(self.notices, int(time.time() * 1000)))
 
     def tables(self) -> list[LiveTable]:
         return list(self.main.query(LiveTable))

@@ -97,6 +97,9 @@ COMMANDS: tuple[Command, ...] = (
     # everywhere
     Command("console.exceptions", "E", "exceptions", "Exceptions",
             "Open exceptions triage: groups, tracebacks, ack / resolve / mute / assign, live tail.", footer=False),
+    Command("console.notices", "N", "notices", "Notices",
+            "Show every notice the console gave (actions, leader changes, critical events), newest first.",
+            footer=False),
     Command("console.refresh", "r", "refresh_now", "Refresh", "Fetch the cluster state now."),
     Command("console.pause", "p", "toggle_pause", "Pause",
             "Pause or resume the live refresh (the tables stay as they are)."),

@@ -518,13 +518,26 @@ def quarantine_rows(items: list[QuarantinedRecord]) -> dict[str, Raw]:
 
 # --- events ----------------------------------------------------------------------------------------
 
-def event_line(e: Event) -> Text:
+def event_line(e: Event, wrap: bool = False) -> Text:
+    """One event; `wrap`: the whole message over as many lines as the width needs (else cut with …)."""
     glyph, style = SEVERITY_STYLE.get(e.severity, ("?", ""))
     stamp = datetime.fromtimestamp(e.ts_ms / 1000, LOCAL_TZ).strftime("%H:%M:%S")
     target = e.target or ""
     return Text.assemble(
         (stamp, "dim"), " ", (f"{glyph} {e.kind:<18}", style), " ", (f"{target:<12}", "bold"), " ", e.message,
-        (f"  ({e.source})", "dim"), no_wrap=True, overflow="ellipsis",
+        (f"  ({e.source})", "dim"), no_wrap=not wrap, overflow="fold" if wrap else "ellipsis",
+    )
+
+
+def event_detail(e: Event) -> Text:
+    """Every field of an event, the message in full."""
+    glyph, style = SEVERITY_STYLE.get(e.severity, ("?", ""))
+    when = datetime.fromtimestamp(e.ts_ms / 1000, LOCAL_TZ).strftime("%Y-%m-%d %H:%M:%S")
+    return Text.assemble(
+        ("When      ", "dim"), when, "\n", ("Severity  ", "dim"), (f"{glyph} {e.severity}", style), "\n",
+        ("Kind      ", "dim"), (e.kind, "bold"), "\n", ("Target    ", "dim"), (e.target or "—", "bold"), "\n",
+        ("Source    ", "dim"), e.source, "\n", ("Event id  ", "dim"), f"{e.event_id} (stream {e.id})", "\n\n",
+        e.message,
     )
 
 
