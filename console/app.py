@@ -84,8 +84,10 @@ class ConsoleApp(App[int]):
         handle_sighup: bool = False,
         on_applied: Callable[[Applied], None] | None = None,
         token_from: str = "--token",
+        theme: str | None = None,
     ) -> None:
         super().__init__()
+        self.theme_name = theme
         self.token_from = token_from  # where the token came from, for a 401's sentence
         self.source = source
         self.interval = interval
@@ -127,6 +129,12 @@ class ConsoleApp(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.theme_name:
+            if self.theme_name not in self.available_themes:
+                self.notice("warning", "Unknown theme", f"No theme {self.theme_name!r}; themes: "
+                            f"{', '.join(sorted(self.available_themes))}. The default is used.")
+            else:
+                self.theme = self.theme_name
         if self.keymap_overrides:
             self.set_keymap(self.keymap_overrides)
         if self.handle_sighup:
@@ -570,7 +578,8 @@ def create_app(
     handle_sighup: bool = False,
     on_applied: Callable[[Applied], None] | None = None,
     token_from: str = "--token",
+    theme: str | None = None,
 ) -> ConsoleApp:
     """The app factory: production passes a ConsoleClient, tests a FixedSource (no network)."""
     return ConsoleApp(source, interval=interval, keymap=keymap, handle_sighup=handle_sighup, on_applied=on_applied,
-                      token_from=token_from)
+                      token_from=token_from, theme=theme)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from console import settings
 from console.client import ConsoleClient
 from ctops import statefile
 
@@ -35,7 +36,8 @@ def token_origin(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         urls, token = target(args)
-    except statefile.StateFileError as exc:
+        conf = settings.load(getattr(args, "config", None))
+    except (statefile.StateFileError, settings.SettingsError) as exc:
         print(f"ctops console: {exc}", file=sys.stderr)
         return 2
     if not urls:
@@ -46,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
     # worker threads parse the state; hand the GIL back to the UI thread every 1 ms, not 5 ms
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    app = create_app(ConsoleClient(urls, token), handle_sighup=True, token_from=token_origin(args))
+    app = create_app(ConsoleClient(urls, token), handle_sighup=True, token_from=token_origin(args),
+                     interval=conf.refresh, keymap=conf.keymap, theme=conf.theme)
     return int(app.run() or 0)

@@ -841,3 +841,62 @@ def test_errors_read_as_sentences() -> None:
     assert error_sentence("role 'viewer' may not do this", {"needs": "act"}) == \
         "Role 'viewer' may not do this: that needs the 'act' grant."
     assert "{" not in error_sentence("invalid request", [{"field": "minutes", "problem": "not a number"}])
+
+
+# --- issue 17 item 8: the settings file ------------------------------------------------------------
+
+def test_settings_file_is_read_and_bad_ones_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from console import settings
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert settings.load() == settings.Settings()  # no file: the defaults
+    conf = tmp_path / "ctops" / "console.toml"
+    conf.parent.mkdir()
+    conf.write_text('refresh = 2.5\ntheme = "ansi"\n[keys]\n"console.drain" = "ctrl+d"\n')
+    s = settings.load()
+    assert (s.refresh, s.theme, s.keymap) == (2.5, "ansi-dark", {"console.drain": "ctrl+d"})
+    for text, words in (('[keys]\n"console.dran" = "z"\n', "no binding 'console.dran'"),
+                        ("refresh = 0\n", "refresh must be a number of seconds"),
+                        ("colour = 1\n", "unknown setting(s) colour"),
+                        ("refresh = \n", "not valid TOML")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(settings.SettingsError, match=re.escape(words)):
+            settings.load(str(bad))
+    with pytest.raises(settings.SettingsError, match="no such settings file"):
+        settings.load(str(tmp_path / "absent.toml"))
+
+
+def test_console_refuses_a_bad_settings_file_before_starting(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from console.main import run
+
+    bad = tmp_path / "console.toml"
+    bad.write_text('[keys]\n"console.nothing" = "z"\n')
+    args = argparse.Namespace(url=[f"http://127.0.0.1:{free_port()}"], token="t", state_file="", config=str(bad))
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "no binding 'console.nothing'" in err and str(bad) in err
+
+
+async def test_settings_remap_keys_set_the_refresh_and_a_16_colour_theme() -> None:
+    from textual.filter import ANSIToTruecolor
+
+    app = create_app(fixed_source(), interval=2.5, keymap={"console.drain": "ctrl+d"}, theme="ansi-dark")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        assert app.interval == 2.5 and app.theme == "ansi-dark"
+        # the terminal's own 16 colours are used as they are: red stays the terminal's red
+        assert not any(f.enabled for f in app._filters if isinstance(f, ANSIToTruecolor))
+        await pilot.press("d")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmAction)
+        await pilot.press("ctrl+d")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        await pilot.press("n")
+        await pilot.press("question_mark")
+        await until(pilot, "help", lambda: isinstance(app.screen, HelpScreen))
+        text = static_text(app.screen.query_one("#help-keys", Static))
+        assert "ctrl+d" in _line(text.splitlines(), "Drain") and "console.drain" in text

@@ -25,7 +25,9 @@ def help_table(keymap: Mapping[str, str], role: str | None = None) -> Table:
     for c in COMMANDS:
         if not allowed(c, role):
             continue  # a viewer is not offered what its token may not do
-        t.add_row(display_key(c.key_in(keymap)), c.title, TAB_TITLES[c.tab] if c.tab else "anywhere", c.help)
+        # the binding id is what console.toml's [keys] remaps
+        t.add_row(display_key(c.key_in(keymap)), c.title, TAB_TITLES[c.tab] if c.tab else "anywhere",
+                  f"{c.help} [dim]{c.id}[/dim]")
     t.add_row("↑ ↓ PgUp PgDn", "Move", "tables", "Select a row (actions apply to the selected row).")
     t.add_row("ctrl+p", "Palette", "anywhere", "Search and run any command of the current tab.")
     return t
