@@ -149,6 +149,7 @@ class ConsoleApp(App[int]):
         self.main.query_one(OutageBanner).display = False
         self.main.query_one(StoreBanner).display = False
         self.main.query_one(CapacityBanner).display = False
+        self.main.query_one("#flash").display = False
         self.main.query_one(ServersTab).fit(self.size.width, self.size.height)
         self.main.query_one(ClusterSummary).show(None, None, False)
         self.main.query_one(ServersTable).focus()
@@ -536,15 +537,17 @@ class ConsoleApp(App[int]):
         flash = self.main.query("#flash")
         if not flash:
             return
-        flash.first(Static).update(Text.assemble((f"{glyph} {n.title}", style), ": ", n.message,
-                                                 ("   (N: all notices)", "dim"), no_wrap=True, overflow="ellipsis"))
+        line = flash.first(Static)
+        line.update(Text.assemble((f"{glyph} {n.title}", style), ": ", n.message, ("   (N: all notices)", "dim"),
+                                  no_wrap=True, overflow="ellipsis"))
+        line.display = True
         if self._flash_timer is not None:
             self._flash_timer.stop()
         self._flash_timer = self.set_timer(FLASH_S[n.severity], self._clear_flash)
 
     def _clear_flash(self) -> None:
         for flash in self.main.query("#flash"):
-            flash.update("")  # type: ignore[attr-defined]
+            flash.display = False  # its row goes back to the tables
 
     def action_notices(self) -> None:
         if not isinstance(self.screen, NoticesScreen):

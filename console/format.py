@@ -283,8 +283,8 @@ def server_raw(s: ServerView, now_ms: int | None = None) -> Raw:
     if s.diagnosis not in ("ok", "admin") and s.diagnosis_detail:
         details.append(s.diagnosis_detail)
     if s.last_error and s.health != "up":
-        since = f"{ago(now_ms - s.since_ms)} " if now_ms is not None and s.since_ms else ""
-        details.append(f"{since}{s.last_error}" if since else s.last_error)
+        since = f" (for {ago(now_ms - s.since_ms)})" if now_ms is not None and s.since_ms else ""
+        details.append(s.last_error + since)
     return (
         s.name,
         s.state,

@@ -573,7 +573,8 @@ def _servers_in_words(lines: list[str]) -> None:
     assert "✖ down" in _line(lines, "trainer-6 ", "software fault")
     assert "◐ draining" in _line(lines, "trainer-7 ") and "○ disabled" in _line(lines, "trainer-8 ")
     assert "93%" in _line(lines, "trainer-10 ")
-    assert "training-eu" in lines[0] and "leader A" in lines[0] and "dispatchers 1/2 healthy" in lines[0]
+    header = " ".join(lines[:4])
+    assert "training-eu" in lines[0] and "leader A" in lines[0] and "dispatchers 1/2 healthy" in header
     assert _line(lines, "servers 12:", "7 ● up", "1 ▲ suspect", "2 ✖ down")
     assert _line(lines, "d Drain", "x Disable", "e Enable")
 
@@ -627,6 +628,7 @@ def test_snapshot_outage_banner(snap_compare: Callable[..., bool], request: pyte
     assert _line(lines, "⚠  ops API unreachable: fixed://training-eu: connection refused")
     assert _line(lines, "Showing the last data, from 0 s ago (stale). Retrying…")
     _servers_in_words(lines)  # the last data stays on screen
+    assert "last known dispatchers 1/2 healthy" in " ".join(lines[:4])  # no figure reads as current
 
 
 # --- issue 17 item 1: capacity is guarded ---------------------------------------------------------
@@ -757,7 +759,7 @@ async def test_old_errors_clear_and_current_ones_carry_their_age() -> None:
         t = table(app)
         assert t.get_cell("trainer-1", "error").plain == ""
         assert t.get_cell("trainer-3", "error").plain == ""
-        assert t.get_cell("trainer-2", "error").plain == "1m connection refused"
+        assert t.get_cell("trainer-2", "error").plain == "connection refused (for 1m)"
 
 
 async def test_processes_on_a_lost_host_are_unknown_with_last_known_values_labelled() -> None:
@@ -900,3 +902,124 @@ async def test_settings_remap_keys_set_the_refresh_and_a_16_colour_theme() -> No
         await until(pilot, "help", lambda: isinstance(app.screen, HelpScreen))
         text = static_text(app.screen.query_one("#help-keys", Static))
         assert "ctrl+d" in _line(text.splitlines(), "Drain") and "console.drain" in text
+
+
+# --- snapshots of issue 17's views and dialogs (80x24 and 200x50) ----------------------------------
+
+SIZES = [(80, 24), (200, 50)]
+
+
+def no_capacity_app() -> ConsoleApp:
+    providers = [p.model_copy(update={"disabled": True, "state": "disabled"}) if p.name == "secondary" else p
+                 for p in fixed_providers()]
+    source = FixedSource(three_servers("disabled", "disabled", "disabled"), events=fixed_events(),
+                         providers=providers)
+    return create_app(source, interval=3600)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_no_capacity(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                              size: tuple[int, int]) -> None:
+    assert snap_compare(no_capacity_app(), terminal_size=size, run_before=_loaded)
+    lines = snapshot_lines(request)
+    assert _line(lines, "✖ NO CAPACITY")
+    assert _line(lines, "✖ NO LLM CAPACITY")
+    assert _line(lines, "servers 3: 3 ○ disabled", "NO CAPACITY")
+    assert _line(lines, "llm 0/2 in rotation")
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_outage_step(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                              size: tuple[int, int]) -> None:
+    app = create_app(fixed_source(three_servers("disabled", "down", "up")), interval=3600)
+
+    async def second_step(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.press("down", "down", "x", "y")
+        await until(pilot, "the second step", lambda: isinstance(app.screen, ConfirmAction)
+                    and "outage" in app.screen.question)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=second_step)
+    screen = " ".join(" ".join(snapshot_lines(request)).split())
+    assert "This causes an outage." in screen and "Disable trainer-3?" in screen
+    assert "last server in rotation" in screen and "Disable anyway (y)" in screen
+    assert "type trainer-3 to confirm" in screen and "Cancel (n)" in screen
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_viewer(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                         size: tuple[int, int]) -> None:
+    assert snap_compare(viewer_app(), terminal_size=size, run_before=_loaded)
+    lines = snapshot_lines(request)
+    footer = lines[-1]
+    assert "Drain" not in footer and "Disable" not in footer and "Enable" not in footer
+    assert "Refresh" in footer and "Quit" in footer
+    assert _line(lines, "you ops-viewer (viewer)")
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_notices(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                          size: tuple[int, int]) -> None:
+    from console.screens.notices import Notice, NoticesScreen
+
+    notices = [Notice("error", "No leader", "Dispatcher A no longer leads and no standby has taken over yet.",
+                      "leader", T0),
+               Notice("warning", "Leader changed", "Dispatcher B now leads (epoch 8); before: A.", "leader",
+                      T0 + 4000),
+               Notice("error", "host_lost: host-5", "host-5: no heartbeat for 31 s", "event:host-5", T0 + 65_000)]
+
+    async def open_notices(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.app.push_screen(NoticesScreen(notices, T0 + 125_000))
+        await pilot.pause()
+
+    assert snap_compare(fixed_app(), terminal_size=size, run_before=open_notices)
+    lines = snapshot_lines(request)
+    order = [i for i, ln in enumerate(lines) if "host_lost: host-5" in ln or "Leader changed" in ln
+             or "No leader" in ln]
+    assert [lines[i] for i in order][0].count("host_lost") == 1  # newest first
+    assert "1m ago" in _line(lines, "host_lost: host-5") and "2m ago" in _line(lines, "Leader changed")
+    assert "(superseded)" in " ".join(lines[order[-1]:order[-1] + 2])
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_event_detail(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                               size: tuple[int, int]) -> None:
+    async def open_event(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.press("3")
+        await until(pilot, "events tab", lambda: pilot.app.active_tab == "events")  # type: ignore[attr-defined]
+        await pilot.press("up", "enter")  # the one before the newest: crash_loop of trainer-9
+        await pilot.pause()
+
+    assert snap_compare(fixed_app(), terminal_size=size, run_before=open_event)
+    lines = snapshot_lines(request)
+    assert _line(lines, "Event", "crash_loop")
+    assert "2023-11-14 22:13:25" in _line(lines, "When")
+    assert "✖ critical" in _line(lines, "Severity") and "trainer-9" in _line(lines, "Target")
+    assert "agent:host-9" in _line(lines, "Source")
+    assert _line(lines, "trainer-9: 5 exits in 60 s; not restarting")
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_lost_host_processes(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                                      size: tuple[int, int]) -> None:
+    state = fixed_state()
+    hosts = list(state.hosts)
+    hosts[1] = hosts[1].model_copy(update={"state": "lost", "heartbeat_age_ms": 47_000})
+    app = fixed_app(state.model_copy(update={"hosts": hosts}))
+
+    async def hosts_tab(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.press("2")
+        await until(pilot, "hosts tab", lambda: app.active_tab == "hosts")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=hosts_tab)
+    lines = snapshot_lines(request)
+    row = _line(lines, "host-2", "trainer-2")
+    assert "lost" in row and "? unknown" in row and "4002" not in row.split("last known")[0]
+    if size[0] >= 200:
+        assert "last known 47s ago: running, pid 4002" in row
+    assert "● running" in _line(lines, "host-1", "trainer-1")

@@ -45,10 +45,10 @@ class CapacityBanner(Static):
     def show(self, state: ClusterState | None, providers: list[LLMProviderView] | None) -> None:
         lines = []
         if state is not None and servers_out(state.servers):
-            lines.append(f"⛔ NO CAPACITY: none of {len(state.servers)} servers is in rotation; every learner "
+            lines.append(f"✖ NO CAPACITY: none of {len(state.servers)} servers is in rotation; every learner "
                          "request gets 503 until one is enabled (e) or comes back up.")
         if providers_out(providers):
-            lines.append(f"⛔ NO LLM CAPACITY: none of {len(providers or [])} LLM providers is in rotation; "
+            lines.append(f"✖ NO LLM CAPACITY: none of {len(providers or [])} LLM providers is in rotation; "
                          "reviews cannot be served until one is enabled or recovers (tab 5).")
         if not lines:
             self.display = False

@@ -56,7 +56,7 @@ def summary_parts(
     if state.store is not None:
         second.append(_store_part(state))
     if stale:
-        first[len(flags):] = [_last_known(p) for p in first[len(flags):]]
+        first[len(flags) + 1:] = [_last_known(p) for p in first[len(flags) + 1:]]  # the name stays a name
         second = [_last_known(p) for p in second]
     if who is not None:
         first.append(Text.assemble("you ", (f"{who.name} ({who.role})",
