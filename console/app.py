@@ -412,7 +412,7 @@ class ConsoleApp(App[int]):
                             key=f"event:{e.target or e.source}")
         for e in fresh:
             if e.severity != "critical" and e.target and f"event:{e.target}" in self._toasts:
-                self.notice(e.severity if e.severity == "warning" else "information",  # type: ignore[arg-type]
+                self.notice(e.severity if e.severity == "warning" else "information",
                             f"{e.kind}: {e.target}", e.message, key=f"event:{e.target}")
             if e.kind == "leader_changed" and e.target and e.target != self._leader_announced:
                 self._leader_announced = e.target
