@@ -103,6 +103,7 @@ class ConsoleApp(App[int]):
         self.failures = 0
         self.notices: deque[Notice] = deque(maxlen=200)  # what the console said (N shows it), newest last
         self._toasts: dict[str, Notification] = {}  # the toast shown per incident, replaced by the next
+        self._alarms: set[str] = set()  # incidents whose last notice was an error: a later word on them resolves
         self._flash_timer: Timer | None = None
         self._noticed_events: deque[str] = deque(maxlen=2000)  # event ids already noticed (any dispatcher)
         self.events_seen: deque[Event] = deque(maxlen=500)  # what the events pane shows, newest last
@@ -316,7 +317,6 @@ class ConsoleApp(App[int]):
             answered(value)
 
         self.clear_notifications()  # no toast covers the dialog's buttons; the flash line and N keep them
-        self._toasts.clear()
         self.push_screen(ConfirmAction(ask.question, ask.detail, ask.verb, ask.field), first)
 
     # -- handlers: apply results to widgets -------------------------------------------------------
@@ -411,7 +411,7 @@ class ConsoleApp(App[int]):
                 self.notice("error", f"{e.kind}: {e.target or e.source}", e.message,
                             key=f"event:{e.target or e.source}")
         for e in fresh:
-            if e.severity != "critical" and e.target and f"event:{e.target}" in self._toasts:
+            if e.severity != "critical" and e.target and f"event:{e.target}" in self._alarms:
                 self.notice(e.severity if e.severity == "warning" else "information",
                             f"{e.kind}: {e.target}", e.message, key=f"event:{e.target}")
             if e.kind == "leader_changed" and e.target and e.target != self._leader_announced:
@@ -521,6 +521,8 @@ class ConsoleApp(App[int]):
         of the same incident replaces it, so a resolved alarm does not stay up."""
         n = Notice(severity, title, message, key, int(time.time() * 1000))
         self.notices.append(n)
+        if key is not None:
+            (self._alarms.add if severity == "error" else self._alarms.discard)(key)
         self._flash(n)
         old = self._toasts.pop(key, None) if key else None
         if old is not None and old in self._notifications:

@@ -399,11 +399,18 @@ async def test_notices_coalesce_per_incident_and_never_cover_a_dialog() -> None:
         assert any(n.title == "server_down: trainer-4" for n in app.notices)  # kept in the history
         await pilot.press("n")
         await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+        # host-2 heartbeats again: that word on the incident resolves it (even after a dialog came and went)
+        critical(source, "host_back", "host-2", "host-2: heartbeats again")
+        source.event_log[-1] = source.event_log[-1].model_copy(update={"severity": "info"})
+        await refreshed(pilot, app)
+        assert app.notices[-1].title == "host_back: host-2" and app.notices[-1].severity == "information"
+        assert "host_back" in str(app.query_one("#flash", Static).render())
         await pilot.press("N")
         await until(pilot, "notices", lambda: isinstance(app.screen, NoticesScreen))
         text = pane_text(app.screen.query_one("#notices-list"))
         lines = text.splitlines()
-        assert "server_down: trainer-4" in lines[0]  # newest first
+        assert "host_back: host-2" in lines[0]  # newest first
+        assert "(superseded)" in _line(lines, "host_lost: host-2")
         assert "No leader" in _line(lines, "No leader") and "(superseded)" in _line(lines, "No leader")
 
 
