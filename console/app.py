@@ -26,7 +26,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.events import Resize
 from textual.notifications import Notification, Notify
-from textual.screen import ModalScreen, Screen
+from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Static, TabbedContent
 
@@ -37,7 +37,7 @@ from console.messages import ActionDone, ActionFailed, FetchFailed, StateFetched
 from console.prepare import prepare
 from console.screens.confirm import Ask, ConfirmAction, outage_step
 from console.screens.help import HelpScreen
-from console.screens.notices import Notice, NoticesScreen
+from console.screens.notices import EventDetail, Notice, NoticesScreen
 from console.source import Source
 from console.tabs import TABS, ConsoleTab, ServersTab
 from console.widgets.banner import CapacityBanner, OutageBanner, StoreBanner
@@ -54,6 +54,10 @@ EVENT_PAGES_PER_CYCLE = 5  # a burst larger than this is caught up over the next
 PROVIDERS_RETRY_CYCLES = 30  # after a 404 (no LLM pool on this dispatcher), ask again this rarely
 NEWS_MS = 60_000  # an event older than this (cluster clock) is history: listed, not announced
 FLASH_S = {"information": 8.0, "warning": 15.0, "error": 30.0}
+
+
+# the screens a toast must not cover (full views such as the exceptions screen may have toasts)
+DIALOGS = (ConfirmAction, HelpScreen, NoticesScreen, EventDetail)
 
 
 def incident(ask: Ask) -> str:
@@ -527,7 +531,7 @@ class ConsoleApp(App[int]):
         old = self._toasts.pop(key, None) if key else None
         if old is not None and old in self._notifications:
             self._unnotify(old)  # Textual's own removal of one notification
-        if severity != "error" or isinstance(self.screen, ModalScreen):
+        if severity != "error" or isinstance(self.screen, DIALOGS):
             return
         toast = Notification(Text(message).markup, title, severity, 10)
         self.post_message(Notify(toast))

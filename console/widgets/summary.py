@@ -134,8 +134,15 @@ class ClusterSummary(Static):
             return False
         self._lines = lines
         self._drawn = True
-        self.update(fit(self._lines, self.size.width))
+        self._draw(self.size.width)
         return True
 
     def on_resize(self, event: Resize) -> None:
-        self.update(fit(self._lines, event.size.width))
+        self._draw(event.size.width)
+
+    def _draw(self, width: int) -> None:
+        text = fit(self._lines, width)
+        self.update(text)
+        # the height follows the wrapped lines now, not at the next layout pass: a header that grew
+        # a line (the role, the LLM part) must not push its last line under the tabs
+        self.styles.height = len(text.plain.split("\n"))
