@@ -25,20 +25,23 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.events import Resize
+from textual.notifications import Notification, Notify
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, TabbedContent
+from textual.widgets import Footer, Static, TabbedContent
 
 from console.client import OpsError, Unreachable, Whoami
-from console.commands import bindings, commands
+from console.commands import allowed, bindings, commands
+from console.format import error_sentence
 from console.messages import ActionDone, ActionFailed, FetchFailed, StateFetched, WhoamiFetched
 from console.prepare import prepare
-from console.screens.confirm import Ask, ConfirmAction
+from console.screens.confirm import Ask, ConfirmAction, outage_step
 from console.screens.help import HelpScreen
+from console.screens.notices import EventDetail, Notice, NoticesScreen
 from console.source import Source
 from console.tabs import TABS, ConsoleTab, ServersTab
 from console.undo import UndoLog
-from console.widgets.banner import OutageBanner, StoreBanner
+from console.widgets.banner import CapacityBanner, OutageBanner, StoreBanner
 from console.widgets.events_log import EventsLog
 from console.widgets.live_table import LiveTable
 from console.widgets.summary import ClusterSummary
@@ -50,13 +53,17 @@ Severity = Literal["information", "warning", "error"]
 EVENTS_PAGE = 200
 EVENT_PAGES_PER_CYCLE = 5  # a burst larger than this is caught up over the next cycles
 PROVIDERS_RETRY_CYCLES = 30  # after a 404 (no LLM pool on this dispatcher), ask again this rarely
+NEWS_MS = 60_000  # an event older than this (cluster clock) is history: listed, not announced
+FLASH_S = {"information": 8.0, "warning": 15.0, "error": 30.0}
 
 
-@dataclass(frozen=True, slots=True)
-class Notice:
-    severity: Severity
-    title: str
-    message: str
+# the screens a toast must not cover (full views such as the exceptions screen may have toasts)
+DIALOGS = (ConfirmAction, HelpScreen, NoticesScreen, EventDetail)
+
+
+def incident(ask: Ask) -> str:
+    """Notices about one action are one incident; every leadership move is the leader incident."""
+    return "leader" if ask.what == "dispatchers" else f"action:{ask.action}:{ask.target}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +88,12 @@ class ConsoleApp(App[int]):
         keymap: Mapping[str, str] | None = None,
         handle_sighup: bool = False,
         on_applied: Callable[[Applied], None] | None = None,
+        token_from: str = "--token",
+        theme: str | None = None,
     ) -> None:
         super().__init__()
+        self.theme_name = theme
+        self.token_from = token_from  # where the token came from, for a 401's sentence
         self.source = source
         self.interval = interval
         self.keymap_overrides = dict(keymap or {})
@@ -95,7 +106,11 @@ class ConsoleApp(App[int]):
         self.paused = False
         self.applied = 0  # states applied so far: tests wait on it instead of sleeping
         self.failures = 0
-        self.notices: deque[Notice] = deque(maxlen=50)  # what the toasts said, newest last
+        self.notices: deque[Notice] = deque(maxlen=200)  # what the console said (N shows it), newest last
+        self._toasts: dict[str, Notification] = {}  # the toast shown per incident, replaced by the next
+        self._alarms: set[str] = set()  # incidents whose last notice was an error: a later word on them resolves
+        self._flash_timer: Timer | None = None
+        self._noticed_events: deque[str] = deque(maxlen=2000)  # event ids already noticed (any dispatcher)
         self.events_seen: deque[Event] = deque(maxlen=500)  # what the events pane shows, newest last
         self._event_cursor: str | None = None
         self._events_primed = False  # the backlog shown at start is not toasted
@@ -112,13 +127,21 @@ class ConsoleApp(App[int]):
     def compose(self) -> ComposeResult:
         yield ClusterSummary(id="summary")
         yield OutageBanner(id="banner")
+        yield CapacityBanner(id="capacity-banner")
         yield StoreBanner(id="store-banner")
         with TabbedContent(id="tabs", initial="tab-servers"):
             for i, tab in enumerate(TABS, start=1):
                 yield tab(i)
+        yield Static("", id="flash")
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.theme_name:
+            if self.theme_name not in self.available_themes:
+                self.notice("warning", "Unknown theme", f"No theme {self.theme_name!r}; themes: "
+                            f"{', '.join(sorted(self.available_themes))}. The default is used.")
+            else:
+                self.theme = self.theme_name
         if self.keymap_overrides:
             self.set_keymap(self.keymap_overrides)
         if self.handle_sighup:
@@ -132,6 +155,8 @@ class ConsoleApp(App[int]):
                 self.set_interval(1.0, partial(self._check_terminal, fd))
         self.main.query_one(OutageBanner).display = False
         self.main.query_one(StoreBanner).display = False
+        self.main.query_one(CapacityBanner).display = False
+        self.main.query_one("#flash").display = False
         self.main.query_one(ServersTab).fit(self.size.width, self.size.height)
         self.main.query_one(ClusterSummary).show(None, None, False)
         self.main.query_one(ServersTable).focus()
@@ -167,6 +192,10 @@ class ConsoleApp(App[int]):
         return self.screen_stack[0]
 
     @property
+    def role(self) -> str | None:
+        return self.who.role if self.who else None
+
+    @property
     def active_tab(self) -> str:
         return (self.main.query_one(TabbedContent).active or "tab-servers").removeprefix("tab-")
 
@@ -189,7 +218,9 @@ class ConsoleApp(App[int]):
             self.post_message(FetchFailed(str(exc), unreachable=True))
             return
         except OpsError as exc:
-            self.post_message(FetchFailed(str(exc), unreachable=False))
+            self.post_message(FetchFailed(self._token_sentence(exc) if exc.status == 401
+                                          else f"{exc.status} {error_sentence(exc.error, exc.detail)}",
+                                          unreachable=False))
             return
         except Exception as exc:  # noqa: BLE001 - a bad answer must not kill the console
             self.post_message(FetchFailed(f"{type(exc).__name__}: {exc}", unreachable=False))
@@ -241,6 +272,12 @@ class ConsoleApp(App[int]):
         except Exception as exc:  # noqa: BLE001
             return None, f"{type(exc).__name__}: {exc}"
 
+    def _token_sentence(self, exc: OpsError) -> str:
+        where = getattr(self.source, "current_url", None) or self.source.describe()
+        return (f"{where} rejected the token from {self.token_from} (401: {error_sentence(exc.error)}) "
+                "Pass a valid operator or viewer token with --token TOKEN or the CTOPS_TOKEN environment "
+                "variable, then start the console again.")
+
     @work(exclusive=True, group="whoami")
     async def fetch_whoami(self) -> None:
         try:
@@ -254,12 +291,14 @@ class ConsoleApp(App[int]):
         try:
             done = await ask.call(value)
         except OpsError as exc:
-            self.post_message(ActionFailed(ask.target, ask.action, exc.status, str(exc), ask.what))
+            self.post_message(ActionFailed(ask.target, ask.action, exc.status, error_sentence(exc.error, exc.detail),
+                                           ask.what))
         except Unreachable as exc:
             self.post_message(ActionFailed(ask.target, ask.action, None, str(exc), ask.what))
         except Exception as exc:  # noqa: BLE001
             self.post_message(ActionFailed(ask.target, ask.action, None, f"{type(exc).__name__}: {exc}", ask.what))
         else:
+            done.key = done.key or incident(ask)
             self.post_message(done)
         if ask.then is not None:
             ask.then()
@@ -273,10 +312,18 @@ class ConsoleApp(App[int]):
             if value is None:
                 return
             if ask.sent is not None:
-                self.notice("information", *ask.sent)
+                self.notice("information", *ask.sent, key=incident(ask))
             self.perform(ask, value)
 
-        self.push_screen(ConfirmAction(ask.question, ask.detail, ask.verb, ask.field), answered)
+        def first(value: str | None) -> None:
+            if value is not None and ask.outage is not None:
+                # the last capacity: a second, explicit step; its typed name is not the action's value
+                self.push_screen(outage_step(ask), lambda typed: answered(value if typed is not None else None))
+                return
+            answered(value)
+
+        self.clear_notifications()  # no toast covers the dialog's buttons; the flash line and N keep them
+        self.push_screen(ConfirmAction(ask.question, ask.detail, ask.verb, ask.field), first)
 
     # -- handlers: apply results to widgets -------------------------------------------------------
 
@@ -331,12 +378,12 @@ class ConsoleApp(App[int]):
             return
         if state.leader is None:
             self.notice("error", "No leader",
-                        f"Dispatcher {before} no longer leads and no standby has taken over yet.")
+                        f"Dispatcher {before} no longer leads and no standby has taken over yet.", key="leader")
         else:
             epoch = next((d.epoch for d in state.dispatchers if d.name == state.leader), None)
             tail = f" (epoch {epoch})" if epoch is not None else ""
             self.notice("warning", "Leader changed",
-                        f"Dispatcher {state.leader} now leads{tail}; before: {before or 'none'}.")
+                        f"Dispatcher {state.leader} now leads{tail}; before: {before or 'none'}.", key="leader")
         self._leader_announced = state.leader
 
     def _events(self, events: list[Event]) -> None:
@@ -353,17 +400,29 @@ class ConsoleApp(App[int]):
         if not self._events_primed:
             self._events_primed = True
             return
-        critical = [e for e in events if e.severity == "critical"]
+        # an event is news once: not again from the other dispatcher's stream after a failover, and not
+        # when it is already old (a backlog caught up late)
+        now = self.cluster.now_ms if self.cluster else None
+        fresh = [e for e in events if e.event_id not in self._noticed_events
+                 and (now is None or now - e.ts_ms <= NEWS_MS)]
+        self._noticed_events.extend(e.event_id for e in events)
+        critical = [e for e in fresh if e.severity == "critical"]
         if len(critical) > 5:
             kinds = ", ".join(sorted({e.kind for e in critical}))
-            self.notice("error", f"{len(critical)} critical events", f"{kinds}. See the Events tab (3).")
+            self.notice("error", f"{len(critical)} critical events", f"{kinds}. See the Events tab (3).",
+                        key="events:burst")
         else:
             for e in critical:
-                self.notice("error", f"{e.kind}: {e.target or e.source}", e.message)
-        for e in events:
+                # one incident per target: a later event about it (host back, server up) replaces this one
+                self.notice("error", f"{e.kind}: {e.target or e.source}", e.message,
+                            key=f"event:{e.target or e.source}")
+        for e in fresh:
+            if e.severity != "critical" and e.target and f"event:{e.target}" in self._alarms:
+                self.notice(e.severity if e.severity == "warning" else "information",
+                            f"{e.kind}: {e.target}", e.message, key=f"event:{e.target}")
             if e.kind == "leader_changed" and e.target and e.target != self._leader_announced:
                 self._leader_announced = e.target
-                self.notice("warning", "Leader changed", e.message)
+                self.notice("warning", "Leader changed", e.message, key="leader")
 
     @on(FetchFailed)
     def _fetch_failed(self, msg: FetchFailed) -> None:
@@ -383,10 +442,11 @@ class ConsoleApp(App[int]):
     def _whoami_fetched(self, msg: WhoamiFetched) -> None:
         self.who = msg.who
         self._show_summary()
+        self.refresh_bindings()  # the footer drops what this role may not do
 
     @on(ActionDone)
     def _action_done(self, msg: ActionDone) -> None:
-        self.notice(msg.severity, msg.title, msg.message)  # type: ignore[arg-type]
+        self.notice(msg.severity, msg.title, msg.message, key=msg.key)  # type: ignore[arg-type]
         self.action_refresh_now()
 
     @on(ActionFailed)
@@ -399,10 +459,11 @@ class ConsoleApp(App[int]):
             504: "No answer in time",
             None: "Ops API unreachable",
         }.get(msg.status, f"{msg.action.capitalize()} failed")
-        text = f"Could not {msg.action} {msg.target}: {msg.reason}"
+        text = f"Could not {msg.action} {msg.target}. {msg.reason}"
         if msg.status == 403:
             role = f"role {self.who.role}" if self.who else "this token"
-            text = f"Your token ({role}) may not {msg.action} {msg.what}; nothing changed. ({msg.reason})"
+            text = (f"Your token ({role}) may not {msg.action} {msg.what}; nothing changed. "
+                    "An operator token may.")
         self.notice("error", title, text)
         self.action_refresh_now()
 
@@ -447,17 +508,17 @@ class ConsoleApp(App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.keymap_overrides))
+            self.push_screen(HelpScreen(self.keymap_overrides, self.role))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for c in commands():
-            if c.palette:
+            if c.palette and allowed(c, self.role):
                 title = f"Show {c.title}" if c.id.startswith("console.tab.") else c.title
                 yield SystemCommand(title, c.help, partial(self.run_action, c.action))
         tab = self.tab()
         for c in commands(tab.NAME):
-            if c.palette:
+            if c.palette and allowed(c, self.role):
                 yield SystemCommand(c.title + tab.PALETTE_SUFFIX, c.help, partial(self.run_action, c.action, tab))
         from console.screens.cmdline import palette  # noqa: PLC0415 - the other tabs' commands and table keys
 
@@ -476,11 +537,48 @@ class ConsoleApp(App[int]):
             self._timer = None
 
     def _show_summary(self) -> None:
-        self.main.query_one(ClusterSummary).show(self.cluster, self.who, self.stale, self.paused)
+        self.main.query_one(ClusterSummary).show(self.cluster, self.who, self.stale, self.paused, self.providers)
+        self.main.query_one(CapacityBanner).show(self.cluster, self.providers)
 
-    def notice(self, severity: Severity, title: str, message: str) -> None:
-        self.notices.append(Notice(severity, title, message))
-        self.notify(Text(message).markup, title=title, severity=severity, timeout=10 if severity == "error" else 5)
+    def notice(self, severity: Severity, title: str, message: str, key: str | None = None) -> None:
+        """Tell staff: always in the history (N) and the flash line; an error also as a toast, unless a
+        dialog is open (a toast must not cover it). One toast per incident (`key`): the next notice
+        of the same incident replaces it, so a resolved alarm does not stay up."""
+        n = Notice(severity, title, message, key, int(time.time() * 1000))
+        self.notices.append(n)
+        if key is not None:
+            (self._alarms.add if severity == "error" else self._alarms.discard)(key)
+        self._flash(n)
+        old = self._toasts.pop(key, None) if key else None
+        if old is not None and old in self._notifications:
+            self._unnotify(old)  # Textual's own removal of one notification
+        if severity != "error" or isinstance(self.screen, DIALOGS):
+            return
+        toast = Notification(Text(message).markup, title, severity, 10)
+        self.post_message(Notify(toast))
+        if key:
+            self._toasts[key] = toast
+
+    def _flash(self, n: Notice) -> None:
+        glyph, style = {"error": ("✖", "bold red"), "warning": ("▲", "yellow")}.get(n.severity, ("·", ""))
+        flash = self.main.query("#flash")
+        if not flash:
+            return
+        line = flash.first(Static)
+        line.update(Text.assemble((f"{glyph} {n.title}", style), ": ", n.message, ("   (N: all notices)", "dim"),
+                                  no_wrap=True, overflow="ellipsis"))
+        line.display = True
+        if self._flash_timer is not None:
+            self._flash_timer.stop()
+        self._flash_timer = self.set_timer(FLASH_S[n.severity], self._clear_flash)
+
+    def _clear_flash(self) -> None:
+        for flash in self.main.query("#flash"):
+            flash.display = False  # its row goes back to the tables
+
+    def action_notices(self) -> None:
+        if not isinstance(self.screen, NoticesScreen):
+            self.push_screen(NoticesScreen(self.notices, int(time.time() * 1000)))
 
     def tables(self) -> list[LiveTable]:
         return list(self.main.query(LiveTable))
@@ -509,6 +607,9 @@ def create_app(
     keymap: Mapping[str, str] | None = None,
     handle_sighup: bool = False,
     on_applied: Callable[[Applied], None] | None = None,
+    token_from: str = "--token",
+    theme: str | None = None,
 ) -> ConsoleApp:
     """The app factory: production passes a ConsoleClient, tests a FixedSource (no network)."""
-    return ConsoleApp(source, interval=interval, keymap=keymap, handle_sighup=handle_sighup, on_applied=on_applied)
+    return ConsoleApp(source, interval=interval, keymap=keymap, handle_sighup=handle_sighup, on_applied=on_applied,
+                      token_from=token_from, theme=theme)

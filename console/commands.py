@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from textual.binding import Binding, BindingType
 
+from ctops.opsapi import ACTION_GRANT, role_may
+
 # the tabs, in order; their keys are 1..6
 TABS: tuple[tuple[str, str], ...] = (
     ("servers", "Servers"),
@@ -35,6 +37,12 @@ class Command:
     footer: bool = True
     palette: bool = True
     tab: str | None = None  # only active on this tab (hidden from the footer elsewhere)
+    grant: str | None = None  # what the token's role must allow (default: see `needs`)
+
+    @property
+    def needs(self) -> str:
+        """The grant a role needs to see and run it; a role without it never sees the command."""
+        return self.grant or (ACTION_GRANT if self.id in ACTING else "read")
 
     def binding(self) -> Binding:
         return Binding(self.key, self.action, self.title, show=self.footer, id=self.id)
@@ -91,6 +99,9 @@ COMMANDS: tuple[Command, ...] = (
     # everywhere
     Command("console.exceptions", "E", "exceptions", "Exceptions",
             "Open exceptions triage: groups, tracebacks, ack / resolve / mute / assign, live tail.", footer=False),
+    Command("console.notices", "N", "notices", "Notices",
+            "Show every notice the console gave (actions, leader changes, critical events), newest first.",
+            footer=False),
     Command("console.refresh", "r", "refresh_now", "Refresh", "Fetch the cluster state now."),
     Command("console.pause", "p", "toggle_pause", "Pause",
             "Pause or resume the live refresh (the tables stay as they are)."),
@@ -131,6 +142,17 @@ COMMANDS: tuple[Command, ...] = (
 
 
 
+# the commands that change something (each is audited): only a role with the `act` grant sees them
+ACTING: frozenset[str] = frozenset({
+    "console.drain", "console.disable", "console.enable",
+    "console.process.restart", "console.process.stop", "console.process.start",
+    "console.dispatcher.promote", "console.dispatcher.step_down",
+    "console.llm.pin", "console.llm.unpin", "console.llm.disable", "console.llm.enable",
+    "console.store.failover", "console.store.discard", "console.store.restore",
+    "console.undo",  # it runs the inverse action
+})
+
+
 def bindings(tab: str | None = None) -> list[BindingType]:
     """The bindings of one tab's widget, or (None) the app's own."""
     return [c.binding() for c in COMMANDS if c.tab == tab]
@@ -138,6 +160,17 @@ def bindings(tab: str | None = None) -> list[BindingType]:
 
 def commands(tab: str | None = None) -> list[Command]:
     return [c for c in COMMANDS if c.tab == tab]
+
+
+def allowed(c: Command, role: str | None) -> bool:
+    """Whether a token of this role may run the command; an unknown role (whoami not answered yet,
+    or an older dispatcher) is not narrowed: the ops API still refuses what the token may not do."""
+    return role is None or role_may(role, c.needs)
+
+
+def permitted(role: str | None, action: str, tab: str | None = None) -> bool:
+    """For Textual's check_action: `action` is the name without parameters ("server", "failover")."""
+    return all(allowed(c, role) for c in COMMANDS if c.tab == tab and c.action.split("(")[0] == action)
 
 
 def display_key(key: str) -> str:

@@ -52,6 +52,7 @@ PROCESS_STYLE: dict[str, tuple[str, str]] = {
     "backoff": ("▲", "bold yellow"),
     "stopped": ("○", "dim"),
     "fatal": ("✖", "bold red"),
+    "unknown": ("?", "dim"),  # its host is lost: what the agent last said is no longer known to be true
 }
 
 PROVIDER_STYLE: dict[str, tuple[str, str]] = {
@@ -138,6 +139,13 @@ def _error(v: object) -> Text:
         return Text("")
     message, historical = cast("tuple[object, object]", v)
     return Text(str(message), style="dim" if historical else "red", no_wrap=True, overflow="ellipsis")
+
+
+def _detail(v: object) -> Text:
+    """Plain text, or (text, True) for what is only last known: dimmed."""
+    if isinstance(v, tuple):
+        return Text(str(v[0]), style="dim italic", no_wrap=True, overflow="ellipsis")
+    return _plain(v)
 
 
 def _host_state(v: object) -> Text:
@@ -255,13 +263,28 @@ def bucket_age(ms: int | None) -> int | None:
     return ms // 100 if ms < 10_000 else (ms // 1000) * 10
 
 
-def server_raw(s: ServerView) -> Raw:
-    """The values a row shows, in column order; the table diffs these, not the rendered Text."""
+def ago(ms: int | None) -> str:
+    """An age in the coarsest unit that still tells staff whether it is news: 12s, 3m, 2h, 4d."""
+    if ms is None:
+        return "?"
+    secs = max(ms, 0) // 1000
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if secs >= size * (2 if unit != "m" else 1):
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def server_raw(s: ServerView, now_ms: int | None = None) -> Raw:
+    """The values a row shows, in column order; the table diffs these, not the rendered Text.
+
+    Only what is true now: the last health-check error of a server that answers again is history
+    (often the refused connection of its start-up), so it is not shown; a current one carries its age."""
     details = []
     if s.diagnosis not in ("ok", "admin") and s.diagnosis_detail:
         details.append(s.diagnosis_detail)
-    if s.last_error:
-        details.append(s.last_error)
+    if s.last_error and s.health != "up":
+        since = f" (for {ago(now_ms - s.since_ms)})" if now_ms is not None and s.since_ms else ""
+        details.append(s.last_error + since)
     return (
         s.name,
         s.state,
@@ -271,8 +294,7 @@ def server_raw(s: ServerView) -> Raw:
         None if s.memory_percent is None else round(s.memory_percent),
         s.active_sessions,
         s.host,
-        # an old error on a server that is up again is history, not an alarm
-        (" · ".join(details), s.state == "up") if details else None,
+        (" · ".join(details), False) if details else None,
     )
 
 
@@ -289,7 +311,7 @@ PROCESS_COLUMNS: tuple[Column, ...] = (
     Column("rss", _r("RSS"), 5, _bytes),
     Column("check", _r("Check"), 6, _ms),
     Column("watchdog", Text("Watchdog"), 24, _watchdog),
-    Column("last_exit", Text("Last exit"), 40, _plain),
+    Column("last_exit", Text("Last exit"), 40, _detail),
 )
 
 
@@ -314,6 +336,12 @@ def _watchdog_raw(h: HostView) -> object:
 def process_raw(h: HostView, p: ProcessMetrics | None, watchdog: object) -> Raw:
     if p is None:
         return (h.name, h.state, None, None, None, None, None, None, None, watchdog, None)
+    if h.state == "lost":
+        # its agent is silent: the last report is not the present; say so and label it as the last known
+        pid = f", pid {p.pid}" if p.pid else ""
+        last = (f"last known {ago(h.heartbeat_age_ms)} ago: {p.state}{pid}, cpu {round(p.cpu_percent)}%, "
+                f"rss {p.rss_bytes >> 20}M" + (f"; {p.last_exit}" if p.last_exit else ""))
+        return (h.name, h.state, p.name, "unknown", None, None, None, None, None, None, (last, True))
     return (
         h.name, h.state, p.name, p.state, p.pid, p.restarts, round(p.cpu_percent), p.rss_bytes >> 20,
         None if p.check_latency_ms is None else round(p.check_latency_ms), watchdog, _with_spare(p),
@@ -490,14 +518,50 @@ def quarantine_rows(items: list[QuarantinedRecord]) -> dict[str, Raw]:
 
 # --- events ----------------------------------------------------------------------------------------
 
-def event_line(e: Event) -> Text:
+def event_line(e: Event, wrap: bool = False) -> Text:
+    """One event; `wrap`: the whole message over as many lines as the width needs (else cut with …)."""
     glyph, style = SEVERITY_STYLE.get(e.severity, ("?", ""))
     stamp = datetime.fromtimestamp(e.ts_ms / 1000, LOCAL_TZ).strftime("%H:%M:%S")
     target = e.target or ""
     return Text.assemble(
         (stamp, "dim"), " ", (f"{glyph} {e.kind:<18}", style), " ", (f"{target:<12}", "bold"), " ", e.message,
-        (f"  ({e.source})", "dim"), no_wrap=True, overflow="ellipsis",
+        (f"  ({e.source})", "dim"), no_wrap=not wrap, overflow="fold" if wrap else "ellipsis",
     )
+
+
+def event_detail(e: Event) -> Text:
+    """Every field of an event, the message in full."""
+    glyph, style = SEVERITY_STYLE.get(e.severity, ("?", ""))
+    when = datetime.fromtimestamp(e.ts_ms / 1000, LOCAL_TZ).strftime("%Y-%m-%d %H:%M:%S")
+    return Text.assemble(
+        ("When      ", "dim"), when, "\n", ("Severity  ", "dim"), (f"{glyph} {e.severity}", style), "\n",
+        ("Kind      ", "dim"), (e.kind, "bold"), "\n", ("Target    ", "dim"), (e.target or "—", "bold"), "\n",
+        ("Source    ", "dim"), e.source, "\n", ("Event id  ", "dim"), f"{e.event_id} (stream {e.id})", "\n\n",
+        e.message,
+    )
+
+
+# --- errors as sentences ------------------------------------------------------------------------------
+
+def error_sentence(error: str, detail: object | None = None) -> str:
+    """An ops API error ({"error", "detail"}) as one sentence for a person: never a raw dict or list."""
+    text = error.strip().rstrip(".") or "error"
+    extra = _detail_words(detail)
+    if extra:
+        text += f": {extra}"
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def _detail_words(detail: object | None) -> str:
+    if detail is None or detail == "":
+        return ""
+    if isinstance(detail, dict):
+        if set(detail) == {"needs"}:  # a 403 says the grant it needs
+            return f"that needs the '{detail['needs']}' grant"
+        return "; ".join(f"{str(k).replace('_', ' ')} {_detail_words(v)}" for k, v in detail.items())
+    if isinstance(detail, list | tuple):
+        return "; ".join(_detail_words(d) for d in detail)
+    return str(detail)
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:

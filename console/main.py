@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from console import settings
 from console.client import ConsoleClient
 from ctops import statefile
 
@@ -21,10 +22,22 @@ def target(args: argparse.Namespace) -> tuple[list[str], str | None]:
     return statefile.ops_urls(doc), token or statefile.token(doc, "operator")
 
 
+def token_origin(args: argparse.Namespace) -> str:
+    """Where `target` took the token from, so a rejected token is named (a 401 says which to fix)."""
+    if args.token:
+        return "--token"
+    if os.environ.get("CTOPS_TOKEN"):
+        return "the CTOPS_TOKEN environment variable"
+    if args.url:
+        return "nowhere (no --token, no CTOPS_TOKEN)"
+    return f"the demo state file {args.state_file} (its operator token)"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         urls, token = target(args)
-    except statefile.StateFileError as exc:
+        conf = settings.load(getattr(args, "config", None))
+    except (statefile.StateFileError, settings.SettingsError) as exc:
         print(f"ctops console: {exc}", file=sys.stderr)
         return 2
     if not urls:
@@ -35,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
     # worker threads parse the state; hand the GIL back to the UI thread every 1 ms, not 5 ms
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    app = create_app(ConsoleClient(urls, token), handle_sighup=True)
+    app = create_app(ConsoleClient(urls, token), handle_sighup=True, token_from=token_origin(args),
+                     interval=conf.refresh, keymap=conf.keymap, theme=conf.theme)
     return int(app.run() or 0)

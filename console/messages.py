@@ -51,6 +51,7 @@ class ActionDone(Message):
     title: str
     message: str
     severity: str = "information"
+    key: str | None = None  # the incident it belongs to (notices of one incident replace each other)
 
 
 @dataclass

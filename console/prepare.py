@@ -10,7 +10,7 @@ from ctops.wire import ClusterState, LLMProviderView, StoreIntegrityView
 def prepare(state: ClusterState, providers: list[LLMProviderView] | None,
             integrity: StoreIntegrityView | None = None) -> Prepared:
     return Prepared(
-        servers={s.name: server_raw(s) for s in state.servers},
+        servers={s.name: server_raw(s, state.now_ms) for s in state.servers},
         processes=host_rows(state.hosts),
         dispatchers={d.name: dispatcher_raw(d) for d in state.dispatchers},
         providers=None if providers is None else {p.name: provider_raw(p) for p in providers},

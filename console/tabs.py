@@ -16,10 +16,10 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Static, TabPane
 
-from console.commands import TAB_TITLES, bindings
+from console.commands import TAB_TITLES, bindings, permitted
 from console.format import split_process_key, store_summary
 from console.messages import ActionDone, StateFetched
-from console.screens.confirm import Ask, server_question
+from console.screens.confirm import Ask, provider_effect, server_question
 from console.undo import process_inverse, provider_inverse, server_inverse
 from console.widgets.events_log import EventsLog
 from console.widgets.live_table import LiveTable
@@ -91,6 +91,10 @@ class ConsoleTab(TabPane):
     def warn(self, title: str, message: str) -> None:
         self.console.notice("warning", title, message)
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # a role that may not act never sees the action (footer, keys); console/commands.py decides
+        return permitted(self.console.role, action, self.NAME)
+
 
 class ServersTab(ConsoleTab):
     NAME, PALETTE_SUFFIX = "servers", " selected server"
@@ -131,8 +135,9 @@ class ServersTab(ConsoleTab):
             return ActionDone(f"{action.capitalize()}: {r.server}",
                               f"{r.server} is now {r.state} (admin {r.admin}), by {r.by}.")
 
-        question, detail = server_question(action, server)
-        self.console.ask(Ask(question, detail, action.capitalize(), action, server.name, "servers", call))
+        question, detail, outage = server_question(action, server, cluster.servers if cluster else None)
+        self.console.ask(Ask(question, detail, action.capitalize(), action, server.name, "servers", call,
+                             outage=outage))
 
 
 class HostsTab(ConsoleTab):
@@ -284,9 +289,12 @@ class LLMTab(ConsoleTab):
             "disable": f"{name} gets no requests; they go to the next provider by priority.",
             "enable": f"{name} gets requests again, by priority and health.",
         }[action]
+        capacity, outage = provider_effect(action, p, self.console.providers or [])
+        if outage:
+            effect = f"{name} gets no requests, and no other provider is in rotation to take them."
         flags = ", ".join(f for f, on_ in (("pinned", p.pinned), ("disabled", p.disabled)) if on_) or "not pinned"
         detail = (f"Now {p.state}, breaker {p.breaker.replace('_', '-')}, priority {p.priority}, {flags}.\n"
-                  f"{effect}\nTakes effect at once on every dispatcher.")
+                  f"{effect}\n{capacity}\nTakes effect at once on every dispatcher.")
         source = self.console.source
         log, inverse = self.console.undo_log, None if undo else provider_inverse(action, name, p.pinned, p.disabled)
 
@@ -298,7 +306,7 @@ class LLMTab(ConsoleTab):
                               f"{r.provider} is now {r.provider_state.state}; {pinned} (by {r.by}).")
 
         self.console.ask(Ask(f"{action.capitalize()} LLM provider [b]{name}[/b]?", detail, action.capitalize(),
-                             action, f"provider {name}", "LLM providers", call))
+                             action, f"provider {name}", "LLM providers", call, outage=outage))
 
 
 class StoreTab(ConsoleTab):

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("console", help="the staff console (Textual)")
     _cluster_args(c)
+    c.add_argument("--config", default=None, metavar="PATH",
+                   help="console settings (keys, refresh, theme); default ~/.config/ctops/console.toml")
 
     st = sub.add_parser("status", help="the cluster as the leading dispatcher sees it")
     _cluster_args(st)

@@ -279,7 +279,15 @@ def diagnose(b: Backend, host: HostView | None, store_down: str | None = None) -
     `store_down`: why the shared store is away, if it is. Then heartbeats cannot be stored, so a
     silent agent says nothing about its host; the store is the fault staff need to see."""
     if b.admin != "enabled":
-        return "admin", f"{b.admin} by staff"
+        # the admin state shows in the server's state; a fault under it must not disappear behind it
+        fault, detail = _fault(b, host, store_down)
+        if fault == "ok":
+            return "admin", f"{b.admin} by staff"
+        return fault, f"{b.admin} by staff; {detail}"
+    return _fault(b, host, store_down)
+
+
+def _fault(b: Backend, host: HostView | None, store_down: str | None) -> tuple[str, str | None]:
     if store_down is not None:
         if b.health == "up":
             return SHARED_STATE, "server answers; requests that need the store get 503 + Retry-After until it is back"

@@ -95,6 +95,11 @@ def static_text(widget: Static) -> str:
     return out.export_text()
 
 
+def footer_actions(app: ConsoleApp) -> set[str]:
+    """What the footer offers now (bindings shown and enabled)."""
+    return {b.binding.description for b in app.screen.active_bindings.values() if b.binding.show and b.enabled}
+
+
 def act(cluster: Cluster, name: str, action: str) -> None:
     r = httpx.post(f"{cluster.ops_url()}/api/v1/servers/{name}/{action}", headers=cluster.auth("operator"), timeout=5)
     r.raise_for_status()
@@ -171,23 +176,24 @@ async def test_cursor_stays_on_its_row_when_states_change(cluster: Cluster) -> N
         assert table(app).cursor_row == 1
 
 
-async def test_viewer_token_drain_is_refused_clearly(cluster: Cluster) -> None:
+async def test_viewer_is_not_offered_actions_and_a_wrong_token_is_named(cluster: Cluster) -> None:
     app = live_app(cluster, cluster.viewer_token)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, "first state and whoami", lambda: app.applied >= 1 and app.who is not None)
         assert app.who is not None and app.who.role == "viewer"
+        await pilot.pause()
+        assert not footer_actions(app) & {"Drain", "Disable", "Enable"}
         await select_row(pilot, app, "trainer-2")
         await pilot.press("d")
-        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
-        await pilot.press("y")
-        await until(pilot, "an error notice", lambda: any(n.severity == "error" for n in app.notices))
-        notice = next(n for n in app.notices if n.severity == "error")
-        assert notice.title == "Permission denied"
-        assert "viewer" in notice.message and "drain" in notice.message and "nothing changed" in notice.message
+        await pilot.pause(0.3)
+        assert not isinstance(app.screen, ConfirmAction)
         assert cluster.server("trainer-2")["admin"] == "enabled"
-        seen = app.applied
-        await until(pilot, "a refresh", lambda: app.applied > seen)
-        assert shown_state(app, "trainer-2") == "up"
+    app = create_app(ConsoleClient([cluster.ops_url()], "not-a-token"), interval=0.3)
+    async with app.run_test(size=SIZE) as pilot:
+        banner = app.query_one(OutageBanner)
+        await until(pilot, "the error banner", lambda: banner.display)
+        text = static_text(banner)
+        assert "rejected the token from --token" in text and "CTOPS_TOKEN" in text and "{" not in text
 
 
 @pytest.mark.own_cluster  # it kills a part
@@ -567,7 +573,8 @@ def _servers_in_words(lines: list[str]) -> None:
     assert "✖ down" in _line(lines, "trainer-6 ", "software fault")
     assert "◐ draining" in _line(lines, "trainer-7 ") and "○ disabled" in _line(lines, "trainer-8 ")
     assert "93%" in _line(lines, "trainer-10 ")
-    assert "training-eu" in lines[0] and "leader A" in lines[0] and "dispatchers 1/2 healthy" in lines[0]
+    header = " ".join(lines[:4])
+    assert "training-eu" in lines[0] and "leader A" in lines[0] and "dispatchers 1/2 healthy" in header
     assert _line(lines, "servers 12:", "7 ● up", "1 ▲ suspect", "2 ✖ down")
     assert _line(lines, "d Drain", "x Disable", "e Enable")
 
@@ -621,3 +628,398 @@ def test_snapshot_outage_banner(snap_compare: Callable[..., bool], request: pyte
     assert _line(lines, "⚠  ops API unreachable: fixed://training-eu: connection refused")
     assert _line(lines, "Showing the last data, from 0 s ago (stale). Retrying…")
     _servers_in_words(lines)  # the last data stays on screen
+    assert "last known dispatchers 1/2 healthy" in " ".join(lines[:4])  # no figure reads as current
+
+
+# --- issue 17 item 1: capacity is guarded ---------------------------------------------------------
+
+def _confirm_text(app: ConsoleApp) -> str:
+    screen = app.screen
+    assert isinstance(screen, ConfirmAction)
+    return f"{screen.question}\n{screen.detail}"
+
+
+def three_servers(*states: str) -> ClusterState:
+    base = fixed_state(3)
+    return base.model_copy(update={"servers": [_server(i + 1, st) for i, st in enumerate(states)]})
+
+
+async def test_disabling_the_last_server_asks_twice_and_shows_no_capacity() -> None:
+    source = fixed_source(three_servers("disabled", "disabled", "up"))
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        assert not app.query_one("#capacity-banner").display
+        await select_row(pilot, app, "trainer-3")
+        await pilot.press("x")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        first = _confirm_text(app)
+        assert "0 of 3 servers in rotation after this" in first and "NO CAPACITY" in first
+        assert "move to other servers" not in first  # there are none
+        await pilot.press("y")
+        await until(pilot, "the second step", lambda: isinstance(app.screen, ConfirmAction)
+                    and "outage" in app.screen.question)
+        second = _confirm_text(app)
+        assert "last server in rotation" in second and "503" in second
+        await pilot.press("y", "enter")  # a reflex does not pass the second step: the name must be typed
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmAction) and source.current.servers[2].admin == "enabled"
+        await pilot.press("backspace", *"trainer-3", "enter")
+        await until(pilot, "trainer-3 disabled", lambda: shown_state(app, "trainer-3") == "disabled")
+        banner = app.query_one("#capacity-banner", Static)
+        await until(pilot, "the NO CAPACITY banner", lambda: banner.display)
+        assert "NO CAPACITY" in static_text(banner) and "503" in static_text(banner)
+        header = static_text(app.query_one("#summary", Static))
+        assert "servers 3: 3 ○ disabled NO CAPACITY" in header
+        # capacity back: the banner goes
+        await pilot.press("e")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        assert "1 of 3 servers in rotation after this" in _confirm_text(app)
+        await pilot.press("y")
+        await until(pilot, "banner gone", lambda: not banner.display)
+
+
+async def test_cancelling_the_outage_step_changes_nothing() -> None:
+    source = fixed_source(three_servers("down", "disabled", "up"))
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await select_row(pilot, app, "trainer-3")
+        await pilot.press("d", "y")
+        await until(pilot, "the second step", lambda: isinstance(app.screen, ConfirmAction)
+                    and "outage" in app.screen.question)
+        await pilot.press("escape")
+        await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+        assert source.current.servers[2].admin == "enabled"
+
+
+async def test_every_server_confirmation_counts_what_stays_in_rotation() -> None:
+    app = fixed_app()  # 12 servers: 7 up, 1 suspect in rotation
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        for row, key, words in (("trainer-1", "d", "7 of 12 servers"), ("trainer-8", "e", "9 of 12 servers"),
+                                ("trainer-5", "x", "8 of 12 servers")):
+            await select_row(pilot, app, row)
+            await pilot.press(key)
+            await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+            assert f"{words} in rotation after this." in _confirm_text(app)
+            await pilot.press("n")
+            await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+
+
+async def test_disabling_the_last_llm_provider_asks_twice_and_the_header_says_so() -> None:
+    app = fixed_app()  # primary is down (breaker open); secondary is the only one serving
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        header = static_text(app.query_one("#summary", Static))
+        assert "llm 1/2 in rotation" in header
+        await pilot.press("5")
+        await until(pilot, "llm tab", lambda: app.active_tab == "llm")
+        providers = app.query_one("#providers", LiveTable)
+        providers.move_cursor(row=providers.get_row_index("secondary"))
+        await pilot.press("x")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        text = _confirm_text(app)
+        assert "0 of 2 providers in rotation after this" in text and "next provider" not in text
+        await pilot.press("y")
+        await until(pilot, "the second step", lambda: isinstance(app.screen, ConfirmAction)
+                    and "outage" in app.screen.question)
+        assert "reviews cannot be served" in _confirm_text(app)
+        await pilot.press(*"secondary", "enter")
+        banner = app.query_one("#capacity-banner", Static)
+        await until(pilot, "the NO LLM CAPACITY banner", lambda: banner.display)
+        assert "NO LLM CAPACITY" in static_text(banner)
+        assert "llm 0/2 in rotation" in static_text(app.query_one("#summary", Static))
+
+
+# --- issue 17 item 2: only true data is shown as current ------------------------------------------
+
+def test_a_disabled_server_keeps_its_fault_next_to_the_admin_state() -> None:
+    from dispatcher.pool import Backend
+    from dispatcher.runtime import diagnose
+
+    silent = HostView(name="host-2", state="lost", heartbeat_age_ms=40_000)
+    b = Backend("trainer-2", "127.0.0.1", 1, server_host="host-2", health="up", admin="disabled")
+    assert diagnose(b, silent) == ("agent fault", "disabled by staff; server answers but agent host-2 is silent")
+    healthy = HostView(name="host-2", state="alive", heartbeat_age_ms=300)
+    assert diagnose(b, healthy) == ("admin", "disabled by staff")
+
+
+async def test_old_errors_clear_and_current_ones_carry_their_age() -> None:
+    state = fixed_state(3)
+    servers = [
+        # up again after a refused connection at start-up: that error is no longer true
+        _server(1, last_error="health check failed: ConnectionRefusedError(111)"),
+        _server(2, "down", last_error="connection refused", since_ms=T0 - 95_000),
+        _server(3, "disabled", last_error="health check failed: ConnectionRefusedError(111)"),
+    ]
+    app = fixed_app(state.model_copy(update={"servers": servers}))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        t = table(app)
+        assert t.get_cell("trainer-1", "error").plain == ""
+        assert t.get_cell("trainer-3", "error").plain == ""
+        assert t.get_cell("trainer-2", "error").plain == "connection refused (for 1m)"
+
+
+async def test_processes_on_a_lost_host_are_unknown_with_last_known_values_labelled() -> None:
+    state = fixed_state(3)
+    hosts = list(state.hosts)
+    hosts[1] = hosts[1].model_copy(update={"state": "lost", "heartbeat_age_ms": 47_000})
+    app = fixed_app(state.model_copy(update={"hosts": hosts}))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        await pilot.press("2")
+        await until(pilot, "hosts tab", lambda: app.active_tab == "hosts")
+        t = app.query_one(ProcessesTable)
+        lost = "host-2/trainer-2"
+        state_cell = t.get_cell(lost, "state")
+        assert state_cell.plain == "? unknown" and "dim" in str(state_cell.text.style)
+        assert t.get_cell(lost, "pid").plain == "—" and t.get_cell(lost, "cpu").plain == "—"
+        detail = t.get_cell(lost, "last_exit")
+        assert detail.plain.startswith("last known 47s ago: running, pid 4002") and "dim" in str(detail.text.style)
+        assert t.get_cell("host-1/trainer-1", "state").plain == "● running"  # an alive host's stay as they are
+
+
+async def test_stale_header_says_last_known_for_every_figure() -> None:
+    source = fixed_source()
+    app = create_app(source, interval=3600)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        header = static_text(app.query_one("#summary", Static))
+        assert "dispatchers 1/2 healthy" in header and "last known" not in header
+        source.reachable = False
+        app.action_refresh_now()
+        await until(pilot, "stale", lambda: app.stale)
+        header = static_text(app.query_one("#summary", Static))
+        assert "STALE" in header
+        for figure in ("dispatchers 1/2 healthy", "servers 12:", "hosts 12:", "llm 1/2 in rotation"):
+            assert f"last known {figure}" in header, header
+        assert "leader A" not in header.replace("last known leader A", "")
+
+
+# --- issue 17 item 6: roles in the UI --------------------------------------------------------------
+
+def viewer_app() -> ConsoleApp:
+    source = FixedSource(fixed_state(), role="viewer", name="ops-viewer", events=fixed_events(),
+                         providers=fixed_providers())
+    return create_app(source, interval=3600)
+
+
+async def test_viewer_sees_no_actions_in_footer_help_or_palette() -> None:
+    app = viewer_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state and whoami", lambda: app.applied >= 1 and app.who is not None)
+        await pilot.pause()
+        acting = {c.title for c in COMMANDS if c.needs == "act"}
+        for key in ("1", "2", "4", "5", "6"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert not footer_actions(app) & acting, (key, footer_actions(app))
+            titles = {c.title for c in app.get_system_commands(app.screen)}
+            assert not any(t.startswith(tuple(acting)) for t in titles), titles
+            assert "Refresh" in titles
+        await pilot.press("1", "x")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmAction)
+        await pilot.press("question_mark")
+        await until(pilot, "help screen", lambda: isinstance(app.screen, HelpScreen))
+        text = static_text(app.screen.query_one("#help-keys", Static))
+        assert "Drain" not in text and "Promote" not in text and "Refresh" in text
+        assert "changes nothing" in static_text(app.screen.query_one("#help-role", Static))
+
+
+async def test_operator_footer_keeps_the_actions() -> None:
+    app = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state and whoami", lambda: app.applied >= 1 and app.who is not None)
+        await pilot.pause()
+        assert {"Drain", "Disable", "Enable"} <= footer_actions(app)
+
+
+def test_errors_read_as_sentences() -> None:
+    from console.format import error_sentence
+
+    assert error_sentence("role 'viewer' may not do this", {"needs": "act"}) == \
+        "Role 'viewer' may not do this: that needs the 'act' grant."
+    assert "{" not in error_sentence("invalid request", [{"field": "minutes", "problem": "not a number"}])
+
+
+# --- issue 17 item 8: the settings file ------------------------------------------------------------
+
+def test_settings_file_is_read_and_bad_ones_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from console import settings
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert settings.load() == settings.Settings()  # no file: the defaults
+    conf = tmp_path / "ctops" / "console.toml"
+    conf.parent.mkdir()
+    conf.write_text('refresh = 2.5\ntheme = "ansi"\n[keys]\n"console.drain" = "ctrl+d"\n')
+    s = settings.load()
+    assert (s.refresh, s.theme, s.keymap) == (2.5, "ansi-dark", {"console.drain": "ctrl+d"})
+    for text, words in (('[keys]\n"console.dran" = "z"\n', "no binding 'console.dran'"),
+                        ("refresh = 0\n", "refresh must be a number of seconds"),
+                        ("colour = 1\n", "unknown setting(s) colour"),
+                        ("refresh = \n", "not valid TOML")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(settings.SettingsError, match=re.escape(words)):
+            settings.load(str(bad))
+    with pytest.raises(settings.SettingsError, match="no such settings file"):
+        settings.load(str(tmp_path / "absent.toml"))
+
+
+def test_console_refuses_a_bad_settings_file_before_starting(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from console.main import run
+
+    bad = tmp_path / "console.toml"
+    bad.write_text('[keys]\n"console.nothing" = "z"\n')
+    args = argparse.Namespace(url=[f"http://127.0.0.1:{free_port()}"], token="t", state_file="", config=str(bad))
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "no binding 'console.nothing'" in err and str(bad) in err
+
+
+async def test_settings_remap_keys_set_the_refresh_and_a_16_colour_theme() -> None:
+    from textual.filter import ANSIToTruecolor
+
+    app = create_app(fixed_source(), interval=2.5, keymap={"console.drain": "ctrl+d"}, theme="ansi-dark")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "first state", lambda: app.applied >= 1)
+        assert app.interval == 2.5 and app.theme == "ansi-dark"
+        # the terminal's own 16 colours are used as they are: red stays the terminal's red
+        assert not any(f.enabled for f in app._filters if isinstance(f, ANSIToTruecolor))
+        await pilot.press("d")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmAction)
+        await pilot.press("ctrl+d")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        await pilot.press("n")
+        await pilot.press("question_mark")
+        await until(pilot, "help", lambda: isinstance(app.screen, HelpScreen))
+        text = static_text(app.screen.query_one("#help-keys", Static))
+        assert "ctrl+d" in _line(text.splitlines(), "Drain") and "console.drain" in text
+
+
+# --- snapshots of issue 17's views and dialogs (80x24 and 200x50) ----------------------------------
+
+SIZES = [(80, 24), (200, 50)]
+
+
+def no_capacity_app() -> ConsoleApp:
+    providers = [p.model_copy(update={"disabled": True, "state": "disabled"}) if p.name == "secondary" else p
+                 for p in fixed_providers()]
+    source = FixedSource(three_servers("disabled", "disabled", "disabled"), events=fixed_events(),
+                         providers=providers)
+    return create_app(source, interval=3600)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_no_capacity(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                              size: tuple[int, int]) -> None:
+    assert snap_compare(no_capacity_app(), terminal_size=size, run_before=_loaded)
+    lines = snapshot_lines(request)
+    assert _line(lines, "✖ NO CAPACITY")
+    assert _line(lines, "✖ NO LLM CAPACITY")
+    assert _line(lines, "servers 3: 3 ○ disabled", "NO CAPACITY")
+    assert _line(lines, "llm 0/2 in rotation")
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_outage_step(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                              size: tuple[int, int]) -> None:
+    app = create_app(fixed_source(three_servers("disabled", "down", "up")), interval=3600)
+
+    async def second_step(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.press("down", "down", "x", "y")
+        await until(pilot, "the second step", lambda: isinstance(app.screen, ConfirmAction)
+                    and "outage" in app.screen.question)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=second_step)
+    screen = " ".join(" ".join(snapshot_lines(request)).split())
+    assert "This causes an outage." in screen and "Disable trainer-3?" in screen
+    assert "last server in rotation" in screen and "Disable anyway (y)" in screen
+    assert "type trainer-3 to confirm" in screen and "Cancel (n)" in screen
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_viewer(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                         size: tuple[int, int]) -> None:
+    assert snap_compare(viewer_app(), terminal_size=size, run_before=_loaded)
+    lines = snapshot_lines(request)
+    footer = lines[-1]
+    assert "Drain" not in footer and "Disable" not in footer and "Enable" not in footer
+    assert "Refresh" in footer and "Quit" in footer
+    assert _line(lines, "you ops-viewer (viewer)")
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_notices(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                          size: tuple[int, int]) -> None:
+    from console.screens.notices import Notice, NoticesScreen
+
+    notices = [Notice("error", "No leader", "Dispatcher A no longer leads and no standby has taken over yet.",
+                      "leader", T0),
+               Notice("warning", "Leader changed", "Dispatcher B now leads (epoch 8); before: A.", "leader",
+                      T0 + 4000),
+               Notice("error", "host_lost: host-5", "host-5: no heartbeat for 31 s", "event:host-5", T0 + 65_000)]
+
+    async def open_notices(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.app.push_screen(NoticesScreen(notices, T0 + 125_000))
+        await pilot.pause()
+
+    assert snap_compare(fixed_app(), terminal_size=size, run_before=open_notices)
+    lines = snapshot_lines(request)
+    order = [i for i, ln in enumerate(lines) if "host_lost: host-5" in ln or "Leader changed" in ln
+             or "No leader" in ln]
+    assert [lines[i] for i in order][0].count("host_lost") == 1  # newest first
+    assert "1m ago" in _line(lines, "host_lost: host-5") and "2m ago" in _line(lines, "Leader changed")
+    assert "(superseded)" in " ".join(lines[order[-1]:order[-1] + 2])
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_event_detail(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                               size: tuple[int, int]) -> None:
+    async def open_event(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.press("3")
+        await until(pilot, "events tab", lambda: pilot.app.active_tab == "events")  # type: ignore[attr-defined]
+        await pilot.press("up", "enter")  # the one before the newest: crash_loop of trainer-9
+        await pilot.pause()
+
+    assert snap_compare(fixed_app(), terminal_size=size, run_before=open_event)
+    lines = snapshot_lines(request)
+    assert _line(lines, "Event", "crash_loop")
+    assert "2023-11-14 22:13:25" in _line(lines, "When")
+    assert "✖ critical" in _line(lines, "Severity") and "trainer-9" in _line(lines, "Target")
+    assert "agent:host-9" in _line(lines, "Source")
+    assert _line(lines, "trainer-9: 5 exits in 60 s; not restarting")
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_snapshot_lost_host_processes(snap_compare: Callable[..., bool], request: pytest.FixtureRequest,
+                                      size: tuple[int, int]) -> None:
+    state = fixed_state()
+    hosts = list(state.hosts)
+    hosts[1] = hosts[1].model_copy(update={"state": "lost", "heartbeat_age_ms": 47_000})
+    app = fixed_app(state.model_copy(update={"hosts": hosts}))
+
+    async def hosts_tab(pilot: Pilot[int]) -> None:
+        await _loaded(pilot)
+        await pilot.press("2")
+        await until(pilot, "hosts tab", lambda: app.active_tab == "hosts")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=hosts_tab)
+    lines = snapshot_lines(request)
+    row = _line(lines, "host-2", "trainer-2")
+    assert "lost" in row and "? unknown" in row and "4002" not in row.split("last known")[0]
+    if size[0] >= 200:
+        assert "last known 47s ago: running, pid 4002" in row
+    assert "● running" in _line(lines, "host-1", "trainer-1")

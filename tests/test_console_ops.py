@@ -13,12 +13,13 @@ import httpx
 import pytest
 from rich.text import Text
 from textual.pilot import Pilot
-from textual.widgets import Label
+from textual.widgets import Label, Static
 
 import console.format
 from console.app import ConsoleApp, create_app
 from console.client import ConsoleClient
 from console.screens.confirm import ConfirmAction
+from console.screens.notices import EventDetail, NoticesScreen
 from console.source import FixedSource
 from console.widgets.events_log import EventsLog
 from console.widgets.tables import DispatchersTable, ProcessesTable, ProvidersTable
@@ -184,8 +185,8 @@ async def test_events_pane_shows_a_killed_server(running_dispatcher: Cluster) ->
         await until(pilot, "a critical toast", lambda: noticed(app, "server_down: trainer-3"))
         await show_tab(pilot, app, "events")
         log = app.query_one("#events", EventsLog)
-        await until(pilot, "the events pane drawn", lambda: log.count > 0 and len(log.lines) > 0)
-        assert any("server_down" in strip.text and "trainer-3" in strip.text for strip in log.lines)
+        await until(pilot, "the events pane drawn", lambda: any(
+            "server_down" in ln and "trainer-3" in ln for ln in pane_lines(log)))
 
 
 async def test_providers_pin_and_disable_from_console(running_dispatcher: Cluster) -> None:
@@ -296,19 +297,134 @@ async def test_a_dead_watchdog_thread_reads_as_dead_not_ok() -> None:
         assert t.get_cell("host-5/", "watchdog").plain == "—"  # no watchdog report: unknown, not ok
 
 
-async def test_event_lines_fill_a_wide_terminal() -> None:
+def pane_lines(widget: Any) -> list[str]:
+    """What a widget shows now, line by line."""
+    return [widget.render_line(y).text.rstrip() for y in range(widget.size.height)]
+
+
+async def test_event_lines_fill_a_wide_terminal_and_wrap_when_narrow() -> None:
     app, _ = fixed()
     async with app.run_test(size=(200, 50)) as pilot:
         await loaded(pilot)
         await show_tab(pilot, app, "events")
         log = app.query_one("#events", EventsLog)
-        await until(pilot, "the pane drawn", lambda: len(log.lines) == len(fixed_events()))
-        texts = [strip.text for strip in log.lines]
-        assert any(t.rstrip().endswith("trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)") for t in texts)
-        assert not any("…" in t for t in texts)
-        await pilot.resize_terminal(80, 24)  # narrower: the lines are drawn again, cut to the new width
-        await until(pilot, "redrawn narrower", lambda: all(len(s.text) <= 80 for s in log.lines))
-        assert any(s.text.rstrip().endswith("…") for s in log.lines)
+        whole = "trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)"
+        await until(pilot, "the pane drawn", lambda: any(ln.endswith(whole) for ln in pane_lines(log)))
+        assert not any("…" in ln for ln in pane_lines(log))
+        await pilot.resize_terminal(80, 24)  # narrower: laid out again, wrapped, nothing cut
+        await until(pilot, "redrawn narrower", lambda: log.size.width <= 80)
+        await pilot.pause()
+        lines = pane_lines(log)
+        assert all(len(ln) <= 80 for ln in lines) and not any("…" in ln for ln in lines)
+        assert "(agent:host-9)" in "".join(lines) and not any(ln.endswith(whole) for ln in lines)
+        await pilot.resize_terminal(200, 50)  # wider again: back on one line each
+        await until(pilot, "redrawn wide", lambda: any(ln.endswith(whole) for ln in pane_lines(log)))
+
+
+async def test_events_that_came_on_another_tab_are_drawn_at_full_width() -> None:
+    app, source = fixed()
+    async with app.run_test(size=(200, 50)) as pilot:
+        await loaded(pilot)
+        await show_tab(pilot, app, "hosts")
+        t = fixed_events()[-1].ts_ms + 1000
+        long = "trainer-2 exited with status 1 after an unhandled error in the review handler; " * 2
+        source.event_log.append(Event(id=f"{t}-0", event_id="late", ts_ms=t, kind="process_exited",
+                                      severity="warning", source="agent:host-2", target="trainer-2",
+                                      message=long.strip()))
+        seen = app.applied
+        app.action_refresh_now()
+        await until(pilot, "refresh", lambda: app.applied > seen)
+        await show_tab(pilot, app, "events")
+        log = app.query_one("#events", EventsLog)
+        await until(pilot, "the new event drawn", lambda: any("process_exited" in ln for ln in pane_lines(log)))
+        first = next(ln for ln in pane_lines(log) if "process_exited" in ln)
+        assert len(first) > 150  # the pane's width, not a hidden pane's 40 columns
+        await pilot.press("enter")  # the newest event is highlighted: Enter opens it in full
+        await until(pilot, "event detail", lambda: isinstance(app.screen, EventDetail))
+        text = pane_text(app.screen.query_one("#event-detail"))
+        assert long.strip() in " ".join(text.split()) or long.strip().split(";")[0] in text
+        assert "agent:host-2" in text and "process_exited" in text
+        await pilot.press("escape")
+        await until(pilot, "detail closed", lambda: not isinstance(app.screen, EventDetail))
+
+
+def pane_text(widget: Any) -> str:
+    from rich.console import Console
+
+    out = Console(width=400, record=True, file=__import__("io").StringIO())
+    out.print(widget.content)
+    return out.export_text()
+
+
+def critical(source: FixedSource, kind: str, target: str, message: str, dt: int = 1000) -> None:
+    last = source.event_log[-1].ts_ms if source.event_log else fixed_events()[-1].ts_ms
+    t = last + dt
+    source.event_log.append(Event(id=f"{t}-0", event_id=f"{kind}-{t}", ts_ms=t, kind=kind, severity="critical",
+                                  source="dispatcher:A", target=target, message=message))
+
+
+async def refreshed(pilot: Pilot[int], app: ConsoleApp) -> None:
+    seen = app.applied
+    app.action_refresh_now()
+    await until(pilot, "refresh", lambda: app.applied > seen)
+    await pilot.pause()
+
+
+async def test_notices_coalesce_per_incident_and_never_cover_a_dialog() -> None:
+    app, source = fixed()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        # no leader: one alarm; the leader back replaces it rather than adding a second toast
+        source.current = source.current.model_copy(update={"leader": None})
+        await refreshed(pilot, app)
+        assert [n.title for n in app._notifications] == ["No leader"]
+        source.current = source.current.model_copy(update={"leader": "A"})
+        await refreshed(pilot, app)
+        assert not any(n.title == "No leader" for n in app._notifications)
+        assert "Leader changed" in str(app.query_one("#flash", Static).render())
+        # a critical event toasts once; the same event seen again (another dispatcher's stream) does not
+        critical(source, "host_lost", "host-2", "host-2: no heartbeat for 12 s")
+        await refreshed(pilot, app)
+        assert sum(1 for n in app._notifications if n.title == "host_lost: host-2") == 1
+        dup = source.event_log[-1]
+        source.event_log.append(dup.model_copy(update={"id": f"{dup.ts_ms + 5}-0"}))
+        await refreshed(pilot, app)
+        assert sum(1 for n in app._notifications if n.title == "host_lost: host-2") == 1
+        # a dialog opens: toasts go away and none covers it while it is open
+        await pilot.press("1", "down", "d")
+        await until(pilot, "confirm dialog", lambda: isinstance(app.screen, ConfirmAction))
+        critical(source, "server_down", "trainer-4", "trainer-4: up -> down (connection refused)")
+        await refreshed(pilot, app)
+        assert not list(app._notifications)
+        assert any(n.title == "server_down: trainer-4" for n in app.notices)  # kept in the history
+        await pilot.press("n")
+        await until(pilot, "dialog closed", lambda: not isinstance(app.screen, ConfirmAction))
+        # host-2 heartbeats again: that word on the incident resolves it (even after a dialog came and went)
+        critical(source, "host_back", "host-2", "host-2: heartbeats again")
+        source.event_log[-1] = source.event_log[-1].model_copy(update={"severity": "info"})
+        await refreshed(pilot, app)
+        assert app.notices[-1].title == "host_back: host-2" and app.notices[-1].severity == "information"
+        assert "host_back" in str(app.query_one("#flash", Static).render())
+        await pilot.press("N")
+        await until(pilot, "notices", lambda: isinstance(app.screen, NoticesScreen))
+        text = pane_text(app.screen.query_one("#notices-list"))
+        lines = text.splitlines()
+        assert "host_back: host-2" in lines[0]  # newest first
+        assert "(superseded)" in _line(lines, "host_lost: host-2")
+        assert "No leader" in _line(lines, "No leader") and "(superseded)" in _line(lines, "No leader")
+
+
+async def test_an_old_event_is_listed_but_not_announced() -> None:
+    app, source = fixed()
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        t = source.current.now_ms - 90_000
+        source.event_log.append(Event(id=f"{fixed_events()[-1].ts_ms + 1}-0", event_id="old", ts_ms=t,
+                                      kind="host_lost", severity="critical", source="dispatcher:A",
+                                      target="host-7", message="host-7: no heartbeat for 31 s"))
+        await refreshed(pilot, app)
+        assert app.events_seen[-1].event_id == "old"
+        assert not any(n.title.startswith("host_lost") for n in app.notices)
 
 
 async def test_providers_404_says_so() -> None:
@@ -363,8 +479,9 @@ def test_snapshot_tab(snap_compare: Callable[..., bool], tab: str, size: tuple[i
             assert "trainer-9: 5 exits in 60 s; not restarting  (agent:host-9)" in crash
             assert "checker thread silent for 2 s; generation 2 started  (agent:host-4)" in \
                 _line(lines, "watchdog_restarted")
-        else:
-            assert crash.endswith("…") and len(crash) <= 80
+        else:  # wrapped, not cut: the rest of the message continues on the next line
+            assert "…" not in crash and len(crash) <= 80
+            assert "restarting  (agent:host-9)" in lines[lines.index(crash) + 1]
     elif tab == "dispatchers":
         leader, standby = _line(lines, "★ leader"), _line(lines, "◇ standby")
         assert leader.split()[0] == "A" and "healthy" in leader

@@ -332,14 +332,21 @@ async def test_fixed_help_and_tail_line_opens(pinned_clock: None) -> None:
         assert 'File "/srv/trainer/checks.py", line 41, in run_checks' in text
 
 
-async def test_fixed_viewer_is_refused_and_nothing_changes(pinned_clock: None) -> None:
+async def test_fixed_viewer_is_offered_no_triage_and_nothing_changes(pinned_clock: None) -> None:
     app, source = fixed_app(role="viewer")
     async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "whoami", lambda: app.who is not None)
         scr = await opened(pilot)
-        await pilot.press("a")
-        await until(pilot, "refusal", lambda: any(n.title == "Permission denied" and "exception groups" in n.message
-                                                 for n in app.notices))
-        assert source.audit == [] and scr.shown[0].status == "unresolved" and scr.acted == []
+        shown = {b.binding.description for b in scr.active_bindings.values() if b.binding.show and b.enabled}
+        # a viewer reads, filters and tails; it is never offered what its token may not do
+        assert {"Filter", "Tail", "Help"} <= shown and not shown & {"Ack", "Resolve", "Mute", "Reopen", "Undo"}, shown
+        await pilot.press("a", "s", "m", "U", "asterisk")
+        await pilot.pause(0.3)
+        assert source.audit == [] and scr.shown[0].status == "unresolved" and scr.acted == [] and not scr.marked
+        await pilot.press("question_mark")
+        await until(pilot, "help", lambda: isinstance(app.screen, ExceptionsHelp))
+        text = rendered(app.screen.query_one("#exc-help-keys", Static))
+        assert "Filter" in text and not any(w in text for w in ("Ack", "Resolve", "Undo", "Mute"))
 
 
 @pytest.mark.parametrize("size", [(80, 24), (200, 50)], ids=["80x24", "200x50"])

@@ -18,7 +18,7 @@ from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
 from textual.widgets import Input, Label
 
-from console.commands import COMMANDS, TAB_TITLES, TABLE, TABS, Command
+from console.commands import COMMANDS, TAB_TITLES, TABLE, TABS, Command, allowed
 from console.widgets.live_table import LiveTable
 
 if TYPE_CHECKING:
@@ -194,6 +194,10 @@ def open_cmdline(app: ConsoleApp) -> None:
             app.notice("warning", "No such command",
                        f"':{value}' names no view or action; Tab completes, ctrl+p lists them all.")
             return
+        if not allowed(target.command, app.role):
+            app.notice("warning", "Not for this role",
+                       f"':{value}' changes the cluster; a {app.role} token may only look.")
+            return
         run(app, target)
 
     app.push_screen(Prompt(":", placeholder="a view or action: servers, hosts, audit, drain, undo, ... "
@@ -206,7 +210,7 @@ def palette(app: ConsoleApp) -> Iterable[SystemCommand]:
     """The commands the app's own palette entries leave out: other tabs' actions and the table keys."""
     shown = app.active_tab
     for c in COMMANDS:
-        if not c.palette or c.tab is None or c.tab == shown:
+        if not c.palette or c.tab is None or c.tab == shown or not allowed(c, app.role):
             continue
         where = "the shown table" if c.tab == TABLE else TAB_TITLES[c.tab]
         yield SystemCommand(f"{c.title} ({where})", c.help, partial(run, app, Target(c, c.tab)))

@@ -17,8 +17,9 @@ from textual.containers import Grid, Horizontal
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label
 
+from console.capacity import Capacity, provider_capacity, server_capacity
 from console.messages import ActionDone
-from ctops.wire import ServerView
+from ctops.wire import LLMProviderView, ServerView
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,21 @@ class Ask:
     field: Field | None = None
     sent: tuple[str, str] | None = None  # a notice as soon as it is sent (title, text): for slow actions
     then: Callable[[], None] | None = None  # after the answer, done or failed (refresh a screen's own data)
+    # taking the last capacity away: a second step that names the outage and wants the target typed
+    outage: str | None = None
+
+
+def outage_step(ask: Ask) -> ConfirmAction:
+    """The second dialog before an action that leaves nothing in rotation: it names the outage and
+    only goes on once the target's name is typed, so no reflex (y, y) causes one."""
+    assert ask.outage is not None
+    name = ask.target.split()[-1]
+
+    def check(value: str) -> str | None:
+        return None if value == name else f"Type {name} to confirm the outage, or press Esc to cancel."
+
+    return ConfirmAction(f"[b red]This causes an outage.[/] {ask.question}", ask.outage, f"{ask.verb} anyway",
+                         Field("", f"type {name} to confirm", max_length=128, check=check))
 
 
 _EFFECT = {
@@ -51,11 +67,41 @@ _EFFECT = {
     "disable": "It leaves rotation now; its {n} active session(s) move to other servers.",
     "enable": "It goes back into rotation and receives new sessions.",
 }
+_LAST_EFFECT = {
+    "drain": "No other server is in rotation: new sessions get 503; its {n} active session(s) finish there.",
+    "disable": "No other server is in rotation: its {n} active session(s) and every new one get 503.",
+    "enable": "Its health is {health}: it takes no sessions until it answers its health checks.",
+}
 
 
-def server_question(action: str, s: ServerView) -> tuple[str, str]:
-    return (f"{action.capitalize()} [b]{s.name}[/b]?",
-            f"Now {s.state} (admin {s.admin}) on {s.host}.\n" + _EFFECT[action].format(n=s.active_sessions))
+def server_question(action: str, s: ServerView, servers: list[ServerView] | None = None
+                    ) -> tuple[str, str, str | None]:
+    """(question, detail, outage): outage is set when the action leaves no server in rotation."""
+    cap = server_capacity(action, s, servers if servers is not None else [s])
+    effect = (_LAST_EFFECT if cap.after == 0 else _EFFECT)[action].format(n=s.active_sessions, health=s.health)
+    detail = f"Now {s.state} (admin {s.admin}) on {s.host}.\n{effect}\n{_capacity_line(cap)}"
+    outage = None
+    if action != "enable" and cap.takes_last:
+        outage = (f"{s.name} is the last server in rotation. After this NO server takes learners: every "
+                  "learner request gets 503 until a server is enabled or comes back up.")
+    return f"{action.capitalize()} [b]{s.name}[/b]?", detail, outage
+
+
+def provider_effect(action: str, p: LLMProviderView, providers: list[LLMProviderView]) -> tuple[str, str | None]:
+    """(capacity line, outage) for an LLM provider action."""
+    cap = provider_capacity(action, p, providers)
+    outage = None
+    if action == "disable" and cap.takes_last:
+        outage = (f"{p.name} is the last LLM provider in rotation. After this NO provider takes requests: "
+                  "reviews cannot be served (learners wait for them) until a provider is enabled or recovers.")
+    return _capacity_line(cap), outage
+
+
+def _capacity_line(cap: Capacity) -> str:
+    line = cap.sentence()
+    if cap.after == 0 and cap.total:
+        return f"[b red]{line} NO CAPACITY.[/]"
+    return f"[b]{line}[/b]"
 
 
 class ConfirmAction(ModalScreen[str | None]):

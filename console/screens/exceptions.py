@@ -45,6 +45,7 @@ from console.messages import ActionDone, ActionFailed
 from console.screens.confirm import Ask, Field
 from console.source import Source
 from ctops.capture.wire import STATUSES, ExceptionStats, GroupDetail, GroupView, Occurrence, traceback_text
+from ctops.opsapi import ACTION_GRANT, role_may
 
 if TYPE_CHECKING:
     from console.app import ConsoleApp
@@ -61,6 +62,7 @@ class Key:
     title: str
     help: str
     show: bool = True
+    acts: bool = False  # changes groups: a role without the act grant never sees it
 
     @property
     def id(self) -> str:
@@ -70,16 +72,19 @@ class Key:
 
 # the screen's one command table: bindings, footer, its help screen (`?`) come from it
 KEYS: tuple[Key, ...] = (
-    Key("a", "quick('acknowledge')", "Ack", "Acknowledge the marked (or selected) groups: someone is on it."),
+    Key("a", "quick('acknowledge')", "Ack", "Acknowledge the marked (or selected) groups: someone is on it.",
+        acts=True),
     Key("s", "quick('resolve')", "Resolve",
-        "Resolve the marked (or selected) groups; one that happens again becomes regressed."),
-    Key("m", "quick('mute')", "Mute", f"Mute the marked (or selected) groups for {60} minutes."),
-    Key("u", "quick('unresolve')", "Reopen", "Set the marked (or selected) groups back to unresolved."),
-    Key("U", "undo", "Undo", "Undo the last ack / resolve / mute / reopen / assign: every group gets its status back."),
+        "Resolve the marked (or selected) groups; one that happens again becomes regressed.", acts=True),
+    Key("m", "quick('mute')", "Mute", f"Mute the marked (or selected) groups for {60} minutes.", acts=True),
+    Key("u", "quick('unresolve')", "Reopen", "Set the marked (or selected) groups back to unresolved.", acts=True),
+    Key("U", "undo", "Undo", "Undo the last ack / resolve / mute / reopen / assign: every group gets its status back.",
+        acts=True),
     Key("space", "space", "Mark", "Groups: mark or unmark the selected group. Tail: follow or pause."),
-    Key("asterisk", "mark_all", "Mark all", "Mark every shown group (again: unmark them all).", show=False),
-    Key("M", "act('mute')", "Mute for…", "Mute the selected group for a number of minutes you type.", show=False),
-    Key("n", "act('assign')", "Assign", "Assign the selected group to a staff name.", show=False),
+    Key("asterisk", "mark_all", "Mark all", "Mark every shown group (again: unmark them all).", show=False, acts=True),
+    Key("M", "act('mute')", "Mute for…", "Mute the selected group for a number of minutes you type.", show=False,
+        acts=True),
+    Key("n", "act('assign')", "Assign", "Assign the selected group to a staff name.", show=False, acts=True),
     Key("slash", "focus_filter", "Filter", "Type to filter by type, message, service, host or id (a prefix will do)."),
     Key("f", "cycle_status", "Status", "Show one status (cycles: unresolved (+regressed), all, acknowledged, ...)."),
     Key("o", "toggle_sort", "Sort", "Sort by last seen or by count.", show=False),
@@ -93,6 +98,8 @@ KEYS: tuple[Key, ...] = (
     Key("question_mark", "help", "Help", "Show these keys."),
     Key("escape,q", "close", "Back", "Back to the cluster view (first Esc clears marks; in the filter: to the list)."),
 )
+# actions (method names without "action_") that change groups, from the table above
+ACTING_ACTIONS = frozenset(k.action.split("(")[0] for k in KEYS if k.acts)
 MUTE_MINUTES = 60
 # the default filter, as Sentry's is:unresolved: regressed groups are unresolved ones that came back
 DEFAULT_STATUS = "unresolved"
@@ -260,6 +267,11 @@ class Acted(Message):
     undo: bool
 
 
+def may_act(role: str | None) -> bool:
+    """An unknown role (whoami not answered yet) is not narrowed: the ops API still refuses."""
+    return role is None or role_may(role, ACTION_GRANT)
+
+
 class ExceptionsHelp(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close", id="exceptions.help.close")]
     DEFAULT_CSS = """
@@ -268,12 +280,18 @@ class ExceptionsHelp(ModalScreen[None]):
                 background: $panel; padding: 0 1; }
     """
 
+    def __init__(self, role: str | None = None) -> None:
+        super().__init__()
+        self.role = role
+
     def compose(self) -> ComposeResult:
         t = Table(box=None, expand=True, padding=(0, 2, 0, 0))
         t.add_column("Key", no_wrap=True)
         t.add_column("Action", no_wrap=True)
         t.add_column("What it does")
         for k in KEYS:
+            if k.acts and not may_act(self.role):
+                continue
             t.add_row(display_key(k.key), k.title, k.help)
         with VerticalScroll(id="exc-help"):
             yield Static("[b]Exceptions — keys[/b]")
@@ -516,7 +534,15 @@ class ExceptionsScreen(ModalScreen[None]):
         self.dismiss(None)
 
     def action_help(self) -> None:
-        self.app.push_screen(ExceptionsHelp())
+        self.app.push_screen(ExceptionsHelp(self.role))
+
+    @property
+    def role(self) -> str | None:
+        return getattr(self.app, "role", None)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # a viewer never sees or runs triage actions (footer, keys, help); the ops API refuses them too
+        return may_act(self.role) or action not in ACTING_ACTIONS
 
     def action_focus_filter(self) -> None:
         self.query_one("#exc-filter", Input).focus()

@@ -11,20 +11,25 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from console.commands import COMMANDS, TAB_TITLES, display_key
+from console.commands import COMMANDS, TAB_TITLES, allowed, display_key
 from console.format import DIAGNOSIS_STYLE, PROCESS_STYLE, STATE_STYLE
+from ctops.opsapi import ACTION_GRANT, role_may
 
 
-def help_table(keymap: Mapping[str, str]) -> Table:
+def help_table(keymap: Mapping[str, str], role: str | None = None) -> Table:
     t = Table(box=None, show_header=True, header_style="bold", expand=True, padding=(0, 2, 0, 0))
     t.add_column("Key", no_wrap=True)
     t.add_column("Action", no_wrap=True)
     t.add_column("Where", no_wrap=True)
     t.add_column("What it does")
     for c in COMMANDS:
-        t.add_row(display_key(c.key_in(keymap)), c.title, TAB_TITLES[c.tab] if c.tab else "anywhere", c.help)
+        if not allowed(c, role):
+            continue  # a viewer is not offered what its token may not do
+        # the binding id is what console.toml's [keys] remaps
+        t.add_row(display_key(c.key_in(keymap)), c.title, TAB_TITLES[c.tab] if c.tab else "anywhere",
+                  f"{c.help} [dim]{c.id}[/dim]")
     t.add_row("↑ ↓ PgUp PgDn", "Move", "tables", "Select a row (actions apply to the selected row).")
-    t.add_row("ctrl+p", "Palette", "anywhere", "Search and run any command of the current tab.")
+    t.add_row("ctrl+p", "Palette", "anywhere", "Search and run any command of any tab (and the table keys).")
     return t
 
 
@@ -40,13 +45,18 @@ def legend() -> str:
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close", id="help.close")]
 
-    def __init__(self, keymap: Mapping[str, str]) -> None:
+    def __init__(self, keymap: Mapping[str, str], role: str | None = None) -> None:
         super().__init__()
         self.keymap = keymap
+        self.role = role
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-box"):
             yield Static("[b]ctops console — keys[/b]", id="help-title")
-            yield Static(help_table(self.keymap), id="help-keys")
+            yield Static(help_table(self.keymap, self.role), id="help-keys")
+            if self.role is not None and not role_may(self.role, ACTION_GRANT):
+                yield Static(f"[yellow]Your token's role is {self.role}: it reads everything and changes "
+                             "nothing, so no actions are listed. An operator token acts.[/yellow]",
+                             id="help-role")
             yield Static(legend(), id="help-legend")
             yield Static("[dim]Esc or ? closes this help.[/dim]")

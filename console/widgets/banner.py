@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from textual.widgets import Static
 
-from ctops.wire import StoreView
+from console.capacity import providers_out, servers_out
+from ctops.wire import ClusterState, LLMProviderView, StoreView
 
 
 class OutageBanner(Static):
@@ -34,4 +35,23 @@ class StoreBanner(Static):
             return
         why = store.diagnosis or "shared state unavailable"
         self.update(f"⚠  {why}\n   Servers stay in rotation; staff actions and new sessions wait for the store.")
+        self.display = True
+
+
+class CapacityBanner(Static):
+    """Nothing left to serve learners (no server in rotation) or reviews (no LLM provider): the one
+    outage staff cause themselves, so it is said in red until capacity is back."""
+
+    def show(self, state: ClusterState | None, providers: list[LLMProviderView] | None) -> None:
+        lines = []
+        if state is not None and servers_out(state.servers):
+            lines.append(f"✖ NO CAPACITY: none of {len(state.servers)} servers is in rotation; every learner "
+                         "request gets 503 until one is enabled (e) or comes back up.")
+        if providers_out(providers):
+            lines.append(f"✖ NO LLM CAPACITY: none of {len(providers or [])} LLM providers is in rotation; "
+                         "reviews cannot be served until one is enabled or recovers (tab 5).")
+        if not lines:
+            self.display = False
+            return
+        self.update("\n".join(lines))
         self.display = True

@@ -11,18 +11,22 @@ from rich.text import Text
 from textual.events import Resize
 from textual.widgets import Static
 
+from console.capacity import provider_serves, servers_out
 from console.client import Whoami
 from console.format import HOST_STYLE as _HOST_STYLE
 from console.format import STATE_STYLE
-from ctops.wire import ClusterState
+from ctops.wire import ClusterState, LLMProviderView
 
 _SEP = " · "
 
 
 def summary_parts(
-    state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False
+    state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False,
+    providers: list[LLMProviderView] | None = None,
 ) -> list[list[Text]]:
-    """Lines of parts; the widget fits each line's parts into its width."""
+    """Lines of parts; the widget fits each line's parts into its width.
+
+    While STALE every figure reads "last known", without its colours: none of them is current."""
     flags: list[Text] = []
     if stale:
         flags.append(Text(" STALE ", style="bold reverse red"))
@@ -38,19 +42,40 @@ def summary_parts(
     first.append(Text.assemble("dispatchers ", (f"{healthy}/{len(state.dispatchers)}",
                                                 "" if healthy == len(state.dispatchers) else "bold yellow"),
                                " healthy"))
-    if who is not None:
-        first.append(Text.assemble("you ", (f"{who.name} ({who.role})",
-                                            "bold" if who.role == "operator" else "bold yellow")))
 
     servers: Counter[str] = Counter(s.state for s in state.servers)
     by_state = [(f"{servers[n]} {g} {n}", style) for n, (g, style) in STATE_STYLE.items() if servers[n]]
     second = [Text.assemble(f"servers {len(state.servers)}: ", *_spaced(by_state))]
+    if servers_out(state.servers):
+        second = [Text.assemble((second[0].plain, "bold red"), " ", ("NO CAPACITY", "bold reverse red"))]
     hosts = Counter(h.state for h in state.hosts)
     by_host = [(f"{hosts[n]} {n}", _HOST_STYLE[n]) for n in ("alive", "late", "lost") if hosts[n]]
     second.append(Text.assemble(f"hosts {len(state.hosts)}: ", *_spaced(by_host)))
+    if providers:
+        second.append(_llm_part(providers))
     if state.store is not None:
         second.append(_store_part(state))
+    if stale:
+        first[len(flags) + 1:] = [_last_known(p) for p in first[len(flags) + 1:]]  # the name stays a name
+        second = [_last_known(p) for p in second]
+    if who is not None:
+        first.append(Text.assemble("you ", (f"{who.name} ({who.role})",
+                                            "bold" if who.role == "operator" else "bold yellow")))
     return [first, second]
+
+
+def _last_known(part: Text) -> Text:
+    return Text.assemble(("last known ", "italic"), (part.plain, "dim"))
+
+
+def _llm_part(providers: list[LLMProviderView]) -> Text:
+    serving = sum(1 for p in providers if provider_serves(p))
+    style = "bold reverse red" if not serving else "" if serving == len(providers) else "bold yellow"
+    pinned = next((p.name for p in providers if p.pinned), None)
+    part = Text.assemble("llm ", (f"{serving}/{len(providers)}", style), " in rotation")
+    if pinned:
+        part.append(f" pinned {pinned}", style="cyan")
+    return part
 
 
 def _store_part(state: ClusterState) -> Text:
@@ -101,15 +126,23 @@ class ClusterSummary(Static):
         self._lines: list[list[Text]] = summary_parts(None, None, False)
         self._drawn = False
 
-    def show(self, state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False) -> bool:
+    def show(self, state: ClusterState | None, who: Whoami | None, stale: bool, paused: bool = False,
+             providers: list[LLMProviderView] | None = None) -> bool:
         """Returns whether anything changed; an unchanged header is not redrawn."""
-        lines = summary_parts(state, who, stale, paused)
+        lines = summary_parts(state, who, stale, paused, providers)
         if lines == self._lines and self._drawn:
             return False
         self._lines = lines
         self._drawn = True
-        self.update(fit(self._lines, self.size.width))
+        self._draw(self.size.width)
         return True
 
     def on_resize(self, event: Resize) -> None:
-        self.update(fit(self._lines, event.size.width))
+        self._draw(event.size.width)
+
+    def _draw(self, width: int) -> None:
+        text = fit(self._lines, width)
+        self.update(text)
+        # the height follows the wrapped lines now, not at the next layout pass: a header that grew
+        # a line (the role, the LLM part) must not push its last line under the tabs
+        self.styles.height = len(text.plain.split("\n"))
