@@ -9,20 +9,26 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from ctops.auth import Principal
-from ctops.clock import now_ms
 from ctops.config import DispatcherSpec
-from ctops.wire import ClusterState, Heartbeat, HeartbeatAck, PeerHeartbeat
+from ctops.wire import HEARTBEAT_DECODER, ClusterState, Heartbeat, HeartbeatAck, PeerHeartbeat
 from dispatcher.events import EventLog
+from dispatcher.ingest import HeartbeatWriter
 from dispatcher.lease import Lease
 from dispatcher.ops.auth import Auth
 from dispatcher.ops.errors import R404, ApiError
 from dispatcher.peers import Peers
-from dispatcher.store import Store
 
 ClusterStateView = Callable[[dict | None], Awaitable[ClusterState]]
 
 
-def cluster_router(auth: Auth, store: Store, events: EventLog, lease: Lease, peers: Peers,
+def heartbeat_ack(lease: Lease, dispatchers: list[DispatcherSpec]) -> HeartbeatAck:
+    """What a heartbeat is answered: who leads, and where, for the agent to follow."""
+    leader = lease.leader_name
+    url = next((d.ops_url for d in dispatchers if d.name == leader), None)
+    return HeartbeatAck(ok=True, leader=leader, leader_ops_url=url)
+
+
+def cluster_router(auth: Auth, writer: HeartbeatWriter, events: EventLog, lease: Lease, peers: Peers,
                    dispatchers: list[DispatcherSpec], known_hosts: frozenset[str],
                    cluster_state: ClusterStateView, proxy_counters: Callable[[], dict] | None) -> APIRouter:
     router = APIRouter()
@@ -38,12 +44,12 @@ def cluster_router(auth: Auth, store: Store, events: EventLog, lease: Lease, pee
         await auth.for_host(request, who, hb.host)
         if hb.host not in known_hosts:
             raise ApiError(404, f"unknown host {hb.host!r}", detail={"known": sorted(known_hosts)})
-        await store.save_heartbeat(hb, now_ms())
+        # valid heartbeats are taken before they get here (dispatcher/ingest.py); this one decoded only
+        # leniently (e.g. a number sent as a string): stored the same way all the same
+        await writer.submit(HEARTBEAT_DECODER.decode(hb.model_dump_json()))
         if hb.events:
             await events.ingest_agent_events(hb.host, hb.events)
-        leader = lease.leader_name
-        url = next((d.ops_url for d in dispatchers if d.name == leader), None)
-        return HeartbeatAck(ok=True, leader=leader, leader_ops_url=url)
+        return heartbeat_ack(lease, dispatchers)
 
     @router.get("/api/v1/state", response_model=ClusterState)
     async def state(_: Annotated[Principal, Depends(auth.require("read"))]) -> ClusterState:
