@@ -194,6 +194,19 @@ class ClusterState(_Wire):
     data_plane: dict[str, Any] | None = None
 
 
+class StateChanges(_Wire):
+    """The cluster state since a version the client holds (GET /api/v1/state/changes, ctops/statefeed.py)."""
+
+    version: str  # name it in the next request
+    # the whole document, when the version asked about is unknown here (another dispatcher's, or none)
+    full: ClusterState | None = None
+    fields: dict[str, Any] = Field(default_factory=dict)  # the document's own fields that changed (leader, store...)
+    # per list (dispatchers, servers, hosts): each changed item's name and the fields of it that changed
+    changed: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    removed: dict[str, list[str]] = Field(default_factory=dict)  # per list: names no longer in it
+    order: dict[str, list[str]] = Field(default_factory=dict)  # per list: its names in order, when members changed
+
+
 class ActionResult(_Wire):
     ok: bool
     server: str

@@ -3,14 +3,17 @@ and the state view (servers, hosts, dispatchers, store, data-plane counters)."""
 
 # no `from __future__ import annotations`: FastAPI must see the closures in the annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from ctops.auth import Principal
 from ctops.config import DispatcherSpec
-from ctops.wire import HEARTBEAT_DECODER, ClusterState, Heartbeat, HeartbeatAck, PeerHeartbeat
+from ctops.statefeed import FeedLog
+from ctops.wire import HEARTBEAT_DECODER, ClusterState, Heartbeat, HeartbeatAck, PeerHeartbeat, StateChanges
 from dispatcher.events import EventLog
 from dispatcher.ingest import HeartbeatWriter
 from dispatcher.lease import Lease
@@ -18,6 +21,8 @@ from dispatcher.ops.auth import Auth
 from dispatcher.ops.errors import R404, ApiError
 from dispatcher.peers import Peers
 
+# a state built this recently answers the next request for changes too
+FEED_REUSE_S = 0.25
 ClusterStateView = Callable[[dict | None], Awaitable[ClusterState]]
 
 
@@ -54,6 +59,22 @@ def cluster_router(auth: Auth, writer: HeartbeatWriter, events: EventLog, lease:
     @router.get("/api/v1/state", response_model=ClusterState)
     async def state(_: Annotated[Principal, Depends(auth.require("read"))]) -> ClusterState:
         return await cluster_state(proxy_counters() if proxy_counters is not None else None)
+
+    feed = FeedLog()
+    building = asyncio.Lock()
+    built_at = [0.0]
+
+    @router.get("/api/v1/state/changes", response_model=StateChanges)
+    async def state_changes(_: Annotated[Principal, Depends(auth.require("read"))],
+                            since: Annotated[str | None, Query(max_length=64, description=(
+                                "the version the client holds; absent, unknown here or too old: the full "
+                                "document"))] = None) -> StateChanges:
+        async with building:
+            # consoles polling together share one build: the state of 2,000 hosts is not cheap to read
+            if feed.state is None or time.monotonic() - built_at[0] > FEED_REUSE_S:
+                feed.record(await cluster_state(proxy_counters() if proxy_counters is not None else None))
+                built_at[0] = time.monotonic()
+        return feed.since(since)
 
     @router.post("/api/v1/peer/heartbeat", response_model=PeerHeartbeat, responses=R404)
     async def peer_heartbeat(hb: PeerHeartbeat,
