@@ -128,6 +128,8 @@ class Runtime:
 
     def _track_hosts(self, received: dict[str, int | None]) -> None:
         now = now_ms()
+        source = f"dispatcher:{self.spec.name}"
+        found: list[list[str | int | float]] = []
         for name, at in received.items():
             state = self.host_state(at, now)
             before = self._host_states.get(name)
@@ -135,10 +137,22 @@ class Runtime:
             if before is None:
                 continue
             if state == "lost" and before != "lost":
-                self.emit_as_leader("host_lost", "critical", f"{name}: no heartbeat for "
-                                    f"{(now - at if at else 0) / 1000:.1f}s", name)
+                found.append(self.events.emit_command("host_lost", "critical", f"{name}: no heartbeat for "
+                                                      f"{(now - at if at else 0) / 1000:.1f}s", source, name))
             elif before == "lost" and state != "lost":
-                self.emit_as_leader("host_back", "info", f"{name}: heartbeats again", name)
+                found.append(self.events.emit_command("host_back", "info", f"{name}: heartbeats again", source, name))
+        if found and self.lease.still_valid():
+            # one fenced write for the round: a rack of hosts lost at once is one round trip, not a
+            # connection each (a burst of those once starved the lease renewal of connections)
+            asyncio.get_running_loop().create_task(self._emit_commands(found))
+
+    async def _emit_commands(self, commands: list[list[str | int | float]]) -> None:
+        try:
+            await self.lease.fenced(commands)
+        except NotLeader as exc:
+            log.warning("%d host events not recorded: %s", len(commands), exc)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot record %d host events: %s", len(commands), exc)
 
     def host_state(self, received: int | None, now: int) -> HostState:
         """alive, late or lost, by when the host's last heartbeat was received."""
@@ -177,7 +191,8 @@ class Runtime:
         await self.sync_admin_once()
         if self.lease.still_valid():
             # four times a second: when each host was last heard of, not its whole heartbeat
-            self._track_hosts(await self.store.read_received([a.name for a in self.dep.agents]))
+            seen = await self.store.read_received()
+            self._track_hosts({a.name: seen.get(a.name) for a in self.dep.agents})
         await self.store.announce(self.spec.name, {
             "ops_url": self.spec.ops_url, "data_url": self.spec.data_url, "pid": os.getpid(),
             "role": "leader" if self.lease.still_valid() else "standby",

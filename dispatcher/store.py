@@ -47,6 +47,7 @@ _SAVE_HEARTBEAT = """
 local cur = redis.call('HGET', KEYS[1], 'received_ms')
 if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[2]) then return 0 end
 if not cur then redis.call('SADD', KEYS[2], ARGV[3]) end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], 'hb', ARGV[1], 'received_ms', ARGV[2], 'procs', ARGV[5], 'procs_key', ARGV[4])
   return 1
@@ -118,7 +119,7 @@ class Store:
         is stored), 2 stored but the process list stored is not this one (send it next time)."""
         pipe = self.r.pipeline(transaction=False)
         for w in writes:
-            await self._save_heartbeat(keys=[self.k.host(w.host), self.k.hosts],
+            await self._save_heartbeat(keys=[self.k.host(w.host), self.k.hosts, self.k.hosts_seen],
                                        args=[w.core, w.received_ms, w.host, w.process_key, w.processes or b""],
                                        client=pipe)
         return [int(r) for r in await pipe.execute()]
@@ -140,12 +141,10 @@ class Store:
             out[n] = (hb, int(received) if received else None)
         return out
 
-    async def read_received(self, names: list[str]) -> dict[str, int | None]:
-        """When each host's last heartbeat was received: all the leader's host tracking needs."""
-        pipe = self.r.pipeline(transaction=False)
-        for n in names:
-            pipe.hget(self.k.host(n), "received_ms")
-        return {n: int(v) if v else None for n, v in zip(names, await pipe.execute(), strict=True)}
+    async def read_received(self) -> dict[str, int]:
+        """When each host's last heartbeat was received (hosts never heard of are not in it): all the
+        leader's host tracking needs, in one command however many hosts there are."""
+        return {_s(n): int(t) for n, t in await self.r.zrange(self.k.hosts_seen, 0, -1, withscores=True)}  # type: ignore[misc,str-unpack]
 
     # --- dispatchers ---------------------------------------------------------------------------
     async def announce(self, name: str, fields: dict[str, Any], ttl_ms: int) -> None:
