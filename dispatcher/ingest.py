@@ -37,7 +37,7 @@ log = logging.getLogger("ctops.dispatcher.ingest")
 
 PATH = "/api/v1/heartbeat"
 # a batch starts at most this often: under load each one carries more heartbeats, fewer round trips
-BATCH_SPACING_S = 0.005
+BATCH_SPACING_S = 0.01
 BATCH_MAX = 1000
 # the per-process figures (CPU, memory, check latency) are rewritten at least this often
 PROCESS_REFRESH_MS = 10_000

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from ctops import integrity, redisconn
 from ctops.integrity import AUDIT, AUDIT_MAXLEN, seal_entry
@@ -117,12 +118,20 @@ class Store:
     async def save_heartbeats(self, writes: list[HeartbeatWrite]) -> list[int]:
         """Store hosts' latest heartbeats in one round trip: per write 1 stored, 0 kept out (a later one
         is stored), 2 stored but the process list stored is not this one (send it next time)."""
-        pipe = self.r.pipeline(transaction=False)
-        for w in writes:
-            await self._save_heartbeat(keys=[self.k.host(w.host), self.k.hosts, self.k.hosts_seen],
-                                       args=[w.core, w.received_ms, w.host, w.process_key, w.processes or b""],
-                                       client=pipe)
-        return [int(r) for r in await pipe.execute()]
+        # EVALSHA directly: a pipeline of Script calls asks SCRIPT EXISTS first, a second round trip
+        # per batch; the script is loaded again only when Redis says it does not have it (a restart)
+        for attempt in (0, 1):
+            pipe = self.r.pipeline(transaction=False)
+            for w in writes:
+                pipe.evalsha(self._save_heartbeat.sha, 3, self.k.host(w.host), self.k.hosts, self.k.hosts_seen,
+                             w.core, w.received_ms, w.host, w.process_key, w.processes or b"")
+            try:
+                return [int(r) for r in await pipe.execute()]
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.r.script_load(_SAVE_HEARTBEAT)
+        raise AssertionError("unreachable")
 
     async def read_hosts(self, names: list[str]) -> dict[str, tuple[Heartbeat | None, int | None]]:
         pipe = self.r.pipeline(transaction=False)

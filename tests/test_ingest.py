@@ -184,3 +184,11 @@ def test_the_feed_gives_the_changes_since_a_version_and_the_full_document_otherw
         assert changes(c, unknown).full is not None
     r = httpx.get(c.ops_url() + "/api/v1/state/changes", timeout=10)
     assert r.status_code == 401 and r.json()["error"]
+
+
+def test_heartbeats_are_stored_after_redis_lost_its_scripts(c: Cluster) -> None:
+    # as after a restart or a failover to a replica without them: the batch loads the script again
+    with redis.Redis.from_url(c.redis.url) as r:
+        r.script_flush()
+    assert post(c, "host-1", beat("host-1", 60_000)).status_code == 200
+    assert json.loads(stored(c, "host-1")["hb"])["seq"] == 60_000
