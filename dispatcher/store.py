@@ -45,7 +45,8 @@ def _s(v: Any) -> str | None:
 # The process list is a field of its own, sent only when it changed (ARGV[5] empty: unchanged); if the
 # stored list is not the one this dispatcher last wrote (another wrote meanwhile), 2 asks for it next time.
 _SAVE_HEARTBEAT = """
-local cur = redis.call('HGET', KEYS[1], 'received_ms')
+local got = redis.call('HMGET', KEYS[1], 'received_ms', 'procs_key')
+local cur = got[1]
 if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[2]) then return 0 end
 if not cur then redis.call('SADD', KEYS[2], ARGV[3]) end
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
@@ -54,7 +55,7 @@ if ARGV[5] ~= '' then
   return 1
 end
 redis.call('HSET', KEYS[1], 'hb', ARGV[1], 'received_ms', ARGV[2])
-if redis.call('HGET', KEYS[1], 'procs_key') ~= ARGV[4] then return 2 end
+if got[2] ~= ARGV[4] then return 2 end
 return 1
 """
 

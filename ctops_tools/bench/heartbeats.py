@@ -293,6 +293,7 @@ def run_once(hosts_n: int, interval: float, procs: int, steady: float, with_herd
         c.start_all()
         urls = [c.ops_url("A"), c.ops_url("B")]
         lead = wait_for("a leader", lambda: leader(c, "A") or leader(c, "B"))
+        since_start = measured(lambda: last_event_id(c, lead), "0-0")
         fleet = Fleet(hosts, urls, interval, procs).start()
         try:
             wait_for("every simulated host alive", lambda: alive_hosts(c, lead, names) == hosts_n, timeout=120, every=1)
@@ -306,6 +307,9 @@ def run_once(hosts_n: int, interval: float, procs: int, steady: float, with_herd
         cpu0, calls0, t0 = cpu_seconds(pid), redis_calls(redis), time.monotonic()
         time.sleep(steady)
         cpu1, calls1, t1 = cpu_seconds(pid), redis_calls(redis), time.monotonic()
+        # under heartbeat load alone the lease must never move (it once did, ingest starving its renewal)
+        before_herd = measured(lambda: events_after(c, lead, since_start), None)
+        kinds = [e["kind"] for e in before_herd] if before_herd is not None else None
         herds: list[dict[str, Any]] = []
         marks: dict[str, float] = {}
         if with_herd:
@@ -321,7 +325,9 @@ def run_once(hosts_n: int, interval: float, procs: int, steady: float, with_herd
                          "cpu_ms_per_heartbeat": round((cpu1 - cpu0) * 1000 / n, 3),
                          "dispatcher_cpu_percent": round((cpu1 - cpu0) * 100 / (t1 - t0), 1),
                          "redis_cmds_per_heartbeat": round((calls1 - calls0) / n, 2),
-                         "failed_requests": sum(1 for r in records if t0 <= r[0] < t1 and r[4] != 200)}
+                         "failed_requests": sum(1 for r in records if t0 <= r[0] < t1 and r[4] != 200),
+                         "lease_changes": None if kinds is None else kinds.count("leader_changed"),
+                         "host_lost": None if kinds is None else kinds.count("host_lost")}
         out["herd"] = [herd_figures(h, records, hosts_n) for h in herds]
     finally:
         if fleet is not None:
@@ -374,7 +380,10 @@ def run(args: argparse.Namespace) -> int:
           f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (target ≤ {INGEST_P99_MS}); failed {s['failed_requests']}, "
           f"{s['to_standby']} went to the standby")
     print(f"  dispatcher CPU {s['cpu_ms_per_heartbeat']} ms/heartbeat ({s['dispatcher_cpu_percent']}% of a core); "
-          f"Redis {s['redis_cmds_per_heartbeat']} commands/heartbeat")
+          f"Redis {s['redis_cmds_per_heartbeat']} commands/heartbeat (commandstats: the heartbeat script's own "
+          f"HMGET/HSET/ZADD counted)")
+    print(f"  from the agents' start to the end of the measurement: {s['lease_changes']} lease changes, "
+          f"{s['host_lost']} host_lost (both must be 0)")
     for h in doc["herd"]:
         print(f"  herd {h['signal']} {h['from']}→{h['to']}: promoted {h['promoted_s']} s; host_lost {h['host_lost']} "
               f"(must be 0); agents on new leader {h['agents_moved']}/{h['hosts']}, all by {h['all_moved_s']} s "
