@@ -222,6 +222,16 @@ def alive_hosts(c: Cluster, d: str, names: set[str]) -> int:
     return sum(1 for h in r.json()["hosts"] if h["name"] in names and h["state"] == "alive")
 
 
+def state_bytes(c: Cluster, d: str) -> dict[str, int]:
+    """What a console polling every second moves: the full document, or the changes of one second."""
+    url, h = f"{c.ops_url(d)}/api/v1/state", c.auth("viewer")
+    full = len(httpx.get(url, headers=h, timeout=30).content)
+    version = httpx.get(url + "/changes", headers=h, timeout=30).json()["version"]
+    time.sleep(1.0)
+    changes = len(httpx.get(url + "/changes", params={"since": version}, headers=h, timeout=30).content)
+    return {"full": full, "changes_per_s": changes}
+
+
 def measured(probe: Callable[[], T], default: T) -> T:
     """A figure read from a dispatcher that may be too busy to answer; `default` says it did not."""
     try:
@@ -314,6 +324,7 @@ def run_once(hosts_n: int, interval: float, procs: int, steady: float, with_herd
         # under heartbeat load alone the lease must never move (it once did, ingest starving its renewal)
         before_herd = measured(lambda: events_after(c, lead, since_start), None)
         kinds = [e["kind"] for e in before_herd] if before_herd is not None else None
+        out["state_bytes"] = measured(lambda: state_bytes(c, lead), None)
         herds: list[dict[str, Any]] = []
         marks: dict[str, float] = {}
         if with_herd:
@@ -386,6 +397,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  dispatcher CPU {s['cpu_ms_per_heartbeat']} ms/heartbeat ({s['dispatcher_cpu_percent']}% of a core); "
           f"Redis {s['redis_cmds_per_heartbeat']} commands/heartbeat (commandstats: the heartbeat script's own "
           f"HMGET/HSET/ZADD counted)")
+    if doc.get("state_bytes"):
+        b = doc["state_bytes"]
+        print(f"  state for a console: full document {b['full']} bytes; changes of one second "
+              f"{b['changes_per_s']} bytes")
     print(f"  from the agents' start to the end of the measurement: {s['lease_changes']} lease changes, "
           f"{s['host_lost']} host_lost (both must be 0)")
     for h in doc["herd"]:
