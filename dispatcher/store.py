@@ -6,6 +6,7 @@ cluster's state with no manual step.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -139,7 +140,9 @@ class Store:
         for n in names:
             pipe.hmget(self.k.host(n), ["hb", "received_ms", "procs"])
         out: dict[str, tuple[Heartbeat | None, int | None]] = {}
-        for n, (raw, received, procs) in zip(names, await pipe.execute(), strict=True):
+        for i, (n, (raw, received, procs)) in enumerate(zip(names, await pipe.execute(), strict=True)):
+            if i % 200 == 199:
+                await asyncio.sleep(0)  # thousands of hosts: heartbeats are taken meanwhile, not held up
             hb = None
             if raw:
                 try:
