@@ -74,6 +74,7 @@ class HeartbeatSender:
         self.outbox: deque[AgentEvent] = deque()
         self.dropped_events = 0
         self.client = HttpClient(token, timeout=max(0.2, min(interval, 2.0)))
+        self._last_ack = b""
 
     def add_event(self, event: AgentEvent) -> None:
         """Called from the watchdog's threads; deque appends are thread-safe."""
@@ -101,8 +102,11 @@ class HeartbeatSender:
         """Index of the dispatcher that answered last (the command poller goes there too)."""
         return self.failover.current
 
+    def encode(self, hb: Heartbeat) -> bytes:
+        return hb.model_dump_json().encode()
+
     async def send(self, hb: Heartbeat) -> bool:
-        body = hb.model_dump_json().encode()
+        body = self.encode(hb)
 
         tries = 0
 
@@ -136,6 +140,9 @@ class HeartbeatSender:
 
     def _follow_leader(self, reply: bytes) -> None:
         """Traffic follows the leader: the next heartbeat goes to the dispatcher that leads."""
+        if reply == self._last_ack:
+            return  # the same answer as last time (the usual case): nothing new to follow
+        self._last_ack = reply
         try:
             leader_url = HeartbeatAck.model_validate_json(reply).leader_ops_url
         except ValueError:

@@ -21,6 +21,12 @@ class Keys:
     def hosts(self) -> str:
         return f"{self.prefix}:hosts"
 
+    # when each host's last stored heartbeat arrived (sorted set, ms): the leader's host tracking reads
+    # this one key, not every host's record
+    @property
+    def hosts_seen(self) -> str:
+        return f"{self.prefix}:hosts:seen"
+
     # dispatchers: presence of each dispatcher (hash, with a TTL)
     def dispatcher(self, name: str) -> str:
         return f"{self.prefix}:dispatcher:{name}"

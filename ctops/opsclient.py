@@ -34,6 +34,7 @@ from ctops.wire import (
     LLMActionResult,
     LLMPoolView,
     LLMProviderView,
+    StateChanges,
     StoreFailoverResult,
 )
 
@@ -105,6 +106,13 @@ class OpsClient:
                 except Unreachable:
                     pass
         return st
+
+    async def state_changes(self, since: str | None = None) -> StateChanges:
+        """The state's changes since `since` (a version an earlier answer gave), or the full document
+        when `since` is None or unknown to the dispatcher answering; `ctops.statefeed.apply_changes`
+        applies them. After a failover the new dispatcher does not know the version: it sends it all."""
+        query = f"?since={quote(since)}" if since else ""
+        return parse(StateChanges, await self.request("GET", "/state/changes" + query))
 
     async def parse_state(self, resp: httpx.Response) -> ClusterState:
         """Where a client that must not block (the console) moves the parsing elsewhere."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -194,6 +194,19 @@ class ClusterState(_Wire):
     data_plane: dict[str, Any] | None = None
 
 
+class StateChanges(_Wire):
+    """The cluster state since a version the client holds (GET /api/v1/state/changes, ctops/statefeed.py)."""
+
+    version: str  # name it in the next request
+    # the whole document, when the version asked about is unknown here (another dispatcher's, or none)
+    full: ClusterState | None = None
+    fields: dict[str, Any] = Field(default_factory=dict)  # the document's own fields that changed (leader, store...)
+    # per list (dispatchers, servers, hosts): each changed item's name and the fields of it that changed
+    changed: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    removed: dict[str, list[str]] = Field(default_factory=dict)  # per list: names no longer in it
+    order: dict[str, list[str]] = Field(default_factory=dict)  # per list: its names in order, when members changed
+
+
 class ActionResult(_Wire):
     ok: bool
     server: str
@@ -338,3 +351,78 @@ class QuarantineResult(BaseModel):
     qid: str
     key: str
     action: Literal["discard", "restore"]
+
+
+# --- the heartbeat, decoded fast ------------------------------------------------------------------
+# The ingest path (dispatcher/ops/ingest.py) decodes heartbeats with msgspec, ~10x cheaper than pydantic.
+# These Structs mirror the pydantic models above field for field, with the same bounds; a body they
+# refuse is handed to the pydantic route, which answers the error in the API's shape (so a lenient
+# pydantic coercion, e.g. "5" for an int, is still accepted there). tests/test_ingest.py holds them equal.
+import msgspec  # noqa: E402 - kept with the Structs it serves
+
+_Name64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+_NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+_NonNegF = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class _Fast(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+    pass
+
+
+class FastSpareView(_Fast):
+    state: SpareState
+    pid: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    handovers: _NonNeg = 0
+
+
+class FastProcessMetrics(_Fast):
+    name: _Name64
+    state: ProcessState
+    pid: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    restarts: _NonNeg = 0
+    cpu_percent: _NonNegF = 0.0
+    rss_bytes: _NonNeg = 0
+    last_exit: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+    check_latency_ms: _NonNegF | None = None
+    spare: FastSpareView | None = None
+
+
+class FastHostMetrics(_Fast):
+    cpu_percent: Annotated[float, msgspec.Meta(ge=0, le=100 * 1024)]
+    memory_percent: Annotated[float, msgspec.Meta(ge=0, le=100)]
+    memory_used_bytes: _NonNeg
+    disk_percent: Annotated[float, msgspec.Meta(ge=0, le=100)]
+    load1: _NonNegF
+    load5: _NonNegF
+    load15: _NonNegF
+
+
+class FastAgentEvent(_Fast):
+    id: _Name64
+    kind: _Name64
+    message: Annotated[str, msgspec.Meta(max_length=2000)]
+    ts_ms: _NonNeg
+    process: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    severity: Severity = "info"
+
+
+class FastWatchdogStatus(_Fast):
+    checker_alive: bool
+    guard_alive: bool
+    generation: _NonNeg
+    thread_restarts: _NonNeg = 0
+    loop_restarts: _NonNeg = 0
+
+
+class FastHeartbeat(_Fast):
+    host: _Name64
+    seq: _NonNeg
+    sent_at_ms: _NonNeg
+    metrics: FastHostMetrics
+    processes: Annotated[list[FastProcessMetrics], msgspec.Meta(max_length=256)] = msgspec.field(default_factory=list)
+    watchdog: FastWatchdogStatus | None = None
+    events: Annotated[list[FastAgentEvent], msgspec.Meta(max_length=200)] = msgspec.field(default_factory=list)
+
+
+HEARTBEAT_DECODER = msgspec.json.Decoder(FastHeartbeat)
+FAST_ENCODER = msgspec.json.Encoder()

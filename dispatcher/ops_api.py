@@ -22,12 +22,13 @@ from dispatcher.commands import CommandRelay
 from dispatcher.events import EventLog
 from dispatcher.exceptions import exceptions_router
 from dispatcher.exceptions.store import ExceptionStore
+from dispatcher.ingest import HeartbeatFront, HeartbeatWriter
 from dispatcher.integrity_routes import integrity_router
 from dispatcher.lease import Lease
 from dispatcher.llm.pool import LLMPool
 from dispatcher.llm.routes import llm_router
 from dispatcher.ops.auth import Auth
-from dispatcher.ops.cluster import ClusterStateView, cluster_router
+from dispatcher.ops.cluster import ClusterStateView, cluster_router, heartbeat_ack
 from dispatcher.ops.errors import COMMON_RESPONSES, ApiError, install_error_handlers
 from dispatcher.ops.events import events_router
 from dispatcher.ops.leadership import leadership_router
@@ -54,8 +55,20 @@ def create_ops_app(dep: Deployment, spec: DispatcherSpec, *, redis: Redis, keys:
     via = spec.name
     auth = Auth(tokens, store.audit, via, dep.limits.auth_failures_per_minute)
     known_hosts = frozenset(a.name for a in dep.agents)
-    app.include_router(cluster_router(auth, store, events, lease, peers, dep.dispatchers, known_hosts,
+    writer = HeartbeatWriter(store)
+    app.include_router(cluster_router(auth, writer, events, lease, peers, dep.dispatchers, known_hosts,
                                       cluster_state, proxy_counters))
+    acks: dict[str | None, bytes] = {}
+
+    def ack() -> bytes:
+        # the answer changes only with the leader: encoded once per leader, not once per heartbeat
+        leader = lease.leader_name
+        if leader not in acks:
+            acks[leader] = heartbeat_ack(lease, dep.dispatchers).model_dump_json().encode()
+        return acks[leader]
+
+    app.add_middleware(HeartbeatFront, tokens=tokens, known_hosts=known_hosts, writer=writer, events=events,
+                       ack=ack)
     app.include_router(events_router(auth, store, events, via))
     app.include_router(servers_router(auth, store, pool, via))
     app.include_router(leadership_router(auth, store, lease, dep.dispatchers, dep.timings.lease_ttl_ms, via))

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from ctops.clock import now_ms
 from ctops.config import Deployment, DispatcherSpec
 from ctops.keys import Keys
-from ctops.wire import ClusterState, DispatcherView, Heartbeat, HostView, PeerHeartbeat, ServerView
+from ctops.wire import ClusterState, DispatcherView, Heartbeat, HostState, HostView, PeerHeartbeat, ServerView
 from dispatcher.events import EventLog
 from dispatcher.health import HealthChecker
 from dispatcher.integrity import repair_admin_state
@@ -126,17 +126,43 @@ class Runtime:
         except NotLeader as exc:
             log.warning("store event %s not recorded: %s", ev.kind, exc)
 
-    def _track_hosts(self, hosts: list[HostView]) -> None:
-        for h in hosts:
-            before = self._host_states.get(h.name)
-            self._host_states[h.name] = h.state
+    def _track_hosts(self, received: dict[str, int | None]) -> None:
+        now = now_ms()
+        source = f"dispatcher:{self.spec.name}"
+        found: list[list[str | int | float]] = []
+        for name, at in received.items():
+            state = self.host_state(at, now)
+            before = self._host_states.get(name)
+            self._host_states[name] = state
             if before is None:
                 continue
-            if h.state == "lost" and before != "lost":
-                self.emit_as_leader("host_lost", "critical", f"{h.name}: no heartbeat for "
-                                    f"{(h.heartbeat_age_ms or 0) / 1000:.1f}s", h.name)
-            elif before == "lost" and h.state != "lost":
-                self.emit_as_leader("host_back", "info", f"{h.name}: heartbeats again", h.name)
+            if state == "lost" and before != "lost":
+                found.append(self.events.emit_command("host_lost", "critical", f"{name}: no heartbeat for "
+                                                      f"{(now - at if at else 0) / 1000:.1f}s", source, name))
+            elif before == "lost" and state != "lost":
+                found.append(self.events.emit_command("host_back", "info", f"{name}: heartbeats again", source, name))
+        if found and self.lease.still_valid():
+            # one fenced write for the round: a rack of hosts lost at once is one round trip, not a
+            # connection each (a burst of those once starved the lease renewal of connections)
+            asyncio.get_running_loop().create_task(self._emit_commands(found))
+
+    async def _emit_commands(self, commands: list[list[str | int | float]]) -> None:
+        try:
+            await self.lease.fenced(commands)
+        except NotLeader as exc:
+            log.warning("%d host events not recorded: %s", len(commands), exc)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot record %d host events: %s", len(commands), exc)
+
+    def host_state(self, received: int | None, now: int) -> HostState:
+        """alive, late or lost, by when the host's last heartbeat was received."""
+        if not received:
+            return "lost"
+        # heartbeats that came while the store was away could not be stored: that time is not silence
+        silent = now - received - self.storewatch.blind_ms(received, now)
+        t = self.dep.timings
+        return "lost" if silent > t.heartbeat_timeout_ms else ("late" if silent > t.heartbeat_interval_ms * 2 else
+                                                               "alive")
 
     def health_round_done(self) -> None:
         # only the leader publishes health to Redis; standbys keep their own view for routing
@@ -164,7 +190,9 @@ class Runtime:
     async def _sync_once(self) -> None:
         await self.sync_admin_once()
         if self.lease.still_valid():
-            self._track_hosts(await self.host_views())
+            # four times a second: when each host was last heard of, not its whole heartbeat
+            seen = await self.store.read_received()
+            self._track_hosts({a.name: seen.get(a.name) for a in self.dep.agents})
         await self.store.announce(self.spec.name, {
             "ops_url": self.spec.ops_url, "data_url": self.spec.data_url, "pid": os.getpid(),
             "role": "leader" if self.lease.still_valid() else "standby",
@@ -205,17 +233,15 @@ class Runtime:
 
     async def host_views(self) -> list[HostView]:
         dep, now = self.dep, now_ms()
-        hb_timeout = dep.timings.heartbeat_timeout_ms
-        late_after = dep.timings.heartbeat_interval_ms * 2
         host_names = [a.name for a in dep.agents]
         hosts_raw = await self._read("hosts", lambda: self.store.read_hosts(host_names), self._hosts_raw)
         hosts: list[HostView] = []
-        for name in host_names:
+        for i, name in enumerate(host_names):
+            if i % 200 == 199:
+                await asyncio.sleep(0)  # thousands of hosts: heartbeats are taken meanwhile, not held up
             hb, received = hosts_raw.get(name, (None, None))
             age = now - received if received else None
-            # heartbeats that came while the store was away could not be stored: that time is not silence
-            silent = age - self.storewatch.blind_ms(received, now) if received and age is not None else None
-            state = "lost" if silent is None or silent > hb_timeout else ("late" if silent > late_after else "alive")
+            state = self.host_state(received, now)
             hosts.append(HostView(name=name, state=state, heartbeat_age_ms=age, seq=hb.seq if hb else None,
                                   metrics=hb.metrics if hb else None, processes=hb.processes if hb else [],
                                   watchdog=hb.watchdog if hb else None))

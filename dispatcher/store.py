@@ -6,19 +6,24 @@ cluster's state with no manual step.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from ctops import integrity, redisconn
 from ctops.integrity import AUDIT, AUDIT_MAXLEN, seal_entry
 from ctops.keys import Keys
-from ctops.wire import AdminState, Heartbeat
+from ctops.wire import AdminState, Heartbeat, ProcessMetrics
 from dispatcher.pool import Backend
 
 ADMIN_STATES = ("enabled", "draining", "disabled")
+_PROCESSES = TypeAdapter(list[ProcessMetrics])
 
 
 def admin_state_damaged(v: object) -> bool:
@@ -37,14 +42,35 @@ def _s(v: Any) -> str | None:
 
 
 # a heartbeat replaces the stored one only if it was received later: a request held up by a store
-# outage (its write retried after the store is back) must not put an older state back over a newer one
+# outage (its write retried after the store is back) must not put an older state back over a newer one.
+# The process list is a field of its own, sent only when it changed (ARGV[5] empty: unchanged); if the
+# stored list is not the one this dispatcher last wrote (another wrote meanwhile), 2 asks for it next time.
 _SAVE_HEARTBEAT = """
-local cur = redis.call('HGET', KEYS[1], 'received_ms')
+local got = redis.call('HMGET', KEYS[1], 'received_ms', 'procs_key')
+local cur = got[1]
 if cur and tonumber(cur) and tonumber(cur) > tonumber(ARGV[2]) then return 0 end
+if not cur then redis.call('SADD', KEYS[2], ARGV[3]) end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'hb', ARGV[1], 'received_ms', ARGV[2], 'procs', ARGV[5], 'procs_key', ARGV[4])
+  return 1
+end
 redis.call('HSET', KEYS[1], 'hb', ARGV[1], 'received_ms', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
+if got[2] ~= ARGV[4] then return 2 end
 return 1
 """
+
+
+@dataclass(frozen=True)
+class HeartbeatWrite:
+    """One heartbeat as stored: `core` is its JSON without processes and events; `processes` the
+    process list's JSON, None when this dispatcher wrote the same list (`process_key`) lately."""
+
+    host: str
+    core: bytes
+    received_ms: int
+    process_key: str
+    processes: bytes | None
 
 
 class Store:
@@ -91,26 +117,47 @@ class Store:
             await p.execute()
 
     # --- hosts ---------------------------------------------------------------------------------
-    async def save_heartbeat(self, hb: Heartbeat, received_ms: int) -> bool:
-        """Store a host's latest heartbeat; False if a later one is stored already (this one is kept out)."""
-        # events are stored in the event stream, not with the host's last state
-        return bool(await self._save_heartbeat(keys=[self.k.host(hb.host), self.k.hosts],
-                                               args=[hb.model_dump_json(exclude={"events"}), received_ms, hb.host]))
+    async def save_heartbeats(self, writes: list[HeartbeatWrite]) -> list[int]:
+        """Store hosts' latest heartbeats in one round trip: per write 1 stored, 0 kept out (a later one
+        is stored), 2 stored but the process list stored is not this one (send it next time)."""
+        # EVALSHA directly: a pipeline of Script calls asks SCRIPT EXISTS first, a second round trip
+        # per batch; the script is loaded again only when Redis says it does not have it (a restart)
+        for attempt in (0, 1):
+            pipe = self.r.pipeline(transaction=False)
+            for w in writes:
+                pipe.evalsha(self._save_heartbeat.sha, 3, self.k.host(w.host), self.k.hosts, self.k.hosts_seen,
+                             w.core, w.received_ms, w.host, w.process_key, w.processes or b"")
+            try:
+                return [int(r) for r in await pipe.execute()]
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.r.script_load(_SAVE_HEARTBEAT)
+        raise AssertionError("unreachable")
 
     async def read_hosts(self, names: list[str]) -> dict[str, tuple[Heartbeat | None, int | None]]:
         pipe = self.r.pipeline(transaction=False)
         for n in names:
-            pipe.hmget(self.k.host(n), ["hb", "received_ms"])
+            pipe.hmget(self.k.host(n), ["hb", "received_ms", "procs"])
         out: dict[str, tuple[Heartbeat | None, int | None]] = {}
-        for n, (raw, received) in zip(names, await pipe.execute(), strict=True):
+        for i, (n, (raw, received, procs)) in enumerate(zip(names, await pipe.execute(), strict=True)):
+            if i % 200 == 199:
+                await asyncio.sleep(0)  # thousands of hosts: heartbeats are taken meanwhile, not held up
             hb = None
             if raw:
                 try:
                     hb = Heartbeat.model_validate_json(raw)
+                    if procs:
+                        hb.processes = _PROCESSES.validate_json(procs)
                 except ValueError:
                     hb = None  # written by an older version; the next heartbeat replaces it
             out[n] = (hb, int(received) if received else None)
         return out
+
+    async def read_received(self) -> dict[str, int]:
+        """When each host's last heartbeat was received (hosts never heard of are not in it): all the
+        leader's host tracking needs, in one command however many hosts there are."""
+        return {_s(n): int(t) for n, t in await self.r.zrange(self.k.hosts_seen, 0, -1, withscores=True)}  # type: ignore[misc,str-unpack]
 
     # --- dispatchers ---------------------------------------------------------------------------
     async def announce(self, name: str, fields: dict[str, Any], ttl_ms: int) -> None:

@@ -16,6 +16,7 @@ ROUTES: dict[tuple[str, str], tuple[str, str | None]] = {
     ("GET", "/api/v1/whoami"): ("/api/v1/whoami", None),
     ("POST", "/api/v1/heartbeat"): ("/api/v1/heartbeat", "agent"),
     ("GET", "/api/v1/state"): ("/api/v1/state", "read"),
+    ("GET", "/api/v1/state/changes"): ("/api/v1/state/changes?since=x", "read"),
     ("GET", "/api/v1/audit"): ("/api/v1/audit", "read"),
     ("POST", "/api/v1/servers/{name}/{action}"): ("/api/v1/servers/trainer-1/drain", "act"),
     ("POST", "/api/v1/peer/heartbeat"): ("/api/v1/peer/heartbeat", "peer"),
