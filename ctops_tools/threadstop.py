@@ -44,6 +44,18 @@ def _call(ptrace: Any, request: int, tid: int) -> None:
         raise ThreadStopError(f"ptrace({request:#x}, {tid}): {os.strerror(err)}")
 
 
+def _take_exit(tid: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(tid, WALL | os.WNOHANG)
+        except ChildProcessError:
+            return  # taken already (by a parent that is also the tracer)
+        if done:
+            return
+        time.sleep(0.01)
+
+
 def _in_epoll(pid: int, tid: int) -> bool:
     with open(f"/proc/{pid}/task/{tid}/syscall") as f:
         call = f.read().split(maxsplit=1)[0]
@@ -73,4 +85,6 @@ def stopped_thread(pid: int, tid: int | None = None, timeout: float = 30.0) -> I
         try:
             _call(ptrace, PTRACE_DETACH, tid)
         except ThreadStopError:
-            pass  # gone: the process exited while stopped
+            # gone: the process exited while stopped. Its exit is reported to us, the tracer, first;
+            # until we take it, its parent cannot reap it (a zombie its parent waits on for ever)
+            _take_exit(tid)

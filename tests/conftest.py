@@ -172,9 +172,24 @@ def _cluster_processes_forked() -> Iterator[None]:
         return
     server = ForkServer()
     use_spawner(server.spawn)
+    _fork_server.append(server)
     yield
+    _fork_server.clear()
     use_spawner(None)
     server.close()
+
+
+_fork_server: list[ForkServer] = []
+
+
+@pytest.fixture
+def exec_processes() -> Iterator[None]:
+    """This test's cluster processes are exec'd children of the test itself, not the fork server's:
+    for a test that ptraces one (a tracer that is not the parent holds the exit of a process that
+    dies while stopped, and the parent's wait for it never ends)."""
+    use_spawner(None)
+    yield
+    use_spawner(_fork_server[0].spawn if _fork_server else None)
 
 
 @pytest.fixture(scope="session")

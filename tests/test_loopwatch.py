@@ -100,7 +100,7 @@ url = "http://127.0.0.1:{port}"
 
 @pytest.mark.quick_timings  # the loop-guard gives up after 2 s
 def test_a_real_dispatcher_whose_event_loop_is_blocked_exits_and_its_peer_leads(
-        make_cluster: Callable[..., Cluster]) -> None:
+        exec_processes: None, make_cluster: Callable[..., Cluster]) -> None:
     """Two real dispatchers; the leader's event-loop thread is stopped (ptrace, one thread only, as a
     blocking call on the loop leaves it) while its other threads run on: the loop-guard thread sees the
     loop silent and exits the process (EXIT_BLOCKED), the lease lapses and the peer leads."""
