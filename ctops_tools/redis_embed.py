@@ -495,6 +495,9 @@ class EmbeddedStore:
             for s in self.sentinels:
                 s.start()
             self._wait("Sentinels to see every replica and each other", self._sentinels_ready, timeout)
+            # a replica in sync counts for min-replicas-to-write only once the primary has its ack (a
+            # second apart): until then a write gets NOREPLICAS; started means writable
+            self._wait("the primary to count its replicas", self._writable, timeout)
         except BaseException:
             self.stop()
             raise
@@ -534,6 +537,14 @@ class EmbeddedStore:
         with node.admin(decode_responses=True) as r:
             info = r.info("replication")
         return info.get("role") == "master" or info.get("master_link_status") == "up"
+
+    def _writable(self) -> bool:
+        for n in self.nodes:
+            with n.admin(decode_responses=True) as r:
+                info = r.info("replication")
+            if info.get("role") == "master":
+                return int(info.get("min_slaves_good_slaves", n.min_replicas)) >= n.min_replicas
+        return False
 
     def _sentinels_ready(self) -> bool:
         for s in self.sentinels:

@@ -17,6 +17,7 @@ ROUTES: dict[tuple[str, str], tuple[str, str | None]] = {
     ("POST", "/api/v1/heartbeat"): ("/api/v1/heartbeat", "agent"),
     ("GET", "/api/v1/state"): ("/api/v1/state", "read"),
     ("GET", "/api/v1/state/changes"): ("/api/v1/state/changes?since=x", "read"),
+    ("GET", "/metrics"): ("/metrics", "metrics"),
     ("GET", "/api/v1/audit"): ("/api/v1/audit", "read"),
     ("POST", "/api/v1/servers/{name}/{action}"): ("/api/v1/servers/trainer-1/drain", "act"),
     ("POST", "/api/v1/peer/heartbeat"): ("/api/v1/peer/heartbeat", "peer"),
@@ -44,7 +45,8 @@ ROUTES: dict[tuple[str, str], tuple[str, str | None]] = {
 }
 ENDPOINTS = [(method, path, grant) for (method, _), (path, grant) in ROUTES.items()]
 ALL_ROLES = ("viewer", "operator", "agent", "peer")
-ROLES = {"read": {"viewer", "operator"}, "act": {"operator"}, "agent": {"agent"}, "ingest": {"agent"},
+ROLES = {"read": {"viewer", "operator"}, "metrics": {"viewer", "operator"},
+         "act": {"operator"}, "agent": {"agent"}, "ingest": {"agent"},
          "peer": {"peer"}, None: set(ALL_ROLES)}
 
 

@@ -28,7 +28,17 @@ def test_exit_codes_follow_the_cluster(make_cluster: Callable[..., Cluster]) -> 
     c = make_cluster(hosts_with_agents=True)
     c.start_all()
     wait_for("hosts alive", lambda: {h["state"] for h in c.state()["hosts"]} == {"alive"}, 60)
-    ok = wait_for("healthy", lambda: (r := status(c)).returncode == 0 and r, 60)
+    seen: list[str] = []
+
+    def healthy() -> subprocess.CompletedProcess[str] | None:
+        r = status(c)
+        seen[:] = [r.stdout + r.stderr]  # what it said last, for the failure message
+        return r if r.returncode == 0 else None
+
+    try:
+        ok = wait_for("healthy", healthy, 90)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; status said:\n{seen[0] if seen else ''}") from None
     assert ok.stdout.splitlines()[-1] == "status: OK"
     assert "store (single): primary 127.0.0.1:" in ok.stdout and "available" in ok.stdout
     quiet = status(c, "--quiet")
