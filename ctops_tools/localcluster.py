@@ -19,7 +19,7 @@ import httpx
 
 from ctops import statefile
 from ctops.auth import hash_token, new_token
-from ctops_tools.procs import Child, ctops_argv, spawn, stop_all
+from ctops_tools.procs import Child, ctops_argv, kill_naming, spawn, stop_all
 from ctops_tools.redis_embed import EmbeddedRedis, EmbeddedStore, free_port, redis_toml
 from trainer.fake_llm import CONTROL_TOKEN_ENV, control_token
 
@@ -200,6 +200,7 @@ class Cluster:
 
     def stop(self) -> None:
         stop_all(list(self.children.values()))
+        kill_naming(str(self.root) + "/")
 
     # --- addresses and API ---------------------------------------------------------------------
     def ops_url(self, d: str = "A") -> str:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import psutil
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -86,6 +88,19 @@ def stop_all(children: list[Child], grace: float = 8.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(c.pid, signal.SIGKILL)
             c.proc.wait()
+
+
+def kill_naming(path: str) -> list[int]:
+    """SIGKILL every process whose command line names `path` (a cluster's directory): what a
+    cluster's agents started outlives an agent killed after its grace, in sessions of its own as in
+    production; a cluster that is stopped leaves nothing of its own running."""
+    killed = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["pid"] != os.getpid() and any(path in a for a in p.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+                killed.append(p.info["pid"])
+    return killed
 
 
 def pid_alive(pid: int) -> bool:

@@ -55,6 +55,7 @@ PROCESS_TESTS = {
     "test_cli.py::test_usage_and_store_errors_have_their_codes",
     "test_claims_loopwatch.py::test_chaos_block_stops_the_event_loop_and_the_guard_exits",
     "test_forkserver.py",
+    "test_cluster_teardown.py",
 }
 
 
