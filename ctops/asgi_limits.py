@@ -63,22 +63,31 @@ class BodyLimit:
             chunks.append(chunk)
             if not msg.get("more_body"):
                 break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
     async def _answer(self, scope: Scope, send: Send, status: int, message: str) -> None:
         if self.on_reject is not None:
             self.on_reject(scope.get("path", ""), status, message)
-        body = json.dumps(self.error(status, message)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, status, json.dumps(self.error(status, message)).encode())
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app a body already read, whole, then what the client sends next."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """An answer made without the app: a JSON body already encoded."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import msgspec
 import xxhash
 from redis.exceptions import RedisError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ctops.asgi_limits import replay_body, send_json
 from ctops.auth import TokenBook
 from ctops.clock import now_ms
 from ctops.opsapi import error_body
@@ -153,7 +154,7 @@ class HeartbeatFront:
         hb = self._accepted(scope, body)
         if hb is None:
             self.passed_on += 1
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
             return
         self.taken += 1
         try:
@@ -162,10 +163,10 @@ class HeartbeatFront:
                 await self.events.ingest_agent_events(hb.host, agent_events(hb))
         except (RedisError, OSError) as exc:
             log.warning("Redis error while storing a heartbeat: %s", exc)
-            await _answer(send, 503, FAST_ENCODER.encode(error_body("shared state (Redis) unavailable")),
+            await send_json(send, 503, FAST_ENCODER.encode(error_body("shared state (Redis) unavailable")),
                           [(b"retry-after", b"1")])
             return
-        await _answer(send, 200, self.ack())
+        await send_json(send, 200, self.ack())
 
     def _accepted(self, scope: Scope, body: bytes) -> FastHeartbeat | None:
         """The heartbeat, if it is valid and its sender's token speaks for its host; else None."""
@@ -186,23 +187,3 @@ class HeartbeatFront:
         if not who.speaks_for_host(hb.host) or hb.host not in self.known_hosts:
             return None
         return hb
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def again() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return again
-
-
-async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
